@@ -73,6 +73,23 @@ Module attributes
 ``info() -> dict``
     At least ``threads`` (int), ``openmp`` (bool), ``device`` (str).
 ``ON_DEVICE``
-    False for CPU backends; True for the CUDA backend, whose kernels also
-    accept device arrays (see :mod:`fastbn.backends.numba_cuda`).
+    False for CPU backends. True for the CUDA backend, which also provides:
+
+    ``to_device(obj)``
+        A NumPy array -> a new device array (a copy); an object with
+        ``__cuda_array_interface__`` (Numba device array, CuPy array, PyTorch
+        CUDA tensor) -> a Numba device array viewing the same memory, no copy.
+    ``empty(shape, dtype)``
+        A new C-contiguous device array.
+    ``to_host(arr)``
+        A device array -> a NumPy array.
+    ``is_device_array(obj)``
+        True for objects with ``__cuda_array_interface__``.
+
+    For an ``ON_DEVICE`` backend the API moves everything to the device
+    first and hands the kernels device arrays only (3-D arrays and the
+    per-channel float64 ``(C,)`` arrays alike); the kernels return device
+    arrays for their per-channel results and the API calls ``to_host`` where
+    it needs their values on the host. The API copies results back to the
+    host when the caller passed host arrays.
 """
