@@ -1,0 +1,1 @@
+"""Drop-in wrappers with the conventions of other code bases."""

@@ -1,0 +1,124 @@
+"""Backend registry: name -> module, availability, and the default backend."""
+import contextlib
+import importlib
+import threading
+
+# Known backends, fastest CPU backend first; "cuda" runs on a GPU and is the
+# default only for inputs that already live on the device.
+_MODULES = {
+    "cython": "fastbn.backends.cython_omp",
+    "numba": "fastbn.backends.numba_cpu",
+    "numpy": "fastbn.backends.numpy_backend",
+    "cuda": "fastbn.backends.numba_cuda",
+}
+KNOWN_BACKENDS = tuple(_MODULES)
+
+_lock = threading.Lock()
+_loaded = {}            # name -> (module or None, available, reason)
+_default = [None]       # process default set by set_backend
+_local = threading.local()  # per-thread stack of use_backend names
+
+
+def _load(name):
+    """Import a backend module once and ask it whether it can run here."""
+    with _lock:
+        if name not in _loaded:
+            try:
+                module = importlib.import_module(_MODULES[name])
+                available, reason = module.availability()
+            except Exception as exc:  # a broken backend must not break the others
+                module, available, reason = None, False, f"import failed: {exc!r}"
+            _loaded[name] = (module, bool(available), reason)
+        return _loaded[name]
+
+
+def available_backends():
+    """Names of the backends usable here, fastest CPU backend first.
+
+    Returns
+    -------
+    tuple of str
+        For example ``("cython", "numba", "numpy")``; ``"cuda"`` is listed
+        last when a CUDA GPU (or the CUDA simulator) is available.
+    """
+    return tuple(name for name in KNOWN_BACKENDS if _load(name)[1])
+
+
+def _check_name(name):
+    if name not in _MODULES:
+        raise ValueError(f"unknown backend {name!r}; available backends: "
+                         f"{', '.join(available_backends())}")
+    module, available, reason = _load(name)
+    if not available:
+        raise RuntimeError(f"backend {name!r} cannot run here: {reason}")
+    return module
+
+
+def get_backend(name):
+    """The module of backend ``name``; ``ValueError`` or ``RuntimeError`` if unusable."""
+    return _check_name(name)
+
+
+def default_backend():
+    """The backend used when none is named: innermost ``use_backend`` block,
+    else ``set_backend``'s choice, else the fastest available CPU backend."""
+    stack = getattr(_local, "stack", None)
+    if stack:
+        return stack[-1]
+    if _default[0] is not None:
+        return _default[0]
+    return next(name for name in available_backends() if name != "cuda")
+
+
+def set_backend(name):
+    """Set the process-wide default backend.
+
+    Parameters
+    ----------
+    name : str or None
+        A name from :func:`available_backends`, or ``None`` to go back to
+        the fastest available CPU backend.
+    """
+    if name is not None:
+        _check_name(name)
+    _default[0] = name
+
+
+@contextlib.contextmanager
+def use_backend(name):
+    """Use backend ``name`` as the default inside a ``with`` block (this thread only).
+
+    Examples
+    --------
+    >>> with fastbn.use_backend("numpy"):
+    ...     out, cache = fastbn.batchnorm_forward(x)
+    """
+    _check_name(name)
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    stack.append(name)
+    try:
+        yield name
+    finally:
+        stack.pop()
+
+
+def backend_info():
+    """Facts about every known backend.
+
+    Returns
+    -------
+    dict
+        ``{name: {"available": bool, "reason": str, "threads": int,
+        "openmp": bool, "device": str, ...}}``; the last keys only for
+        available backends.
+    """
+    result = {}
+    for name in KNOWN_BACKENDS:
+        module, available, reason = _load(name)
+        entry = {"available": available, "reason": reason}
+        if available:
+            entry.update(module.info())
+        result[name] = entry
+    return result
