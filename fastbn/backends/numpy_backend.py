@@ -36,6 +36,11 @@ def _sum64(x):
     return np.add.reduce(x, axis=_REDUCE_AXES, dtype=np.float64)
 
 
+def _dot64(a, b):
+    """Per-channel float64 ``sum(a * b)`` over ``A`` and ``B``, without a temporary."""
+    return np.einsum("acb,acb->c", a, b, dtype=np.float64)
+
+
 def _center(x, mean, out):
     """``out = x - mean`` with float64 accuracy; ``out`` has ``x.dtype``."""
     if x.dtype == np.float64:
@@ -46,6 +51,15 @@ def _center(x, mean, out):
     np.subtract(x, mean_hi.reshape(1, -1, 1), out=out)
     np.subtract(out, mean_lo.reshape(1, -1, 1), out=out)
     return out
+
+
+def _mean_var(x, centered):
+    """Two-pass mean and biased variance; ``centered`` receives ``x - mean``."""
+    count = x.shape[0] * x.shape[2]
+    mean = _sum64(x) / count
+    _center(x, mean, centered)
+    var = _dot64(centered, centered) / count
+    return mean, var
 
 
 def stats(x):
@@ -59,13 +73,7 @@ def stats(x):
     -------
     mean, var : ndarray of float64, shape (C,)
     """
-    count = x.shape[0] * x.shape[2]
-    mean = _sum64(x) / count
-    centered = np.empty(x.shape, dtype=np.float64)
-    np.subtract(x, _channel(mean, np.float64), out=centered)
-    np.square(centered, out=centered)
-    var = _sum64(centered) / count
-    return mean, var
+    return _mean_var(x, np.empty_like(x))
 
 
 def normalize(x, mean, invstd, gamma, beta, out):
@@ -83,8 +91,9 @@ def forward_train(x, gamma, beta, eps, out):
     mean, var : ndarray of float64, shape (C,)
         Batch mean and biased batch variance.
     """
-    mean, var = stats(x)
-    normalize(x, mean, 1.0 / np.sqrt(var + eps), gamma, beta, out)
+    mean, var = _mean_var(x, out)  # out holds x - mean
+    np.multiply(out, _channel(gamma / np.sqrt(var + eps), x.dtype), out=out)
+    np.add(out, _channel(beta, x.dtype), out=out)
     return mean, var
 
 
@@ -93,38 +102,47 @@ def backward_reduce(dy, x, mean, invstd):
 
     ``sum(dy * xhat) = invstd * sum(dy * (x - mean))``.
     """
-    sum_dy = _sum64(dy)
-    centered = _center(x, mean, np.empty_like(x))
-    np.multiply(centered, dy, out=centered)
-    sum_dy_xhat = _sum64(centered) * invstd
-    return sum_dy, sum_dy_xhat
+    return _reduce(dy, x, mean, invstd, np.empty_like(x))
+
+
+def _reduce(dy, x, mean, invstd, centered):
+    """:func:`backward_reduce`; ``centered`` receives ``x - mean``."""
+    _center(x, mean, centered)
+    return _sum64(dy), _dot64(dy, centered) * invstd
 
 
 def backward_elemt(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, out):
-    """``out = gamma * invstd * (dy - sum_dy / M - xhat * sum_dy_xhat / M)``.
-
-    Rearranged per channel as ``out = dy * k - (x - mean) * q - k * sum_dy / M``
-    with ``k = gamma * invstd`` and ``q = k * invstd * sum_dy_xhat / M``.
-    """
-    count = x.shape[0] * x.shape[2]
-    scale = gamma * invstd
-    xmu_coef = scale * invstd * sum_dy_xhat / count
+    """``out = gamma * invstd * (dy - sum_dy / M - xhat * sum_dy_xhat / M)``."""
     _center(x, mean, out)
-    np.multiply(out, _channel(-xmu_coef, x.dtype), out=out)
-    out += dy * _channel(scale, x.dtype)
-    out -= _channel(scale * sum_dy / count, x.dtype)
+    _elemt_from_centered(dy, invstd, gamma, sum_dy, sum_dy_xhat, out)
+
+
+def _elemt_from_centered(dy, invstd, gamma, sum_dy, sum_dy_xhat, out):
+    """:func:`backward_elemt` with ``out`` already holding ``x - mean``.
+
+    ``dx = k * ((x - mean) * (-invstd * sum_dy_xhat / M) + dy - sum_dy / M)``
+    with ``k = gamma * invstd``, in place in ``out``.
+    """
+    count = out.shape[0] * out.shape[2]
+    dtype = out.dtype
+    np.multiply(out, _channel(-invstd * sum_dy_xhat / count, dtype), out=out)
+    np.add(out, dy, out=out)
+    np.subtract(out, _channel(sum_dy / count, dtype), out=out)
+    np.multiply(out, _channel(gamma * invstd, dtype), out=out)
 
 
 def backward_train(dy, x, mean, invstd, gamma, out):
-    """Simplified backward: :func:`backward_reduce` then :func:`backward_elemt`.
+    """Simplified backward: the reduction, then the elementwise pass.
+
+    ``out`` holds ``x - mean`` between the two, so no temporary is made.
 
     Returns
     -------
     sum_dy, sum_dy_xhat : ndarray of float64, shape (C,)
         ``dbeta`` and ``dgamma``.
     """
-    sum_dy, sum_dy_xhat = backward_reduce(dy, x, mean, invstd)
-    backward_elemt(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, out)
+    sum_dy, sum_dy_xhat = _reduce(dy, x, mean, invstd, out)
+    _elemt_from_centered(dy, invstd, gamma, sum_dy, sum_dy_xhat, out)
     return sum_dy, sum_dy_xhat
 
 
