@@ -22,8 +22,12 @@ _METHODS = ("simplified", "staged")
 # --------------------------------------------------------------------------
 
 def _is_device_array(obj):
-    return (not isinstance(obj, np.ndarray)
-            and hasattr(obj, "__cuda_array_interface__"))
+    """True for CUDA device arrays: anything with ``__cuda_array_interface__``,
+    and Numba's device arrays (also the CUDA simulator's, which lack it)."""
+    if isinstance(obj, np.ndarray):
+        return False
+    return (hasattr(obj, "__cuda_array_interface__")
+            or bool(getattr(type(obj), "__cuda_ndarray__", False)))
 
 
 def _resolve_backend(name, x):
