@@ -1,0 +1,920 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""Cython + OpenMP kernels of fastbn on the canonical ``(A, C, B)`` view.
+
+The kernel contract is in :mod:`fastbn.backends`; this module implements it
+for C-contiguous float32 and float64 arrays (a fused type), releasing the GIL
+and running its loops with ``prange``.
+
+Two loop shapes
+---------------
+* ``B > 1`` ("channel path"): a channel is ``A`` contiguous segments of
+  ``B`` values. Work is done channel by channel: one thread reduces a
+  channel, then immediately applies the elementwise pass to the same
+  channel, so the second read of ``x`` (and ``dy``) hits the cache. The
+  segments of a channel are ``C * B`` apart, so rows ahead are prefetched
+  in software. When there are too few channels to keep every thread busy
+  (``C < 4 * threads``), or the array is small enough (< 16 MiB) to stay in
+  L3 between passes, each channel is split into chunks that different
+  threads reduce, and the elementwise pass runs as a separate parallel pass.
+* ``B == 1`` ("row path", ``(N, D)`` and channels-last): rows of ``C``
+  contiguous channels; inner loops run across channels (vectorized), the
+  work is split into blocks of rows and of columns.
+
+Reductions that do not depend on the thread count
+-------------------------------------------------
+Every reduction is split into a fixed number of chunks that depends on the
+shape only. Each chunk is summed in a fixed order into float64 partials in a
+buffer; the partials of a channel are then added in chunk order. Threads only
+decide *who* computes a chunk, never how it is summed, so float64 results are
+bit-identical for any thread count.
+
+Statistics use shifted sums: with ``K`` the channel's first value,
+``mean = K + sum(x - K) / M`` and ``var = sum((x - K)**2) / M - (sum(x - K) / M)**2``
+(all in float64). A constant channel gives ``var == 0`` exactly.
+"""
+
+import numpy as np
+
+from cython.parallel cimport prange
+from libc.math cimport sqrt
+
+from ._openmp_helpers cimport FASTBN_OPENMP_ENABLED, fastbn_max_threads
+
+cdef extern from *:
+    """
+    #if defined(__GNUC__) || defined(__clang__)
+    #define fastbn_prefetch(p) __builtin_prefetch((const void *)(p), 0, 3)
+    #define fastbn_prefetch_write(p) __builtin_prefetch((const void *)(p), 1, 3)
+    #else
+    #define fastbn_prefetch(p) ((void)0)
+    #define fastbn_prefetch_write(p) ((void)0)
+    #endif
+    """
+    # Prefetch hints (no-ops for compilers without __builtin_prefetch).
+    void fastbn_prefetch(const void* p) noexcept nogil
+    void fastbn_prefetch_write(const void* p) noexcept nogil
+
+
+ctypedef fused floating:
+    float
+    double
+
+# float64 partial sums per channel-path reduction (lane j takes the values
+# at offsets j, j + LANES, ... of each contiguous segment).
+cdef enum:
+    LANES = 256
+    CACHE_LINE = 64
+    # Channel path: prefetch the rows about this many bytes ahead.
+    PREFETCH_BYTES = 4096
+# Elementwise work items hold about this many elements.
+cdef Py_ssize_t ELEM_BLOCK = 16384
+# Channel path: a channel is reduced in min(64, M // CHUNK_MIN) chunks.
+cdef Py_ssize_t CHUNK_MIN = 16384
+cdef Py_ssize_t CHUNK_MAX = 64
+# Row path: columns are reduced in blocks of about this many channels.
+cdef Py_ssize_t COL_BLOCK = 256
+# Arrays smaller than this run on one thread (thread start-up costs more).
+cdef Py_ssize_t SERIAL_BELOW = 32768
+# Channel path: fuse reduce + elementwise per channel when C >= this * threads
+# and the array is at least FUSE_MIN_BYTES; smaller arrays stay in the L3
+# cache between two plain sequential passes, which are then faster.
+cdef Py_ssize_t FUSE_CHANNELS_PER_THREAD = 4
+cdef Py_ssize_t FUSE_MIN_BYTES = 16 * 1024 * 1024
+
+# What the elementwise pass computes (p0..p3 are per-channel float64).
+cdef enum:
+    OP_NORMALIZE = 0   # out = (a - p0) * p1 + p2
+    OP_BACKWARD = 1    # out = p1 * ((a - p2) - (b - p0) * p3), a = dy, b = x
+    OP_SUB = 2         # out = a - p0
+    OP_MUL = 3         # out = a * p0
+    OP_FILL = 4        # out = p0
+    OP_TWO_MUL = 5     # out = 2 * a * b
+    OP_ADD = 6         # out = a + b
+    OP_ADD_P = 7       # out = a + p0
+
+OPENMP_ENABLED = bool(FASTBN_OPENMP_ENABLED)
+
+
+def max_threads():
+    """Threads a kernel started now would use (``omp_get_max_threads()``).
+
+    Returns
+    -------
+    int
+        1 when the extension was built without OpenMP.
+    """
+    return fastbn_max_threads()
+
+
+cdef int _threads_for(Py_ssize_t size) noexcept nogil:
+    # Read at every call (never cached) so OMP_NUM_THREADS and
+    # threadpoolctl limits are honoured.
+    if size < SERIAL_BELOW:
+        return 1
+    return fastbn_max_threads()
+
+
+cdef inline Py_ssize_t _chunks_per_channel(Py_ssize_t M) noexcept nogil:
+    # Depends on the shape only, never on the thread count.
+    cdef Py_ssize_t n = M // CHUNK_MIN
+    if n < 1:
+        n = 1
+    if n > CHUNK_MAX:
+        n = CHUNK_MAX
+    return n
+
+
+cdef inline Py_ssize_t _col_blocks(Py_ssize_t C) noexcept nogil:
+    return (C + COL_BLOCK - 1) // COL_BLOCK
+
+
+cdef inline Py_ssize_t _row_chunks(Py_ssize_t A, Py_ssize_t C) noexcept nogil:
+    # About 64 work items in all, at most one chunk per row. Shape only.
+    cdef Py_ssize_t n = 64 // _col_blocks(C)
+    if n < 1:
+        n = 1
+    if n > A:
+        n = A
+    return n
+
+
+# ---------------------------------------------------------------------------
+# Inner loops
+# ---------------------------------------------------------------------------
+
+cdef inline void _sums2(const floating* a, const floating* b, Py_ssize_t n,
+                        double ka, double kb, double* acc_u, double* acc_uv,
+                        const floating* ahead_a, const floating* ahead_b) noexcept nogil:
+    # acc_u[j] += u, acc_uv[j] += u * v for u = a - ka, v = b - kb, in float64,
+    # with value i going to lane j = i % LANES. The lanes are independent,
+    # so this is an elementwise loop that vectorizes without -ffast-math,
+    # and its summation order depends on n only. ahead_a/ahead_b (or NULL):
+    # the segment read next, prefetched block by block as this one is read.
+    cdef Py_ssize_t blk, start, j, m, line
+    cdef Py_ssize_t per_line = CACHE_LINE // <Py_ssize_t>sizeof(floating)
+    cdef double u
+    for blk in range((n + LANES - 1) // LANES):
+        start = blk * LANES
+        m = n - start
+        if m > LANES:
+            m = LANES
+        if ahead_a != NULL:
+            for line in range((m + per_line - 1) // per_line):
+                fastbn_prefetch(ahead_a + start + line * per_line)
+                fastbn_prefetch(ahead_b + start + line * per_line)
+        for j in range(m):
+            u = <double>a[start + j] - ka
+            acc_u[j] += u
+            acc_uv[j] += u * (<double>b[start + j] - kb)
+
+
+cdef inline void _channel_range_sums(const floating* a, const floating* b,
+                                     Py_ssize_t C, Py_ssize_t B, Py_ssize_t c,
+                                     Py_ssize_t m0, Py_ssize_t m1,
+                                     double ka, double kb, double* dst) noexcept nogil:
+    # dst[0] = sum(a - ka), dst[1] = sum((a - ka) * (b - kb)) over the values
+    # m0 <= m < m1 of channel c (m = row * B + col), walking its contiguous
+    # segments into LANES float64 lanes, then adding the lanes in order.
+    # The segments are C * B apart, too far for the hardware prefetcher to
+    # follow, so the same columns `rows_ahead` rows further are prefetched.
+    cdef double acc_u[LANES]
+    cdef double acc_uv[LANES]
+    cdef Py_ssize_t m = m0
+    cdef Py_ssize_t end_row = (m1 - 1) // B + 1   # rows of this range: 0..end_row-1
+    cdef Py_ssize_t rows_ahead = PREFETCH_BYTES // (B * <Py_ssize_t>sizeof(floating))
+    cdef Py_ssize_t row, col, n, offset, j
+    cdef const floating* ahead_a
+    cdef const floating* ahead_b
+    if rows_ahead < 1:
+        rows_ahead = 1
+    for j in range(LANES):
+        acc_u[j] = 0.0
+        acc_uv[j] = 0.0
+    while m < m1:
+        row = m // B
+        col = m - row * B
+        n = B - col
+        if n > m1 - m:
+            n = m1 - m
+        offset = (row * C + c) * B + col
+        ahead_a = NULL
+        ahead_b = NULL
+        if row + rows_ahead < end_row:
+            ahead_a = a + offset + rows_ahead * C * B
+            ahead_b = b + offset + rows_ahead * C * B
+        _sums2(a + offset, b + offset, n, ka, kb, acc_u, acc_uv, ahead_a, ahead_b)
+        m += n
+    dst[0] = 0.0
+    dst[1] = 0.0
+    for j in range(LANES):
+        dst[0] += acc_u[j]
+        dst[1] += acc_uv[j]
+
+
+cdef inline void _prefetch_row_for_write(floating* out, Py_ssize_t row, Py_ssize_t A,
+                                         Py_ssize_t C, Py_ssize_t B, Py_ssize_t c) noexcept nogil:
+    # Channel path, elementwise pass: the output segments of a channel are
+    # C * B apart; prefetch (for writing) the segment PREFETCH_BYTES ahead.
+    cdef Py_ssize_t per_line = CACHE_LINE // <Py_ssize_t>sizeof(floating)
+    cdef Py_ssize_t rows_ahead = PREFETCH_BYTES // (B * <Py_ssize_t>sizeof(floating))
+    cdef Py_ssize_t line
+    cdef floating* target
+    if rows_ahead < 1:
+        rows_ahead = 1
+    if row + rows_ahead >= A:
+        return
+    target = out + ((row + rows_ahead) * C + c) * B
+    for line in range((B + per_line - 1) // per_line):
+        fastbn_prefetch_write(target + line * per_line)
+
+
+cdef inline void _apply(int op, const floating* a, const floating* b, floating* out,
+                        Py_ssize_t n, const double* p0, const double* p1,
+                        const double* p2, const double* p3,
+                        bint per_element) noexcept nogil:
+    # One elementwise op over n contiguous values, in float64. With
+    # per_element, value i belongs to channel i (row path, p* point at the
+    # block's first channel); otherwise all n values share channel p*[0].
+    cdef Py_ssize_t i
+    cdef double q0, q1, q2, q3
+    if op == OP_NORMALIZE:
+        if per_element:
+            for i in range(n):
+                out[i] = <floating>((<double>a[i] - p0[i]) * p1[i] + p2[i])
+        else:
+            q0 = p0[0]
+            q1 = p1[0]
+            q2 = p2[0]
+            for i in range(n):
+                out[i] = <floating>((<double>a[i] - q0) * q1 + q2)
+    elif op == OP_BACKWARD:
+        if per_element:
+            for i in range(n):
+                out[i] = <floating>(p1[i] * ((<double>a[i] - p2[i])
+                                             - (<double>b[i] - p0[i]) * p3[i]))
+        else:
+            q0 = p0[0]
+            q1 = p1[0]
+            q2 = p2[0]
+            q3 = p3[0]
+            for i in range(n):
+                out[i] = <floating>(q1 * ((<double>a[i] - q2) - (<double>b[i] - q0) * q3))
+    elif op == OP_SUB:
+        if per_element:
+            for i in range(n):
+                out[i] = <floating>(<double>a[i] - p0[i])
+        else:
+            q0 = p0[0]
+            for i in range(n):
+                out[i] = <floating>(<double>a[i] - q0)
+    elif op == OP_MUL:
+        if per_element:
+            for i in range(n):
+                out[i] = <floating>(<double>a[i] * p0[i])
+        else:
+            q0 = p0[0]
+            for i in range(n):
+                out[i] = <floating>(<double>a[i] * q0)
+    elif op == OP_FILL:
+        if per_element:
+            for i in range(n):
+                out[i] = <floating>p0[i]
+        else:
+            q0 = p0[0]
+            for i in range(n):
+                out[i] = <floating>q0
+    elif op == OP_TWO_MUL:
+        for i in range(n):
+            out[i] = 2 * a[i] * b[i]
+    elif op == OP_ADD:
+        for i in range(n):
+            out[i] = a[i] + b[i]
+    elif op == OP_ADD_P:
+        if per_element:
+            for i in range(n):
+                out[i] = <floating>(<double>a[i] + p0[i])
+        else:
+            q0 = p0[0]
+            for i in range(n):
+                out[i] = <floating>(<double>a[i] + q0)
+
+
+# ---------------------------------------------------------------------------
+# Per-channel coefficients (shared by every path, so all paths agree bitwise)
+# ---------------------------------------------------------------------------
+
+cdef inline double _merge(const double* partials, Py_ssize_t n, Py_ssize_t stride) noexcept nogil:
+    # Partials added in chunk order.
+    cdef double total = 0.0
+    cdef Py_ssize_t k
+    for k in range(n):
+        total += partials[k * stride]
+    return total
+
+
+cdef inline void _forward_coefs(Py_ssize_t c, double sum_u, double sum_uu, double shift,
+                                double M, double eps, const double* gamma,
+                                const double* beta, double* mean, double* var,
+                                double* scale, double* offset) noexcept nogil:
+    # mean = K + sum(x - K) / M; var = sum((x - K)^2) / M - (sum(x - K) / M)^2
+    cdef double d = sum_u / M
+    cdef double v = sum_uu / M - d * d
+    if v < 0.0:          # rounding only; NaN fails the test and stays NaN
+        v = 0.0
+    mean[c] = shift + d
+    var[c] = v
+    scale[c] = gamma[c] / sqrt(v + eps)      # invstd * gamma
+    offset[c] = beta[c]
+
+
+cdef inline void _backward_coefs(Py_ssize_t c, double sum_dy, double sum_dy_xmu, double M,
+                                 const double* invstd, const double* gamma,
+                                 double* out_sum_dy, double* out_sum_dy_xhat,
+                                 double* k_scale, double* k_mean_dy,
+                                 double* k_xmu) noexcept nogil:
+    # sum_dy_xhat = invstd * sum(dy * (x - mean));
+    # dx = gamma * invstd * ((dy - sum_dy / M) - (x - mean) * invstd * sum_dy_xhat / M)
+    cdef double sum_dy_xhat = sum_dy_xmu * invstd[c]
+    out_sum_dy[c] = sum_dy
+    out_sum_dy_xhat[c] = sum_dy_xhat
+    _elemt_coefs(c, sum_dy, sum_dy_xhat, M, invstd, gamma, k_scale, k_mean_dy, k_xmu)
+
+
+cdef inline void _elemt_coefs(Py_ssize_t c, double sum_dy, double sum_dy_xhat, double M,
+                              const double* invstd, const double* gamma,
+                              double* k_scale, double* k_mean_dy, double* k_xmu) noexcept nogil:
+    k_scale[c] = gamma[c] * invstd[c]
+    k_mean_dy[c] = sum_dy / M
+    k_xmu[c] = invstd[c] * sum_dy_xhat / M
+
+
+# ---------------------------------------------------------------------------
+# Parallel drivers
+# ---------------------------------------------------------------------------
+
+cdef void _reduce(const floating* a, const floating* b, Py_ssize_t A, Py_ssize_t C,
+                  Py_ssize_t B, const double* ka, const double* kb,
+                  double* sum_u, double* sum_uv, double* partials,
+                  int nthreads) noexcept nogil:
+    # Per channel c: sum_u[c] = sum(a - ka[c]), sum_uv[c] = sum((a - ka[c]) * (b - kb[c])).
+    # partials: C * _chunks_per_channel(A * B) * 2 doubles (B > 1) or
+    # 2 * _row_chunks(A, C) * C doubles (B == 1).
+    cdef Py_ssize_t M = A * B
+    cdef Py_ssize_t n_chunk, item, c, k, r, a_row, q, j, n_cblk, n_rchunk, c0, c1, r0, r1
+    cdef double* pu
+    cdef double* puv
+    if B > 1:
+        n_chunk = _chunks_per_channel(M)
+        for item in prange(C * n_chunk, nogil=True, num_threads=nthreads, schedule='dynamic'):
+            c = item // n_chunk
+            k = item - c * n_chunk
+            _channel_range_sums(a, b, C, B, c, k * M // n_chunk, (k + 1) * M // n_chunk,
+                                ka[c], kb[c], partials + 2 * item)
+        for c in range(C):
+            sum_u[c] = _merge(partials + 2 * c * n_chunk, n_chunk, 2)
+            sum_uv[c] = _merge(partials + 2 * c * n_chunk + 1, n_chunk, 2)
+    else:
+        # Row path: partials[0, r, c] and partials[1, r, c] for row chunk r.
+        n_cblk = _col_blocks(C)
+        n_rchunk = _row_chunks(A, C)
+        for item in prange(n_rchunk * n_cblk, nogil=True, num_threads=nthreads,
+                           schedule='dynamic'):
+            r = item // n_cblk
+            j = item - r * n_cblk
+            c0 = j * C // n_cblk
+            c1 = (j + 1) * C // n_cblk
+            r0 = r * A // n_rchunk
+            r1 = (r + 1) * A // n_rchunk
+            pu = partials + r * C
+            puv = partials + (n_rchunk + r) * C
+            for c in range(c0, c1):
+                pu[c] = 0.0
+                puv[c] = 0.0
+            for q in range((r1 - r0) // 4):
+                _row_sums4(a + (r0 + 4 * q) * C, b + (r0 + 4 * q) * C, C, c0, c1,
+                           ka, kb, pu, puv)
+            for a_row in range(r0 + 4 * ((r1 - r0) // 4), r1):
+                _row_sums(a + a_row * C, b + a_row * C, c0, c1, ka, kb, pu, puv)
+        for c in range(C):
+            sum_u[c] = _merge(partials + c, n_rchunk, C)
+            sum_uv[c] = _merge(partials + n_rchunk * C + c, n_rchunk, C)
+
+
+cdef inline void _row_sums(const floating* a, const floating* b, Py_ssize_t c0, Py_ssize_t c1,
+                           const double* ka, const double* kb,
+                           double* pu, double* puv) noexcept nogil:
+    # One row, channels c0..c1-1: independent accumulators per channel.
+    cdef Py_ssize_t c
+    cdef double u
+    for c in range(c0, c1):
+        u = <double>a[c] - ka[c]
+        pu[c] += u
+        puv[c] += u * (<double>b[c] - kb[c])
+
+
+cdef inline void _row_sums4(const floating* a, const floating* b, Py_ssize_t C,
+                            Py_ssize_t c0, Py_ssize_t c1, const double* ka, const double* kb,
+                            double* pu, double* puv) noexcept nogil:
+    # Four rows at once (same order of additions as four _row_sums calls),
+    # loading and storing the accumulators once per four rows.
+    cdef Py_ssize_t c
+    cdef double u0, u1, u2, u3, k_a, k_b
+    for c in range(c0, c1):
+        k_a = ka[c]
+        k_b = kb[c]
+        u0 = <double>a[c] - k_a
+        u1 = <double>a[C + c] - k_a
+        u2 = <double>a[2 * C + c] - k_a
+        u3 = <double>a[3 * C + c] - k_a
+        pu[c] = (((pu[c] + u0) + u1) + u2) + u3
+        puv[c] = ((((puv[c] + u0 * (<double>b[c] - k_b))
+                    + u1 * (<double>b[C + c] - k_b))
+                   + u2 * (<double>b[2 * C + c] - k_b))
+                  + u3 * (<double>b[3 * C + c] - k_b))
+
+
+cdef void _elementwise(int op, const floating* a, const floating* b, floating* out,
+                       Py_ssize_t A, Py_ssize_t C, Py_ssize_t B,
+                       const double* p0, const double* p1, const double* p2,
+                       const double* p3, int nthreads) noexcept nogil:
+    # Applies `op` to the whole array. Rows are (a, c) segments of B values
+    # (B > 1) or rows of C channels (B == 1); work items group short rows or
+    # split long ones so each holds about ELEM_BLOCK values.
+    cdef Py_ssize_t n_rows, row_len, rows_per_item, n_blk, n_items
+    cdef Py_ssize_t item, g, blk, row, r0, r1, s0, s1, c
+    cdef bint per_element = B == 1
+    if per_element:
+        n_rows = A
+        row_len = C
+    else:
+        n_rows = A * C
+        row_len = B
+    rows_per_item = ELEM_BLOCK // row_len
+    if rows_per_item < 1:
+        rows_per_item = 1
+    n_blk = row_len // ELEM_BLOCK
+    if n_blk < 1:
+        n_blk = 1
+    n_items = ((n_rows + rows_per_item - 1) // rows_per_item) * n_blk
+    for item in prange(n_items, nogil=True, num_threads=nthreads, schedule='dynamic'):
+        g = item // n_blk
+        blk = item - g * n_blk
+        r0 = g * rows_per_item
+        r1 = r0 + rows_per_item
+        if r1 > n_rows:
+            r1 = n_rows
+        s0 = blk * row_len // n_blk
+        s1 = (blk + 1) * row_len // n_blk
+        for row in range(r0, r1):
+            if per_element:
+                c = s0
+            else:
+                c = row % C
+            _apply(op, a + row * row_len + s0, b + row * row_len + s0,
+                   out + row * row_len + s0, s1 - s0,
+                   p0 + c, p1 + c, p2 + c, p3 + c, per_element)
+
+
+cdef void _fused_forward_channels(const floating* x, floating* out, Py_ssize_t A,
+                                  Py_ssize_t C, Py_ssize_t B, const double* shift,
+                                  double eps, const double* gamma, const double* beta,
+                                  double* mean, double* var, double* scale,
+                                  double* offset, double* partials,
+                                  int nthreads) noexcept nogil:
+    # Channel path, one channel per thread: statistics, then normalize the
+    # same channel while it is still in cache.
+    cdef Py_ssize_t M = A * B
+    cdef Py_ssize_t n_chunk = _chunks_per_channel(M)
+    cdef Py_ssize_t c, k, row
+    cdef double* part
+    for c in prange(C, nogil=True, num_threads=nthreads, schedule='dynamic'):
+        part = partials + 2 * c * n_chunk
+        for k in range(n_chunk):
+            _channel_range_sums(x, x, C, B, c, k * M // n_chunk, (k + 1) * M // n_chunk,
+                                shift[c], shift[c], part + 2 * k)
+        _forward_coefs(c, _merge(part, n_chunk, 2), _merge(part + 1, n_chunk, 2), shift[c],
+                       <double>M, eps, gamma, beta, mean, var, scale, offset)
+        for row in range(A):
+            _prefetch_row_for_write(out, row, A, C, B, c)
+            _apply(OP_NORMALIZE, x + (row * C + c) * B, x, out + (row * C + c) * B, B,
+                   mean + c, scale + c, offset + c, offset + c, False)
+
+
+cdef void _fused_backward_channels(const floating* dy, const floating* x, floating* out,
+                                   Py_ssize_t A, Py_ssize_t C, Py_ssize_t B,
+                                   const double* mean, const double* invstd,
+                                   const double* gamma, const double* zeros,
+                                   double* sum_dy, double* sum_dy_xhat,
+                                   double* k_scale, double* k_mean_dy, double* k_xmu,
+                                   double* partials, int nthreads) noexcept nogil:
+    # Channel path, one channel per thread: reduce, then the elementwise
+    # pass on the same channel while dy and x are still in cache.
+    cdef Py_ssize_t M = A * B
+    cdef Py_ssize_t n_chunk = _chunks_per_channel(M)
+    cdef Py_ssize_t c, k, row
+    cdef double* part
+    for c in prange(C, nogil=True, num_threads=nthreads, schedule='dynamic'):
+        part = partials + 2 * c * n_chunk
+        for k in range(n_chunk):
+            _channel_range_sums(dy, x, C, B, c, k * M // n_chunk, (k + 1) * M // n_chunk,
+                                zeros[c], mean[c], part + 2 * k)
+        _backward_coefs(c, _merge(part, n_chunk, 2), _merge(part + 1, n_chunk, 2),
+                        <double>M, invstd, gamma, sum_dy, sum_dy_xhat,
+                        k_scale, k_mean_dy, k_xmu)
+        for row in range(A):
+            _prefetch_row_for_write(out, row, A, C, B, c)
+            _apply(OP_BACKWARD, dy + (row * C + c) * B, x + (row * C + c) * B,
+                   out + (row * C + c) * B, B, mean + c, k_scale + c, k_mean_dy + c,
+                   k_xmu + c, False)
+
+
+# ---------------------------------------------------------------------------
+# Helpers for the Python-level kernels
+# ---------------------------------------------------------------------------
+
+cdef inline bint _use_fused_channels(Py_ssize_t nbytes, Py_ssize_t C, Py_ssize_t B,
+                                     int nthreads) noexcept nogil:
+    return (B > 1 and nbytes >= FUSE_MIN_BYTES
+            and (nthreads == 1 or C >= FUSE_CHANNELS_PER_THREAD * nthreads))
+
+
+def _partials_buffer(Py_ssize_t A, Py_ssize_t C, Py_ssize_t B):
+    if B > 1:
+        return np.empty(2 * C * _chunks_per_channel(A * B), dtype=np.float64)
+    return np.empty(2 * C * _row_chunks(A, C), dtype=np.float64)
+
+
+def _first_values(x):
+    # The shift K of the shifted sums: each channel's first value, in float64.
+    return np.ascontiguousarray(x[0, :, 0], dtype=np.float64)
+
+
+cdef void _reduce_fused(const floating[:, :, ::1] a, const floating[:, :, ::1] b,
+                        const double[::1] ka, const double[::1] kb,
+                        double[::1] sum_u, double[::1] sum_uv, double[::1] partials,
+                        int nthreads) noexcept nogil:
+    _reduce(&a[0, 0, 0], &b[0, 0, 0], a.shape[0], a.shape[1], a.shape[2],
+            &ka[0], &kb[0], &sum_u[0], &sum_uv[0], &partials[0], nthreads)
+
+
+cdef void _elementwise_fused(int op, const floating[:, :, ::1] a, const floating[:, :, ::1] b,
+                             floating[:, :, ::1] out, const double[::1] p0,
+                             const double[::1] p1, const double[::1] p2,
+                             const double[::1] p3, int nthreads) noexcept nogil:
+    _elementwise(op, &a[0, 0, 0], &b[0, 0, 0], &out[0, 0, 0],
+                 a.shape[0], a.shape[1], a.shape[2],
+                 &p0[0], &p1[0], &p2[0], &p3[0], nthreads)
+
+
+def _reduce_py(a, b, ka, kb):
+    """Per-channel ``sum(a - ka)`` and ``sum((a - ka) * (b - kb))`` in float64."""
+    cdef Py_ssize_t A = a.shape[0], C = a.shape[1], B = a.shape[2]
+    cdef int nthreads = _threads_for(A * C * B)
+    sum_u = np.empty(C, dtype=np.float64)
+    sum_uv = np.empty(C, dtype=np.float64)
+    partials = _partials_buffer(A, C, B)
+    if a.dtype == np.float32:
+        _reduce_f32(a, b, ka, kb, sum_u, sum_uv, partials, nthreads)
+    else:
+        _reduce_f64(a, b, ka, kb, sum_u, sum_uv, partials, nthreads)
+    return sum_u, sum_uv
+
+
+cdef void _reduce_f32(const float[:, :, ::1] a, const float[:, :, ::1] b,
+                      const double[::1] ka, const double[::1] kb, double[::1] sum_u,
+                      double[::1] sum_uv, double[::1] partials, int nthreads) noexcept:
+    with nogil:
+        _reduce_fused(a, b, ka, kb, sum_u, sum_uv, partials, nthreads)
+
+
+cdef void _reduce_f64(const double[:, :, ::1] a, const double[:, :, ::1] b,
+                      const double[::1] ka, const double[::1] kb, double[::1] sum_u,
+                      double[::1] sum_uv, double[::1] partials, int nthreads) noexcept:
+    with nogil:
+        _reduce_fused(a, b, ka, kb, sum_u, sum_uv, partials, nthreads)
+
+
+def _elementwise_py(int op, a, b, out, p0, p1, p2, p3):
+    """Apply elementwise ``op`` (an ``OP_*`` code) over the whole array."""
+    cdef int nthreads = _threads_for(a.size)
+    if a.dtype == np.float32:
+        _elementwise_f32(op, a, b, out, p0, p1, p2, p3, nthreads)
+    else:
+        _elementwise_f64(op, a, b, out, p0, p1, p2, p3, nthreads)
+
+
+cdef void _elementwise_f32(int op, const float[:, :, ::1] a, const float[:, :, ::1] b,
+                           float[:, :, ::1] out, const double[::1] p0, const double[::1] p1,
+                           const double[::1] p2, const double[::1] p3,
+                           int nthreads) noexcept:
+    with nogil:
+        _elementwise_fused(op, a, b, out, p0, p1, p2, p3, nthreads)
+
+
+cdef void _elementwise_f64(int op, const double[:, :, ::1] a, const double[:, :, ::1] b,
+                           double[:, :, ::1] out, const double[::1] p0, const double[::1] p1,
+                           const double[::1] p2, const double[::1] p3,
+                           int nthreads) noexcept:
+    with nogil:
+        _elementwise_fused(op, a, b, out, p0, p1, p2, p3, nthreads)
+
+
+def _channel_vector(v):
+    return np.ascontiguousarray(v, dtype=np.float64)
+
+
+# ---------------------------------------------------------------------------
+# The kernels of the contract
+# ---------------------------------------------------------------------------
+
+def stats(x):
+    """Per-channel mean and biased variance.
+
+    Parameters
+    ----------
+    x : ndarray, float32 or float64, C-contiguous, shape (A, C, B)
+
+    Returns
+    -------
+    mean, var : ndarray, float64, shape (C,)
+        Shifted sums in float64 (shift = the channel's first value), so a
+        constant channel has ``var == 0`` exactly.
+    """
+    cdef Py_ssize_t A = x.shape[0], C = x.shape[1], B = x.shape[2]
+    cdef Py_ssize_t c
+    shift = _first_values(x)
+    sum_u, sum_uu = _reduce_py(x, x, shift, shift)
+    mean = np.empty(C, dtype=np.float64)
+    var = np.empty(C, dtype=np.float64)
+    cdef double[::1] mean_v = mean, var_v = var, shift_v = shift
+    cdef double[::1] sum_u_v = sum_u, sum_uu_v = sum_uu
+    cdef double[::1] scratch = np.empty(C, dtype=np.float64)
+    cdef double[::1] ones = np.ones(C, dtype=np.float64)
+    for c in range(C):
+        _forward_coefs(c, sum_u_v[c], sum_uu_v[c], shift_v[c], <double>(A * B), 0.0,
+                       &ones[0], &ones[0], &mean_v[0], &var_v[0], &scratch[0], &scratch[0])
+    return mean, var
+
+
+def normalize(x, mean, invstd, gamma, beta, out):
+    """``out = (x - mean) * invstd * gamma + beta``, computed in float64.
+
+    Parameters
+    ----------
+    x, out : ndarray, shape (A, C, B), one dtype (float32 or float64)
+    mean, invstd, gamma, beta : ndarray, float64, shape (C,)
+
+    Returns
+    -------
+    None
+        The result is written into ``out``.
+    """
+    mean = _channel_vector(mean)
+    scale = _channel_vector(invstd) * _channel_vector(gamma)
+    beta = _channel_vector(beta)
+    _elementwise_py(OP_NORMALIZE, x, x, out, mean, scale, beta, beta)
+
+
+def forward_train(x, gamma, beta, eps, out):
+    """Training forward: statistics, then normalize into ``out``.
+
+    Fused per channel on the channel path (``B > 1``): a channel is reduced
+    and normalized back to back, so ``x`` is read from memory once.
+
+    Parameters
+    ----------
+    x, out : ndarray, shape (A, C, B), one dtype (float32 or float64)
+    gamma, beta : ndarray, float64, shape (C,)
+    eps : float
+
+    Returns
+    -------
+    mean, var : ndarray, float64, shape (C,)
+        Batch mean and biased batch variance.
+    """
+    cdef Py_ssize_t A = x.shape[0], C = x.shape[1], B = x.shape[2]
+    cdef Py_ssize_t c
+    cdef int nthreads = _threads_for(A * C * B)
+    shift = _first_values(x)
+    gamma = _channel_vector(gamma)
+    beta = _channel_vector(beta)
+    mean = np.empty(C, dtype=np.float64)
+    var = np.empty(C, dtype=np.float64)
+    scale = np.empty(C, dtype=np.float64)
+    offset = np.empty(C, dtype=np.float64)
+    partials = _partials_buffer(A, C, B)
+    if _use_fused_channels(x.nbytes, C, B, nthreads):
+        if x.dtype == np.float32:
+            _forward_fused_f32(x, out, shift, eps, gamma, beta, mean, var, scale,
+                               offset, partials, nthreads)
+        else:
+            _forward_fused_f64(x, out, shift, eps, gamma, beta, mean, var, scale,
+                               offset, partials, nthreads)
+        return mean, var
+    # Separate passes: parallel reduce, coefficients, parallel normalize.
+    sum_u, sum_uu = _reduce_py(x, x, shift, shift)
+    cdef double[::1] mean_v = mean, var_v = var, scale_v = scale, offset_v = offset
+    cdef double[::1] gamma_v = gamma, beta_v = beta, shift_v = shift
+    cdef double[::1] sum_u_v = sum_u, sum_uu_v = sum_uu
+    for c in range(C):
+        _forward_coefs(c, sum_u_v[c], sum_uu_v[c], shift_v[c], <double>(A * B), eps,
+                       &gamma_v[0], &beta_v[0], &mean_v[0], &var_v[0], &scale_v[0],
+                       &offset_v[0])
+    _elementwise_py(OP_NORMALIZE, x, x, out, mean, scale, offset, offset)
+    return mean, var
+
+
+cdef void _forward_fused_f32(const float[:, :, ::1] x, float[:, :, ::1] out,
+                             const double[::1] shift, double eps, const double[::1] gamma,
+                             const double[::1] beta, double[::1] mean, double[::1] var,
+                             double[::1] scale, double[::1] offset, double[::1] partials,
+                             int nthreads) noexcept:
+    with nogil:
+        _fused_forward_channels(&x[0, 0, 0], &out[0, 0, 0], x.shape[0], x.shape[1],
+                                x.shape[2], &shift[0], eps, &gamma[0], &beta[0], &mean[0],
+                                &var[0], &scale[0], &offset[0], &partials[0], nthreads)
+
+
+cdef void _forward_fused_f64(const double[:, :, ::1] x, double[:, :, ::1] out,
+                             const double[::1] shift, double eps, const double[::1] gamma,
+                             const double[::1] beta, double[::1] mean, double[::1] var,
+                             double[::1] scale, double[::1] offset, double[::1] partials,
+                             int nthreads) noexcept:
+    with nogil:
+        _fused_forward_channels(&x[0, 0, 0], &out[0, 0, 0], x.shape[0], x.shape[1],
+                                x.shape[2], &shift[0], eps, &gamma[0], &beta[0], &mean[0],
+                                &var[0], &scale[0], &offset[0], &partials[0], nthreads)
+
+
+def backward_reduce(dy, x, mean, invstd):
+    """Per-channel ``sum_dy`` and ``sum_dy_xhat``.
+
+    Parameters
+    ----------
+    dy, x : ndarray, shape (A, C, B), one dtype (float32 or float64)
+    mean, invstd : ndarray, float64, shape (C,)
+
+    Returns
+    -------
+    sum_dy, sum_dy_xhat : ndarray, float64, shape (C,)
+        ``sum(dy)`` and ``invstd * sum(dy * (x - mean))``.
+    """
+    mean = _channel_vector(mean)
+    invstd = _channel_vector(invstd)
+    zeros = np.zeros(x.shape[1], dtype=np.float64)
+    sum_dy, sum_dy_xmu = _reduce_py(dy, x, zeros, mean)
+    return sum_dy, sum_dy_xmu * invstd
+
+
+def backward_elemt(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, out):
+    """``out = gamma * invstd * (dy - sum_dy / M - xhat * sum_dy_xhat / M)``.
+
+    Parameters
+    ----------
+    dy, x, out : ndarray, shape (A, C, B), one dtype (float32 or float64)
+    mean, invstd, gamma, sum_dy, sum_dy_xhat : ndarray, float64, shape (C,)
+
+    Returns
+    -------
+    None
+        The result is written into ``out``; ``M = A * B``.
+    """
+    cdef Py_ssize_t C = x.shape[1], c
+    cdef double M = <double>(x.shape[0] * x.shape[2])
+    cdef double[::1] invstd_v = _channel_vector(invstd), gamma_v = _channel_vector(gamma)
+    cdef double[::1] sum_dy_v = _channel_vector(sum_dy)
+    cdef double[::1] sum_dy_xhat_v = _channel_vector(sum_dy_xhat)
+    k_scale = np.empty(C, dtype=np.float64)
+    k_mean_dy = np.empty(C, dtype=np.float64)
+    k_xmu = np.empty(C, dtype=np.float64)
+    cdef double[::1] k_scale_v = k_scale, k_mean_dy_v = k_mean_dy, k_xmu_v = k_xmu
+    for c in range(C):
+        _elemt_coefs(c, sum_dy_v[c], sum_dy_xhat_v[c], M, &invstd_v[0], &gamma_v[0],
+                     &k_scale_v[0], &k_mean_dy_v[0], &k_xmu_v[0])
+    _elementwise_py(OP_BACKWARD, dy, x, out, _channel_vector(mean), k_scale, k_mean_dy, k_xmu)
+
+
+def backward_train(dy, x, mean, invstd, gamma, out):
+    """Simplified backward: reduce, then the elementwise pass, into ``out``.
+
+    Fused per channel on the channel path (``B > 1``): a channel's reduce
+    and elementwise passes run back to back, so the second read of ``dy``
+    and ``x`` hits the cache.
+
+    Parameters
+    ----------
+    dy, x, out : ndarray, shape (A, C, B), one dtype (float32 or float64)
+    mean, invstd, gamma : ndarray, float64, shape (C,)
+
+    Returns
+    -------
+    sum_dy, sum_dy_xhat : ndarray, float64, shape (C,)
+        ``dbeta`` and ``dgamma``.
+    """
+    cdef Py_ssize_t A = x.shape[0], C = x.shape[1], B = x.shape[2]
+    cdef int nthreads = _threads_for(A * C * B)
+    if not _use_fused_channels(x.nbytes, C, B, nthreads):
+        sum_dy, sum_dy_xhat = backward_reduce(dy, x, mean, invstd)
+        backward_elemt(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, out)
+        return sum_dy, sum_dy_xhat
+    mean = _channel_vector(mean)
+    invstd = _channel_vector(invstd)
+    gamma = _channel_vector(gamma)
+    zeros = np.zeros(C, dtype=np.float64)
+    sum_dy = np.empty(C, dtype=np.float64)
+    sum_dy_xhat = np.empty(C, dtype=np.float64)
+    k_scale = np.empty(C, dtype=np.float64)
+    k_mean_dy = np.empty(C, dtype=np.float64)
+    k_xmu = np.empty(C, dtype=np.float64)
+    partials = _partials_buffer(A, C, B)
+    if x.dtype == np.float32:
+        _backward_fused_f32(dy, x, out, mean, invstd, gamma, zeros, sum_dy, sum_dy_xhat,
+                            k_scale, k_mean_dy, k_xmu, partials, nthreads)
+    else:
+        _backward_fused_f64(dy, x, out, mean, invstd, gamma, zeros, sum_dy, sum_dy_xhat,
+                            k_scale, k_mean_dy, k_xmu, partials, nthreads)
+    return sum_dy, sum_dy_xhat
+
+
+cdef void _backward_fused_f32(const float[:, :, ::1] dy, const float[:, :, ::1] x,
+                              float[:, :, ::1] out, const double[::1] mean,
+                              const double[::1] invstd, const double[::1] gamma,
+                              const double[::1] zeros, double[::1] sum_dy,
+                              double[::1] sum_dy_xhat, double[::1] k_scale,
+                              double[::1] k_mean_dy, double[::1] k_xmu,
+                              double[::1] partials, int nthreads) noexcept:
+    with nogil:
+        _fused_backward_channels(&dy[0, 0, 0], &x[0, 0, 0], &out[0, 0, 0], x.shape[0],
+                                 x.shape[1], x.shape[2], &mean[0], &invstd[0], &gamma[0],
+                                 &zeros[0], &sum_dy[0], &sum_dy_xhat[0], &k_scale[0],
+                                 &k_mean_dy[0], &k_xmu[0], &partials[0], nthreads)
+
+
+cdef void _backward_fused_f64(const double[:, :, ::1] dy, const double[:, :, ::1] x,
+                              double[:, :, ::1] out, const double[::1] mean,
+                              const double[::1] invstd, const double[::1] gamma,
+                              const double[::1] zeros, double[::1] sum_dy,
+                              double[::1] sum_dy_xhat, double[::1] k_scale,
+                              double[::1] k_mean_dy, double[::1] k_xmu,
+                              double[::1] partials, int nthreads) noexcept:
+    with nogil:
+        _fused_backward_channels(&dy[0, 0, 0], &x[0, 0, 0], &out[0, 0, 0], x.shape[0],
+                                 x.shape[1], x.shape[2], &mean[0], &invstd[0], &gamma[0],
+                                 &zeros[0], &sum_dy[0], &sum_dy_xhat[0], &k_scale[0],
+                                 &k_mean_dy[0], &k_xmu[0], &partials[0], nthreads)
+
+
+def backward_staged(dy, x, mean, invstd, gamma, eps, out):
+    """The staged (cs231n) backward graph, one parallel pass per stage.
+
+    Every full-size stage writes an intermediate of ``x.dtype``; reductions
+    accumulate in float64. It stays staged on purpose: it is the baseline
+    that the simplified backward is measured against.
+
+    Parameters
+    ----------
+    dy, x, out : ndarray, shape (A, C, B), one dtype (float32 or float64)
+    mean, invstd, gamma : ndarray, float64, shape (C,)
+    eps : float
+        Unused: ``invstd`` already holds ``1 / sqrt(var + eps)``.
+
+    Returns
+    -------
+    dgamma, dbeta : ndarray, float64, shape (C,)
+    """
+    M = x.shape[0] * x.shape[2]
+    mean = _channel_vector(mean)
+    invstd = _channel_vector(invstd)
+    gamma = _channel_vector(gamma)
+    zeros = np.zeros(x.shape[1], dtype=np.float64)
+
+    def elementwise(op, a, b, p, dst):
+        _elementwise_py(op, a, b, dst, p, p, p, p)
+
+    def channel_sum(a, b=None):
+        # sum(a) or sum(a * b) per channel, float64
+        sum_a, sum_ab = _reduce_py(a, a if b is None else b, zeros, zeros)
+        return sum_a if b is None else sum_ab
+
+    xmu = np.empty_like(x)
+    elementwise(OP_SUB, x, x, mean, xmu)                  # xmu = x - mean
+    xhat = np.empty_like(x)
+    elementwise(OP_MUL, xmu, xmu, invstd, xhat)           # xhat = xmu * invstd
+    dbeta = channel_sum(dy)                               # step 9
+    dgamma = channel_sum(dy, xhat)                        # step 8
+    dxhat = xhat                                          # (xhat is no longer needed)
+    elementwise(OP_MUL, dy, dy, gamma, dxhat)             # dxhat = dy * gamma
+    divar = channel_sum(dxhat, xmu)                       # step 7
+    dxmu1 = np.empty_like(x)
+    elementwise(OP_MUL, dxhat, dxhat, invstd, dxmu1)      # dxmu1 = dxhat * invstd
+    dsqrtvar = -invstd ** 2 * divar                       # step 6
+    dvar = 0.5 * invstd * dsqrtvar                        # step 5
+    dsq = dxhat                                           # (dxhat is no longer needed)
+    elementwise(OP_FILL, dsq, dsq, dvar / M, dsq)         # step 4: dsq = dvar / M
+    dxmu2 = np.empty_like(x)
+    elementwise(OP_TWO_MUL, xmu, dsq, zeros, dxmu2)       # step 3: dxmu2 = 2 * xmu * dsq
+    dx1 = dsq                                             # (dsq is no longer needed)
+    _elementwise_py(OP_ADD, dxmu1, dxmu2, dx1, zeros, zeros, zeros, zeros)  # step 2
+    dmu = -channel_sum(dx1)                               # step 2: dmu = -sum(dx1)
+    elementwise(OP_ADD_P, dx1, dx1, dmu / M, out)         # steps 1, 0: dx = dx1 + dmu / M
+    return dgamma, dbeta

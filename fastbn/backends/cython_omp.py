@@ -1,0 +1,67 @@
+"""The Cython + OpenMP backend (``backend="cython"``).
+
+The kernels live in the compiled extension :mod:`fastbn.backends._cython_omp`
+(built by meson-python from ``_cython_omp.pyx``); this module re-exports them
+under the names of the kernel contract (see :mod:`fastbn.backends`). Importing
+it never raises: when the extension is missing or broken,
+:func:`availability` returns ``(False, "extension not built: <reason>")`` and
+every kernel raises :class:`RuntimeError`.
+"""
+
+ON_DEVICE = False
+
+try:
+    from fastbn.backends import _cython_omp as _ext
+except Exception as exc:  # ImportError, or a broken build (missing symbol)
+    _ext = None
+    _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+else:
+    _IMPORT_ERROR = ""
+
+
+def availability():
+    """Whether the backend can run here.
+
+    Returns
+    -------
+    available : bool
+    reason : str
+        Empty when available, else ``"extension not built: <reason>"``.
+    """
+    if _ext is None:
+        return False, f"extension not built: {_IMPORT_ERROR}"
+    return True, ""
+
+
+def info():
+    """Threads, OpenMP and device of this backend.
+
+    Returns
+    -------
+    dict
+        ``threads``: threads a kernel started now would use
+        (``omp_get_max_threads()``, read at every call, so ``OMP_NUM_THREADS``
+        and ``threadpoolctl`` limits show); ``openmp``: whether the extension
+        was built with OpenMP; ``device``: ``"cpu"``.
+    """
+    if _ext is None:
+        return {"threads": 0, "openmp": False, "device": "cpu"}
+    return {"threads": int(_ext.max_threads()), "openmp": bool(_ext.OPENMP_ENABLED),
+            "device": "cpu"}
+
+
+def _missing(*args, **kwargs):
+    raise RuntimeError(f"the cython backend cannot run: {availability()[1]}")
+
+
+if _ext is not None:
+    stats = _ext.stats
+    normalize = _ext.normalize
+    forward_train = _ext.forward_train
+    backward_reduce = _ext.backward_reduce
+    backward_elemt = _ext.backward_elemt
+    backward_train = _ext.backward_train
+    backward_staged = _ext.backward_staged
+else:
+    stats = normalize = forward_train = _missing
+    backward_reduce = backward_elemt = backward_train = backward_staged = _missing
