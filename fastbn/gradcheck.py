@@ -9,17 +9,38 @@ def rel_error(x, y):
     return float(np.max(np.abs(x - y) / np.maximum(1e-8, np.abs(x) + np.abs(y))))
 
 
-def eval_numerical_gradient(f, x, verbose=False, h=1e-5):
-    """Centred-difference gradient of a scalar function ``f`` at ``x``.
+def _centred_difference(objective, x, h, verbose=False):
+    """``(objective(x + h e_i) - objective(x - h e_i)) / 2h`` for every element ``i``.
 
     ``x`` is perturbed in place, one element at a time, and restored.
+    """
+    grad = np.zeros_like(x)
+    it = np.nditer(x, flags=["multi_index"], op_flags=["readwrite"])
+    while not it.finished:
+        index = it.multi_index
+        saved = x[index]
+        x[index] = saved + h
+        f_plus = objective(x)
+        x[index] = saved - h
+        f_minus = objective(x)
+        x[index] = saved
+        grad[index] = (f_plus - f_minus) / (2 * h)
+        if verbose:
+            print(index, grad[index])
+        it.iternext()
+    return grad
+
+
+def eval_numerical_gradient(f, x, verbose=False, h=1e-5):
+    """Centred-difference gradient of a scalar function ``f`` at ``x``.
 
     Parameters
     ----------
     f : callable
         ``f(x) -> float``.
     x : ndarray
-        Point at which to evaluate the gradient (modified and restored).
+        Point at which to evaluate the gradient (perturbed in place and
+        restored).
     verbose : bool, default False
         Print each partial derivative.
     h : float, default 1e-5
@@ -29,21 +50,7 @@ def eval_numerical_gradient(f, x, verbose=False, h=1e-5):
     -------
     grad : ndarray of ``x``'s shape
     """
-    grad = np.zeros_like(x)
-    it = np.nditer(x, flags=["multi_index"], op_flags=["readwrite"])
-    while not it.finished:
-        index = it.multi_index
-        saved = x[index]
-        x[index] = saved + h
-        f_plus = f(x)
-        x[index] = saved - h
-        f_minus = f(x)
-        x[index] = saved
-        grad[index] = (f_plus - f_minus) / (2 * h)
-        if verbose:
-            print(index, grad[index])
-        it.iternext()
-    return grad
+    return _centred_difference(f, x, h, verbose)
 
 
 def eval_numerical_gradient_array(f, x, df, h=1e-5):
@@ -56,16 +63,4 @@ def eval_numerical_gradient_array(f, x, df, h=1e-5):
     -------
     grad : ndarray of ``x``'s shape
     """
-    grad = np.zeros_like(x)
-    it = np.nditer(x, flags=["multi_index"], op_flags=["readwrite"])
-    while not it.finished:
-        index = it.multi_index
-        saved = x[index]
-        x[index] = saved + h
-        f_plus = np.array(f(x), copy=True)
-        x[index] = saved - h
-        f_minus = np.array(f(x), copy=True)
-        x[index] = saved
-        grad[index] = np.sum((f_plus - f_minus) * df) / (2 * h)
-        it.iternext()
-    return grad
+    return _centred_difference(lambda v: np.sum(np.array(f(v), copy=True) * df), x, h)
