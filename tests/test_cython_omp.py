@@ -112,6 +112,7 @@ def assert_close(actual, expected, rtol, atol):
 # channels, column blocks and the single-thread fallback for tiny arrays.
 SHAPES = {
     "rows_B1_large_C": (256, 1100, 1),     # B == 1: vectorized across C, column blocks
+    "rows_B1_fused": (64, 1500, 1),        # B == 1: fused per block of channels (in L2)
     "rows_B1_small_C": (40000, 3, 1),      # B == 1, few channels, many row chunks
     "channels_fused": (8, 64, 4100),       # B large, many channels (fused: float64 is >= 16 MiB)
     "channels_split": (3, 2, 70001),       # B large, C < threads: split channels, odd sizes
@@ -155,8 +156,8 @@ def test_kernels_match_float64_reference(name, dtype):
 # ---------------------------------------------------------------------------
 
 @needs_extension
-@pytest.mark.parametrize("name", ["rows_B1_large_C", "rows_B1_small_C", "channels_fused",
-                                  "channels_split", "channels_small_B"])
+@pytest.mark.parametrize("name", ["rows_B1_large_C", "rows_B1_fused", "rows_B1_small_C",
+                                  "channels_fused", "channels_split", "channels_small_B"])
 def test_results_do_not_depend_on_thread_count(name):
     threadpoolctl = pytest.importorskip("threadpoolctl")
     x, dy, gamma, beta = make_case(SHAPES[name], np.float64, seed=1)
@@ -171,6 +172,28 @@ def test_results_do_not_depend_on_thread_count(name):
         for a, b in zip(np.atleast_1d(one[key]) if isinstance(one[key], np.ndarray) else one[key],
                         np.atleast_1d(two[key]) if isinstance(two[key], np.ndarray) else two[key]):
             np.testing.assert_allclose(a, b, rtol=1e-12, atol=0, err_msg=key)
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", ["rows_B1_large_C", "rows_B1_fused", "channels_fused",
+                                  "channels_split", "channels_small_B"])
+def test_fused_and_unfused_kernels_agree_bitwise(name, dtype):
+    # forward_train / backward_train (fused where the shape allows) sum in
+    # the same chunks and order as stats / backward_reduce (never fused).
+    x, dy, gamma, beta = make_case(SHAPES[name], dtype, seed=5)
+    mean, var = cython_omp.stats(x)
+    y = np.empty_like(x)
+    mean_f, var_f = cython_omp.forward_train(x, gamma, beta, EPS, y)
+    assert np.array_equal(mean, mean_f) and np.array_equal(var, var_f)
+    invstd = 1.0 / np.sqrt(var + EPS)
+    sums = cython_omp.backward_reduce(dy, x, mean, invstd)
+    dx = np.empty_like(x)
+    sums_f = cython_omp.backward_train(dy, x, mean, invstd, gamma, dx)
+    assert np.array_equal(sums[0], sums_f[0]) and np.array_equal(sums[1], sums_f[1])
+    dx_elemt = np.empty_like(x)
+    cython_omp.backward_elemt(dy, x, mean, invstd, gamma, *sums, dx_elemt)
+    assert np.array_equal(dx, dx_elemt)
 
 
 @needs_extension
@@ -189,17 +212,22 @@ def test_thread_count_read_at_every_call():
 # ---------------------------------------------------------------------------
 
 @needs_extension
-@pytest.mark.parametrize("shape", [(64, 3, 500), (4000, 7, 1)])
+@pytest.mark.parametrize("shape", [(64, 3, 500), (4000, 7, 1), (64, 1500, 1)])
 def test_float32_large_mean_small_std(shape):
-    # mean = 1e4 * std: the centring must be done in float64
+    # mean = 1e4 * std: the centring must be done in float64 (or with the
+    # split mean = hi + lo of the float32 elementwise loops)
     rng = np.random.default_rng(2)
     x = (1e4 + rng.standard_normal(shape)).astype(np.float32)
     C = shape[1]
     gamma, beta = np.ones(C), np.zeros(C)
     y = np.empty_like(x)
-    cython_omp.forward_train(x, gamma, beta, EPS, y)
-    ref = reference(x, gamma, beta, x)["y"]
-    assert np.max(np.abs(y - ref)) < 1e-4
+    mean, var = cython_omp.forward_train(x, gamma, beta, EPS, y)
+    dy = (1e4 + rng.standard_normal(shape)).astype(np.float32)   # mean_dy = 1e4 * std
+    ref = reference(x, gamma, beta, dy)
+    assert np.max(np.abs(y - ref["y"])) < 1e-4
+    dx = np.empty_like(x)
+    cython_omp.backward_train(dy, x, mean, 1.0 / np.sqrt(var + EPS), gamma, dx)
+    assert np.max(np.abs(dx - ref["dx"])) < 1e-4 * np.max(np.abs(ref["dx"]))
 
 
 @needs_extension

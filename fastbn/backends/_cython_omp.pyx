@@ -16,9 +16,20 @@ Two loop shapes
   (``C < 4 * threads``), or the array is small enough (< 16 MiB) to stay in
   L3 between passes, each channel is split into chunks that different
   threads reduce, and the elementwise pass runs as a separate parallel pass.
+  Short segments (``B <= COL_BLOCK``) are reduced four rows at a time into
+  per-column float64 sums, like the row path.
 * ``B == 1`` ("row path", ``(N, D)`` and channels-last): rows of ``C``
-  contiguous channels; inner loops run across channels (vectorized), the
-  work is split into blocks of rows and of columns.
+  contiguous channels; inner loops run across channels (vectorized, with
+  local float64 accumulators), over blocks of rows and blocks of at most
+  ``COL_BLOCK`` channels. When all rows of a block of >= 64 channels fit in
+  1 MiB (L2), forward_train / backward_train are fused per block: reduce
+  the block, then its elementwise pass reads it again from L2.
+
+float32 elementwise passes (normalize, simplified backward) run in float32
+arithmetic, 16 lanes per AVX-512 op, with the means split as
+``mean = hi + lo`` (two float32): ``(x - hi) - lo`` is the centred value to
+float32 rounding even when ``|mean| >> std``. Statistics and reductions are
+always centred and accumulated in float64.
 
 Reductions that do not depend on the thread count
 -------------------------------------------------
@@ -64,6 +75,10 @@ ctypedef fused floating:
 cdef enum:
     LANES = 256
     CACHE_LINE = 64
+    # Row path: columns are reduced in blocks of at most this many channels.
+    COL_BLOCK = 256
+    # Row path: prefetch this many rows ahead.
+    ROWS_AHEAD = 8
     # Channel path: prefetch the rows about this many bytes ahead.
     PREFETCH_BYTES = 4096
 # Elementwise work items hold about this many elements.
@@ -71,14 +86,18 @@ cdef Py_ssize_t ELEM_BLOCK = 16384
 # Channel path: a channel is reduced in min(64, M // CHUNK_MIN) chunks.
 cdef Py_ssize_t CHUNK_MIN = 16384
 cdef Py_ssize_t CHUNK_MAX = 64
-# Row path: columns are reduced in blocks of about this many channels.
-cdef Py_ssize_t COL_BLOCK = 256
 # Arrays smaller than this run on one thread (thread start-up costs more).
 cdef Py_ssize_t SERIAL_BELOW = 32768
 # Channel path: fuse reduce + elementwise per channel when C >= this * threads
 # and the array is at least FUSE_MIN_BYTES; smaller arrays stay in the L3
 # cache between two plain sequential passes, which are then faster.
 cdef Py_ssize_t FUSE_CHANNELS_PER_THREAD = 4
+# Row path: fuse reduce + elementwise per block of channels when a block of
+# at least ROW_FUSE_MIN_WIDTH channels (all rows) fits in ROW_FUSE_BYTES and
+# there are at least ROW_FUSE_MIN_BLOCKS blocks.
+cdef Py_ssize_t ROW_FUSE_BYTES = 1024 * 1024
+cdef Py_ssize_t ROW_FUSE_MIN_WIDTH = 64
+cdef Py_ssize_t ROW_FUSE_MIN_BLOCKS = 4
 cdef Py_ssize_t FUSE_MIN_BYTES = 16 * 1024 * 1024
 
 # What the elementwise pass computes (p0..p3 are per-channel float64).
@@ -124,6 +143,16 @@ cdef inline Py_ssize_t _chunks_per_channel(Py_ssize_t M) noexcept nogil:
     return n
 
 
+cdef inline Py_ssize_t _chunk_bound(Py_ssize_t k, Py_ssize_t n_chunk, Py_ssize_t A,
+                                     Py_ssize_t B) noexcept nogil:
+    # Channel path: chunk k of a channel's M = A * B values starts here. For
+    # short segments (B <= COL_BLOCK) chunks are whole rows (n_chunk <= A / 64
+    # then), so _channel_range_sums can take four segments at a time.
+    if B <= COL_BLOCK:
+        return (k * A // n_chunk) * B
+    return k * (A * B) // n_chunk
+
+
 cdef inline Py_ssize_t _col_blocks(Py_ssize_t C) noexcept nogil:
     return (C + COL_BLOCK - 1) // COL_BLOCK
 
@@ -135,6 +164,26 @@ cdef inline Py_ssize_t _row_chunks(Py_ssize_t A, Py_ssize_t C) noexcept nogil:
         n = 1
     if n > A:
         n = A
+    return n
+
+
+cdef inline Py_ssize_t _row_fuse_blocks(Py_ssize_t A, Py_ssize_t C, Py_ssize_t itemsize,
+                                         Py_ssize_t n_arrays) noexcept nogil:
+    # Row path: the number of channel blocks for the fused kernels, each
+    # block (all A rows of the n_arrays arrays it touches) within
+    # ROW_FUSE_BYTES so that its second read comes from L2; 0 when blocks
+    # would be narrower than
+    # ROW_FUSE_MIN_WIDTH channels or fewer than ROW_FUSE_MIN_BLOCKS (then the
+    # two-pass kernels run). Depends on the shape only.
+    cdef Py_ssize_t width = ROW_FUSE_BYTES // (n_arrays * A * itemsize)
+    cdef Py_ssize_t n
+    if width > COL_BLOCK:
+        width = COL_BLOCK
+    if width < ROW_FUSE_MIN_WIDTH:
+        return 0
+    n = (C + width - 1) // width
+    if n < ROW_FUSE_MIN_BLOCKS:
+        return 0
     return n
 
 
@@ -179,6 +228,9 @@ cdef inline void _channel_range_sums(const floating* a, const floating* b,
     # follow, so the same columns `rows_ahead` rows further are prefetched.
     cdef double acc_u[LANES]
     cdef double acc_uv[LANES]
+    cdef double shift_a[COL_BLOCK]
+    cdef double shift_b[COL_BLOCK]
+    cdef double* shift_b_ptr
     cdef Py_ssize_t m = m0
     cdef Py_ssize_t end_row = (m1 - 1) // B + 1   # rows of this range: 0..end_row-1
     cdef Py_ssize_t rows_ahead = PREFETCH_BYTES // (B * <Py_ssize_t>sizeof(floating))
@@ -187,6 +239,24 @@ cdef inline void _channel_range_sums(const floating* a, const floating* b,
     cdef const floating* ahead_b
     if rows_ahead < 1:
         rows_ahead = 1
+    if B <= COL_BLOCK and m0 % B == 0 and m1 % B == 0:
+        # Short segments: the channel's rows m0 / B .. m1 / B - 1 as a matrix
+        # of B columns with rows C * B apart; _rows_sums adds four rows per
+        # pass into per-column float64 sums, which are then added in order.
+        for j in range(B):
+            shift_a[j] = ka
+            shift_b[j] = kb
+        shift_b_ptr = shift_b
+        if kb == ka:
+            shift_b_ptr = shift_a     # lets _rows_sums see a == b (statistics)
+        _rows_sums(a + c * B, b + c * B, C * B, m0 // B, m1 // B, 0, B, shift_a,
+                   shift_b_ptr, rows_ahead, acc_u, acc_uv)
+        dst[0] = 0.0
+        dst[1] = 0.0
+        for j in range(B):
+            dst[0] += acc_u[j]
+            dst[1] += acc_uv[j]
+        return
     for j in range(LANES):
         acc_u[j] = 0.0
         acc_uv[j] = 0.0
@@ -228,15 +298,45 @@ cdef inline void _prefetch_row_for_write(floating* out, Py_ssize_t row, Py_ssize
         fastbn_prefetch_write(target + line * per_line)
 
 
+cdef inline void _apply_f32(int op, const float* a, const float* b, float* out,
+                            Py_ssize_t n, double p0, double p1, double p2,
+                            double p3) noexcept nogil:
+    # OP_NORMALIZE / OP_BACKWARD for float32 with one channel's coefficients,
+    # in float32 arithmetic (16 lanes per AVX-512 op, no conversions). The
+    # centrings x - mean and dy - mean_dy use the split mean = hi + lo
+    # (hi = float(mean), lo = float(mean - hi)): (x - hi) - lo is accurate to
+    # float32 rounding of the centred value, however large mean / std is.
+    cdef Py_ssize_t i
+    cdef float mean_hi = <float>p0
+    cdef float mean_lo = <float>(p0 - <double>mean_hi)
+    cdef float k1 = <float>p1
+    cdef float k2_hi = <float>p2
+    cdef float k2_lo = <float>(p2 - <double>k2_hi)
+    cdef float k3 = <float>p3
+    if op == OP_NORMALIZE:
+        # out = (x - mean) * scale + offset   (p2 = offset is not split)
+        for i in range(n):
+            out[i] = ((a[i] - mean_hi) - mean_lo) * k1 + k2_hi
+    else:
+        # out = k_scale * ((dy - mean_dy) - (x - mean) * k_xmu)
+        for i in range(n):
+            out[i] = k1 * (((a[i] - k2_hi) - k2_lo) - ((b[i] - mean_hi) - mean_lo) * k3)
+
+
 cdef inline void _apply(int op, const floating* a, const floating* b, floating* out,
                         Py_ssize_t n, const double* p0, const double* p1,
                         const double* p2, const double* p3,
                         bint per_element) noexcept nogil:
-    # One elementwise op over n contiguous values, in float64. With
+    # One elementwise op over n contiguous values, in float64 (float32
+    # normalize / backward with shared coefficients: _apply_f32). With
     # per_element, value i belongs to channel i (row path, p* point at the
     # block's first channel); otherwise all n values share channel p*[0].
     cdef Py_ssize_t i
     cdef double q0, q1, q2, q3
+    if floating is float:
+        if not per_element and (op == OP_NORMALIZE or op == OP_BACKWARD):
+            _apply_f32(op, a, b, out, n, p0[0], p1[0], p2[0], p3[0])
+            return
     if op == OP_NORMALIZE:
         if per_element:
             for i in range(n):
@@ -360,15 +460,14 @@ cdef void _reduce(const floating* a, const floating* b, Py_ssize_t A, Py_ssize_t
     # partials: C * _chunks_per_channel(A * B) * 2 doubles (B > 1) or
     # 2 * _row_chunks(A, C) * C doubles (B == 1).
     cdef Py_ssize_t M = A * B
-    cdef Py_ssize_t n_chunk, item, c, k, r, a_row, q, j, n_cblk, n_rchunk, c0, c1, r0, r1
-    cdef double* pu
-    cdef double* puv
+    cdef Py_ssize_t n_chunk, item, c, k, r, j, n_cblk, n_rchunk, c0, c1, r0, r1
     if B > 1:
         n_chunk = _chunks_per_channel(M)
         for item in prange(C * n_chunk, nogil=True, num_threads=nthreads, schedule='dynamic'):
             c = item // n_chunk
             k = item - c * n_chunk
-            _channel_range_sums(a, b, C, B, c, k * M // n_chunk, (k + 1) * M // n_chunk,
+            _channel_range_sums(a, b, C, B, c, _chunk_bound(k, n_chunk, A, B),
+                                _chunk_bound(k + 1, n_chunk, A, B),
                                 ka[c], kb[c], partials + 2 * item)
         for c in range(C):
             sum_u[c] = _merge(partials + 2 * c * n_chunk, n_chunk, 2)
@@ -385,70 +484,244 @@ cdef void _reduce(const floating* a, const floating* b, Py_ssize_t A, Py_ssize_t
             c1 = (j + 1) * C // n_cblk
             r0 = r * A // n_rchunk
             r1 = (r + 1) * A // n_rchunk
-            pu = partials + r * C
-            puv = partials + (n_rchunk + r) * C
-            for c in range(c0, c1):
-                pu[c] = 0.0
-                puv[c] = 0.0
-            for q in range((r1 - r0) // 4):
-                _row_sums4(a + (r0 + 4 * q) * C, b + (r0 + 4 * q) * C, C, c0, c1,
-                           ka, kb, pu, puv)
-            for a_row in range(r0 + 4 * ((r1 - r0) // 4), r1):
-                _row_sums(a + a_row * C, b + a_row * C, c0, c1, ka, kb, pu, puv)
+            _rows_sums(a, b, C, r0, r1, c0, c1, ka, kb, ROWS_AHEAD, partials + r * C,
+                       partials + (n_rchunk + r) * C)
         for c in range(C):
             sum_u[c] = _merge(partials + c, n_rchunk, C)
             sum_uv[c] = _merge(partials + n_rchunk * C + c, n_rchunk, C)
 
 
-cdef inline void _row_sums(const floating* a, const floating* b, Py_ssize_t c0, Py_ssize_t c1,
-                           const double* ka, const double* kb,
-                           double* pu, double* puv) noexcept nogil:
-    # One row, channels c0..c1-1: independent accumulators per channel.
-    cdef Py_ssize_t c
+cdef inline void _prefetch_rows(const void* base, Py_ssize_t row_bytes, Py_ssize_t r0,
+                                Py_ssize_t r1, Py_ssize_t nbytes, bint for_write) noexcept nogil:
+    # Row path: prefetch nbytes from the start of rows r0..r1-1 (rows are
+    # row_bytes apart); the column blocks of consecutive rows are far apart,
+    # which the hardware prefetcher follows badly.
+    cdef const char* p
+    cdef Py_ssize_t r, off
+    for r in range(r0, r1):
+        p = <const char*>base + r * row_bytes
+        off = 0
+        while off < nbytes:
+            if for_write:
+                fastbn_prefetch_write(p + off)
+            else:
+                fastbn_prefetch(p + off)
+            off += CACHE_LINE
+
+
+cdef inline void _sums_4rows(const floating* a0, const floating* b0, Py_ssize_t stride,
+                             Py_ssize_t n, const double* shift_a, const double* shift_b,
+                             double* acc_u, double* acc_uv, bint same) noexcept nogil:
+    # Rows a0, a0 + stride, a0 + 2 * stride, a0 + 3 * stride (n values each):
+    # acc_u[j] += u, acc_uv[j] += u * v, u = a - shift_a[j], v = b - shift_b[j],
+    # four rows per load/store of the accumulators, added in row order.
+    # With `same` (a == b and shift_a == shift_b: statistics) v == u.
+    cdef Py_ssize_t j
+    cdef double u0, u1, u2, u3
+    if same:
+        for j in range(n):
+            u0 = <double>a0[j] - shift_a[j]
+            u1 = <double>a0[stride + j] - shift_a[j]
+            u2 = <double>a0[2 * stride + j] - shift_a[j]
+            u3 = <double>a0[3 * stride + j] - shift_a[j]
+            acc_u[j] = (((acc_u[j] + u0) + u1) + u2) + u3
+            acc_uv[j] = (((acc_uv[j] + u0 * u0) + u1 * u1) + u2 * u2) + u3 * u3
+    else:
+        for j in range(n):
+            u0 = <double>a0[j] - shift_a[j]
+            u1 = <double>a0[stride + j] - shift_a[j]
+            u2 = <double>a0[2 * stride + j] - shift_a[j]
+            u3 = <double>a0[3 * stride + j] - shift_a[j]
+            acc_u[j] = (((acc_u[j] + u0) + u1) + u2) + u3
+            acc_uv[j] = ((((acc_uv[j] + u0 * (<double>b0[j] - shift_b[j]))
+                           + u1 * (<double>b0[stride + j] - shift_b[j]))
+                          + u2 * (<double>b0[2 * stride + j] - shift_b[j]))
+                         + u3 * (<double>b0[3 * stride + j] - shift_b[j]))
+
+
+cdef inline void _sums_1row(const floating* a0, const floating* b0, Py_ssize_t n,
+                            const double* shift_a, const double* shift_b,
+                            double* acc_u, double* acc_uv) noexcept nogil:
+    # One row: acc_u[j] += u, acc_uv[j] += u * v (as _sums_4rows).
+    cdef Py_ssize_t j
     cdef double u
-    for c in range(c0, c1):
-        u = <double>a[c] - ka[c]
-        pu[c] += u
-        puv[c] += u * (<double>b[c] - kb[c])
+    for j in range(n):
+        u = <double>a0[j] - shift_a[j]
+        acc_u[j] += u
+        acc_uv[j] += u * (<double>b0[j] - shift_b[j])
 
 
-cdef inline void _row_sums4(const floating* a, const floating* b, Py_ssize_t C,
-                            Py_ssize_t c0, Py_ssize_t c1, const double* ka, const double* kb,
+cdef inline void _rows_sums(const floating* a, const floating* b, Py_ssize_t C,
+                            Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1,
+                            const double* ka, const double* kb, Py_ssize_t rows_ahead,
                             double* pu, double* puv) noexcept nogil:
-    # Four rows at once (same order of additions as four _row_sums calls),
-    # loading and storing the accumulators once per four rows.
-    cdef Py_ssize_t c
-    cdef double u0, u1, u2, u3, k_a, k_b
-    for c in range(c0, c1):
-        k_a = ka[c]
-        k_b = kb[c]
-        u0 = <double>a[c] - k_a
-        u1 = <double>a[C + c] - k_a
-        u2 = <double>a[2 * C + c] - k_a
-        u3 = <double>a[3 * C + c] - k_a
-        pu[c] = (((pu[c] + u0) + u1) + u2) + u3
-        puv[c] = ((((puv[c] + u0 * (<double>b[c] - k_b))
-                    + u1 * (<double>b[C + c] - k_b))
-                   + u2 * (<double>b[2 * C + c] - k_b))
-                  + u3 * (<double>b[3 * C + c] - k_b))
+    # Rows r0..r1-1 (C values apart) and columns c0..c1-1 (c1 - c0 <= COL_BLOCK):
+    # pu[c] = sum_r u, puv[c] = sum_r u * v with u = a[r, c] - ka[c], v = b[r, c] - kb[c],
+    # rows added in order, four at a time from r0. Accumulators and shifts
+    # are local arrays (they do not alias a or b), so the loops over columns
+    # vectorize.
+    cdef double acc_u[COL_BLOCK]
+    cdef double acc_uv[COL_BLOCK]
+    cdef double shift_a[COL_BLOCK]
+    cdef double shift_b[COL_BLOCK]
+    cdef Py_ssize_t n = c1 - c0
+    cdef Py_ssize_t r, j
+    cdef const floating* a0
+    cdef const floating* b0
+    cdef bint same = a == b and ka == kb
+    for j in range(n):
+        acc_u[j] = 0.0
+        acc_uv[j] = 0.0
+        shift_a[j] = ka[c0 + j]
+        shift_b[j] = kb[c0 + j]
+    r = r0
+    while r + 4 <= r1:
+        a0 = a + r * C + c0
+        b0 = b + r * C + c0
+        if r + rows_ahead + 4 <= r1:
+            # the rows read rows_ahead rows from now
+            _prefetch_rows(a0 + rows_ahead * C, C * sizeof(floating), 0, 4,
+                           n * sizeof(floating), False)
+            if not same:
+                _prefetch_rows(b0 + rows_ahead * C, C * sizeof(floating), 0, 4,
+                               n * sizeof(floating), False)
+        _sums_4rows(a0, b0, C, n, shift_a, shift_b, acc_u, acc_uv, same)
+        r += 4
+    while r < r1:
+        _sums_1row(a + r * C + c0, b + r * C + c0, n, shift_a, shift_b, acc_u, acc_uv)
+        r += 1
+    for j in range(n):
+        pu[c0 + j] = acc_u[j]
+        puv[c0 + j] = acc_uv[j]
+
+
+cdef inline void _rows_apply_f32(int op, const float* a, const float* b, float* out,
+                                 Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0,
+                                 Py_ssize_t c1, const double* p0, const double* p1,
+                                 const double* p2, const double* p3) noexcept nogil:
+    # _rows_apply for OP_NORMALIZE / OP_BACKWARD on float32, in float32
+    # arithmetic with split means, as in _apply_f32.
+    cdef float mean_hi[COL_BLOCK]
+    cdef float mean_lo[COL_BLOCK]
+    cdef float k1[COL_BLOCK]
+    cdef float k2_hi[COL_BLOCK]
+    cdef float k2_lo[COL_BLOCK]
+    cdef float k3[COL_BLOCK]
+    cdef Py_ssize_t n = c1 - c0
+    cdef Py_ssize_t r, j
+    cdef const float* ar
+    cdef const float* br
+    cdef float* outr
+    for j in range(n):
+        mean_hi[j] = <float>p0[c0 + j]
+        mean_lo[j] = <float>(p0[c0 + j] - <double>mean_hi[j])
+        k1[j] = <float>p1[c0 + j]
+        k2_hi[j] = <float>p2[c0 + j]
+        k2_lo[j] = <float>(p2[c0 + j] - <double>k2_hi[j])
+        k3[j] = <float>p3[c0 + j]
+    if op == OP_NORMALIZE:
+        for r in range(r0, r1):
+            ar = a + r * C + c0
+            outr = out + r * C + c0
+            if r + ROWS_AHEAD < r1:
+                _prefetch_rows(ar + ROWS_AHEAD * C, 0, 0, 1, n * sizeof(float), False)
+                _prefetch_rows(outr + ROWS_AHEAD * C, 0, 0, 1, n * sizeof(float), True)
+            for j in range(n):
+                outr[j] = ((ar[j] - mean_hi[j]) - mean_lo[j]) * k1[j] + k2_hi[j]
+    else:
+        for r in range(r0, r1):
+            ar = a + r * C + c0
+            br = b + r * C + c0
+            outr = out + r * C + c0
+            if r + ROWS_AHEAD < r1:
+                _prefetch_rows(ar + ROWS_AHEAD * C, 0, 0, 1, n * sizeof(float), False)
+                _prefetch_rows(br + ROWS_AHEAD * C, 0, 0, 1, n * sizeof(float), False)
+                _prefetch_rows(outr + ROWS_AHEAD * C, 0, 0, 1, n * sizeof(float), True)
+            for j in range(n):
+                outr[j] = k1[j] * (((ar[j] - k2_hi[j]) - k2_lo[j])
+                                   - ((br[j] - mean_hi[j]) - mean_lo[j]) * k3[j])
+
+
+cdef inline void _rows_apply(int op, const floating* a, const floating* b, floating* out,
+                             Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0,
+                             Py_ssize_t c1, const double* p0, const double* p1,
+                             const double* p2, const double* p3) noexcept nogil:
+    # Row path: `op` on rows r0..r1-1, channels c0..c1-1 (c1 - c0 <= COL_BLOCK).
+    # The block's coefficients are copied to local arrays first (they stay in
+    # L1 and cannot alias `out`), then each row is one vectorized loop.
+    cdef double q0[COL_BLOCK]
+    cdef double q1[COL_BLOCK]
+    cdef double q2[COL_BLOCK]
+    cdef double q3[COL_BLOCK]
+    cdef Py_ssize_t n = c1 - c0
+    cdef Py_ssize_t r, j
+    cdef const floating* ar
+    cdef const floating* br
+    cdef floating* outr
+    if floating is float:
+        if op == OP_NORMALIZE or op == OP_BACKWARD:
+            _rows_apply_f32(op, a, b, out, C, r0, r1, c0, c1, p0, p1, p2, p3)
+            return
+    for j in range(n):
+        q0[j] = p0[c0 + j]
+        q1[j] = p1[c0 + j]
+        q2[j] = p2[c0 + j]
+        q3[j] = p3[c0 + j]
+    if op == OP_NORMALIZE:
+        for r in range(r0, r1):
+            ar = a + r * C + c0
+            outr = out + r * C + c0
+            if r + ROWS_AHEAD < r1:
+                _prefetch_rows(ar + ROWS_AHEAD * C, 0, 0, 1, n * sizeof(floating), False)
+                _prefetch_rows(outr + ROWS_AHEAD * C, 0, 0, 1, n * sizeof(floating), True)
+            for j in range(n):
+                outr[j] = <floating>((<double>ar[j] - q0[j]) * q1[j] + q2[j])
+    elif op == OP_BACKWARD:
+        for r in range(r0, r1):
+            ar = a + r * C + c0
+            br = b + r * C + c0
+            outr = out + r * C + c0
+            if r + ROWS_AHEAD < r1:
+                _prefetch_rows(ar + ROWS_AHEAD * C, 0, 0, 1, n * sizeof(floating), False)
+                _prefetch_rows(br + ROWS_AHEAD * C, 0, 0, 1, n * sizeof(floating), False)
+                _prefetch_rows(outr + ROWS_AHEAD * C, 0, 0, 1, n * sizeof(floating), True)
+            for j in range(n):
+                outr[j] = <floating>(q1[j] * ((<double>ar[j] - q2[j])
+                                              - (<double>br[j] - q0[j]) * q3[j]))
+    else:
+        for r in range(r0, r1):
+            _apply(op, a + r * C + c0, b + r * C + c0, out + r * C + c0, n,
+                   p0 + c0, p1 + c0, p2 + c0, p3 + c0, True)
 
 
 cdef void _elementwise(int op, const floating* a, const floating* b, floating* out,
                        Py_ssize_t A, Py_ssize_t C, Py_ssize_t B,
                        const double* p0, const double* p1, const double* p2,
                        const double* p3, int nthreads) noexcept nogil:
-    # Applies `op` to the whole array. Rows are (a, c) segments of B values
-    # (B > 1) or rows of C channels (B == 1); work items group short rows or
-    # split long ones so each holds about ELEM_BLOCK values.
-    cdef Py_ssize_t n_rows, row_len, rows_per_item, n_blk, n_items
+    # Applies `op` to the whole array. Channel path (B > 1): rows are (a, c)
+    # segments of B values; work items group short rows or split long ones so
+    # each holds about ELEM_BLOCK values. Row path (B == 1): work items are
+    # blocks of rows times blocks of at most COL_BLOCK channels.
+    cdef Py_ssize_t n_rows, row_len, rows_per_item, n_blk, n_items, n_cblk
     cdef Py_ssize_t item, g, blk, row, r0, r1, s0, s1, c
-    cdef bint per_element = B == 1
-    if per_element:
-        n_rows = A
-        row_len = C
-    else:
-        n_rows = A * C
-        row_len = B
+    if B == 1:
+        n_cblk = _col_blocks(C)
+        rows_per_item = ELEM_BLOCK * n_cblk // C
+        if rows_per_item < 1:
+            rows_per_item = 1
+        n_items = ((A + rows_per_item - 1) // rows_per_item) * n_cblk
+        for item in prange(n_items, nogil=True, num_threads=nthreads, schedule='dynamic'):
+            g = item // n_cblk
+            blk = item - g * n_cblk
+            r0 = g * rows_per_item
+            r1 = r0 + rows_per_item
+            if r1 > A:
+                r1 = A
+            _rows_apply(op, a, b, out, C, r0, r1, blk * C // n_cblk, (blk + 1) * C // n_cblk,
+                        p0, p1, p2, p3)
+        return
+    n_rows = A * C
+    row_len = B
     rows_per_item = ELEM_BLOCK // row_len
     if rows_per_item < 1:
         rows_per_item = 1
@@ -466,13 +739,67 @@ cdef void _elementwise(int op, const floating* a, const floating* b, floating* o
         s0 = blk * row_len // n_blk
         s1 = (blk + 1) * row_len // n_blk
         for row in range(r0, r1):
-            if per_element:
-                c = s0
-            else:
-                c = row % C
+            c = row % C
             _apply(op, a + row * row_len + s0, b + row * row_len + s0,
                    out + row * row_len + s0, s1 - s0,
-                   p0 + c, p1 + c, p2 + c, p3 + c, per_element)
+                   p0 + c, p1 + c, p2 + c, p3 + c, False)
+
+
+cdef inline void _rows_block_sums(const floating* a, const floating* b, Py_ssize_t A,
+                                  Py_ssize_t C, Py_ssize_t c0, Py_ssize_t c1,
+                                  const double* ka, const double* kb, double* partials,
+                                  double* sum_u, double* sum_uv) noexcept nogil:
+    # Row path, all rows of channels c0..c1-1: the same row chunks, partials
+    # and merge order as _reduce, so fused and unfused results are identical.
+    cdef Py_ssize_t n_rchunk = _row_chunks(A, C)
+    cdef Py_ssize_t r, c
+    for r in range(n_rchunk):
+        _rows_sums(a, b, C, r * A // n_rchunk, (r + 1) * A // n_rchunk, c0, c1, ka, kb,
+                   ROWS_AHEAD, partials + r * C, partials + (n_rchunk + r) * C)
+    for c in range(c0, c1):
+        sum_u[c] = _merge(partials + c, n_rchunk, C)
+        sum_uv[c] = _merge(partials + n_rchunk * C + c, n_rchunk, C)
+
+
+cdef void _fused_forward_rows(const floating* x, floating* out, Py_ssize_t A, Py_ssize_t C,
+                              const double* shift, double eps, const double* gamma,
+                              const double* beta, double* mean, double* var,
+                              double* scale, double* offset, double* partials,
+                              double* sums, int nthreads) noexcept nogil:
+    # Row path, one block of channels per work item: statistics over all rows
+    # of the block, then normalize the block while it is still in L2
+    # (_row_fuse_blocks keeps a block within ROW_FUSE_BYTES).
+    cdef Py_ssize_t n_cblk = _row_fuse_blocks(A, C, sizeof(floating), 2)   # x, out
+    cdef Py_ssize_t j, c, c0, c1
+    for j in prange(n_cblk, nogil=True, num_threads=nthreads, schedule='dynamic'):
+        c0 = j * C // n_cblk
+        c1 = (j + 1) * C // n_cblk
+        _rows_block_sums(x, x, A, C, c0, c1, shift, shift, partials, sums, sums + C)
+        for c in range(c0, c1):
+            _forward_coefs(c, sums[c], sums[C + c], shift[c], <double>A, eps, gamma, beta,
+                           mean, var, scale, offset)
+        _rows_apply(OP_NORMALIZE, x, x, out, C, 0, A, c0, c1, mean, scale, offset, offset)
+
+
+cdef void _fused_backward_rows(const floating* dy, const floating* x, floating* out,
+                               Py_ssize_t A, Py_ssize_t C, const double* mean,
+                               const double* invstd, const double* gamma,
+                               const double* zeros, double* sum_dy, double* sum_dy_xhat,
+                               double* k_scale, double* k_mean_dy, double* k_xmu,
+                               double* partials, double* sums, int nthreads) noexcept nogil:
+    # Row path, one block of channels per work item: reduce over all rows of
+    # the block, then the elementwise pass while dy and x are still in L2.
+    cdef Py_ssize_t n_cblk = _row_fuse_blocks(A, C, sizeof(floating), 3)   # dy, x, out
+    cdef Py_ssize_t j, c, c0, c1
+    for j in prange(n_cblk, nogil=True, num_threads=nthreads, schedule='dynamic'):
+        c0 = j * C // n_cblk
+        c1 = (j + 1) * C // n_cblk
+        _rows_block_sums(dy, x, A, C, c0, c1, zeros, mean, partials, sums, sums + C)
+        for c in range(c0, c1):
+            _backward_coefs(c, sums[c], sums[C + c], <double>A, invstd, gamma, sum_dy,
+                            sum_dy_xhat, k_scale, k_mean_dy, k_xmu)
+        _rows_apply(OP_BACKWARD, dy, x, out, C, 0, A, c0, c1, mean, k_scale, k_mean_dy,
+                    k_xmu)
 
 
 cdef void _fused_forward_channels(const floating* x, floating* out, Py_ssize_t A,
@@ -490,7 +817,8 @@ cdef void _fused_forward_channels(const floating* x, floating* out, Py_ssize_t A
     for c in prange(C, nogil=True, num_threads=nthreads, schedule='dynamic'):
         part = partials + 2 * c * n_chunk
         for k in range(n_chunk):
-            _channel_range_sums(x, x, C, B, c, k * M // n_chunk, (k + 1) * M // n_chunk,
+            _channel_range_sums(x, x, C, B, c, _chunk_bound(k, n_chunk, A, B),
+                                _chunk_bound(k + 1, n_chunk, A, B),
                                 shift[c], shift[c], part + 2 * k)
         _forward_coefs(c, _merge(part, n_chunk, 2), _merge(part + 1, n_chunk, 2), shift[c],
                        <double>M, eps, gamma, beta, mean, var, scale, offset)
@@ -516,7 +844,8 @@ cdef void _fused_backward_channels(const floating* dy, const floating* x, floati
     for c in prange(C, nogil=True, num_threads=nthreads, schedule='dynamic'):
         part = partials + 2 * c * n_chunk
         for k in range(n_chunk):
-            _channel_range_sums(dy, x, C, B, c, k * M // n_chunk, (k + 1) * M // n_chunk,
+            _channel_range_sums(dy, x, C, B, c, _chunk_bound(k, n_chunk, A, B),
+                                _chunk_bound(k + 1, n_chunk, A, B),
                                 zeros[c], mean[c], part + 2 * k)
         _backward_coefs(c, _merge(part, n_chunk, 2), _merge(part + 1, n_chunk, 2),
                         <double>M, invstd, gamma, sum_dy, sum_dy_xhat,
@@ -532,9 +861,14 @@ cdef void _fused_backward_channels(const floating* dy, const floating* x, floati
 # Helpers for the Python-level kernels
 # ---------------------------------------------------------------------------
 
-cdef inline bint _use_fused_channels(Py_ssize_t nbytes, Py_ssize_t C, Py_ssize_t B,
-                                     int nthreads) noexcept nogil:
-    return (B > 1 and nbytes >= FUSE_MIN_BYTES
+cdef inline bint _use_fused(Py_ssize_t nbytes, Py_ssize_t A, Py_ssize_t C, Py_ssize_t B,
+                            Py_ssize_t itemsize, Py_ssize_t n_arrays, int nthreads) noexcept nogil:
+    # Whether forward_train (n_arrays = 2: x, out) or backward_train
+    # (n_arrays = 3: dy, x, out) runs its fused kernel. Fused and unfused
+    # kernels sum in the same chunks and order, so their results agree bitwise.
+    if B == 1:
+        return _row_fuse_blocks(A, C, itemsize, n_arrays) > 0
+    return (nbytes >= FUSE_MIN_BYTES
             and (nthreads == 1 or C >= FUSE_CHANNELS_PER_THREAD * nthreads))
 
 
@@ -703,13 +1037,14 @@ def forward_train(x, gamma, beta, eps, out):
     scale = np.empty(C, dtype=np.float64)
     offset = np.empty(C, dtype=np.float64)
     partials = _partials_buffer(A, C, B)
-    if _use_fused_channels(x.nbytes, C, B, nthreads):
+    if _use_fused(x.nbytes, A, C, B, x.itemsize, 2, nthreads):
+        sums = np.empty(2 * C, dtype=np.float64)
         if x.dtype == np.float32:
             _forward_fused_f32(x, out, shift, eps, gamma, beta, mean, var, scale,
-                               offset, partials, nthreads)
+                               offset, partials, sums, nthreads)
         else:
             _forward_fused_f64(x, out, shift, eps, gamma, beta, mean, var, scale,
-                               offset, partials, nthreads)
+                               offset, partials, sums, nthreads)
         return mean, var
     # Separate passes: parallel reduce, coefficients, parallel normalize.
     sum_u, sum_uu = _reduce_py(x, x, shift, shift)
@@ -728,22 +1063,34 @@ cdef void _forward_fused_f32(const float[:, :, ::1] x, float[:, :, ::1] out,
                              const double[::1] shift, double eps, const double[::1] gamma,
                              const double[::1] beta, double[::1] mean, double[::1] var,
                              double[::1] scale, double[::1] offset, double[::1] partials,
-                             int nthreads) noexcept:
+                             double[::1] sums, int nthreads) noexcept:
     with nogil:
-        _fused_forward_channels(&x[0, 0, 0], &out[0, 0, 0], x.shape[0], x.shape[1],
-                                x.shape[2], &shift[0], eps, &gamma[0], &beta[0], &mean[0],
-                                &var[0], &scale[0], &offset[0], &partials[0], nthreads)
+        if x.shape[2] == 1:
+            _fused_forward_rows(&x[0, 0, 0], &out[0, 0, 0], x.shape[0], x.shape[1],
+                                &shift[0], eps, &gamma[0], &beta[0], &mean[0], &var[0],
+                                &scale[0], &offset[0], &partials[0], &sums[0], nthreads)
+        else:
+            _fused_forward_channels(&x[0, 0, 0], &out[0, 0, 0], x.shape[0], x.shape[1],
+                                    x.shape[2], &shift[0], eps, &gamma[0], &beta[0],
+                                    &mean[0], &var[0], &scale[0], &offset[0], &partials[0],
+                                    nthreads)
 
 
 cdef void _forward_fused_f64(const double[:, :, ::1] x, double[:, :, ::1] out,
                              const double[::1] shift, double eps, const double[::1] gamma,
                              const double[::1] beta, double[::1] mean, double[::1] var,
                              double[::1] scale, double[::1] offset, double[::1] partials,
-                             int nthreads) noexcept:
+                             double[::1] sums, int nthreads) noexcept:
     with nogil:
-        _fused_forward_channels(&x[0, 0, 0], &out[0, 0, 0], x.shape[0], x.shape[1],
-                                x.shape[2], &shift[0], eps, &gamma[0], &beta[0], &mean[0],
-                                &var[0], &scale[0], &offset[0], &partials[0], nthreads)
+        if x.shape[2] == 1:
+            _fused_forward_rows(&x[0, 0, 0], &out[0, 0, 0], x.shape[0], x.shape[1],
+                                &shift[0], eps, &gamma[0], &beta[0], &mean[0], &var[0],
+                                &scale[0], &offset[0], &partials[0], &sums[0], nthreads)
+        else:
+            _fused_forward_channels(&x[0, 0, 0], &out[0, 0, 0], x.shape[0], x.shape[1],
+                                    x.shape[2], &shift[0], eps, &gamma[0], &beta[0],
+                                    &mean[0], &var[0], &scale[0], &offset[0], &partials[0],
+                                    nthreads)
 
 
 def backward_reduce(dy, x, mean, invstd):
@@ -813,7 +1160,7 @@ def backward_train(dy, x, mean, invstd, gamma, out):
     """
     cdef Py_ssize_t A = x.shape[0], C = x.shape[1], B = x.shape[2]
     cdef int nthreads = _threads_for(A * C * B)
-    if not _use_fused_channels(x.nbytes, C, B, nthreads):
+    if not _use_fused(x.nbytes, A, C, B, x.itemsize, 3, nthreads):
         sum_dy, sum_dy_xhat = backward_reduce(dy, x, mean, invstd)
         backward_elemt(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, out)
         return sum_dy, sum_dy_xhat
@@ -827,12 +1174,13 @@ def backward_train(dy, x, mean, invstd, gamma, out):
     k_mean_dy = np.empty(C, dtype=np.float64)
     k_xmu = np.empty(C, dtype=np.float64)
     partials = _partials_buffer(A, C, B)
+    sums = np.empty(2 * C, dtype=np.float64)
     if x.dtype == np.float32:
         _backward_fused_f32(dy, x, out, mean, invstd, gamma, zeros, sum_dy, sum_dy_xhat,
-                            k_scale, k_mean_dy, k_xmu, partials, nthreads)
+                            k_scale, k_mean_dy, k_xmu, partials, sums, nthreads)
     else:
         _backward_fused_f64(dy, x, out, mean, invstd, gamma, zeros, sum_dy, sum_dy_xhat,
-                            k_scale, k_mean_dy, k_xmu, partials, nthreads)
+                            k_scale, k_mean_dy, k_xmu, partials, sums, nthreads)
     return sum_dy, sum_dy_xhat
 
 
@@ -842,12 +1190,20 @@ cdef void _backward_fused_f32(const float[:, :, ::1] dy, const float[:, :, ::1] 
                               const double[::1] zeros, double[::1] sum_dy,
                               double[::1] sum_dy_xhat, double[::1] k_scale,
                               double[::1] k_mean_dy, double[::1] k_xmu,
-                              double[::1] partials, int nthreads) noexcept:
+                              double[::1] partials, double[::1] sums,
+                              int nthreads) noexcept:
     with nogil:
-        _fused_backward_channels(&dy[0, 0, 0], &x[0, 0, 0], &out[0, 0, 0], x.shape[0],
-                                 x.shape[1], x.shape[2], &mean[0], &invstd[0], &gamma[0],
-                                 &zeros[0], &sum_dy[0], &sum_dy_xhat[0], &k_scale[0],
-                                 &k_mean_dy[0], &k_xmu[0], &partials[0], nthreads)
+        if x.shape[2] == 1:
+            _fused_backward_rows(&dy[0, 0, 0], &x[0, 0, 0], &out[0, 0, 0], x.shape[0],
+                                 x.shape[1], &mean[0], &invstd[0], &gamma[0], &zeros[0],
+                                 &sum_dy[0], &sum_dy_xhat[0], &k_scale[0], &k_mean_dy[0],
+                                 &k_xmu[0], &partials[0], &sums[0], nthreads)
+        else:
+            _fused_backward_channels(&dy[0, 0, 0], &x[0, 0, 0], &out[0, 0, 0], x.shape[0],
+                                     x.shape[1], x.shape[2], &mean[0], &invstd[0],
+                                     &gamma[0], &zeros[0], &sum_dy[0], &sum_dy_xhat[0],
+                                     &k_scale[0], &k_mean_dy[0], &k_xmu[0], &partials[0],
+                                     nthreads)
 
 
 cdef void _backward_fused_f64(const double[:, :, ::1] dy, const double[:, :, ::1] x,
@@ -856,12 +1212,20 @@ cdef void _backward_fused_f64(const double[:, :, ::1] dy, const double[:, :, ::1
                               const double[::1] zeros, double[::1] sum_dy,
                               double[::1] sum_dy_xhat, double[::1] k_scale,
                               double[::1] k_mean_dy, double[::1] k_xmu,
-                              double[::1] partials, int nthreads) noexcept:
+                              double[::1] partials, double[::1] sums,
+                              int nthreads) noexcept:
     with nogil:
-        _fused_backward_channels(&dy[0, 0, 0], &x[0, 0, 0], &out[0, 0, 0], x.shape[0],
-                                 x.shape[1], x.shape[2], &mean[0], &invstd[0], &gamma[0],
-                                 &zeros[0], &sum_dy[0], &sum_dy_xhat[0], &k_scale[0],
-                                 &k_mean_dy[0], &k_xmu[0], &partials[0], nthreads)
+        if x.shape[2] == 1:
+            _fused_backward_rows(&dy[0, 0, 0], &x[0, 0, 0], &out[0, 0, 0], x.shape[0],
+                                 x.shape[1], &mean[0], &invstd[0], &gamma[0], &zeros[0],
+                                 &sum_dy[0], &sum_dy_xhat[0], &k_scale[0], &k_mean_dy[0],
+                                 &k_xmu[0], &partials[0], &sums[0], nthreads)
+        else:
+            _fused_backward_channels(&dy[0, 0, 0], &x[0, 0, 0], &out[0, 0, 0], x.shape[0],
+                                     x.shape[1], x.shape[2], &mean[0], &invstd[0],
+                                     &gamma[0], &zeros[0], &sum_dy[0], &sum_dy_xhat[0],
+                                     &k_scale[0], &k_mean_dy[0], &k_xmu[0], &partials[0],
+                                     nthreads)
 
 
 def backward_staged(dy, x, mean, invstd, gamma, eps, out):
