@@ -1,0 +1,1 @@
+"""asv benchmarks of fastbn (see benchmarks/README.md)."""

@@ -1,0 +1,155 @@
+"""asv benchmarks: batch-norm forward and backward on every backend.
+
+Every class is parametrized over ``backend x shape x dtype`` (see
+:mod:`benchmarks.common`). Data are made and filled in ``setup``, which also
+calls every timed kernel once so that JIT compilation and first-touch page
+faults stay out of the timings. A backend that cannot run here (not built,
+PyTorch not installed) raises ``NotImplementedError`` in ``setup`` and asv
+reports the benchmark as skipped.
+
+The ``track_*`` benchmarks time two things inside one call, as best-of-N with
+``time.perf_counter``, and return their ratio, so that they compare like with
+like on a noisy machine:
+
+* ``track_speedup_simplified_over_staged`` (unit ``"x"``): staged backward
+  time / simplified backward time.
+* ``track_fraction_of_copy_limit`` (unit ``"fraction"``): the memory-bound
+  limit time / the kernel's time, the limit being the kernel's compulsory
+  bytes (forward 2, simplified backward 3 item sizes per element) at the
+  bandwidth of ``np.copyto`` (2 item sizes per element) on an array of the
+  same size, timed in the same call.
+
+The ``*Large`` classes hold the memory-bound shape ``64x256x56x56``; they are
+skipped unless ``FASTBN_BENCH_PROFILE=slow``.
+"""
+from .common import (DTYPES, LARGE_SHAPES, PARAM_NAMES, SHAPES, Case,
+                     backends, best_time, fraction_of_copy_limit,
+                     require_slow_profile)
+
+
+class _Benchmark:
+    """Parameters, timeout and repetition count shared by every class."""
+
+    params = [backends(), SHAPES, DTYPES]
+    param_names = PARAM_NAMES
+    timeout = 120
+    # Repetitions of each timing inside a track_* call (best of n_repeat).
+    n_repeat = 5
+
+    def make_case(self, backend, shape, dtype):
+        """Build the inputs; raises NotImplementedError to skip."""
+        self.case = Case(backend, shape, dtype)
+        return self.case
+
+
+class Forward(_Benchmark):
+    """Training and evaluation forward."""
+
+    def setup(self, backend, shape, dtype):
+        case = self.make_case(backend, shape, dtype)
+        case.forward_train()
+        case.forward_eval()
+        case.copy()
+
+    def time_forward_train(self, backend, shape, dtype):
+        self.case.forward_train()
+
+    def time_forward_eval(self, backend, shape, dtype):
+        self.case.forward_eval()
+
+    def peakmem_forward(self, backend, shape, dtype):
+        self.case.forward_train()
+
+    def track_fraction_of_copy_limit(self, backend, shape, dtype):
+        copy_seconds = best_time(self.case.copy, self.n_repeat)
+        seconds = best_time(self.case.forward_train, self.n_repeat)
+        return fraction_of_copy_limit("forward", seconds, copy_seconds)
+
+    track_fraction_of_copy_limit.unit = "fraction"
+
+
+class Backward(_Benchmark):
+    """Simplified (closed-form) training backward."""
+
+    def setup(self, backend, shape, dtype):
+        case = self.make_case(backend, shape, dtype)
+        case.forward_train()
+        case.backward("simplified")
+        case.copy()
+
+    def time_backward_simplified(self, backend, shape, dtype):
+        self.case.backward("simplified")
+
+    def peakmem_backward(self, backend, shape, dtype):
+        self.case.backward("simplified")
+
+    def track_fraction_of_copy_limit(self, backend, shape, dtype):
+        copy_seconds = best_time(self.case.copy, self.n_repeat)
+        seconds = best_time(lambda: self.case.backward("simplified"), self.n_repeat)
+        return fraction_of_copy_limit("backward", seconds, copy_seconds)
+
+    track_fraction_of_copy_limit.unit = "fraction"
+
+
+class BackwardStaged(_Benchmark):
+    """Staged (computational-graph) backward, and its cost over the simplified one.
+
+    PyTorch has no staged backward: its rows are skipped here only.
+    """
+
+    def setup(self, backend, shape, dtype):
+        if backend == "torch":
+            raise NotImplementedError("PyTorch has no staged backward")
+        case = self.make_case(backend, shape, dtype)
+        case.forward_train()
+        case.backward("staged")
+        case.backward("simplified")
+
+    def time_backward_staged(self, backend, shape, dtype):
+        self.case.backward("staged")
+
+    def peakmem_backward_staged(self, backend, shape, dtype):
+        self.case.backward("staged")
+
+    def track_speedup_simplified_over_staged(self, backend, shape, dtype):
+        staged = best_time(lambda: self.case.backward("staged"), self.n_repeat)
+        simplified = best_time(lambda: self.case.backward("simplified"), self.n_repeat)
+        return staged / simplified
+
+    track_speedup_simplified_over_staged.unit = "x"
+
+
+class ForwardLarge(Forward):
+    """:class:`Forward` on the memory-bound shape (``FASTBN_BENCH_PROFILE=slow``)."""
+
+    params = [backends(), LARGE_SHAPES, DTYPES]
+    timeout = 600
+    n_repeat = 3
+
+    def setup(self, backend, shape, dtype):
+        require_slow_profile()
+        super().setup(backend, shape, dtype)
+
+
+class BackwardLarge(Backward):
+    """:class:`Backward` on the memory-bound shape (``FASTBN_BENCH_PROFILE=slow``)."""
+
+    params = [backends(), LARGE_SHAPES, DTYPES]
+    timeout = 600
+    n_repeat = 3
+
+    def setup(self, backend, shape, dtype):
+        require_slow_profile()
+        super().setup(backend, shape, dtype)
+
+
+class BackwardStagedLarge(BackwardStaged):
+    """:class:`BackwardStaged` on the memory-bound shape (``FASTBN_BENCH_PROFILE=slow``)."""
+
+    params = [backends(), LARGE_SHAPES, DTYPES]
+    timeout = 600
+    n_repeat = 3
+
+    def setup(self, backend, shape, dtype):
+        require_slow_profile()
+        super().setup(backend, shape, dtype)

@@ -1,0 +1,676 @@
+"""The ``bench`` main job: ``python -m fastbn bench`` (or ``fastbn bench``).
+
+Times the training forward, the simplified backward and the staged backward
+of every available CPU backend (and of PyTorch when it is installed) on a
+suite of shapes, and prints one table. Every figure is a best-of-N wall time
+(``time.perf_counter``, after one warm-up call) and every comparison is a
+ratio of times taken in the same run:
+
+* ``speedup``: staged backward time / simplified backward time.
+* ``fraction of the copy limit``: batch norm is memory-bound; its limit time
+  is its compulsory traffic (training forward 2, simplified backward 3 item
+  sizes per element) at the bandwidth of ``np.copyto`` (2 item sizes per
+  element) on an array of the same size and dtype, timed in the same row.
+  1.0 means the kernel runs at copy speed.
+* ``vs torch``: PyTorch's time / the backend's time (above 1: faster than
+  PyTorch), for the same shape and dtype.
+
+Kernels write into preallocated outputs (``out=``), PyTorch included, so
+that allocation is not timed. torch, tqdm and matplotlib are optional and
+imported only when used.
+"""
+import gc
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+DEFAULT_SHAPES = ((256, 4096), (128, 512, 7, 7), (64, 256, 14, 14), (32, 64, 56, 56))
+LARGE_SHAPES = ((64, 256, 56, 56),)
+REPEAT = 7
+QUICK_REPEAT = 3
+EPS = 1e-5
+MOMENTUM = 0.1
+BYTES_PER_ELEMENT = {"copy": 2, "forward": 2, "backward": 3}
+
+
+def add_arguments(parser):
+    """Add the ``bench`` options to an :mod:`argparse` parser.
+
+    Parameters
+    ----------
+    parser : argparse.ArgumentParser
+    """
+    parser.add_argument(
+        "--quick", action="store_true",
+        help="the default shapes without the large memory-bound one, float32 "
+             f"only, {QUICK_REPEAT} repetitions (under a minute)")
+    parser.add_argument(
+        "--shapes", metavar="SHAPES",
+        help='comma-separated shapes, channel axis 1, e.g. "256x4096,32x64x56x56" '
+             "(default: " + ",".join(_format_shape(s) for s in DEFAULT_SHAPES + LARGE_SHAPES)
+             + "; --quick leaves out the last)")
+    parser.add_argument(
+        "--dtype", choices=("float32", "float64", "both"), default=None,
+        help="dtype(s) to time (default: both; float32 with --quick)")
+    parser.add_argument(
+        "--backends", metavar="NAMES",
+        help="comma-separated backends, fastbn's and/or torch (default: every "
+             "available CPU backend, and torch when installed)")
+    parser.add_argument(
+        "--threads", type=int, metavar="N",
+        help="thread count for numba, OpenMP (threadpoolctl) and torch")
+    parser.add_argument(
+        "--repeat", type=int, metavar="N",
+        help=f"timed repetitions per kernel, best kept (default {REPEAT}, "
+             f"{QUICK_REPEAT} with --quick)")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument(
+        "--plot", metavar="PATH",
+        help="also write a PNG bar chart (needs matplotlib: pip install 'fastbn[bench]')")
+    parser.add_argument("--no-progress", action="store_true", help="no progress output")
+    return parser
+
+
+def parse_shapes(text):
+    """``"256x4096,32x64x56x56"`` -> ``[(256, 4096), (32, 64, 56, 56)]``.
+
+    Raises
+    ------
+    ValueError
+        For a shape with fewer than two positive dimensions.
+    """
+    shapes = []
+    for item in text.split(","):
+        item = item.strip().lower()
+        if not item:
+            continue
+        try:
+            shape = tuple(int(part) for part in item.split("x"))
+        except ValueError:
+            raise ValueError(f"bad shape {item!r}: expected e.g. 32x64x56x56") from None
+        if len(shape) < 2 or min(shape) < 1:
+            raise ValueError(f"bad shape {item!r}: need at least 2 positive dimensions")
+        shapes.append(shape)
+    if not shapes:
+        raise ValueError("no shapes given")
+    return shapes
+
+
+def _format_shape(shape):
+    return "x".join(str(n) for n in shape)
+
+
+def _torch_installed():
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def default_backends():
+    """Every available fastbn backend except CUDA, then ``"torch"`` if installed.
+
+    Returns
+    -------
+    list of str
+    """
+    import fastbn
+
+    names = [name for name in fastbn.available_backends() if name != "cuda"]
+    if _torch_installed():
+        names.append("torch")
+    return names
+
+
+def resolve_backends(text):
+    """The backend list of ``--backends`` (or the default one).
+
+    Raises
+    ------
+    ValueError
+        For a name that is unknown or cannot run here, with the reason.
+    """
+    if not text:
+        return default_backends()
+    import fastbn
+
+    available = fastbn.available_backends()
+    info = fastbn.backend_info()
+    names = []
+    for name in (part.strip() for part in text.split(",")):
+        if not name or name in names:
+            continue
+        if name == "torch":
+            if not _torch_installed():
+                raise ValueError("backend 'torch' needs PyTorch, which is not installed")
+        elif name not in available:
+            if name in info:
+                reason = info[name].get("reason") or "not available"
+                raise ValueError(f"backend {name!r} cannot run here: {reason}")
+            raise ValueError(f"unknown backend {name!r}; available: "
+                             f"{', '.join(available)} (and torch)")
+        names.append(name)
+    if not names:
+        raise ValueError("no backends given")
+    return names
+
+
+def best_time(func, repeat):
+    """Best wall time of ``repeat`` calls of ``func`` after one warm-up call.
+
+    Parameters
+    ----------
+    func : callable
+    repeat : int
+
+    Returns
+    -------
+    float
+        Seconds.
+    """
+    func()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        best = float("inf")
+        for _ in range(max(1, repeat)):
+            start = time.perf_counter()
+            func()
+            best = min(best, time.perf_counter() - start)
+    finally:
+        if was_enabled:
+            gc.enable()
+    return best
+
+
+def make_data(shape, dtype, seed=0):
+    """Filled inputs for one shape and dtype, shared by every backend.
+
+    Returns
+    -------
+    dict of ndarray
+        ``x``, ``dout``, ``gamma``, ``beta``.
+    """
+    rng = np.random.default_rng(seed)
+    dtype = np.dtype(dtype)
+    channels = shape[1]
+    return {
+        "x": rng.standard_normal(shape, dtype=dtype),
+        "dout": rng.standard_normal(shape, dtype=dtype),
+        "gamma": rng.uniform(0.5, 1.5, channels).astype(dtype),
+        "beta": rng.uniform(-0.5, 0.5, channels).astype(dtype),
+    }
+
+
+class Kernels:
+    """Zero-argument kernels of one backend on shared data.
+
+    Outputs are preallocated and filled, so that timings measure neither the
+    allocator nor first-touch page faults. Device backends (CUDA, only when
+    named in ``--backends``) get device copies of the data and are
+    synchronized after each call.
+
+    Parameters
+    ----------
+    backend : str
+        A fastbn backend name or ``"torch"``.
+    data : dict
+        From :func:`make_data`.
+    """
+
+    def __init__(self, backend, data):
+        self.backend = backend
+        x = data["x"]
+        channels = x.shape[1]
+        self.copy_src = x
+        self.copy_dst = np.full(x.shape, 0.0, dtype=x.dtype)
+        arrays = {
+            "x": x, "dout": data["dout"], "gamma": data["gamma"], "beta": data["beta"],
+            "running_mean": np.zeros(channels, dtype=x.dtype),
+            "running_var": np.ones(channels, dtype=x.dtype),
+            "out": np.full(x.shape, 0.0, dtype=x.dtype),
+            "dx": np.full(x.shape, 0.0, dtype=x.dtype),
+        }
+        self._sync = _no_sync
+        self.cache = None
+        if backend == "torch":
+            self._setup_torch(arrays)
+            return
+        import fastbn
+
+        self._fastbn = fastbn
+        if fastbn.backend_info().get(backend, {}).get("device", "cpu") != "cpu":
+            from numba import cuda
+
+            arrays = {name: cuda.to_device(value) for name, value in arrays.items()}
+            self._sync = cuda.synchronize
+            # The bandwidth reference of a device backend is a device copy.
+            self.copy_src = arrays["x"]
+            self.copy_dst = cuda.to_device(self.copy_dst)
+        self.a = arrays
+
+    def copy(self):
+        """``np.copyto`` of ``x`` into a buffer of the same size.
+
+        For a device backend, a device-to-device copy of the same bytes.
+        """
+        if isinstance(self.copy_dst, np.ndarray):
+            np.copyto(self.copy_dst, self.copy_src)
+        else:
+            self.copy_dst.copy_to_device(self.copy_src)
+            self._sync()
+
+    def forward(self):
+        """Training forward, running statistics updated; keeps the cache."""
+        if self.backend == "torch":
+            return self._torch_forward()
+        a = self.a
+        _, self.cache = self._fastbn.batchnorm_forward(
+            a["x"], a["gamma"], a["beta"], training=True,
+            running_mean=a["running_mean"], running_var=a["running_var"],
+            momentum=MOMENTUM, eps=EPS, backend=self.backend, out=a["out"])
+        self._sync()
+
+    def simplified(self):
+        """Simplified (closed-form) backward."""
+        self._backward("simplified")
+
+    def staged(self):
+        """Staged (computational-graph) backward; not for PyTorch."""
+        self._backward("staged")
+
+    def _backward(self, method):
+        if self.cache is None:
+            self.forward()
+        if self.backend == "torch":
+            if method != "simplified":
+                raise NotImplementedError("PyTorch has no staged backward")
+            return self._torch_backward()
+        self._fastbn.batchnorm_backward(self.a["dout"], self.cache, method=method,
+                                        out=self.a["dx"])
+        self._sync()
+
+    def _setup_torch(self, arrays):
+        import torch
+
+        self._torch = torch
+        t = {name: torch.from_numpy(value) for name, value in arrays.items()}
+        t["dgamma"] = torch.empty_like(t["gamma"])
+        t["dbeta"] = torch.empty_like(t["beta"])
+        _, t["save_mean"], t["save_invstd"] = torch.native_batch_norm(
+            t["x"], t["gamma"], t["beta"], None, None, True, MOMENTUM, EPS)
+        self.t = t
+
+    def _torch_forward(self):
+        t = self.t
+        self.cache = self._torch.native_batch_norm(
+            t["x"], t["gamma"], t["beta"], t["running_mean"], t["running_var"],
+            True, MOMENTUM, EPS, out=(t["out"], t["save_mean"], t["save_invstd"]))
+
+    def _torch_backward(self):
+        t = self.t
+        self._torch.ops.aten.native_batch_norm_backward.out(
+            t["dout"], t["x"], t["gamma"], t["running_mean"], t["running_var"],
+            t["save_mean"], t["save_invstd"], True, EPS, [True, True, True],
+            out0=t["dx"], out1=t["dgamma"], out2=t["dbeta"])
+
+
+def _no_sync():
+    pass
+
+
+def measure(backend, data, repeat):
+    """Time one backend on one shape and dtype.
+
+    Returns
+    -------
+    dict
+        One result row (times in milliseconds, ratios without unit);
+        ``staged_ms`` and the speedup are None for PyTorch.
+    """
+    x = data["x"]
+    kernels = Kernels(backend, data)
+    copy_s = best_time(kernels.copy, repeat)
+    forward_s = best_time(kernels.forward, repeat)
+    simplified_s = best_time(kernels.simplified, repeat)
+    staged_s = None if backend == "torch" else best_time(kernels.staged, repeat)
+    # A second copy timing, after the kernels, guards against a slow start.
+    copy_s = min(copy_s, best_time(kernels.copy, repeat))
+    limit = copy_s / BYTES_PER_ELEMENT["copy"]
+    return {
+        "backend": backend,
+        "shape": list(x.shape),
+        "dtype": str(x.dtype),
+        "copy_ms": copy_s * 1e3,
+        "forward_ms": forward_s * 1e3,
+        "simplified_ms": simplified_s * 1e3,
+        "staged_ms": None if staged_s is None else staged_s * 1e3,
+        "speedup_simplified_over_staged": None if staged_s is None else staged_s / simplified_s,
+        "forward_fraction_of_copy_limit": limit * BYTES_PER_ELEMENT["forward"] / forward_s,
+        "backward_fraction_of_copy_limit": limit * BYTES_PER_ELEMENT["backward"] / simplified_s,
+        "forward_ratio_to_torch": None,
+        "backward_ratio_to_torch": None,
+    }
+
+
+def add_torch_ratios(rows):
+    """Fill ``*_ratio_to_torch`` (torch time / row time) for one shape and dtype."""
+    torch_rows = [row for row in rows if row["backend"] == "torch"]
+    if not torch_rows:
+        return
+    ref = torch_rows[0]
+    for row in rows:
+        row["forward_ratio_to_torch"] = ref["forward_ms"] / row["forward_ms"]
+        row["backward_ratio_to_torch"] = ref["simplified_ms"] / row["simplified_ms"]
+
+
+COLUMNS = (
+    # header, key, format
+    ("backend", "backend", "{}"),
+    ("shape", "shape", "{}"),
+    ("dtype", "dtype", "{}"),
+    ("fwd ms", "forward_ms", "{:.3f}"),
+    ("simpl ms", "simplified_ms", "{:.3f}"),
+    ("staged ms", "staged_ms", "{:.3f}"),
+    ("staged/simpl", "speedup_simplified_over_staged", "{:.2f}x"),
+    ("fwd limit", "forward_fraction_of_copy_limit", "{:.2f}"),
+    ("bwd limit", "backward_fraction_of_copy_limit", "{:.2f}"),
+    ("fwd vs torch", "forward_ratio_to_torch", "{:.2f}x"),
+    ("bwd vs torch", "backward_ratio_to_torch", "{:.2f}x"),
+)
+
+LEGEND = (
+    "staged/simpl: speedup of the simplified backward over the staged one.\n"
+    "fwd/bwd limit: fraction of the copy limit (compulsory bytes, forward 2 and "
+    "backward 3 item sizes per element,\n  at np.copyto bandwidth timed in the same "
+    "row); 1.00 = copy speed.\n"
+    "vs torch: PyTorch time / backend time (above 1: faster than PyTorch). "
+    "Times: best of {repeat}, ms."
+)
+
+
+def format_table(rows):
+    """The result rows as an aligned text table.
+
+    Returns
+    -------
+    str
+    """
+    cells = [[header for header, _, _ in COLUMNS]]
+    for row in rows:
+        line = []
+        for _, key, fmt in COLUMNS:
+            value = row.get(key)
+            if value is None:
+                line.append("-")
+            elif key == "shape":
+                line.append(_format_shape(value))
+            else:
+                line.append(fmt.format(value))
+        cells.append(line)
+    widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
+    lines = []
+    for n, line in enumerate(cells):
+        parts = [text.ljust(width) if i < 3 else text.rjust(width)
+                 for i, (text, width) in enumerate(zip(line, widths))]
+        lines.append("  ".join(parts).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def _metadata(args, backends, repeat, threads):
+    import fastbn
+
+    info = fastbn.backend_info()
+    meta = {
+        "fastbn": getattr(fastbn, "__version__", "unknown"),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "threads": threads,
+        "repeat": repeat,
+        "quick": bool(args.quick),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "backends": {name: info.get(name, {}) for name in backends if name != "torch"},
+    }
+    try:
+        import numba
+        meta["numba"] = numba.__version__
+    except ImportError:
+        pass
+    if "torch" in backends:
+        import torch
+        meta["torch"] = torch.__version__
+        meta["torch_threads"] = torch.get_num_threads()
+    return meta
+
+
+class _Threads:
+    """Set numba, OpenMP (threadpoolctl) and torch thread counts; restore on exit."""
+
+    def __init__(self, count, use_torch):
+        self.count = count
+        self.use_torch = use_torch
+        self._restore = []
+
+    def __enter__(self):
+        if self.count is None:
+            return self
+        try:
+            import numba
+        except ImportError:
+            pass
+        else:
+            before = numba.get_num_threads()
+            numba.set_num_threads(min(self.count, numba.config.NUMBA_NUM_THREADS))
+            self._restore.append(lambda: numba.set_num_threads(before))
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:
+            pass
+        else:
+            limiter = threadpool_limits(limits=self.count, user_api="openmp")
+            self._restore.append(limiter.restore_original_limits)
+        if self.use_torch:
+            import torch
+            before_torch = torch.get_num_threads()
+            torch.set_num_threads(self.count)
+            self._restore.append(lambda: torch.set_num_threads(before_torch))
+        return self
+
+    def __exit__(self, *exc):
+        while self._restore:
+            self._restore.pop()()
+        return False
+
+
+class _Progress:
+    """tqdm when installed, else one line per step on stderr."""
+
+    def __init__(self, total, enabled):
+        self.total = total
+        self.enabled = enabled
+        self.done = 0
+        self._bar = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                pass
+            else:
+                self._bar = tqdm(total=total, desc="fastbn bench", unit="case",
+                                 file=sys.stderr, leave=False)
+
+    def step(self, label):
+        """Announce the case that starts now."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.set_postfix_str(label)
+        else:
+            print(f"[{self.done + 1}/{self.total}] {label}", file=sys.stderr, flush=True)
+
+    def advance(self):
+        self.done += 1
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def close(self):
+        if self._bar is not None:
+            self._bar.close()
+
+
+def plot(rows, path):
+    """Write a PNG bar chart of the speedups and of the fractions of the limit.
+
+    Three panels share one x axis of cases (shape and dtype), one bar per
+    backend: the speedup of the simplified backward over the staged one, and
+    the fraction of the copy limit of the forward and of the simplified
+    backward (a dashed line marks 1.0, copy speed).
+
+    Parameters
+    ----------
+    rows : list of dict
+    path : str
+    """
+    from matplotlib.figure import Figure
+
+    cases = []
+    for row in rows:
+        case = (tuple(row["shape"]), row["dtype"])
+        if case not in cases:
+            cases.append(case)
+    backends = []
+    for row in rows:
+        if row["backend"] not in backends:
+            backends.append(row["backend"])
+    lookup = {(tuple(r["shape"]), r["dtype"], r["backend"]): r for r in rows}
+    panels = (
+        ("speedup_simplified_over_staged", "simplified over staged backward (x)", None),
+        ("forward_fraction_of_copy_limit", "training forward: fraction of copy limit", 1.0),
+        ("backward_fraction_of_copy_limit", "simplified backward: fraction of copy limit", 1.0),
+    )
+    fig = Figure(figsize=(max(8.0, 1.6 * len(cases) + 3), 10), layout="constrained")
+    axes = fig.subplots(len(panels), 1, sharex=True)
+    width = 0.8 / max(1, len(backends))
+    positions = np.arange(len(cases))
+    for ax, (key, title, line) in zip(axes, panels):
+        for i, backend in enumerate(backends):
+            values = []
+            for shape, dtype in cases:
+                row = lookup.get((shape, dtype, backend))
+                value = None if row is None else row.get(key)
+                values.append(np.nan if value is None else value)
+            ax.bar(positions + (i - (len(backends) - 1) / 2) * width, values, width,
+                   label=backend)
+        if line is not None:
+            ax.axhline(line, color="black", linestyle="--", linewidth=1)
+        else:
+            ax.axhline(1.0, color="gray", linestyle=":", linewidth=1)
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(ncols=min(len(backends), 5), fontsize="small")
+    axes[-1].set_xticks(positions)
+    axes[-1].set_xticklabels([f"{_format_shape(s)}\n{d}" for s, d in cases], fontsize="small")
+    fig.suptitle("fastbn bench (best-of-N, ratios within one run)")
+    fig.savefig(path, dpi=100)
+
+
+def run(args):
+    """Run the benchmark described by parsed ``args``; print the table.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        From a parser set up with :func:`add_arguments`.
+
+    Returns
+    -------
+    int
+        0 on success, 1 when a backend failed, 2 for bad options.
+    """
+    try:
+        if args.shapes:
+            shapes = parse_shapes(args.shapes)
+        elif args.quick:
+            shapes = list(DEFAULT_SHAPES)
+        else:
+            shapes = list(DEFAULT_SHAPES + LARGE_SHAPES)
+        backends = resolve_backends(args.backends)
+        if args.threads is not None and args.threads < 1:
+            raise ValueError("--threads must be at least 1")
+        if args.repeat is not None and args.repeat < 1:
+            raise ValueError("--repeat must be at least 1")
+    except ValueError as exc:
+        print(f"fastbn bench: error: {exc}", file=sys.stderr)
+        return 2
+    dtype = args.dtype or ("float32" if args.quick else "both")
+    dtypes = ["float32", "float64"] if dtype == "both" else [dtype]
+    repeat = args.repeat or (QUICK_REPEAT if args.quick else REPEAT)
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("fastbn bench: error: --plot needs matplotlib "
+                  "(pip install matplotlib, or the 'bench' extra)", file=sys.stderr)
+            return 2
+
+    rows = []
+    failures = 0
+    progress = _Progress(len(shapes) * len(dtypes) * len(backends),
+                         enabled=not args.no_progress)
+    with _Threads(args.threads, "torch" in backends):
+        try:
+            for shape in shapes:
+                for dt in dtypes:
+                    data = make_data(shape, dt)
+                    group = []
+                    for backend in backends:
+                        progress.step(f"{backend} {_format_shape(shape)} {dt}")
+                        try:
+                            group.append(measure(backend, data, repeat))
+                        except Exception as exc:  # report, keep the other rows
+                            failures += 1
+                            print(f"fastbn bench: {backend} {_format_shape(shape)} {dt} "
+                                  f"failed: {exc!r}", file=sys.stderr)
+                        progress.advance()
+                    add_torch_ratios(group)
+                    rows.extend(group)
+                    del data
+        finally:
+            progress.close()
+        meta = _metadata(args, backends, repeat, args.threads)
+
+    print(format_table(rows))
+    print()
+    print(LEGEND.format(repeat=repeat))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump({"meta": meta, "results": rows}, fh, indent=2)
+            fh.write("\n")
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot(rows, args.plot)
+        print(f"wrote {args.plot}")
+    return 1 if failures else 0
+
+
+def main(argv=None):
+    """``python -m fastbn.bench``: the same job without the fastbn front end."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="fastbn bench", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""The asv suite and the ``bench`` main job stay runnable.
+
+Every asv benchmark body (``setup``, ``time_*``, ``peakmem_*``, ``track_*``)
+runs once on tiny shapes, for every backend parameter; a backend that cannot
+run here is skipped the way asv skips it (``NotImplementedError`` in
+``setup``). The benchmark modules are imported by path from the repository's
+``benchmarks/`` folder. Then ``fastbn.bench.run`` runs on a tiny shape.
+"""
+import argparse
+import importlib
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import fastbn
+from fastbn import bench
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+BENCH_DIR = ROOT / "benchmarks"
+PACKAGE = "_fastbn_asv_benchmarks"
+TINY_SHAPES = ["6x3", "4x3x2x5"]
+PREFIXES = ("time_", "timeraw_", "peakmem_", "mem_", "track_")
+
+
+def load_suite():
+    """Import ``benchmarks/`` as a package under a private name.
+
+    Returns
+    -------
+    list of module
+        Every benchmark module (not ``__init__``), sorted by name.
+    """
+    if PACKAGE not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            PACKAGE, BENCH_DIR / "__init__.py",
+            submodule_search_locations=[str(BENCH_DIR)])
+        package = importlib.util.module_from_spec(spec)
+        sys.modules[PACKAGE] = package
+        spec.loader.exec_module(package)
+    return [importlib.import_module(f"{PACKAGE}.{path.stem}")
+            for path in sorted(BENCH_DIR.glob("*.py")) if path.stem != "__init__"]
+
+
+def benchmark_classes():
+    """``(name, class)`` of every class that asv would collect."""
+    found = []
+    for module in load_suite():
+        for name, obj in sorted(vars(module).items()):
+            if name.startswith("_") or not isinstance(obj, type):
+                continue
+            if obj.__module__ != module.__name__:
+                continue
+            if any(attr.startswith(PREFIXES) for attr in dir(obj)):
+                found.append((f"{module.__name__.split('.')[-1]}.{name}", obj))
+    return found
+
+
+def benchmark_cases():
+    """One pytest parameter per (class, benchmark method, backend)."""
+    cases = []
+    for name, cls in benchmark_classes():
+        for method in sorted(attr for attr in dir(cls) if attr.startswith(PREFIXES)):
+            for backend in cls.params[0]:
+                cases.append(pytest.param(cls, method, backend,
+                                          id=f"{name}.{method}-{backend}"))
+    return cases
+
+
+def test_suite_is_found():
+    names = [name for name, _ in benchmark_classes()]
+    assert names, "no asv benchmark classes found"
+    methods = {attr for _, cls in benchmark_classes() for attr in dir(cls)}
+    for required in ("time_forward_train", "time_forward_eval", "time_backward_simplified",
+                     "time_backward_staged", "peakmem_forward", "peakmem_backward",
+                     "track_speedup_simplified_over_staged",
+                     "track_fraction_of_copy_limit"):
+        assert required in methods
+
+
+@pytest.mark.parametrize("name_cls", benchmark_classes(), ids=lambda item: item[0])
+def test_params_and_units(name_cls):
+    _, cls = name_cls
+    assert len(cls.params) == len(cls.param_names) == 3
+    assert cls.param_names == ["backend", "shape", "dtype"]
+    if not os.environ.get("FASTBN_BENCH_BACKENDS"):
+        assert {"numpy", "numba", "cython", "torch"} <= set(cls.params[0])
+    assert set(cls.params[2]) == {"float32", "float64"}
+    for shape in cls.params[1]:
+        assert len(shape.split("x")) >= 2
+    for attr in dir(cls):
+        if attr.startswith("track_"):
+            assert getattr(cls, attr).unit in ("x", "fraction")
+
+
+def test_default_and_slow_profiles():
+    common = importlib.import_module(f"{PACKAGE}.common")
+    for shape in ("256x4096", "128x512x7x7", "64x256x14x14", "32x64x56x56"):
+        assert shape in common.SHAPES
+    assert common.LARGE_SHAPES == ["64x256x56x56"]
+    assert "64x256x56x56" not in common.SHAPES
+
+
+def test_large_classes_skip_without_slow_profile(monkeypatch):
+    monkeypatch.delenv("FASTBN_BENCH_PROFILE", raising=False)
+    large = [cls for name, cls in benchmark_classes() if name.endswith("Large")]
+    assert large
+    for cls in large:
+        with pytest.raises(NotImplementedError):
+            cls().setup("numpy", "4x3x2x2", "float32")
+
+
+@pytest.mark.parametrize("cls, method, backend", benchmark_cases())
+def test_benchmark_runs_once(cls, method, backend, monkeypatch):
+    """setup + the benchmark body, on tiny shapes, both dtypes."""
+    monkeypatch.setenv("FASTBN_BENCH_PROFILE", "slow")
+    ran = 0
+    reasons = []
+    for shape in TINY_SHAPES:
+        for dtype in cls.params[2]:
+            instance = cls()
+            instance.n_repeat = 1
+            try:
+                instance.setup(backend, shape, dtype)
+            except NotImplementedError as exc:
+                reasons.append(str(exc))
+                continue
+            result = getattr(instance, method)(backend, shape, dtype)
+            if method.startswith("track_"):
+                assert isinstance(result, float)
+                assert math.isfinite(result) and result > 0
+            if hasattr(instance, "teardown"):
+                instance.teardown(backend, shape, dtype)
+            ran += 1
+    if not ran:
+        pytest.skip("; ".join(sorted(set(reasons))))
+
+
+def test_numpy_and_torch_are_not_skipped():
+    """The reference backend always runs; torch runs when installed."""
+    common = importlib.import_module(f"{PACKAGE}.common")
+    common.Case("numpy", "4x3x2x2", "float32")
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        with pytest.raises(NotImplementedError):
+            common.Case("torch", "4x3x2x2", "float32")
+    else:
+        case = common.Case("torch", "4x3x2x2", "float64")
+        case.forward_train()
+        case.backward("simplified")
+        ref = common.Case("numpy", "4x3x2x2", "float64")
+        ref.forward_train()
+        ref.backward("simplified")
+        np.testing.assert_allclose(case.out, ref.out, rtol=1e-10, atol=1e-10)
+        np.testing.assert_allclose(case.dx, ref.dx, rtol=1e-8, atol=1e-10)
+
+
+def test_asv_conf():
+    with open(ROOT / "asv.conf.json", encoding="utf-8") as fh:
+        conf = json.load(fh)
+    assert conf["benchmark_dir"] == "benchmarks"
+    for key in ("results_dir", "html_dir", "env_dir"):
+        assert conf[key].startswith(".asv/")
+    for req in ("numpy", "numba", "threadpoolctl", "meson-python", "meson", "ninja", "cython"):
+        assert req in conf["matrix"]["req"]
+
+
+# The bench main job ---------------------------------------------------------
+
+def parse(argv):
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+TINY_ARGS = ["--shapes", "8x3x4,6x5", "--dtype", "float32", "--repeat", "1", "--no-progress"]
+
+
+def test_bench_run_prints_table(capsys, tmp_path):
+    path = tmp_path / "bench.json"
+    status = bench.run(parse(TINY_ARGS + ["--json", str(path)]))
+    out = capsys.readouterr().out
+    assert status == 0
+    backends = bench.default_backends()
+    assert "cuda" not in backends
+    assert set(fastbn.available_backends()) - {"cuda"} <= set(backends)
+    lines = out.splitlines()
+    assert lines[0].split()[:3] == ["backend", "shape", "dtype"]
+    for backend in backends:
+        assert any(line.startswith(backend + " ") and "8x3x4" in line for line in lines)
+
+    data = json.loads(path.read_text())
+    assert {"meta", "results"} <= set(data)
+    assert len(data["results"]) == 2 * len(backends)
+    keys = {"backend", "shape", "dtype", "copy_ms", "forward_ms", "simplified_ms",
+            "staged_ms", "speedup_simplified_over_staged",
+            "forward_fraction_of_copy_limit", "backward_fraction_of_copy_limit",
+            "forward_ratio_to_torch", "backward_ratio_to_torch"}
+    for row in data["results"]:
+        assert keys <= set(row)
+        assert row["dtype"] == "float32"
+        assert row["forward_ms"] > 0 and row["simplified_ms"] > 0
+        if row["backend"] == "torch":
+            assert row["staged_ms"] is None
+            assert row["forward_ratio_to_torch"] == pytest.approx(1.0)
+        else:
+            assert row["speedup_simplified_over_staged"] > 0
+
+
+def test_bench_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "bench.png"
+    status = bench.run(parse(TINY_ARGS + ["--backends", "numpy", "--plot", str(path)]))
+    assert status == 0
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_plot_without_matplotlib(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    status = bench.run(parse(TINY_ARGS + ["--plot", str(tmp_path / "x.png")]))
+    assert status == 2
+    assert "matplotlib" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_bench_text_progress_without_tqdm(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    argv = [a for a in TINY_ARGS if a != "--no-progress"]
+    status = bench.run(parse(argv + ["--backends", "numpy"]))
+    captured = capsys.readouterr()
+    assert status == 0
+    assert "[1/2] numpy 8x3x4 float32" in captured.err
+
+
+def test_bench_threads_are_restored(capsys):
+    numba = pytest.importorskip("numba")
+    before = numba.get_num_threads()
+    status = bench.run(parse(TINY_ARGS + ["--threads", "1"]))
+    assert status == 0
+    assert numba.get_num_threads() == before
+
+
+@pytest.mark.parametrize("argv", [
+    ["--backends", "nosuch"],
+    ["--shapes", "7"],
+    ["--shapes", "4xq"],
+    ["--threads", "0"],
+])
+def test_bench_bad_options(argv, capsys):
+    assert bench.run(parse(TINY_ARGS + argv)) == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_bench_imports_no_optional_dependency():
+    """torch, matplotlib and tqdm load only when used."""
+    code = ("import sys, fastbn; before = set(sys.modules); import fastbn.bench; "
+            "print(sorted(m for m in ('torch', 'matplotlib', 'tqdm') "
+            "if m in set(sys.modules) - before))")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(pathlib.Path(fastbn.__file__).resolve().parents[1])]
+        + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                            text=True, env=env, check=True)
+    assert result.stdout.strip() == "[]"

@@ -1,0 +1,75 @@
+"""pytest-benchmark timings: forward, staged and simplified backward per backend.
+
+Skipped in the ordinary test run. Run them with::
+
+    pytest tests/test_bench_pytest.py --benchmark-only
+
+(or set ``FASTBN_PYTEST_BENCH=1``). Results are grouped by pass, shape and
+dtype, so that each group compares the backends, and the staged and
+simplified backward of each backend, side by side. The memory-bound shape
+``64x256x56x56`` is added with ``FASTBN_BENCH_PROFILE=slow``. Backends: every
+available fastbn CPU backend and PyTorch when installed (the same rows as
+``python -m fastbn bench``).
+"""
+import os
+
+import pytest
+
+pytest.importorskip("pytest_benchmark")
+
+from fastbn import bench  # noqa: E402
+
+SHAPES = list(bench.DEFAULT_SHAPES)
+if os.environ.get("FASTBN_BENCH_PROFILE", "").lower() == "slow":
+    SHAPES += list(bench.LARGE_SHAPES)
+DTYPES = ["float32", "float64"]
+BACKENDS = bench.default_backends()
+
+
+@pytest.fixture(autouse=True)
+def _only_when_asked(request):
+    """Skip unless ``--benchmark-only`` or ``FASTBN_PYTEST_BENCH`` is given."""
+    only = request.config.getoption("benchmark_only", default=False)
+    if not (only or os.environ.get("FASTBN_PYTEST_BENCH")):
+        pytest.skip("benchmarks: run with --benchmark-only or FASTBN_PYTEST_BENCH=1")
+
+
+_DATA = {}
+
+
+def kernels(backend, shape, dtype):
+    """Kernels on inputs shared by every test of one shape and dtype."""
+    key = (shape, dtype)
+    if key not in _DATA:
+        _DATA.clear()  # keep one shape in memory at a time
+        _DATA[key] = bench.make_data(shape, dtype)
+    return bench.Kernels(backend, _DATA[key])
+
+
+def label(shape, dtype):
+    return f"{'x'.join(map(str, shape))} {dtype}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_train(benchmark, backend, shape, dtype):
+    k = kernels(backend, shape, dtype)
+    k.forward()
+    benchmark.group = f"forward {label(shape, dtype)}"
+    benchmark(k.forward)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("method", ["simplified", "staged"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward(benchmark, backend, method, shape, dtype):
+    if backend == "torch" and method == "staged":
+        pytest.skip("PyTorch has no staged backward")
+    k = kernels(backend, shape, dtype)
+    func = k.simplified if method == "simplified" else k.staged
+    func()
+    benchmark.group = f"backward {label(shape, dtype)}"
+    benchmark.extra_info["method"] = method
+    benchmark(func)
