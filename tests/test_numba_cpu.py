@@ -19,9 +19,11 @@ EPS = 1e-5
 
 # (A, C, B) shapes, one per loop shape / work split
 SHAPES = {
-    "cols_B1": (261, 600, 1),         # (N, D): columns shape, two column blocks
+    "cols_B1": (261, 1100, 1),        # (N, D): columns shape, two column blocks
     "cols_smallB": (9, 13, 5),        # 1 < B < ROWS_MIN_B: columns shape, folded over B
-    "rows_largeC": (5, 70, 33),       # rows shape, one channel per reduction item
+    "mixed_B49": (9, 30, 49),         # 7x7 maps: rows elementwise, columns reductions
+                                      # (a channel straddles two column blocks)
+    "rows_largeC": (3, 70, 300),      # rows shape, one channel per reduction item
     "rows_smallC": (3, 2, 50000),     # rows shape, channels split in chunks
     "rows_partial": (7, 3, 7001),     # rows shape, chunks end inside rows
 }
@@ -118,9 +120,15 @@ def test_kernels_match_float64_reference(name, dtype, fused):
 
 
 def test_shapes_cover_every_work_split():
-    assert not nb._uses_rows(SHAPES["cols_B1"]) and not nb._uses_rows(SHAPES["cols_smallB"])
-    assert nb._row_chunks(261, 600) > 1
-    assert nb._uses_rows(SHAPES["rows_largeC"]) and nb._chunks_per_channel(SHAPES["rows_largeC"]) == 1
+    for name in ("cols_B1", "cols_smallB"):
+        assert not nb._uses_rows(SHAPES[name]) and not nb._reduces_by_rows(SHAPES[name])
+    assert nb._row_blocks(261, 1100) > 1 and 1100 > nb.COLUMN_BLOCK
+    A, C, B = SHAPES["mixed_B49"]
+    assert nb._uses_rows(SHAPES["mixed_B49"]) and not nb._reduces_by_rows(SHAPES["mixed_B49"])
+    assert C * B > nb.COLUMN_BLOCK and nb.COLUMN_BLOCK % B != 0
+    for name in ("rows_largeC", "rows_smallC", "rows_partial"):
+        assert nb._uses_rows(SHAPES[name]) and nb._reduces_by_rows(SHAPES[name])
+    assert nb._chunks_per_channel(SHAPES["rows_largeC"]) == 1
     assert nb._chunks_per_channel(SHAPES["rows_smallC"]) > 1
     A, C, B = SHAPES["rows_partial"]
     k = nb._chunks_per_channel(SHAPES["rows_partial"])
@@ -154,7 +162,7 @@ def test_thread_count_invariance_float64(name, fused):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=0)
 
 
-@pytest.mark.parametrize("shape", [(64, 3, 40), (300, 4, 1)], ids=["rows", "cols"])
+@pytest.mark.parametrize("shape", [(64, 3, 300), (300, 4, 1)], ids=["rows", "cols"])
 def test_float32_large_mean_is_centred_in_float64(shape):
     rng = np.random.default_rng(2)
     std = 1.0
@@ -167,7 +175,7 @@ def test_float32_large_mean_is_centred_in_float64(shape):
     assert np.max(np.abs(out - out_ref)) < 1e-4
 
 
-@pytest.mark.parametrize("shape", [(16, 3, 40), (50, 3, 1)], ids=["rows", "cols"])
+@pytest.mark.parametrize("shape", [(16, 3, 300), (50, 3, 1)], ids=["rows", "cols"])
 def test_float32_constant_channel_has_zero_variance(shape):
     x = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
     x[:, 1, :] = np.float32(1e7)
@@ -183,7 +191,8 @@ def test_float32_constant_channel_has_zero_variance(shape):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("shape", [(8, 3, 40), (20, 3, 1), (2, 70, 20)], ids=["rows", "cols", "rows_many"])
+@pytest.mark.parametrize("shape", [(8, 3, 300), (20, 3, 1), (2, 70, 300), (4, 30, 49)],
+                         ids=["rows", "cols", "rows_many", "mixed_B49"])
 def test_nan_propagates_to_its_channel_only(shape, dtype, fused):
     x, dy, gamma, beta = make(shape, dtype, seed=4)
     x[1, 1, shape[2] // 2] = np.nan
@@ -200,7 +209,7 @@ def test_nan_propagates_to_its_channel_only(shape, dtype, fused):
 
 
 def test_inputs_are_not_modified(fused):
-    x, dy, gamma, beta = make((4, 70, 20), np.float32, seed=5)
+    x, dy, gamma, beta = make((4, 70, 300), np.float32, seed=5)
     for arr in (x, dy, gamma, beta):
         arr.flags.writeable = False
     copies = [a.copy() for a in (x, dy, gamma, beta)]

@@ -1,39 +1,56 @@
 """Numba CPU backend: ``@njit(parallel=True, cache=True)`` loops on ``(A, C, B)``.
 
-The kernels follow the contract in :mod:`fastbn.backends`. Every kernel is
-compiled with ``fastmath=False`` (NaN and Inf propagate, no reassociation),
-``error_model='numpy'`` and ``boundscheck=False``, for float32 and float64
-inputs; statistics, reductions and the centring ``x - mean`` are computed in
-float64.
+The kernels follow the contract in :mod:`fastbn.backends`. They are compiled
+for float32 and float64 inputs with ``error_model='numpy'``,
+``boundscheck=False`` and ``fastmath={'reassoc', 'contract'}``; statistics,
+reductions and the centring ``x - mean`` are computed in float64 (float32
+data is converted element by element before anything else).
+
+fastmath choice
+---------------
+Only two LLVM flags are enabled: ``reassoc`` lets the vectorizer split a
+float64 sum ``s += d`` into several vector partial sums (so a plain loop
+vectorizes), and ``contract`` allows fused multiply-adds. Neither assumes
+anything about the values, so NaN and Inf propagate as in IEEE arithmetic
+(``nnan``, ``ninf``, ``nsz``, ``arcp``, ``afn`` and ``fastmath=True`` are not
+used; the tests check NaN propagation). The order of a reassociated sum
+depends only on the loop's length and the compiled code, never on the
+thread count (see below).
 
 Loop shapes
 -----------
-*Rows* (``B >= ROWS_MIN_B``, e.g. NCHW): a channel is ``A`` contiguous rows
-of ``B`` elements. Reduction work items are ``(channel, chunk of the
-channel)``: with at least ``FUSED_MIN_CHANNELS`` channels a chunk is the
-whole channel; with fewer, each channel is split into chunks of its ``A*B``
-elements so that every core has work. Elementwise work items are rows
-``(a, c)``. When the arrays a kernel touches exceed the last-level cache
-(``FUSED_MIN_BYTES``), rows are long (``FUSED_MIN_B``) and there are enough
-channels, the training kernels are fused: a work item is a
-block of consecutive channels (about ``FUSED_SLAB_BYTES``), whose statistics
-(or backward sums) and elementwise pass run back to back, so the second
-read comes from L2/L3 and only the compulsory bytes cross the memory bus.
-Smaller arrays use two parallel loops (measured faster here: the second
-pass streams from L3).
+*Rows* (``B >= ROWS_MIN_B``, e.g. NCHW) for elementwise passes: a work item
+is a row ``(a, c)`` of ``B`` contiguous elements with per-channel scalars.
 
-*Columns* (``B < ROWS_MIN_B``: ``(N, D)``, channels-last, tiny spatial
-sizes): the array is viewed as ``(A, C*B)``. Work items are (block of rows,
-block of columns); each accumulates float64 partial sums for its columns in
-a ``(row_chunks, C*B)`` buffer, the inner loop running over contiguous
-columns so that it vectorizes. The partials are merged at the end.
+*Rows* reductions (``B >= REDUCE_ROWS_MIN_B``): work items are ``(channel,
+chunk of the channel)``: with at least ``FUSED_MIN_CHANNELS`` channels a
+chunk is the whole channel; with fewer, each channel is split into chunks of
+its ``A*B`` elements so that every core has work.
 
-Reductions vectorize without ``fastmath``: a row is accumulated into a
-small float64 buffer of ``LANES`` partial sums (``acc[j] += x[s + j]``, an
-elementwise loop), which is summed at the end. Variance uses sums shifted
-by the channel's first element, ``d = x - x[0, c, 0]``: ``var = (S2 -
-S1**2 / M) / M`` with ``S1 = sum(d)``, ``S2 = sum(d*d)`` (a constant channel
-gives exactly 0; no raw ``E[x^2] - E[x]^2``).
+*Columns* (reductions with ``B < REDUCE_ROWS_MIN_B``, elementwise passes with
+``B < ROWS_MIN_B``: ``(N, D)``, channels-last, 7x7 and 14x14 maps): the array
+is viewed as ``(A, J)`` with ``J = C*B``, so that every inner loop runs over
+long contiguous rows instead of short per-channel rows. Reduction items are
+``(block of rows, block of COLUMN_BLOCK columns)``; each adds four rows at a
+time into its own float64 partial-sum row (``p[j] += d0 + d1 + d2 + d3``),
+and the partial rows are merged in order and folded over each channel's
+``B`` columns. Few row blocks (``COLUMN_ITEMS``) keep the partials small.
+Elementwise items are ``(ELEMENT_ROWS rows, COLUMN_BLOCK columns)`` with
+per-column parameters (``_per_column``) read from L1, two rows per pass.
+
+*Fused* training kernels: when the arrays a kernel touches exceed the
+last-level cache (``FUSED_MIN_BYTES``), rows are long (``FUSED_MIN_B``) and
+there are enough channels, a work item is a block of consecutive channels
+(about ``FUSED_SLAB_BYTES``), whose statistics (or backward sums) and
+elementwise pass run back to back, so the second read comes from L2/L3 and
+only the compulsory bytes cross the memory bus. Smaller arrays use two
+parallel loops (the second pass streams from L3).
+
+Variance uses sums shifted by the channel's first element, ``d = x -
+x[0, c, 0]``: ``var = (S2 - S1**2 / M) / M`` with ``S1 = sum(d)``, ``S2 =
+sum(d*d)`` (a constant channel gives exactly 0; no raw ``E[x^2] - E[x]^2``).
+The simplified backward writes ``dx = k*dy + kx*(x - mean) + k0`` with
+``k = gamma*invstd``, ``kx = -k*invstd*sum(dy*xhat)/M``, ``k0 = -k*sum(dy)/M``.
 
 Determinism across thread counts
 --------------------------------
@@ -75,13 +92,14 @@ ON_DEVICE = False
 
 # Loop-shape and work-splitting constants. They depend on nothing but the
 # shape, so that results do not depend on the thread count.
-ROWS_MIN_B = 16             # B at or above which the rows loop shape is used
+ROWS_MIN_B = 16             # B at or above which elementwise passes use the rows loop shape
+REDUCE_ROWS_MIN_B = 256     # B at or above which reductions use the rows loop shape
 FUSED_MIN_CHANNELS = 64     # channels needed to make one channel one work item
 TARGET_ITEMS = 64           # work items aimed at when channels are split
 MIN_ITEM_ELEMENTS = 16384   # smallest work item when splitting
-COLUMN_BLOCK = 512          # columns per work item in the columns loop shape
-LANES = 64                  # partial sums per reduction buffer
-WIDE = 4                    # LANES-blocks added together before touching the buffer
+COLUMN_BLOCK = 256          # columns per work item in the columns loop shape
+COLUMN_ITEMS = 16           # reduction items aimed at in the columns shape (few: small partials)
+ELEMENT_ROWS = 16           # rows per elementwise work item in the columns loop shape
 FUSED_SLAB_BYTES = 512 * 1024  # channels per fused work item: a slab of about this size
 FUSED_MIN_BYTES = 32 * 1024 * 1024  # fuse only working sets larger than the last-level cache
 FUSED_MIN_B = 256           # ... and rows long enough for the channel-by-channel order
@@ -187,7 +205,14 @@ def info():
 # ---------------------------------------------------------------------------
 
 def _uses_rows(shape):
+    """Elementwise passes: rows (a, c) of B elements, or the columns shape."""
     return shape[2] >= ROWS_MIN_B
+
+
+def _reduces_by_rows(shape):
+    """Reductions: per channel over its rows, or the columns shape (better for
+    short rows: one long vectorized loop instead of a short one per row)."""
+    return shape[2] >= REDUCE_ROWS_MIN_B
 
 
 def _chunks_per_channel(shape):
@@ -205,7 +230,7 @@ def _fuses(x, n_arrays):
     """Whether a training kernel touching ``n_arrays`` arrays of x's size runs
     fused: rows shape, whole-channel items, rows of at least FUSED_MIN_B, and a
     working set larger than the last-level cache."""
-    return (_uses_rows(x.shape) and _chunks_per_channel(x.shape) == 1
+    return (_reduces_by_rows(x.shape) and _chunks_per_channel(x.shape) == 1
             and x.shape[2] >= FUSED_MIN_B and n_arrays * x.nbytes >= FUSED_MIN_BYTES)
 
 
@@ -218,10 +243,12 @@ def _fused_block(shape, itemsize):
     return max(1, min(by_cache, by_items))
 
 
-def _row_chunks(A, J):
-    """Columns shape: blocks of rows, so that there are about TARGET_ITEMS items."""
+def _row_blocks(A, J):
+    """Columns shape, reductions: blocks of rows, so that there are about
+    COLUMN_ITEMS (row block, column block) items of at least MIN_ITEM_ELEMENTS.
+    Each row block has its own (C*B,) float64 partial sums, so they are kept few."""
     column_blocks = -(-J // COLUMN_BLOCK)
-    wanted = -(-TARGET_ITEMS // column_blocks)
+    wanted = -(-COLUMN_ITEMS // column_blocks)
     by_size = max(1, (A * min(J, COLUMN_BLOCK)) // MIN_ITEM_ELEMENTS)
     return max(1, min(A, wanted, by_size))
 
@@ -229,117 +256,40 @@ def _row_chunks(A, J):
 if numba is not None:
     _choose_threading_layer()
 
-    _JIT = dict(cache=True, fastmath=False, error_model="numpy", boundscheck=False, nogil=True)
+    # fastmath: only 'reassoc' (lets LLVM vectorize the float64 sums with
+    # several partial sums) and 'contract' (fused multiply-add). No 'nnan' /
+    # 'ninf' / 'nsz' / 'arcp' / 'afn': NaN and Inf propagate as in IEEE.
+    _FASTMATH = {"reassoc", "contract"}
+    _JIT = dict(cache=True, fastmath=_FASTMATH, error_model="numpy", boundscheck=False, nogil=True)
     _PJIT = dict(_JIT, parallel=True)
 
     # -----------------------------------------------------------------------
     # Serial helpers on contiguous 1-D segments (called inside parallel
     # loops). Segment views (``row[lo:hi]``) let LLVM see unit stride, so
-    # the loops vectorize; reductions go through LANES float64 partial sums.
+    # the loops vectorize.
     # -----------------------------------------------------------------------
 
     @njit(**_JIT)
-    def _sum_lanes(acc):
-        """Sum of a partial-sum buffer, fixed order."""
-        total = 0.0
-        for j in range(acc.shape[0]):
-            total += acc[j]
-        return total
+    def _shifted_sums(seg, shift):
+        """sum(d), sum(d*d) with d = seg - shift, in float64."""
+        s1 = 0.0
+        s2 = 0.0
+        for j in range(seg.shape[0]):
+            d = np.float64(seg[j]) - shift
+            s1 += d
+            s2 += d * d
+        return s1, s2
 
     @njit(**_JIT)
-    def _add_shifted(seg, shift, acc1, acc2):
-        """acc1[j] += d, acc2[j] += d*d with d = seg[i] - shift, i = j (mod LANES).
-
-        Blocks of WIDE*LANES elements first add their WIDE values of lane j
-        pairwise, then into acc[j] (fewer accumulator loads and stores); the
-        order depends only on the segment length."""
-        span = WIDE * LANES
-        n_wide = seg.shape[0] // span
-        for blk in range(n_wide):
-            part = seg[blk * span:(blk + 1) * span]
-            for j in range(LANES):
-                d0 = np.float64(part[j]) - shift
-                d1 = np.float64(part[j + LANES]) - shift
-                d2 = np.float64(part[j + 2 * LANES]) - shift
-                d3 = np.float64(part[j + 3 * LANES]) - shift
-                acc1[j] += (d0 + d1) + (d2 + d3)
-                acc2[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
-        rest = seg[n_wide * span:]
-        n_full = rest.shape[0] // LANES
-        for blk in range(n_full):
-            part = rest[blk * LANES:(blk + 1) * LANES]
-            for j in range(LANES):
-                d = np.float64(part[j]) - shift
-                acc1[j] += d
-                acc2[j] += d * d
-        part = rest[n_full * LANES:]
-        for j in range(part.shape[0]):
-            d = np.float64(part[j]) - shift
-            acc1[j] += d
-            acc2[j] += d * d
-
-    @njit(**_JIT)
-    def _add_products(useg, su, vseg, sv, acc1, acc2):
-        """acc1[j] += du, acc2[j] += du*dv with du = u - su, dv = v - sv
-        (same blocking and order as ``_add_shifted``)."""
-        span = WIDE * LANES
-        n_wide = useg.shape[0] // span
-        for blk in range(n_wide):
-            upart = useg[blk * span:(blk + 1) * span]
-            vpart = vseg[blk * span:(blk + 1) * span]
-            for j in range(LANES):
-                du0 = np.float64(upart[j]) - su
-                du1 = np.float64(upart[j + LANES]) - su
-                du2 = np.float64(upart[j + 2 * LANES]) - su
-                du3 = np.float64(upart[j + 3 * LANES]) - su
-                dv0 = np.float64(vpart[j]) - sv
-                dv1 = np.float64(vpart[j + LANES]) - sv
-                dv2 = np.float64(vpart[j + 2 * LANES]) - sv
-                dv3 = np.float64(vpart[j + 3 * LANES]) - sv
-                acc1[j] += (du0 + du1) + (du2 + du3)
-                acc2[j] += (du0 * dv0 + du1 * dv1) + (du2 * dv2 + du3 * dv3)
-        urest = useg[n_wide * span:]
-        vrest = vseg[n_wide * span:]
-        n_full = urest.shape[0] // LANES
-        for blk in range(n_full):
-            upart = urest[blk * LANES:(blk + 1) * LANES]
-            vpart = vrest[blk * LANES:(blk + 1) * LANES]
-            for j in range(LANES):
-                du = np.float64(upart[j]) - su
-                acc1[j] += du
-                acc2[j] += du * (np.float64(vpart[j]) - sv)
-        upart = urest[n_full * LANES:]
-        vpart = vrest[n_full * LANES:]
-        for j in range(upart.shape[0]):
-            du = np.float64(upart[j]) - su
-            acc1[j] += du
-            acc2[j] += du * (np.float64(vpart[j]) - sv)
-
-    @njit(**_JIT)
-    def _chunk_shifted_sums(x, shift, c, m_lo, m_hi):
-        """Over elements m in [m_lo, m_hi) of channel c (m = a*B + b):
-        S1 = sum(d), S2 = sum(d*d) with d = x - shift, float64, fixed order."""
-        B = x.shape[2]
-        acc1 = np.zeros(LANES)
-        acc2 = np.zeros(LANES)
-        for a in range(m_lo // B, (m_hi - 1) // B + 1):
-            b_lo = max(m_lo - a * B, 0)
-            b_hi = min(m_hi - a * B, B)
-            _add_shifted(x[a, c, b_lo:b_hi], shift, acc1, acc2)
-        return _sum_lanes(acc1), _sum_lanes(acc2)
-
-    @njit(**_JIT)
-    def _chunk_sums(u, su, v, sv, c, m_lo, m_hi):
-        """Over elements [m_lo, m_hi) of channel c:
-        sum(u - su) and sum((u - su) * (v - sv)), float64, fixed order."""
-        B = u.shape[2]
-        acc1 = np.zeros(LANES)
-        acc2 = np.zeros(LANES)
-        for a in range(m_lo // B, (m_hi - 1) // B + 1):
-            b_lo = max(m_lo - a * B, 0)
-            b_hi = min(m_hi - a * B, B)
-            _add_products(u[a, c, b_lo:b_hi], su, v[a, c, b_lo:b_hi], sv, acc1, acc2)
-        return _sum_lanes(acc1), _sum_lanes(acc2)
+    def _product_sums(useg, su, vseg, sv):
+        """sum(du), sum(du*dv) with du = useg - su, dv = vseg - sv, in float64."""
+        s1 = 0.0
+        s2 = 0.0
+        for j in range(useg.shape[0]):
+            du = np.float64(useg[j]) - su
+            s1 += du
+            s2 += du * (np.float64(vseg[j]) - sv)
+        return s1, s2
 
     @njit(**_JIT)
     def _mean_var(shift, s1, s2, n):
@@ -357,18 +307,30 @@ if numba is not None:
             oseg[j] = (np.float64(useg[j]) - p) * q + r
 
     @njit(**_JIT)
-    def _affine2_seg(useg, p, q, vseg, s, t, r, oseg):
-        """oseg = (useg - p) * q + (vseg - s) * t + r, scalar parameters."""
+    def _combine_seg(useg, q, vseg, s, t, r, oseg):
+        """oseg = useg * q + (vseg - s) * t + r, scalar parameters."""
         for j in range(useg.shape[0]):
-            oseg[j] = (np.float64(useg[j]) - p) * q + (np.float64(vseg[j]) - s) * t + r
+            oseg[j] = np.float64(useg[j]) * q + (np.float64(vseg[j]) - s) * t + r
+
+    @njit(**_JIT)
+    def _per_column(values, B):
+        """Per-channel (C,) -> per-column (C*B,) values (column j is channel j // B)."""
+        if B == 1:
+            return values
+        expanded = np.empty(values.shape[0] * B)
+        for c in range(values.shape[0]):
+            expanded[c * B:(c + 1) * B] = values[c]
+        return expanded
 
     # -----------------------------------------------------------------------
-    # Rows loop shape: (A, C, B) with B large.
+    # Rows loop shape: (A, C, B) with B large. Reduction items are
+    # (channel, chunk of the channel); elementwise items are rows (a, c).
     # -----------------------------------------------------------------------
 
     @njit(**_PJIT)
     def _stats_rows(x, n_split, mean, var):
-        """Per-channel shifted sums over n_split chunks per channel, merged in order."""
+        """Per-channel sums shifted by x[0, c, 0] over n_split chunks per channel,
+        merged in chunk order."""
         A, C, B = x.shape
         n = A * B
         part1 = np.empty((C, n_split))
@@ -377,7 +339,16 @@ if numba is not None:
             c = item // n_split
             k = item - c * n_split
             shift = np.float64(x[0, c, 0])
-            s1, s2 = _chunk_shifted_sums(x, shift, c, k * n // n_split, (k + 1) * n // n_split)
+            m_lo = k * n // n_split
+            m_hi = (k + 1) * n // n_split
+            s1 = 0.0
+            s2 = 0.0
+            for a in range(m_lo // B, (m_hi - 1) // B + 1):
+                b_lo = max(m_lo - a * B, 0)
+                b_hi = min(m_hi - a * B, B)
+                r1, r2 = _shifted_sums(x[a, c, b_lo:b_hi], shift)
+                s1 += r1
+                s2 += r2
             part1[c, k] = s1
             part2[c, k] = s2
         for c in range(C):
@@ -398,7 +369,16 @@ if numba is not None:
         for item in prange(C * n_split):
             c = item // n_split
             k = item - c * n_split
-            s1, s2 = _chunk_sums(u, su[c], v, sv[c], c, k * n // n_split, (k + 1) * n // n_split)
+            m_lo = k * n // n_split
+            m_hi = (k + 1) * n // n_split
+            s1 = 0.0
+            s2 = 0.0
+            for a in range(m_lo // B, (m_hi - 1) // B + 1):
+                b_lo = max(m_lo - a * B, 0)
+                b_hi = min(m_hi - a * B, B)
+                r1, r2 = _product_sums(u[a, c, b_lo:b_hi], su[c], v[a, c, b_lo:b_hi], sv[c])
+                s1 += r1
+                s2 += r2
             part1[c, k] = s1
             part2[c, k] = s2
         for c in range(C):
@@ -420,13 +400,13 @@ if numba is not None:
             _affine_seg(u[a, c, :], p[c], q[c], r[c], out[a, c, :])
 
     @njit(**_PJIT)
-    def _affine2_rows(u, p, q, v, s, t, r, out):
-        """out = (u - p[c]) * q[c] + (v - s[c]) * t[c] + r[c]."""
+    def _combine_rows(u, q, v, s, t, r, out):
+        """out = u * q[c] + (v - s[c]) * t[c] + r[c]."""
         A, C, B = u.shape
         for item in prange(A * C):
             a = item // C
             c = item - a * C
-            _affine2_seg(u[a, c, :], p[c], q[c], v[a, c, :], s[c], t[c], r[c], out[a, c, :])
+            _combine_seg(u[a, c, :], q[c], v[a, c, :], s[c], t[c], r[c], out[a, c, :])
 
     @njit(**_PJIT)
     def _product_rows(u, v, w, out):
@@ -460,22 +440,23 @@ if numba is not None:
         normalize the same channels while they are still in cache,
         out = (x - mean) * (invstd * gamma) + beta. Rows are visited a-major, so
         reads and writes are runs of block*B contiguous elements. Each channel's
-        sums are formed in the same order as in ``_stats_rows``."""
+        sums are formed in the same order as in ``_stats_rows`` (one chunk)."""
         A, C, B = x.shape
         n = A * B
         n_blocks = (C + block - 1) // block
         for item in prange(n_blocks):
             c_lo = item * block
             c_hi = min(C, c_lo + block)
-            acc1 = np.zeros((c_hi - c_lo, LANES))
-            acc2 = np.zeros((c_hi - c_lo, LANES))
+            acc1 = np.zeros(c_hi - c_lo)
+            acc2 = np.zeros(c_hi - c_lo)
             for a in range(A):
                 for c in range(c_lo, c_hi):
-                    _add_shifted(x[a, c, :], np.float64(x[0, c, 0]), acc1[c - c_lo], acc2[c - c_lo])
+                    r1, r2 = _shifted_sums(x[a, c, :], np.float64(x[0, c, 0]))
+                    acc1[c - c_lo] += r1
+                    acc2[c - c_lo] += r2
             scale = np.empty(c_hi - c_lo)
             for c in range(c_lo, c_hi):
-                mean_c, var_c = _mean_var(np.float64(x[0, c, 0]), _sum_lanes(acc1[c - c_lo]),
-                                          _sum_lanes(acc2[c - c_lo]), n)
+                mean_c, var_c = _mean_var(np.float64(x[0, c, 0]), acc1[c - c_lo], acc2[c - c_lo], n)
                 mean[c] = mean_c
                 var[c] = var_c
                 scale[c - c_lo] = gamma[c] / np.sqrt(var_c + eps)
@@ -494,17 +475,19 @@ if numba is not None:
         for item in prange(n_blocks):
             c_lo = item * block
             c_hi = min(C, c_lo + block)
-            acc1 = np.zeros((c_hi - c_lo, LANES))
-            acc2 = np.zeros((c_hi - c_lo, LANES))
+            acc1 = np.zeros(c_hi - c_lo)
+            acc2 = np.zeros(c_hi - c_lo)
             for a in range(A):
                 for c in range(c_lo, c_hi):
-                    _add_products(dy[a, c, :], 0.0, x[a, c, :], mean[c], acc1[c - c_lo], acc2[c - c_lo])
+                    r1, r2 = _product_sums(dy[a, c, :], 0.0, x[a, c, :], mean[c])
+                    acc1[c - c_lo] += r1
+                    acc2[c - c_lo] += r2
             k = np.empty(c_hi - c_lo)
             kx = np.empty(c_hi - c_lo)
             k0 = np.empty(c_hi - c_lo)
             for c in range(c_lo, c_hi):
-                s_dy = _sum_lanes(acc1[c - c_lo])
-                s_dy_xhat = _sum_lanes(acc2[c - c_lo]) * invstd[c]
+                s_dy = acc1[c - c_lo]
+                s_dy_xhat = acc2[c - c_lo] * invstd[c]
                 sum_dy[c] = s_dy
                 sum_dy_xhat[c] = s_dy_xhat
                 # dx = k * dy + kx * (x - mean) + k0
@@ -513,47 +496,105 @@ if numba is not None:
                 k0[c - c_lo] = -k[c - c_lo] * (s_dy / n)
             for a in range(A):
                 for c in range(c_lo, c_hi):
-                    _affine2_seg(dy[a, c, :], 0.0, k[c - c_lo], x[a, c, :], mean[c],
+                    _combine_seg(dy[a, c, :], k[c - c_lo], x[a, c, :], mean[c],
                                  kx[c - c_lo], k0[c - c_lo], out[a, c, :])
 
     # -----------------------------------------------------------------------
-    # Columns loop shape: (A, J) with J = C*B, per-column parameters.
-    # Work item = (block of rows, block of COLUMN_BLOCK columns).
+    # Columns loop shape: (A, J) with J = C*B (B small: (N, D), channels-last,
+    # 7x7 or 14x14 maps), so that every inner loop runs over long contiguous
+    # rows. Parameters are per column (``_per_column``).
+    # Reductions: item = (block of rows, block of COLUMN_BLOCK columns), each
+    # adding into its own float64 partial-sum row; partials are merged in
+    # row-block order and folded over each channel's B columns.
+    # Elementwise: item = (row, block of COLUMN_BLOCK columns).
     # -----------------------------------------------------------------------
 
+    @njit(**_JIT)
+    def _partials_same(u, su, a_lo, a_hi, j_lo, j_hi, p1, p2):
+        """p1[j] += d, p2[j] += d*d, d = u[a, j] - su[j], over rows [a_lo, a_hi);
+        four rows per pass, so that p1/p2 are loaded and stored once per four rows."""
+        su_seg = su[j_lo:j_hi]
+        a = a_lo
+        while a + 4 <= a_hi:
+            u0 = u[a, j_lo:j_hi]
+            u1 = u[a + 1, j_lo:j_hi]
+            u2 = u[a + 2, j_lo:j_hi]
+            u3 = u[a + 3, j_lo:j_hi]
+            for j in range(su_seg.shape[0]):
+                d0 = np.float64(u0[j]) - su_seg[j]
+                d1 = np.float64(u1[j]) - su_seg[j]
+                d2 = np.float64(u2[j]) - su_seg[j]
+                d3 = np.float64(u3[j]) - su_seg[j]
+                p1[j] += (d0 + d1) + (d2 + d3)
+                p2[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+            a += 4
+        for a in range(a, a_hi):
+            u0 = u[a, j_lo:j_hi]
+            for j in range(su_seg.shape[0]):
+                d0 = np.float64(u0[j]) - su_seg[j]
+                p1[j] += d0
+                p2[j] += d0 * d0
+
+    @njit(**_JIT)
+    def _partials_products(u, su, v, sv, a_lo, a_hi, j_lo, j_hi, p1, p2):
+        """p1[j] += du, p2[j] += du*dv, du = u[a, j] - su[j], dv = v[a, j] - sv[j],
+        over rows [a_lo, a_hi), four rows per pass."""
+        su_seg = su[j_lo:j_hi]
+        sv_seg = sv[j_lo:j_hi]
+        a = a_lo
+        while a + 4 <= a_hi:
+            u0 = u[a, j_lo:j_hi]
+            u1 = u[a + 1, j_lo:j_hi]
+            u2 = u[a + 2, j_lo:j_hi]
+            u3 = u[a + 3, j_lo:j_hi]
+            v0 = v[a, j_lo:j_hi]
+            v1 = v[a + 1, j_lo:j_hi]
+            v2 = v[a + 2, j_lo:j_hi]
+            v3 = v[a + 3, j_lo:j_hi]
+            for j in range(su_seg.shape[0]):
+                du0 = np.float64(u0[j]) - su_seg[j]
+                du1 = np.float64(u1[j]) - su_seg[j]
+                du2 = np.float64(u2[j]) - su_seg[j]
+                du3 = np.float64(u3[j]) - su_seg[j]
+                p1[j] += (du0 + du1) + (du2 + du3)
+                p2[j] += ((du0 * (np.float64(v0[j]) - sv_seg[j]) + du1 * (np.float64(v1[j]) - sv_seg[j]))
+                          + (du2 * (np.float64(v2[j]) - sv_seg[j]) + du3 * (np.float64(v3[j]) - sv_seg[j])))
+            a += 4
+        for a in range(a, a_hi):
+            u0 = u[a, j_lo:j_hi]
+            v0 = v[a, j_lo:j_hi]
+            for j in range(su_seg.shape[0]):
+                du0 = np.float64(u0[j]) - su_seg[j]
+                p1[j] += du0
+                p2[j] += du0 * (np.float64(v0[j]) - sv_seg[j])
+
     @njit(**_PJIT)
-    def _sums_cols(u, su, v, sv, n_rows_split, B, sum1, sum2):
-        """Per-column partials over blocks of rows, merged in row-block order, then
-        folded over the B columns of each channel. su/sv are per column."""
+    def _sums_cols(u, su, v, sv, same, n_row_blocks, B, sum1, sum2):
+        """sum1[c] = sum(u - su[j]), sum2[c] = sum((u - su[j]) * (v - sv[j])) over
+        the rows and the B columns j of channel c. ``same``: v is u and sv is su
+        (sum2 is then the sum of squares, read from u alone)."""
         A, J = u.shape
         n_col_blocks = (J + COLUMN_BLOCK - 1) // COLUMN_BLOCK
-        part1 = np.zeros((n_rows_split, J))
-        part2 = np.zeros((n_rows_split, J))
-        for item in prange(n_rows_split * n_col_blocks):
+        part1 = np.zeros((n_row_blocks, J))
+        part2 = np.zeros((n_row_blocks, J))
+        for item in prange(n_row_blocks * n_col_blocks):
             k = item // n_col_blocks
             jb = item - k * n_col_blocks
-            a_lo = k * A // n_rows_split
-            a_hi = (k + 1) * A // n_rows_split
+            a_lo = k * A // n_row_blocks
+            a_hi = (k + 1) * A // n_row_blocks
             j_lo = jb * COLUMN_BLOCK
             j_hi = min(J, j_lo + COLUMN_BLOCK)
-            p1 = part1[k, j_lo:j_hi]
-            p2 = part2[k, j_lo:j_hi]
-            su_seg = su[j_lo:j_hi]
-            sv_seg = sv[j_lo:j_hi]
-            for a in range(a_lo, a_hi):
-                useg = u[a, j_lo:j_hi]
-                vseg = v[a, j_lo:j_hi]
-                for j in range(useg.shape[0]):
-                    du = np.float64(useg[j]) - su_seg[j]
-                    p1[j] += du
-                    p2[j] += du * (np.float64(vseg[j]) - sv_seg[j])
+            if same:
+                _partials_same(u, su, a_lo, a_hi, j_lo, j_hi, part1[k, j_lo:j_hi], part2[k, j_lo:j_hi])
+            else:
+                _partials_products(u, su, v, sv, a_lo, a_hi, j_lo, j_hi,
+                                   part1[k, j_lo:j_hi], part2[k, j_lo:j_hi])
         C = J // B
-        for c in range(C):
+        for c in prange(C):
             s1 = 0.0
             s2 = 0.0
-            for b in range(B):
-                j = c * B + b
-                for k in range(n_rows_split):
+            for k in range(n_row_blocks):
+                for j in range(c * B, (c + 1) * B):
                     s1 += part1[k, j]
                     s2 += part2[k, j]
             sum1[c] = s1
@@ -561,41 +602,68 @@ if numba is not None:
 
     @njit(**_PJIT)
     def _affine_cols(u, p, q, r, out):
-        """out = (u - p[j]) * q[j] + r[j]."""
+        """out = (u - p[j]) * q[j] + r[j]. Item = (ELEMENT_ROWS rows, COLUMN_BLOCK
+        columns); two rows per pass share the loads of the parameters."""
         A, J = u.shape
         n_col_blocks = (J + COLUMN_BLOCK - 1) // COLUMN_BLOCK
-        for item in prange(A * n_col_blocks):
-            a = item // n_col_blocks
-            j_lo = (item - a * n_col_blocks) * COLUMN_BLOCK
+        n_row_blocks = (A + ELEMENT_ROWS - 1) // ELEMENT_ROWS
+        for item in prange(n_row_blocks * n_col_blocks):
+            k = item // n_col_blocks
+            j_lo = (item - k * n_col_blocks) * COLUMN_BLOCK
             j_hi = min(J, j_lo + COLUMN_BLOCK)
-            useg = u[a, j_lo:j_hi]
-            oseg = out[a, j_lo:j_hi]
             pseg = p[j_lo:j_hi]
             qseg = q[j_lo:j_hi]
             rseg = r[j_lo:j_hi]
-            for j in range(useg.shape[0]):
-                oseg[j] = (np.float64(useg[j]) - pseg[j]) * qseg[j] + rseg[j]
+            a = k * ELEMENT_ROWS
+            a_hi = min(A, a + ELEMENT_ROWS)
+            while a + 2 <= a_hi:
+                u0 = u[a, j_lo:j_hi]
+                u1 = u[a + 1, j_lo:j_hi]
+                o0 = out[a, j_lo:j_hi]
+                o1 = out[a + 1, j_lo:j_hi]
+                for j in range(pseg.shape[0]):
+                    o0[j] = (np.float64(u0[j]) - pseg[j]) * qseg[j] + rseg[j]
+                    o1[j] = (np.float64(u1[j]) - pseg[j]) * qseg[j] + rseg[j]
+                a += 2
+            if a < a_hi:
+                u0 = u[a, j_lo:j_hi]
+                o0 = out[a, j_lo:j_hi]
+                for j in range(pseg.shape[0]):
+                    o0[j] = (np.float64(u0[j]) - pseg[j]) * qseg[j] + rseg[j]
 
     @njit(**_PJIT)
-    def _affine2_cols(u, p, q, v, s, t, r, out):
-        """out = (u - p[j]) * q[j] + (v - s[j]) * t[j] + r[j]."""
+    def _combine_cols(u, q, v, s, t, r, out):
+        """out = u * q[j] + (v - s[j]) * t[j] + r[j] (items as in ``_affine_cols``)."""
         A, J = u.shape
         n_col_blocks = (J + COLUMN_BLOCK - 1) // COLUMN_BLOCK
-        for item in prange(A * n_col_blocks):
-            a = item // n_col_blocks
-            j_lo = (item - a * n_col_blocks) * COLUMN_BLOCK
+        n_row_blocks = (A + ELEMENT_ROWS - 1) // ELEMENT_ROWS
+        for item in prange(n_row_blocks * n_col_blocks):
+            k = item // n_col_blocks
+            j_lo = (item - k * n_col_blocks) * COLUMN_BLOCK
             j_hi = min(J, j_lo + COLUMN_BLOCK)
-            useg = u[a, j_lo:j_hi]
-            vseg = v[a, j_lo:j_hi]
-            oseg = out[a, j_lo:j_hi]
-            pseg = p[j_lo:j_hi]
             qseg = q[j_lo:j_hi]
             sseg = s[j_lo:j_hi]
             tseg = t[j_lo:j_hi]
             rseg = r[j_lo:j_hi]
-            for j in range(useg.shape[0]):
-                oseg[j] = ((np.float64(useg[j]) - pseg[j]) * qseg[j]
-                           + (np.float64(vseg[j]) - sseg[j]) * tseg[j] + rseg[j])
+            a = k * ELEMENT_ROWS
+            a_hi = min(A, a + ELEMENT_ROWS)
+            while a + 2 <= a_hi:
+                u0 = u[a, j_lo:j_hi]
+                u1 = u[a + 1, j_lo:j_hi]
+                v0 = v[a, j_lo:j_hi]
+                v1 = v[a + 1, j_lo:j_hi]
+                o0 = out[a, j_lo:j_hi]
+                o1 = out[a + 1, j_lo:j_hi]
+                for j in range(qseg.shape[0]):
+                    o0[j] = np.float64(u0[j]) * qseg[j] + (np.float64(v0[j]) - sseg[j]) * tseg[j] + rseg[j]
+                    o1[j] = np.float64(u1[j]) * qseg[j] + (np.float64(v1[j]) - sseg[j]) * tseg[j] + rseg[j]
+                a += 2
+            if a < a_hi:
+                u0 = u[a, j_lo:j_hi]
+                v0 = v[a, j_lo:j_hi]
+                o0 = out[a, j_lo:j_hi]
+                for j in range(qseg.shape[0]):
+                    o0[j] = np.float64(u0[j]) * qseg[j] + (np.float64(v0[j]) - sseg[j]) * tseg[j] + rseg[j]
 
     @njit(**_PJIT)
     def _product_cols(u, v, w, out):
@@ -627,17 +695,59 @@ if numba is not None:
             for j in range(oseg.shape[0]):
                 oseg[j] = rseg[j]
 
+    @njit(**_JIT)
+    def _stats_cols(x, B, n_row_blocks, mean, var):
+        """Columns shape: sums shifted by each channel's first element x[0, c*B]."""
+        A, J = x.shape
+        C = J // B
+        shift = np.empty(C)
+        for c in range(C):
+            shift[c] = x[0, c * B]
+        shift_col = _per_column(shift, B)
+        s1 = np.empty(C)
+        s2 = np.empty(C)
+        _sums_cols(x, shift_col, x, shift_col, True, n_row_blocks, B, s1, s2)
+        for c in range(C):
+            mean[c], var[c] = _mean_var(shift[c], s1[c], s2[c], A * B)
+
+    @njit(**_JIT)
+    def _forward_cols(x, B, gamma, beta, eps, n_row_blocks, out, mean, var):
+        """Columns shape: statistics, then out = (x - mean) * (gamma * invstd) + beta."""
+        C = mean.shape[0]
+        _stats_cols(x, B, n_row_blocks, mean, var)
+        scale = np.empty(C)
+        for c in range(C):
+            scale[c] = gamma[c] / np.sqrt(var[c] + eps)
+        _affine_cols(x, _per_column(mean, B), _per_column(scale, B), _per_column(beta, B), out)
+
+    @njit(**_JIT)
+    def _dx_coefficients(n, invstd, gamma, sum_dy, sum_dy_xhat):
+        """dx = k*dy + kx*(x - mean) + k0: k = gamma*invstd,
+        kx = -k*invstd*sum_dy_xhat/M, k0 = -k*sum_dy/M."""
+        k = gamma * invstd
+        kx = -k * invstd * (sum_dy_xhat / n)
+        k0 = -k * (sum_dy / n)
+        return k, kx, k0
+
+    @njit(**_JIT)
+    def _backward_cols(dy, x, B, mean, invstd, gamma, n_row_blocks, out, sum_dy, sum_dy_xhat):
+        """Columns shape: sum(dy), sum(dy * xhat), then dx."""
+        A, J = x.shape
+        C = J // B
+        mean_col = _per_column(mean, B)
+        zeros_col = np.zeros(J)
+        sum_dy_xmu = np.empty(C)
+        _sums_cols(dy, zeros_col, x, mean_col, False, n_row_blocks, B, sum_dy, sum_dy_xmu)
+        for c in range(C):
+            sum_dy_xhat[c] = sum_dy_xmu[c] * invstd[c]
+        k, kx, k0 = _dx_coefficients(A * B, invstd, gamma, sum_dy, sum_dy_xhat)
+        _combine_cols(dy, _per_column(k, B), x, mean_col, _per_column(kx, B),
+                      _per_column(k0, B), out)
+
 
 # ---------------------------------------------------------------------------
 # Shape dispatch (Python level).
 # ---------------------------------------------------------------------------
-
-def _per_column(values, B):
-    """Per-channel float64 (C,) -> per-column (C*B,) for the columns shape."""
-    if B == 1:
-        return values
-    return np.repeat(values, B)
-
 
 def _as_cols(arr):
     A, C, B = arr.shape
@@ -649,11 +759,11 @@ def _channel_sums(u, su, v, sv):
     A, C, B = u.shape
     sum1 = np.empty(C)
     sum2 = np.empty(C)
-    if _uses_rows(u.shape):
+    if _reduces_by_rows(u.shape):
         _sums_rows(u, su, v, sv, _chunks_per_channel(u.shape), sum1, sum2)
     else:
-        _sums_cols(_as_cols(u), _per_column(su, B), _as_cols(v), _per_column(sv, B),
-                   _row_chunks(A, C * B), B, sum1, sum2)
+        _sums_cols(_as_cols(u), _per_column(su, B), _as_cols(v), _per_column(sv, B), False,
+                   _row_blocks(A, C * B), B, sum1, sum2)
     return sum1, sum2
 
 
@@ -667,14 +777,14 @@ def _affine(u, p, q, r, out):
                      _as_cols(out))
 
 
-def _affine2(u, p, q, v, s, t, r, out):
-    """out = (u - p[c]) * q[c] + (v - s[c]) * t[c] + r[c]."""
+def _combine(u, q, v, s, t, r, out):
+    """out = u * q[c] + (v - s[c]) * t[c] + r[c]."""
     B = u.shape[2]
     if _uses_rows(u.shape):
-        _affine2_rows(u, p, q, v, s, t, r, out)
+        _combine_rows(u, q, v, s, t, r, out)
     else:
-        _affine2_cols(_as_cols(u), _per_column(p, B), _per_column(q, B), _as_cols(v),
-                      _per_column(s, B), _per_column(t, B), _per_column(r, B), _as_cols(out))
+        _combine_cols(_as_cols(u), _per_column(q, B), _as_cols(v), _per_column(s, B),
+                      _per_column(t, B), _per_column(r, B), _as_cols(out))
 
 
 def _product(u, v, w, out):
@@ -695,18 +805,12 @@ def _fill(r, out):
 
 def _stats_unlocked(x):
     A, C, B = x.shape
-    if _uses_rows(x.shape):
-        mean = np.empty(C)
-        var = np.empty(C)
+    mean = np.empty(C)
+    var = np.empty(C)
+    if _reduces_by_rows(x.shape):
         _stats_rows(x, _chunks_per_channel(x.shape), mean, var)
-        return mean, var
-    # columns: shift each channel by its first element, x[0, c, 0]
-    shift = np.ascontiguousarray(x[0, :, 0], dtype=np.float64)
-    s1, s2 = _channel_sums(x, shift, x, shift)
-    n = A * B
-    mean = shift + s1 / n
-    var = (s2 - s1 * (s1 / n)) / n
-    np.maximum(var, 0.0, out=var)  # NaN stays NaN
+    else:
+        _stats_cols(_as_cols(x), B, _row_blocks(A, C * B), mean, var)
     return mean, var
 
 
@@ -718,12 +822,10 @@ def _backward_reduce_unlocked(dy, x, mean, invstd):
 
 def _backward_elemt_unlocked(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, out):
     # dx = gamma*invstd*(dy - sum_dy/M - (x - mean)*invstd*sum_dy_xhat/M)
+    #    = k*dy + kx*(x - mean) + k0
     n = x.shape[0] * x.shape[2]
-    zeros = np.zeros(x.shape[1])
-    k = gamma * invstd
-    kx = -k * invstd * (sum_dy_xhat / n)
-    k0 = -k * (sum_dy / n)
-    _affine2(dy, zeros, k, x, mean, kx, k0, out)
+    k, kx, k0 = _dx_coefficients(n, invstd, gamma, sum_dy, sum_dy_xhat)
+    _combine(dy, k, x, mean, kx, k0, out)
 
 
 # ---------------------------------------------------------------------------
@@ -783,6 +885,13 @@ def forward_train(x, gamma, beta, eps, out):
             _forward_rows_fused(x, gamma, beta, float(eps), _fused_block(x.shape, x.itemsize),
                                 out, mean, var)
             return mean, var
+        if not _uses_rows(x.shape):
+            A, C, B = x.shape
+            mean = np.empty(C)
+            var = np.empty(C)
+            _forward_cols(_as_cols(x), B, gamma, beta, float(eps), _row_blocks(A, C * B),
+                          _as_cols(out), mean, var)
+            return mean, var
         mean, var = _stats_unlocked(x)
         invstd = 1.0 / np.sqrt(var + eps)
         _affine(x, mean, invstd * gamma, beta, out)
@@ -836,6 +945,13 @@ def backward_train(dy, x, mean, invstd, gamma, out):
             _backward_rows_fused(dy, x, mean, invstd, gamma, _fused_block(x.shape, x.itemsize),
                                  out, sum_dy, sum_dy_xhat)
             return sum_dy, sum_dy_xhat
+        if not _uses_rows(x.shape):
+            A, C, B = x.shape
+            sum_dy = np.empty(C)
+            sum_dy_xhat = np.empty(C)
+            _backward_cols(_as_cols(dy), _as_cols(x), B, mean, invstd, gamma, _row_blocks(A, C * B),
+                           _as_cols(out), sum_dy, sum_dy_xhat)
+            return sum_dy, sum_dy_xhat
         sum_dy, sum_dy_xhat = _backward_reduce_unlocked(dy, x, mean, invstd)
         _backward_elemt_unlocked(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, out)
         return sum_dy, sum_dy_xhat
@@ -877,7 +993,7 @@ def backward_staged(dy, x, mean, invstd, gamma, eps, out):
         _product(xmu, dsq, 2.0 * ones, dxmu2)               # step 3: 2 * xmu * dsq
         del xmu, dsq
         dx1 = np.empty_like(x)
-        _affine2(dxmu1, zeros, ones, dxmu2, zeros, ones, zeros, dx1)  # step 2: dxmu1 + dxmu2
+        _combine(dxmu1, ones, dxmu2, zeros, ones, zeros, dx1)  # step 2: dxmu1 + dxmu2
         del dxmu1, dxmu2
         dmu_sum, _ = _channel_sums(dx1, zeros, dx1, zeros)
         dmu = -dmu_sum                                      # step 2: dmu = -sum(dx1)
