@@ -9,8 +9,8 @@ def rel_error(x, y):
     return float(np.max(np.abs(x - y) / np.maximum(1e-8, np.abs(x) + np.abs(y))))
 
 
-def _centred_difference(objective, x, h, verbose=False):
-    """``(objective(x + h e_i) - objective(x - h e_i)) / 2h`` for every element ``i``.
+def _centred_difference(f, x, h, difference, verbose=False):
+    """``difference(f(x + h e_i), f(x - h e_i)) / 2h`` for every element ``i``.
 
     ``x`` is perturbed in place, one element at a time, and restored.
     """
@@ -20,11 +20,11 @@ def _centred_difference(objective, x, h, verbose=False):
         index = it.multi_index
         saved = x[index]
         x[index] = saved + h
-        f_plus = objective(x)
+        f_plus = np.array(f(x), copy=True)
         x[index] = saved - h
-        f_minus = objective(x)
+        f_minus = np.array(f(x), copy=True)
         x[index] = saved
-        grad[index] = (f_plus - f_minus) / (2 * h)
+        grad[index] = difference(f_plus, f_minus) / (2 * h)
         if verbose:
             print(index, grad[index])
         it.iternext()
@@ -50,7 +50,7 @@ def eval_numerical_gradient(f, x, verbose=False, h=1e-5):
     -------
     grad : ndarray of ``x``'s shape
     """
-    return _centred_difference(f, x, h, verbose)
+    return _centred_difference(f, x, h, np.subtract, verbose)
 
 
 def eval_numerical_gradient_array(f, x, df, h=1e-5):
@@ -63,4 +63,6 @@ def eval_numerical_gradient_array(f, x, df, h=1e-5):
     -------
     grad : ndarray of ``x``'s shape
     """
-    return _centred_difference(lambda v: np.sum(np.array(f(v), copy=True) * df), x, h)
+    # Difference the outputs before weighting and summing them, as cs231n
+    # does: the difference of two large sums would lose the gradient.
+    return _centred_difference(f, x, h, lambda f_plus, f_minus: np.sum((f_plus - f_minus) * df))

@@ -161,7 +161,10 @@ def availability():
     if cuda is None:
         return False, f"numba.cuda not importable: {_IMPORT_ERROR}"
     try:
-        found = bool(cuda.is_available())
+        # Under the simulator a running kernel swaps this module's ``cuda``
+        # global for a fake one; the lock keeps this call out of that window.
+        with _serialized():
+            found = bool(cuda.is_available())
     except Exception as error:  # a broken driver must not raise here
         return False, f"numba.cuda.is_available() failed: {error}"
     if not found:

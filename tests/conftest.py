@@ -1,0 +1,316 @@
+"""Shared fixtures and float64 NumPy references for the fastbn test suite.
+
+Backend-dependent tests take the ``backend`` fixture, which is parametrized
+over ``fastbn.available_backends()``; the environment variable
+``FASTBN_TEST_BACKENDS`` (comma-separated names) restricts that list, e.g.
+``NUMBA_ENABLE_CUDASIM=1 FASTBN_TEST_BACKENDS=cuda pytest``. A name given
+there that cannot run here is reported as a skip, with the reason from
+``fastbn.backend_info()``.
+
+The references below are written from the formulas, independently of
+fastbn: per-channel statistics over every axis but the channel axis, biased
+variance for normalization, PyTorch's running-statistics convention
+(``momentum`` is the new batch's weight, unbiased variance).
+"""
+import json
+import os
+import zlib
+
+import numpy as np
+import pytest
+
+import fastbn
+
+# ---------------------------------------------------------------------------
+# CUDA simulator: small blocks so that reductions span several blocks.
+# ---------------------------------------------------------------------------
+CUDASIM = bool(os.environ.get("NUMBA_ENABLE_CUDASIM")) and os.environ.get(
+    "NUMBA_ENABLE_CUDASIM") != "0"
+if CUDASIM:
+    try:
+        import fastbn.backends.numba_cuda as _numba_cuda
+    except Exception:  # module absent or not importable here: nothing to tune
+        _numba_cuda = None
+    if _numba_cuda is not None and hasattr(_numba_cuda, "THREADS_PER_BLOCK"):
+        _numba_cuda.THREADS_PER_BLOCK = 8
+
+
+# ---------------------------------------------------------------------------
+# Backend selection
+# ---------------------------------------------------------------------------
+def selected_backends():
+    """[(name, skip_reason_or_None)] for the backends this run tests."""
+    available = list(fastbn.available_backends())
+    wanted = os.environ.get("FASTBN_TEST_BACKENDS", "").strip()
+    if not wanted:
+        return [(name, None) for name in available]
+    info = fastbn.backend_info()
+    result = []
+    for name in (s.strip() for s in wanted.split(",")):
+        if not name:
+            continue
+        if name in available:
+            result.append((name, None))
+        else:
+            reason = info.get(name, {}).get("reason", "unknown backend")
+            result.append((name, f"backend {name!r} not available here: {reason}"))
+    return result
+
+
+def backend_params():
+    params = []
+    for name, skip in selected_backends():
+        marks = []
+        if name == "cuda":
+            marks.append(pytest.mark.cuda)
+        if skip:
+            marks.append(pytest.mark.skip(reason=skip))
+        params.append(pytest.param(name, id=name, marks=marks))
+    return params
+
+
+BACKENDS = [name for name, skip in selected_backends() if skip is None]
+
+
+def sim_skip_slow():
+    """Skip a test whose cost is many calls on large inputs under the CUDA simulator
+    (about 2 ms per element per call there); what it checks is covered by the
+    exact parity tests. Real GPUs run it."""
+    if CUDASIM:
+        pytest.skip("too slow under NUMBA_ENABLE_CUDASIM; covered by the parity tests")
+
+
+@pytest.fixture(params=backend_params())
+def backend(request):
+    """Name of a backend under test (parametrized over available backends)."""
+    return request.param
+
+
+@pytest.fixture
+def rng(request):
+    """A generator seeded from the test's node id: reproducible, distinct per test."""
+    seed = zlib.crc32(request.node.nodeid.encode())
+    return np.random.default_rng(seed)
+
+
+# ---------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------
+def make_input(rng, shape, axis=1, dtype=np.float64, scale=1.0, shift=0.0):
+    """Random x whose channels have distinct means and spreads."""
+    shape = tuple(shape)
+    ax = axis % len(shape)
+    C = shape[ax]
+    bshape = [1] * len(shape)
+    bshape[ax] = C
+    means = shift + scale * rng.uniform(-3, 3, size=C)
+    stds = scale * rng.uniform(0.5, 2.0, size=C)
+    x = rng.standard_normal(shape) * stds.reshape(bshape) + means.reshape(bshape)
+    return x.astype(dtype)
+
+
+def make_params(rng, C, dtype=np.float64):
+    gamma = rng.uniform(0.5, 2.0, size=C) * rng.choice([-1.0, 1.0], size=C)
+    beta = rng.standard_normal(C)
+    return gamma.astype(dtype), beta.astype(dtype)
+
+
+def make_running(rng, C, dtype=np.float64):
+    return (rng.standard_normal(C).astype(dtype),
+            rng.uniform(0.5, 2.0, size=C).astype(dtype))
+
+
+# ---------------------------------------------------------------------------
+# References (float64 NumPy, written from the formulas)
+# ---------------------------------------------------------------------------
+def _geometry(x, axis):
+    ax = axis % x.ndim
+    red = tuple(i for i in range(x.ndim) if i != ax)
+    bshape = [1] * x.ndim
+    bshape[ax] = x.shape[ax]
+    C = x.shape[ax]
+    M = x.size // C
+    return ax, red, tuple(bshape), C, M
+
+
+def ref_forward(x, gamma=None, beta=None, *, training=True, running_mean=None,
+                running_var=None, momentum=0.1, eps=1e-5, axis=1):
+    """dict(out, mean, var, invstd, running_mean, running_var), all float64.
+
+    gamma/beta are first cast to x.dtype (as the API does), then to float64.
+    """
+    ax, red, bshape, C, M = _geometry(x, axis)
+    x64 = np.asarray(x, dtype=np.float64)
+    g = np.ones(C) if gamma is None else np.asarray(gamma).astype(x.dtype).astype(np.float64)
+    b = np.zeros(C) if beta is None else np.asarray(beta).astype(x.dtype).astype(np.float64)
+    new_rm = None if running_mean is None else np.asarray(running_mean, np.float64).copy()
+    new_rv = None if running_var is None else np.asarray(running_var, np.float64).copy()
+    if training:
+        mean = x64.mean(axis=red)
+        var = ((x64 - mean.reshape(bshape)) ** 2).mean(axis=red)
+        if new_rm is not None:
+            new_rm = (1 - momentum) * new_rm + momentum * mean
+        if new_rv is not None:
+            new_rv = (1 - momentum) * new_rv + momentum * var * (M / (M - 1))
+    else:
+        mean = np.asarray(running_mean, np.float64)
+        var = np.asarray(running_var, np.float64)
+    invstd = 1.0 / np.sqrt(var + eps)
+    out = (x64 - mean.reshape(bshape)) * (invstd * g).reshape(bshape) + b.reshape(bshape)
+    return dict(out=out, mean=mean, var=var, invstd=invstd,
+                running_mean=new_rm, running_var=new_rv)
+
+
+def ref_backward(dout, x, gamma=None, *, training=True, running_mean=None,
+                 running_var=None, eps=1e-5, axis=1):
+    """(dx, dgamma, dbeta) in float64 from the closed-form gradient."""
+    ax, red, bshape, C, M = _geometry(x, axis)
+    x64 = np.asarray(x, np.float64)
+    dy = np.asarray(dout, np.float64)
+    g = np.ones(C) if gamma is None else np.asarray(gamma).astype(x.dtype).astype(np.float64)
+    if training:
+        mean = x64.mean(axis=red)
+        var = ((x64 - mean.reshape(bshape)) ** 2).mean(axis=red)
+    else:
+        mean = np.asarray(running_mean, np.float64)
+        var = np.asarray(running_var, np.float64)
+    invstd = 1.0 / np.sqrt(var + eps)
+    xhat = (x64 - mean.reshape(bshape)) * invstd.reshape(bshape)
+    dbeta = dy.sum(axis=red)
+    dgamma = (dy * xhat).sum(axis=red)
+    if training:
+        dx = (g * invstd).reshape(bshape) * (
+            dy - dbeta.reshape(bshape) / M - xhat * dgamma.reshape(bshape) / M)
+    else:
+        dx = dy * (g * invstd).reshape(bshape)
+    return dx, dgamma, dbeta
+
+
+# ---------------------------------------------------------------------------
+# Comparisons
+# ---------------------------------------------------------------------------
+def normwise_error(actual, expected):
+    """max |actual - expected| / max(max |expected|, tiny): a scale-aware relative error."""
+    a = np.asarray(actual, np.float64)
+    e = np.asarray(expected, np.float64)
+    assert a.shape == e.shape, (a.shape, e.shape)
+    if a.size == 0:
+        return 0.0
+    scale = max(float(np.max(np.abs(e))), 1e-300)
+    return float(np.max(np.abs(a - e))) / scale
+
+
+def assert_close(actual, expected, tol, what=""):
+    err = normwise_error(actual, expected)
+    assert err <= tol, f"{what}: normwise relative error {err:.3e} > {tol:.1e}"
+    return err
+
+
+# Normwise tolerances by dtype of the computation under test.
+TOL = {np.dtype(np.float64): 1e-11, np.dtype(np.float32): 2e-5}
+
+
+def tol_for(dtype):
+    return TOL[np.dtype(dtype)]
+
+
+class Snapshot:
+    """Copies of arrays, to check afterwards that none of them changed."""
+
+    def __init__(self, **arrays):
+        self._items = {k: (v, None if v is None else np.array(v, copy=True))
+                       for k, v in arrays.items()}
+
+    def assert_unchanged(self):
+        for name, (orig, copy) in self._items.items():
+            if orig is None:
+                continue
+            assert orig.shape == copy.shape, f"{name} changed shape"
+            assert orig.dtype == copy.dtype, f"{name} changed dtype"
+            same = (np.array_equal(orig, copy) if orig.dtype.kind in "OSUVb"
+                    else np.array_equal(orig, copy, equal_nan=True))
+            assert same, f"{name} was modified"
+
+
+# ---------------------------------------------------------------------------
+# Error log for the PyTorch parity report
+# ---------------------------------------------------------------------------
+MAX_ERRORS = {}
+
+
+def record_error(key, value):
+    """Keep the largest value seen for ``key`` (e.g. ('float64', 'dx'))."""
+    key = tuple(key)
+    if value > MAX_ERRORS.get(key, -1.0):
+        MAX_ERRORS[key] = float(value)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if not MAX_ERRORS:
+        return
+    tr = terminalreporter
+    tr.section("fastbn: largest normwise relative errors vs PyTorch")
+    for key in sorted(MAX_ERRORS):
+        tr.write_line(f"{' / '.join(map(str, key)):<45s} {MAX_ERRORS[key]:.3e}")
+    path = os.environ.get("FASTBN_ERROR_REPORT")
+    if path:
+        with open(path, "w") as fh:
+            json.dump({" / ".join(map(str, k)): v for k, v in sorted(MAX_ERRORS.items())},
+                      fh, indent=1)
+
+
+# ---------------------------------------------------------------------------
+# Well-conditioned gradient-check problems
+# ---------------------------------------------------------------------------
+def gradcheck_problem(rng, shape, axis=1):
+    """(x, gamma, beta, dout, running_mean, running_var), float64, for cs231n-style checks.
+
+    cs231n's ``rel_error`` is elementwise, with a floor of 1e-8 in the
+    denominator, and a central difference with h=1e-5 carries a roundoff of
+    about 1e-10 (absolute) per element. With a random ``dout`` some element
+    of ``dx`` lies near zero and the check fails for a correct backward about
+    one time in ten. So ``dout`` is built as ``t + alpha + beta_c * xhat``
+    per channel, with ``t`` orthogonal to the constants and to ``xhat`` and
+    every ``|t_i|`` at least a fifth of ``max |t|``: then
+    ``dx = gamma * invstd * t`` has no element near zero, while ``dbeta =
+    M * alpha`` and ``dgamma ~ M * beta_c`` are far from zero and the
+    backward must still remove the ``alpha`` and ``xhat`` parts correctly.
+    The running statistics are close to the batch's, offset so that
+    ``dgamma`` in evaluation mode cannot cancel either.
+    """
+    shape = tuple(shape)
+    ax = axis % len(shape)
+    C = shape[ax]
+    bshape = [1] * len(shape)
+    bshape[ax] = C
+    x = (rng.standard_normal(shape) * rng.uniform(0.7, 1.5, C).reshape(bshape)
+         + rng.uniform(-3, 3, C).reshape(bshape))
+    gamma = rng.choice([-1.0, 1.0], size=C) * rng.uniform(0.5, 2.0, size=C)
+    beta = rng.standard_normal(C)
+
+    xc = np.moveaxis(x, ax, -1).reshape(-1, C)            # (M, C)
+    M = xc.shape[0]
+    mean, std = xc.mean(axis=0), xc.std(axis=0)
+    xhat = (xc - mean) / std
+    t = np.empty((M, C))
+    for c in range(C):
+        basis = np.linalg.qr(np.stack([np.ones(M), xhat[:, c]], axis=1),
+                             mode="complete")[0][:, 2:]
+        best, best_ratio = None, -1.0
+        for _ in range(20):
+            v = basis @ (basis.T @ rng.standard_normal(M))
+            for _ in range(30):
+                ratio = np.min(np.abs(v)) / np.max(np.abs(v))
+                if ratio > best_ratio:
+                    best, best_ratio = v / np.max(np.abs(v)), ratio
+                v = np.sign(v) * np.maximum(np.abs(v), np.mean(np.abs(v)))
+                v = basis @ (basis.T @ v)
+        assert best_ratio > 0.2, f"no well-conditioned dout for M={M}"
+        t[:, c] = best
+    a = rng.choice([-1.0, 1.0], size=C) * rng.uniform(0.5, 2.0, size=C)
+    b = rng.choice([-1.0, 1.0], size=C) * rng.uniform(0.5, 2.0, size=C)
+    d = t + a + b * xhat
+    dout = np.moveaxis(d.reshape(np.moveaxis(x, ax, -1).shape), -1, ax).copy()
+    rm = mean - std * rng.uniform(0.1, 0.2, size=C) * np.sign(a * b)
+    rv = std ** 2 * rng.uniform(0.7, 1.4, size=C)
+    return x, gamma, beta, dout, rm, rv
