@@ -595,12 +595,19 @@ cdef inline void _rows_sums(const floating* a, const floating* b, Py_ssize_t C,
         puv[c0 + j] = acc_uv[j]
 
 
-cdef inline void _rows_apply_f32(int op, const float* a, const float* b, float* out,
-                                 Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0,
-                                 Py_ssize_t c1, const double* p0, const double* p1,
-                                 const double* p2, const double* p3) noexcept nogil:
-    # _rows_apply for OP_NORMALIZE / OP_BACKWARD on float32, in float32
-    # arithmetic with split means, as in _apply_f32.
+cdef inline void _rows_apply(int op, const floating* a, const floating* b, floating* out,
+                             Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0,
+                             Py_ssize_t c1, const double* p0, const double* p1,
+                             const double* p2, const double* p3) noexcept nogil:
+    # Row path: `op` on rows r0..r1-1, channels c0..c1-1 (c1 - c0 <= COL_BLOCK).
+    # OP_NORMALIZE / OP_BACKWARD: the block's coefficients are copied to local
+    # arrays first (they stay in L1 and cannot alias `out`), then each row is
+    # one vectorized loop: in float64 for float64 data (q0..q3), in float32
+    # arithmetic with split means for float32 data, as in _apply_f32.
+    cdef double q0[COL_BLOCK]
+    cdef double q1[COL_BLOCK]
+    cdef double q2[COL_BLOCK]
+    cdef double q3[COL_BLOCK]
     cdef float mean_hi[COL_BLOCK]
     cdef float mean_lo[COL_BLOCK]
     cdef float k1[COL_BLOCK]
@@ -609,74 +616,43 @@ cdef inline void _rows_apply_f32(int op, const float* a, const float* b, float* 
     cdef float k3[COL_BLOCK]
     cdef Py_ssize_t n = c1 - c0
     cdef Py_ssize_t r, j
-    cdef const float* ar
-    cdef const float* br
-    cdef float* outr
-    for j in range(n):
-        mean_hi[j] = <float>p0[c0 + j]
-        mean_lo[j] = <float>(p0[c0 + j] - <double>mean_hi[j])
-        k1[j] = <float>p1[c0 + j]
-        k2_hi[j] = <float>p2[c0 + j]
-        k2_lo[j] = <float>(p2[c0 + j] - <double>k2_hi[j])
-        k3[j] = <float>p3[c0 + j]
-    if op == OP_NORMALIZE:
-        for r in range(r0, r1):
-            ar = a + r * C + c0
-            outr = out + r * C + c0
-            if r + ROWS_AHEAD < r1:
-                _prefetch_rows(ar + ROWS_AHEAD * C, 0, 0, 1, n * sizeof(float), False)
-                _prefetch_rows(outr + ROWS_AHEAD * C, 0, 0, 1, n * sizeof(float), True)
-            for j in range(n):
-                outr[j] = ((ar[j] - mean_hi[j]) - mean_lo[j]) * k1[j] + k2_hi[j]
-    else:
-        for r in range(r0, r1):
-            ar = a + r * C + c0
-            br = b + r * C + c0
-            outr = out + r * C + c0
-            if r + ROWS_AHEAD < r1:
-                _prefetch_rows(ar + ROWS_AHEAD * C, 0, 0, 1, n * sizeof(float), False)
-                _prefetch_rows(br + ROWS_AHEAD * C, 0, 0, 1, n * sizeof(float), False)
-                _prefetch_rows(outr + ROWS_AHEAD * C, 0, 0, 1, n * sizeof(float), True)
-            for j in range(n):
-                outr[j] = k1[j] * (((ar[j] - k2_hi[j]) - k2_lo[j])
-                                   - ((br[j] - mean_hi[j]) - mean_lo[j]) * k3[j])
-
-
-cdef inline void _rows_apply(int op, const floating* a, const floating* b, floating* out,
-                             Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0,
-                             Py_ssize_t c1, const double* p0, const double* p1,
-                             const double* p2, const double* p3) noexcept nogil:
-    # Row path: `op` on rows r0..r1-1, channels c0..c1-1 (c1 - c0 <= COL_BLOCK).
-    # The block's coefficients are copied to local arrays first (they stay in
-    # L1 and cannot alias `out`), then each row is one vectorized loop.
-    cdef double q0[COL_BLOCK]
-    cdef double q1[COL_BLOCK]
-    cdef double q2[COL_BLOCK]
-    cdef double q3[COL_BLOCK]
-    cdef Py_ssize_t n = c1 - c0
-    cdef Py_ssize_t r, j
     cdef const floating* ar
     cdef const floating* br
     cdef floating* outr
-    if floating is float:
-        if op == OP_NORMALIZE or op == OP_BACKWARD:
-            _rows_apply_f32(op, a, b, out, C, r0, r1, c0, c1, p0, p1, p2, p3)
-            return
+    if op != OP_NORMALIZE and op != OP_BACKWARD:
+        for r in range(r0, r1):
+            _apply(op, a + r * C + c0, b + r * C + c0, out + r * C + c0, n,
+                   p0 + c0, p1 + c0, p2 + c0, p3 + c0, True)
+        return
     for j in range(n):
-        q0[j] = p0[c0 + j]
-        q1[j] = p1[c0 + j]
-        q2[j] = p2[c0 + j]
-        q3[j] = p3[c0 + j]
+        if floating is float:
+            mean_hi[j] = <float>p0[c0 + j]
+            mean_lo[j] = <float>(p0[c0 + j] - <double>mean_hi[j])
+            k1[j] = <float>p1[c0 + j]
+            k2_hi[j] = <float>p2[c0 + j]
+            k2_lo[j] = <float>(p2[c0 + j] - <double>k2_hi[j])
+            k3[j] = <float>p3[c0 + j]
+        else:
+            q0[j] = p0[c0 + j]
+            q1[j] = p1[c0 + j]
+            q2[j] = p2[c0 + j]
+            q3[j] = p3[c0 + j]
     if op == OP_NORMALIZE:
+        # out = (x - mean) * scale + offset   (p2 = offset is not split)
         for r in range(r0, r1):
             ar = a + r * C + c0
             outr = out + r * C + c0
             if r + ROWS_AHEAD < r1:
                 _prefetch_rows(ar + ROWS_AHEAD * C, 0, 0, 1, n * sizeof(floating), False)
                 _prefetch_rows(outr + ROWS_AHEAD * C, 0, 0, 1, n * sizeof(floating), True)
-            for j in range(n):
-                outr[j] = <floating>((<double>ar[j] - q0[j]) * q1[j] + q2[j])
-    elif op == OP_BACKWARD:
+            if floating is float:
+                for j in range(n):
+                    outr[j] = ((ar[j] - mean_hi[j]) - mean_lo[j]) * k1[j] + k2_hi[j]
+            else:
+                for j in range(n):
+                    outr[j] = (ar[j] - q0[j]) * q1[j] + q2[j]
+    else:
+        # out = k_scale * ((dy - mean_dy) - (x - mean) * k_xmu)
         for r in range(r0, r1):
             ar = a + r * C + c0
             br = b + r * C + c0
@@ -685,13 +661,13 @@ cdef inline void _rows_apply(int op, const floating* a, const floating* b, float
                 _prefetch_rows(ar + ROWS_AHEAD * C, 0, 0, 1, n * sizeof(floating), False)
                 _prefetch_rows(br + ROWS_AHEAD * C, 0, 0, 1, n * sizeof(floating), False)
                 _prefetch_rows(outr + ROWS_AHEAD * C, 0, 0, 1, n * sizeof(floating), True)
-            for j in range(n):
-                outr[j] = <floating>(q1[j] * ((<double>ar[j] - q2[j])
-                                              - (<double>br[j] - q0[j]) * q3[j]))
-    else:
-        for r in range(r0, r1):
-            _apply(op, a + r * C + c0, b + r * C + c0, out + r * C + c0, n,
-                   p0 + c0, p1 + c0, p2 + c0, p3 + c0, True)
+            if floating is float:
+                for j in range(n):
+                    outr[j] = k1[j] * (((ar[j] - k2_hi[j]) - k2_lo[j])
+                                       - ((br[j] - mean_hi[j]) - mean_lo[j]) * k3[j])
+            else:
+                for j in range(n):
+                    outr[j] = q1[j] * ((ar[j] - q2[j]) - (br[j] - q0[j]) * q3[j])
 
 
 cdef void _elementwise(int op, const floating* a, const floating* b, floating* out,
@@ -883,21 +859,28 @@ def _first_values(x):
     return np.ascontiguousarray(x[0, :, 0], dtype=np.float64)
 
 
-cdef void _reduce_fused(const floating[:, :, ::1] a, const floating[:, :, ::1] b,
-                        const double[::1] ka, const double[::1] kb,
-                        double[::1] sum_u, double[::1] sum_uv, double[::1] partials,
-                        int nthreads) noexcept nogil:
-    _reduce(&a[0, 0, 0], &b[0, 0, 0], a.shape[0], a.shape[1], a.shape[2],
-            &ka[0], &kb[0], &sum_u[0], &sum_uv[0], &partials[0], nthreads)
+# Entry points from Python objects: one fused function per driver, whose
+# float32 and float64 specializations the callers pick explicitly
+# (``f[float](...)`` / ``f[double](...)``) from the dtype; the arrays are
+# coerced to typed memoryviews (checking dtype, shape and contiguity) with the
+# GIL held, then the driver runs without it.
+
+cdef void _reduce_view(const floating[:, :, ::1] a, const floating[:, :, ::1] b,
+                       const double[::1] ka, const double[::1] kb, double[::1] sum_u,
+                       double[::1] sum_uv, double[::1] partials, int nthreads) noexcept:
+    with nogil:
+        _reduce(&a[0, 0, 0], &b[0, 0, 0], a.shape[0], a.shape[1], a.shape[2],
+                &ka[0], &kb[0], &sum_u[0], &sum_uv[0], &partials[0], nthreads)
 
 
-cdef void _elementwise_fused(int op, const floating[:, :, ::1] a, const floating[:, :, ::1] b,
-                             floating[:, :, ::1] out, const double[::1] p0,
-                             const double[::1] p1, const double[::1] p2,
-                             const double[::1] p3, int nthreads) noexcept nogil:
-    _elementwise(op, &a[0, 0, 0], &b[0, 0, 0], &out[0, 0, 0],
-                 a.shape[0], a.shape[1], a.shape[2],
-                 &p0[0], &p1[0], &p2[0], &p3[0], nthreads)
+cdef void _elementwise_view(int op, const floating[:, :, ::1] a, const floating[:, :, ::1] b,
+                            floating[:, :, ::1] out, const double[::1] p0,
+                            const double[::1] p1, const double[::1] p2,
+                            const double[::1] p3, int nthreads) noexcept:
+    with nogil:
+        _elementwise(op, &a[0, 0, 0], &b[0, 0, 0], &out[0, 0, 0],
+                     a.shape[0], a.shape[1], a.shape[2],
+                     &p0[0], &p1[0], &p2[0], &p3[0], nthreads)
 
 
 def _reduce_py(a, b, ka, kb):
@@ -908,49 +891,19 @@ def _reduce_py(a, b, ka, kb):
     sum_uv = np.empty(C, dtype=np.float64)
     partials = _partials_buffer(A, C, B)
     if a.dtype == np.float32:
-        _reduce_f32(a, b, ka, kb, sum_u, sum_uv, partials, nthreads)
+        _reduce_view[float](a, b, ka, kb, sum_u, sum_uv, partials, nthreads)
     else:
-        _reduce_f64(a, b, ka, kb, sum_u, sum_uv, partials, nthreads)
+        _reduce_view[double](a, b, ka, kb, sum_u, sum_uv, partials, nthreads)
     return sum_u, sum_uv
-
-
-cdef void _reduce_f32(const float[:, :, ::1] a, const float[:, :, ::1] b,
-                      const double[::1] ka, const double[::1] kb, double[::1] sum_u,
-                      double[::1] sum_uv, double[::1] partials, int nthreads) noexcept:
-    with nogil:
-        _reduce_fused(a, b, ka, kb, sum_u, sum_uv, partials, nthreads)
-
-
-cdef void _reduce_f64(const double[:, :, ::1] a, const double[:, :, ::1] b,
-                      const double[::1] ka, const double[::1] kb, double[::1] sum_u,
-                      double[::1] sum_uv, double[::1] partials, int nthreads) noexcept:
-    with nogil:
-        _reduce_fused(a, b, ka, kb, sum_u, sum_uv, partials, nthreads)
 
 
 def _elementwise_py(int op, a, b, out, p0, p1, p2, p3):
     """Apply elementwise ``op`` (an ``OP_*`` code) over the whole array."""
     cdef int nthreads = _threads_for(a.size)
     if a.dtype == np.float32:
-        _elementwise_f32(op, a, b, out, p0, p1, p2, p3, nthreads)
+        _elementwise_view[float](op, a, b, out, p0, p1, p2, p3, nthreads)
     else:
-        _elementwise_f64(op, a, b, out, p0, p1, p2, p3, nthreads)
-
-
-cdef void _elementwise_f32(int op, const float[:, :, ::1] a, const float[:, :, ::1] b,
-                           float[:, :, ::1] out, const double[::1] p0, const double[::1] p1,
-                           const double[::1] p2, const double[::1] p3,
-                           int nthreads) noexcept:
-    with nogil:
-        _elementwise_fused(op, a, b, out, p0, p1, p2, p3, nthreads)
-
-
-cdef void _elementwise_f64(int op, const double[:, :, ::1] a, const double[:, :, ::1] b,
-                           double[:, :, ::1] out, const double[::1] p0, const double[::1] p1,
-                           const double[::1] p2, const double[::1] p3,
-                           int nthreads) noexcept:
-    with nogil:
-        _elementwise_fused(op, a, b, out, p0, p1, p2, p3, nthreads)
+        _elementwise_view[double](op, a, b, out, p0, p1, p2, p3, nthreads)
 
 
 def _channel_vector(v):
@@ -1040,11 +993,11 @@ def forward_train(x, gamma, beta, eps, out):
     if _use_fused(x.nbytes, A, C, B, x.itemsize, 2, nthreads):
         sums = np.empty(2 * C, dtype=np.float64)
         if x.dtype == np.float32:
-            _forward_fused_f32(x, out, shift, eps, gamma, beta, mean, var, scale,
-                               offset, partials, sums, nthreads)
+            _forward_fused[float](x, out, shift, eps, gamma, beta, mean, var, scale,
+                                  offset, partials, sums, nthreads)
         else:
-            _forward_fused_f64(x, out, shift, eps, gamma, beta, mean, var, scale,
-                               offset, partials, sums, nthreads)
+            _forward_fused[double](x, out, shift, eps, gamma, beta, mean, var, scale,
+                                   offset, partials, sums, nthreads)
         return mean, var
     # Separate passes: parallel reduce, coefficients, parallel normalize.
     sum_u, sum_uu = _reduce_py(x, x, shift, shift)
@@ -1059,28 +1012,11 @@ def forward_train(x, gamma, beta, eps, out):
     return mean, var
 
 
-cdef void _forward_fused_f32(const float[:, :, ::1] x, float[:, :, ::1] out,
-                             const double[::1] shift, double eps, const double[::1] gamma,
-                             const double[::1] beta, double[::1] mean, double[::1] var,
-                             double[::1] scale, double[::1] offset, double[::1] partials,
-                             double[::1] sums, int nthreads) noexcept:
-    with nogil:
-        if x.shape[2] == 1:
-            _fused_forward_rows(&x[0, 0, 0], &out[0, 0, 0], x.shape[0], x.shape[1],
-                                &shift[0], eps, &gamma[0], &beta[0], &mean[0], &var[0],
-                                &scale[0], &offset[0], &partials[0], &sums[0], nthreads)
-        else:
-            _fused_forward_channels(&x[0, 0, 0], &out[0, 0, 0], x.shape[0], x.shape[1],
-                                    x.shape[2], &shift[0], eps, &gamma[0], &beta[0],
-                                    &mean[0], &var[0], &scale[0], &offset[0], &partials[0],
-                                    nthreads)
-
-
-cdef void _forward_fused_f64(const double[:, :, ::1] x, double[:, :, ::1] out,
-                             const double[::1] shift, double eps, const double[::1] gamma,
-                             const double[::1] beta, double[::1] mean, double[::1] var,
-                             double[::1] scale, double[::1] offset, double[::1] partials,
-                             double[::1] sums, int nthreads) noexcept:
+cdef void _forward_fused(const floating[:, :, ::1] x, floating[:, :, ::1] out,
+                         const double[::1] shift, double eps, const double[::1] gamma,
+                         const double[::1] beta, double[::1] mean, double[::1] var,
+                         double[::1] scale, double[::1] offset, double[::1] partials,
+                         double[::1] sums, int nthreads) noexcept:
     with nogil:
         if x.shape[2] == 1:
             _fused_forward_rows(&x[0, 0, 0], &out[0, 0, 0], x.shape[0], x.shape[1],
@@ -1176,44 +1112,22 @@ def backward_train(dy, x, mean, invstd, gamma, out):
     partials = _partials_buffer(A, C, B)
     sums = np.empty(2 * C, dtype=np.float64)
     if x.dtype == np.float32:
-        _backward_fused_f32(dy, x, out, mean, invstd, gamma, zeros, sum_dy, sum_dy_xhat,
-                            k_scale, k_mean_dy, k_xmu, partials, sums, nthreads)
+        _backward_fused[float](dy, x, out, mean, invstd, gamma, zeros, sum_dy, sum_dy_xhat,
+                               k_scale, k_mean_dy, k_xmu, partials, sums, nthreads)
     else:
-        _backward_fused_f64(dy, x, out, mean, invstd, gamma, zeros, sum_dy, sum_dy_xhat,
-                            k_scale, k_mean_dy, k_xmu, partials, sums, nthreads)
+        _backward_fused[double](dy, x, out, mean, invstd, gamma, zeros, sum_dy, sum_dy_xhat,
+                                k_scale, k_mean_dy, k_xmu, partials, sums, nthreads)
     return sum_dy, sum_dy_xhat
 
 
-cdef void _backward_fused_f32(const float[:, :, ::1] dy, const float[:, :, ::1] x,
-                              float[:, :, ::1] out, const double[::1] mean,
-                              const double[::1] invstd, const double[::1] gamma,
-                              const double[::1] zeros, double[::1] sum_dy,
-                              double[::1] sum_dy_xhat, double[::1] k_scale,
-                              double[::1] k_mean_dy, double[::1] k_xmu,
-                              double[::1] partials, double[::1] sums,
-                              int nthreads) noexcept:
-    with nogil:
-        if x.shape[2] == 1:
-            _fused_backward_rows(&dy[0, 0, 0], &x[0, 0, 0], &out[0, 0, 0], x.shape[0],
-                                 x.shape[1], &mean[0], &invstd[0], &gamma[0], &zeros[0],
-                                 &sum_dy[0], &sum_dy_xhat[0], &k_scale[0], &k_mean_dy[0],
-                                 &k_xmu[0], &partials[0], &sums[0], nthreads)
-        else:
-            _fused_backward_channels(&dy[0, 0, 0], &x[0, 0, 0], &out[0, 0, 0], x.shape[0],
-                                     x.shape[1], x.shape[2], &mean[0], &invstd[0],
-                                     &gamma[0], &zeros[0], &sum_dy[0], &sum_dy_xhat[0],
-                                     &k_scale[0], &k_mean_dy[0], &k_xmu[0], &partials[0],
-                                     nthreads)
-
-
-cdef void _backward_fused_f64(const double[:, :, ::1] dy, const double[:, :, ::1] x,
-                              double[:, :, ::1] out, const double[::1] mean,
-                              const double[::1] invstd, const double[::1] gamma,
-                              const double[::1] zeros, double[::1] sum_dy,
-                              double[::1] sum_dy_xhat, double[::1] k_scale,
-                              double[::1] k_mean_dy, double[::1] k_xmu,
-                              double[::1] partials, double[::1] sums,
-                              int nthreads) noexcept:
+cdef void _backward_fused(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
+                          floating[:, :, ::1] out, const double[::1] mean,
+                          const double[::1] invstd, const double[::1] gamma,
+                          const double[::1] zeros, double[::1] sum_dy,
+                          double[::1] sum_dy_xhat, double[::1] k_scale,
+                          double[::1] k_mean_dy, double[::1] k_xmu,
+                          double[::1] partials, double[::1] sums,
+                          int nthreads) noexcept:
     with nogil:
         if x.shape[2] == 1:
             _fused_backward_rows(&dy[0, 0, 0], &x[0, 0, 0], &out[0, 0, 0], x.shape[0],
