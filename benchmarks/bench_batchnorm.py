@@ -41,6 +41,31 @@ class _Benchmark:
         self.case = Case(backend, shape, dtype)
         return self.case
 
+    def best_of_n(self, func):
+        """Best of ``n_repeat`` timed calls of ``func`` (``setup`` warmed it up)."""
+        return best_time(func, self.n_repeat, warmup=False)
+
+    def copy_limit_fraction(self, kernel, func):
+        """Copy timed first, then ``func``: the kernel's fraction of the copy limit."""
+        copy_seconds = self.best_of_n(self.case.copy)
+        seconds = self.best_of_n(func)
+        return fraction_of_copy_limit(kernel, seconds, copy_seconds)
+
+
+class _LargeProfile:
+    """Mixin: the memory-bound shape, skipped unless ``FASTBN_BENCH_PROFILE=slow``.
+
+    Put it first in the bases, before the benchmark class it resizes.
+    """
+
+    params = [backends(), LARGE_SHAPES, DTYPES]
+    timeout = 600
+    n_repeat = 3
+
+    def setup(self, backend, shape, dtype):
+        require_slow_profile()
+        super().setup(backend, shape, dtype)
+
 
 class Forward(_Benchmark):
     """Training and evaluation forward."""
@@ -61,9 +86,7 @@ class Forward(_Benchmark):
         self.case.forward_train()
 
     def track_fraction_of_copy_limit(self, backend, shape, dtype):
-        copy_seconds = best_time(self.case.copy, self.n_repeat)
-        seconds = best_time(self.case.forward_train, self.n_repeat)
-        return fraction_of_copy_limit("forward", seconds, copy_seconds)
+        return self.copy_limit_fraction("forward", self.case.forward_train)
 
     track_fraction_of_copy_limit.unit = "fraction"
 
@@ -84,9 +107,7 @@ class Backward(_Benchmark):
         self.case.backward("simplified")
 
     def track_fraction_of_copy_limit(self, backend, shape, dtype):
-        copy_seconds = best_time(self.case.copy, self.n_repeat)
-        seconds = best_time(lambda: self.case.backward("simplified"), self.n_repeat)
-        return fraction_of_copy_limit("backward", seconds, copy_seconds)
+        return self.copy_limit_fraction("backward", lambda: self.case.backward("simplified"))
 
     track_fraction_of_copy_limit.unit = "fraction"
 
@@ -112,44 +133,20 @@ class BackwardStaged(_Benchmark):
         self.case.backward("staged")
 
     def track_speedup_simplified_over_staged(self, backend, shape, dtype):
-        staged = best_time(lambda: self.case.backward("staged"), self.n_repeat)
-        simplified = best_time(lambda: self.case.backward("simplified"), self.n_repeat)
+        staged = self.best_of_n(lambda: self.case.backward("staged"))
+        simplified = self.best_of_n(lambda: self.case.backward("simplified"))
         return staged / simplified
 
     track_speedup_simplified_over_staged.unit = "x"
 
 
-class ForwardLarge(Forward):
+class ForwardLarge(_LargeProfile, Forward):
     """:class:`Forward` on the memory-bound shape (``FASTBN_BENCH_PROFILE=slow``)."""
 
-    params = [backends(), LARGE_SHAPES, DTYPES]
-    timeout = 600
-    n_repeat = 3
 
-    def setup(self, backend, shape, dtype):
-        require_slow_profile()
-        super().setup(backend, shape, dtype)
-
-
-class BackwardLarge(Backward):
+class BackwardLarge(_LargeProfile, Backward):
     """:class:`Backward` on the memory-bound shape (``FASTBN_BENCH_PROFILE=slow``)."""
 
-    params = [backends(), LARGE_SHAPES, DTYPES]
-    timeout = 600
-    n_repeat = 3
 
-    def setup(self, backend, shape, dtype):
-        require_slow_profile()
-        super().setup(backend, shape, dtype)
-
-
-class BackwardStagedLarge(BackwardStaged):
+class BackwardStagedLarge(_LargeProfile, BackwardStaged):
     """:class:`BackwardStaged` on the memory-bound shape (``FASTBN_BENCH_PROFILE=slow``)."""
-
-    params = [backends(), LARGE_SHAPES, DTYPES]
-    timeout = 600
-    n_repeat = 3
-
-    def setup(self, backend, shape, dtype):
-        require_slow_profile()
-        super().setup(backend, shape, dtype)

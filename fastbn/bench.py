@@ -18,6 +18,10 @@ ratio of times taken in the same run:
 Kernels write into preallocated outputs (``out=``), PyTorch included, so
 that allocation is not timed. torch, tqdm and matplotlib are optional and
 imported only when used.
+
+The asv suite (``benchmarks/common.py``) imports :func:`best_time`,
+:func:`fraction_of_copy_limit`, :func:`make_data`, :func:`parse_shape` and
+:class:`Kernels` from here, so that both time the same code.
 """
 import gc
 import json
@@ -34,6 +38,9 @@ REPEAT = 7
 QUICK_REPEAT = 3
 EPS = 1e-5
 MOMENTUM = 0.1
+# Compulsory memory traffic per element of x, in item sizes (DESIGN.md,
+# performance model). The limit time of a kernel is its bytes divided by the
+# copy bandwidth, i.e. copy time * BYTES_PER_ELEMENT[kernel] / 2.
 BYTES_PER_ELEMENT = {"copy": 2, "forward": 2, "backward": 3}
 
 
@@ -75,26 +82,51 @@ def add_arguments(parser):
     return parser
 
 
-def parse_shapes(text):
-    """``"256x4096,32x64x56x56"`` -> ``[(256, 4096), (32, 64, 56, 56)]``.
+def parse_shape(text):
+    """``"32x64x56x56"`` -> ``(32, 64, 56, 56)``.
+
+    Parameters
+    ----------
+    text : str
+        Dimensions joined by ``x``; the channel axis is axis 1.
+
+    Returns
+    -------
+    tuple of int
 
     Raises
     ------
     ValueError
         For a shape with fewer than two positive dimensions.
     """
-    shapes = []
-    for item in text.split(","):
-        item = item.strip().lower()
-        if not item:
-            continue
-        try:
-            shape = tuple(int(part) for part in item.split("x"))
-        except ValueError:
-            raise ValueError(f"bad shape {item!r}: expected e.g. 32x64x56x56") from None
-        if len(shape) < 2 or min(shape) < 1:
-            raise ValueError(f"bad shape {item!r}: need at least 2 positive dimensions")
-        shapes.append(shape)
+    item = text.strip().lower()
+    try:
+        shape = tuple(int(part) for part in item.split("x"))
+    except ValueError:
+        raise ValueError(f"bad shape {item!r}: expected e.g. 32x64x56x56") from None
+    if len(shape) < 2 or min(shape) < 1:
+        raise ValueError(f"bad shape {item!r}: need at least 2 positive dimensions")
+    return shape
+
+
+def parse_shapes(text):
+    """``"256x4096,32x64x56x56"`` -> ``[(256, 4096), (32, 64, 56, 56)]``.
+
+    Parameters
+    ----------
+    text : str
+        Comma-separated shapes, each as :func:`parse_shape` reads it.
+
+    Returns
+    -------
+    list of tuple of int
+
+    Raises
+    ------
+    ValueError
+        For a bad shape, or when no shape is given.
+    """
+    shapes = [parse_shape(item) for item in text.split(",") if item.strip()]
     if not shapes:
         raise ValueError("no shapes given")
     return shapes
@@ -160,25 +192,32 @@ def resolve_backends(text):
     return names
 
 
-def best_time(func, repeat):
-    """Best wall time of ``repeat`` calls of ``func`` after one warm-up call.
+def best_time(func, repeat, warmup=True):
+    """Best (minimum) wall time of ``repeat`` calls of ``func``, in seconds.
+
+    The garbage collector is off while timing, as in :mod:`timeit`.
 
     Parameters
     ----------
     func : callable
+        Called with no arguments.
     repeat : int
+        Number of timed calls, at least 1.
+    warmup : bool, optional
+        Call ``func`` once, untimed, before the timed calls (default). The
+        asv benchmarks pass False: their ``setup`` already warmed up.
 
     Returns
     -------
     float
-        Seconds.
     """
-    func()
+    if warmup:
+        func()
     was_enabled = gc.isenabled()
     gc.disable()
     try:
         best = float("inf")
-        for _ in range(max(1, repeat)):
+        for _ in range(max(1, int(repeat))):
             start = time.perf_counter()
             func()
             best = min(best, time.perf_counter() - start)
@@ -188,8 +227,38 @@ def best_time(func, repeat):
     return best
 
 
+def fraction_of_copy_limit(kernel, seconds, copy_seconds):
+    """Share of the memory-bound limit that a kernel reaches.
+
+    Parameters
+    ----------
+    kernel : {"forward", "backward"}
+        ``"forward"`` moves 2 item sizes per element, the simplified
+        ``"backward"`` 3 (:data:`BYTES_PER_ELEMENT`).
+    seconds : float
+        Time of the kernel.
+    copy_seconds : float
+        Time of ``np.copyto`` of an array of the same size and dtype
+        (2 item sizes per element), measured in the same run.
+
+    Returns
+    -------
+    float
+        Limit time / kernel time; 1.0 means the kernel runs at copy speed.
+    """
+    limit = copy_seconds * BYTES_PER_ELEMENT[kernel] / BYTES_PER_ELEMENT["copy"]
+    return limit / seconds
+
+
 def make_data(shape, dtype, seed=0):
     """Filled inputs for one shape and dtype, shared by every backend.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        ``(N, C, ...)``; the channel axis is 1.
+    dtype : str or numpy.dtype
+    seed : int, optional
 
     Returns
     -------
@@ -210,10 +279,13 @@ def make_data(shape, dtype, seed=0):
 class Kernels:
     """Zero-argument kernels of one backend on shared data.
 
-    Outputs are preallocated and filled, so that timings measure neither the
-    allocator nor first-touch page faults. Device backends (CUDA, only when
-    named in ``--backends``) get device copies of the data and are
-    synchronized after each call.
+    Every kernel writes into preallocated, filled outputs (``out=``), so
+    that timings measure neither the allocator nor first-touch page faults.
+    The arrays are attributes: ``x``, ``dout``, ``gamma``, ``beta``,
+    ``running_mean``, ``running_var``, ``out``, ``dx``. Device backends
+    (CUDA, only when named in ``--backends``) get device copies of the data
+    and are synchronized after each call. PyTorch runs
+    ``torch.native_batch_norm`` on ``torch.from_numpy`` views of the arrays.
 
     Parameters
     ----------
@@ -223,39 +295,38 @@ class Kernels:
         From :func:`make_data`.
     """
 
+    ARRAYS = ("x", "dout", "gamma", "beta", "running_mean", "running_var", "out", "dx")
+
     def __init__(self, backend, data):
         self.backend = backend
         x = data["x"]
         channels = x.shape[1]
-        self.copy_src = x
+        self.shape = x.shape
+        self.dtype = x.dtype
+        self.x = x
+        self.dout = data["dout"]
+        self.gamma = data["gamma"]
+        self.beta = data["beta"]
+        self.running_mean = np.zeros(channels, dtype=x.dtype)
+        self.running_var = np.ones(channels, dtype=x.dtype)
+        # np.full writes every page now (np.zeros would map them lazily).
+        self.out = np.full(x.shape, 0.0, dtype=x.dtype)
+        self.dx = np.full(x.shape, 0.0, dtype=x.dtype)
         self.copy_dst = np.full(x.shape, 0.0, dtype=x.dtype)
-        arrays = {
-            "x": x, "dout": data["dout"], "gamma": data["gamma"], "beta": data["beta"],
-            "running_mean": np.zeros(channels, dtype=x.dtype),
-            "running_var": np.ones(channels, dtype=x.dtype),
-            "out": np.full(x.shape, 0.0, dtype=x.dtype),
-            "dx": np.full(x.shape, 0.0, dtype=x.dtype),
-        }
-        self._sync = _no_sync
+        self.copy_src = x
         self.cache = None
+        self._sync = _no_sync
         if backend == "torch":
-            self._setup_torch(arrays)
+            self._setup_torch()
             return
         import fastbn
 
         self._fastbn = fastbn
         if fastbn.backend_info().get(backend, {}).get("device", "cpu") != "cpu":
-            from numba import cuda
-
-            arrays = {name: cuda.to_device(value) for name, value in arrays.items()}
-            self._sync = cuda.synchronize
-            # The bandwidth reference of a device backend is a device copy.
-            self.copy_src = arrays["x"]
-            self.copy_dst = cuda.to_device(self.copy_dst)
-        self.a = arrays
+            self._setup_device()
 
     def copy(self):
-        """``np.copyto`` of ``x`` into a buffer of the same size.
+        """``np.copyto`` of ``x``: the bandwidth reference (2 item sizes).
 
         For a device backend, a device-to-device copy of the same bytes.
         """
@@ -266,55 +337,120 @@ class Kernels:
             self._sync()
 
     def forward(self):
-        """Training forward, running statistics updated; keeps the cache."""
+        """Training forward into ``out``, running statistics updated.
+
+        Returns
+        -------
+        object
+            The cache, also kept for :meth:`backward`.
+        """
         if self.backend == "torch":
-            return self._torch_forward()
-        a = self.a
+            return self._torch_forward(training=True)
         _, self.cache = self._fastbn.batchnorm_forward(
-            a["x"], a["gamma"], a["beta"], training=True,
-            running_mean=a["running_mean"], running_var=a["running_var"],
-            momentum=MOMENTUM, eps=EPS, backend=self.backend, out=a["out"])
+            self.x, self.gamma, self.beta, training=True,
+            running_mean=self.running_mean, running_var=self.running_var,
+            momentum=MOMENTUM, eps=EPS, backend=self.backend, out=self.out)
         self._sync()
+        return self.cache
 
-    def simplified(self):
-        """Simplified (closed-form) backward."""
-        self._backward("simplified")
+    def forward_eval(self):
+        """Evaluation forward (running statistics) into ``out``.
 
-    def staged(self):
-        """Staged (computational-graph) backward; not for PyTorch."""
-        self._backward("staged")
+        Returns
+        -------
+        object
+            What the backend's forward returns.
+        """
+        if self.backend == "torch":
+            return self._torch_forward(training=False)
+        result = self._fastbn.batchnorm_forward(
+            self.x, self.gamma, self.beta, training=False,
+            running_mean=self.running_mean, running_var=self.running_var,
+            eps=EPS, backend=self.backend, out=self.out)
+        self._sync()
+        return result
 
-    def _backward(self, method):
+    def backward(self, method="simplified"):
+        """Training backward into ``dx``; runs :meth:`forward` first if needed.
+
+        Parameters
+        ----------
+        method : {"simplified", "staged"}
+
+        Returns
+        -------
+        object
+            What the backend's backward returns.
+
+        Raises
+        ------
+        NotImplementedError
+            For ``"staged"`` on PyTorch, which has no staged backward.
+        """
         if self.cache is None:
             self.forward()
         if self.backend == "torch":
             if method != "simplified":
                 raise NotImplementedError("PyTorch has no staged backward")
             return self._torch_backward()
-        self._fastbn.batchnorm_backward(self.a["dout"], self.cache, method=method,
-                                        out=self.a["dx"])
+        result = self._fastbn.batchnorm_backward(self.dout, self.cache, method=method,
+                                                 out=self.dx)
         self._sync()
+        return result
 
-    def _setup_torch(self, arrays):
+    def simplified(self):
+        """Simplified (closed-form) backward."""
+        return self.backward("simplified")
+
+    def staged(self):
+        """Staged (computational-graph) backward; not for PyTorch."""
+        return self.backward("staged")
+
+    # Device backends (CUDA) -----------------------------------------------
+
+    def _setup_device(self):
+        """Move every array to the device; synchronize after each kernel."""
+        from numba import cuda
+
+        for name in self.ARRAYS + ("copy_dst",):
+            setattr(self, name, cuda.to_device(getattr(self, name)))
+        # The bandwidth reference of a device backend is a device copy.
+        self.copy_src = self.x
+        self._sync = cuda.synchronize
+
+    # PyTorch --------------------------------------------------------------
+
+    def _setup_torch(self):
+        """Tensors that share memory with the arrays, and the saved statistics."""
         import torch
 
         self._torch = torch
-        t = {name: torch.from_numpy(value) for name, value in arrays.items()}
+        t = {name: torch.from_numpy(getattr(self, name)) for name in self.ARRAYS}
         t["dgamma"] = torch.empty_like(t["gamma"])
         t["dbeta"] = torch.empty_like(t["beta"])
         _, t["save_mean"], t["save_invstd"] = torch.native_batch_norm(
             t["x"], t["gamma"], t["beta"], None, None, True, MOMENTUM, EPS)
+        # Evaluation mode returns empty statistics: keep separate buffers so
+        # that an evaluation forward never resizes the training ones.
+        _, t["eval_save_mean"], t["eval_save_invstd"] = torch.native_batch_norm(
+            t["x"], t["gamma"], t["beta"], t["running_mean"].clone(),
+            t["running_var"].clone(), False, MOMENTUM, EPS)
         self.t = t
 
-    def _torch_forward(self):
+    def _torch_forward(self, training):
         t = self.t
-        self.cache = self._torch.native_batch_norm(
+        prefix = "" if training else "eval_"
+        result = self._torch.native_batch_norm(
             t["x"], t["gamma"], t["beta"], t["running_mean"], t["running_var"],
-            True, MOMENTUM, EPS, out=(t["out"], t["save_mean"], t["save_invstd"]))
+            training, MOMENTUM, EPS,
+            out=(t["out"], t[prefix + "save_mean"], t[prefix + "save_invstd"]))
+        if training:
+            self.cache = result
+        return result
 
     def _torch_backward(self):
         t = self.t
-        self._torch.ops.aten.native_batch_norm_backward.out(
+        return self._torch.ops.aten.native_batch_norm_backward.out(
             t["dout"], t["x"], t["gamma"], t["running_mean"], t["running_var"],
             t["save_mean"], t["save_invstd"], True, EPS, [True, True, True],
             out0=t["dx"], out1=t["dgamma"], out2=t["dbeta"])
@@ -341,7 +477,6 @@ def measure(backend, data, repeat):
     staged_s = None if backend == "torch" else best_time(kernels.staged, repeat)
     # A second copy timing, after the kernels, guards against a slow start.
     copy_s = min(copy_s, best_time(kernels.copy, repeat))
-    limit = copy_s / BYTES_PER_ELEMENT["copy"]
     return {
         "backend": backend,
         "shape": list(x.shape),
@@ -351,8 +486,9 @@ def measure(backend, data, repeat):
         "simplified_ms": simplified_s * 1e3,
         "staged_ms": None if staged_s is None else staged_s * 1e3,
         "speedup_simplified_over_staged": None if staged_s is None else staged_s / simplified_s,
-        "forward_fraction_of_copy_limit": limit * BYTES_PER_ELEMENT["forward"] / forward_s,
-        "backward_fraction_of_copy_limit": limit * BYTES_PER_ELEMENT["backward"] / simplified_s,
+        "forward_fraction_of_copy_limit": fraction_of_copy_limit("forward", forward_s, copy_s),
+        "backward_fraction_of_copy_limit": fraction_of_copy_limit("backward", simplified_s,
+                                                                  copy_s),
         "forward_ratio_to_torch": None,
         "backward_ratio_to_torch": None,
     }

@@ -162,6 +162,38 @@ def test_numpy_and_torch_are_not_skipped():
         np.testing.assert_allclose(case.dx, ref.dx, rtol=1e-8, atol=1e-10)
 
 
+def test_suite_shares_the_bench_helpers():
+    """The asv suite times with fastbn.bench's code, not a copy of it."""
+    common = importlib.import_module(f"{PACKAGE}.common")
+    assert common.best_time is bench.best_time
+    assert common.fraction_of_copy_limit is bench.fraction_of_copy_limit
+    assert issubclass(common.Case, bench.Kernels)
+    case = common.Case("numpy", "4x3x2x2", "float64", seed=7)
+    data = bench.make_data((4, 3, 2, 2), "float64", seed=7)
+    np.testing.assert_array_equal(case.x, data["x"])
+    assert bench.fraction_of_copy_limit("forward", 2.0, 1.0) == pytest.approx(0.5)
+    assert bench.fraction_of_copy_limit("backward", 3.0, 2.0) == pytest.approx(1.0)
+
+
+def test_best_time_warmup():
+    calls = []
+    bench.best_time(lambda: calls.append(1), 3)
+    assert len(calls) == 4
+    calls.clear()
+    bench.best_time(lambda: calls.append(1), 3, warmup=False)
+    assert len(calls) == 3
+
+
+def test_parse_shape():
+    assert bench.parse_shape(" 32X64x5 ") == (32, 64, 5)
+    for bad in ("7", "4xq", "0x3"):
+        with pytest.raises(ValueError, match="bad shape"):
+            bench.parse_shape(bad)
+    assert bench.parse_shapes("6x5,,8x3x4") == [(6, 5), (8, 3, 4)]
+    with pytest.raises(ValueError, match="no shapes"):
+        bench.parse_shapes(" , ")
+
+
 def test_asv_conf():
     with open(ROOT / "asv.conf.json", encoding="utf-8") as fh:
         conf = json.load(fh)
