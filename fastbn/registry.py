@@ -3,11 +3,13 @@ import contextlib
 import importlib
 import threading
 
-# Known backends, fastest CPU backend first; "cuda" runs on a GPU and is the
-# default only for inputs that already live on the device.
+# Known backends, fastest CPU backend first (by the medians in
+# benchmarks/results/cpu_backends.md: numba is ahead of cython on most shapes
+# and on the memory-bound ones); "cuda" runs on a GPU and is the default only
+# for inputs that already live on the device.
 _MODULES = {
-    "cython": "fastbn.backends.cython_omp",
     "numba": "fastbn.backends.numba_cpu",
+    "cython": "fastbn.backends.cython_omp",
     "numpy": "fastbn.backends.numpy_backend",
     "cuda": "fastbn.backends.numba_cuda",
 }
@@ -38,7 +40,7 @@ def available_backends():
     Returns
     -------
     tuple of str
-        For example ``("cython", "numba", "numpy")``; ``"cuda"`` is listed
+        For example ``("numba", "cython", "numpy")``; ``"cuda"`` is listed
         last when a CUDA GPU (or the CUDA simulator) is available.
     """
     return tuple(name for name in KNOWN_BACKENDS if _load(name)[1])

@@ -9,7 +9,7 @@ import fastbn
 from conftest import (BACKENDS, CUDASIM, Snapshot, assert_close, make_input, make_params,
                       make_running, ref_backward, ref_forward, tol_for)
 
-KNOWN = ("cython", "numba", "numpy", "cuda")
+KNOWN = ("numba", "cython", "numpy", "cuda")
 
 
 # ---------------------------------------------------------------------------
