@@ -314,3 +314,50 @@ def gradcheck_problem(rng, shape, axis=1):
     rm = mean - std * rng.uniform(0.1, 0.2, size=C) * np.sign(a * b)
     rv = std ** 2 * rng.uniform(0.7, 1.4, size=C)
     return x, gamma, beta, dout, rm, rv
+
+
+# ---------------------------------------------------------------------------
+# Kernel-level helpers for the backend-specific tests (3-D (A, C, B) arrays)
+# ---------------------------------------------------------------------------
+
+def make_kernel_case(shape, dtype, seed=0):
+    """``x``, ``dy`` of ``dtype`` and float64 ``gamma``, ``beta`` holding ``dtype`` values."""
+    rng = np.random.default_rng(seed)
+    x = (3 * rng.standard_normal(shape) + 5).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    channels = shape[1]
+    gamma = rng.standard_normal(channels).astype(dtype).astype(np.float64)
+    beta = rng.standard_normal(channels).astype(dtype).astype(np.float64)
+    return x, dy, gamma, beta
+
+
+def kernel_reference(x, gamma, beta, dy, eps=1e-5):
+    """Every kernel's result in float64 NumPy, from the formulas, on ``(A, C, B)``."""
+    x64 = x.astype(np.float64)
+    dy64 = dy.astype(np.float64)
+    count = x.shape[0] * x.shape[2]
+    mean = x64.mean(axis=(0, 2))
+    var = ((x64 - mean[None, :, None]) ** 2).mean(axis=(0, 2))
+    invstd = 1.0 / np.sqrt(var + eps)
+    xhat = (x64 - mean[None, :, None]) * invstd[None, :, None]
+    y = xhat * gamma[None, :, None] + beta[None, :, None]
+    sum_dy = dy64.sum(axis=(0, 2))
+    sum_dy_xhat = (dy64 * xhat).sum(axis=(0, 2))
+    dx = (gamma * invstd)[None, :, None] * (
+        dy64 - sum_dy[None, :, None] / count - xhat * sum_dy_xhat[None, :, None] / count)
+    return dict(mean=mean, var=var, invstd=invstd, y=y, sum_dy=sum_dy,
+                sum_dy_xhat=sum_dy_xhat, dx=dx)
+
+
+# (shape, channel axis) pairs every parity test runs over
+LAYOUTS = [
+    ((16, 5), 1),
+    ((4, 3, 10), 1),
+    ((4, 3, 5, 6), 1),
+    ((2, 3, 2, 3, 4), 1),
+    ((4, 5, 6, 3), -1),
+]
+
+
+def layout_ids(layouts):
+    return [f"{shape}-axis{axis}" for shape, axis in layouts]

@@ -16,6 +16,7 @@ import threading
 import numpy as np
 import pytest
 
+from conftest import kernel_reference, make_kernel_case
 from fastbn.backends import cython_omp
 
 AVAILABLE, REASON = cython_omp.availability()
@@ -47,35 +48,11 @@ def test_availability_and_info_shape():
     assert cython_omp.ON_DEVICE is False
 
 
-# ---------------------------------------------------------------------------
-# A float64 NumPy reference on the canonical (A, C, B) view
-# ---------------------------------------------------------------------------
-
 def reference(x, gamma, beta, dy):
-    x64 = x.astype(np.float64)
-    dy64 = dy.astype(np.float64)
-    M = x.shape[0] * x.shape[2]
-    mean = x64.mean(axis=(0, 2))
-    var = ((x64 - mean[None, :, None]) ** 2).mean(axis=(0, 2))
-    invstd = 1.0 / np.sqrt(var + EPS)
-    xhat = (x64 - mean[None, :, None]) * invstd[None, :, None]
-    y = xhat * gamma[None, :, None] + beta[None, :, None]
-    sum_dy = dy64.sum(axis=(0, 2))
-    sum_dy_xhat = (dy64 * xhat).sum(axis=(0, 2))
-    dx = (gamma * invstd)[None, :, None] * (
-        dy64 - sum_dy[None, :, None] / M - xhat * sum_dy_xhat[None, :, None] / M)
-    return dict(mean=mean, var=var, invstd=invstd, y=y, sum_dy=sum_dy,
-                sum_dy_xhat=sum_dy_xhat, dx=dx)
+    return kernel_reference(x, gamma, beta, dy, EPS)
 
 
-def make_case(shape, dtype, seed=0):
-    rng = np.random.default_rng(seed)
-    x = (3 * rng.standard_normal(shape) + 5).astype(dtype)
-    dy = rng.standard_normal(shape).astype(dtype)
-    C = shape[1]
-    gamma = rng.standard_normal(C).astype(dtype).astype(np.float64)
-    beta = rng.standard_normal(C).astype(dtype).astype(np.float64)
-    return x, dy, gamma, beta
+make_case = make_kernel_case
 
 
 def run_all_kernels(x, dy, gamma, beta):

@@ -5,18 +5,11 @@ import numpy as np
 import pytest
 
 import fastbn
-from conftest import (assert_close, make_input, make_params, make_running, ref_backward,
+from conftest import (LAYOUTS, assert_close, layout_ids, make_input, make_params, make_running, ref_backward,
                       ref_forward, sim_skip_slow, tol_for)
 
-SHAPES = [
-    ((16, 5), 1),
-    ((4, 3, 10), 1),
-    ((4, 3, 5, 6), 1),
-    ((2, 3, 2, 3, 4), 1),
-    ((4, 5, 6, 3), -1),
-    ((3, 4, 5), 0),
-]
-IDS = [f"{s}-axis{a}" for s, a in SHAPES]
+SHAPES = LAYOUTS + [((3, 4, 5), 0)]
+IDS = layout_ids(SHAPES)
 
 
 def _run(backend, x, gamma, beta, rm, rv, training, dout, axis, method):

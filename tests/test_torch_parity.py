@@ -10,18 +10,12 @@ import numpy as np
 import pytest
 
 import fastbn
-from conftest import make_input, make_params, make_running, normwise_error, record_error
+from conftest import LAYOUTS, layout_ids, make_input, make_params, make_running, normwise_error, record_error
 
 torch = pytest.importorskip("torch")
 
-SHAPES = [
-    ((16, 5), 1),
-    ((4, 3, 10), 1),
-    ((4, 3, 5, 6), 1),
-    ((2, 3, 2, 3, 4), 1),
-    ((4, 5, 6, 3), -1),
-]
-IDS = [f"{s}-axis{a}" for s, a in SHAPES]
+SHAPES = LAYOUTS
+IDS = layout_ids(SHAPES)
 
 # normwise relative tolerances (max |a - t| / max |t|) on well-conditioned data
 RTOL = {np.float64: 1e-10, np.float32: 2e-5}
