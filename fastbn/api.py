@@ -322,14 +322,14 @@ def batchnorm_forward(x, gamma=None, beta=None, *, training=True,
             _write_channel(running_var,
                            (1.0 - momentum) * running_var64 + momentum * unbiased_var, module)
         mean_cached = mean
+        invstd_cached = call.channel(invstd)
     else:
-        invstd = 1.0 / np.sqrt(running_var64 + eps)
         mean_cached = call.channel(running_mean64)
-        module.normalize(x3, mean_cached, call.channel(invstd), call.channel(gamma64),
+        invstd_cached = call.channel(1.0 / np.sqrt(running_var64 + eps))
+        module.normalize(x3, mean_cached, invstd_cached, call.channel(gamma64),
                          call.channel(beta64), out3)
     result = call.finish(result, buffer)
-    cache = BatchNormCache(x, mean_cached, call.channel(invstd), gamma64, eps, axis,
-                           training, name)
+    cache = BatchNormCache(x, mean_cached, invstd_cached, gamma64, eps, axis, training, name)
     return result, cache
 
 

@@ -256,9 +256,7 @@ def test_inputs_not_modified_and_read_only_inputs_work():
 @needs_extension
 @pytest.mark.parametrize("shape,axis", [((6, 5, 7, 3), 1), ((40, 9), 1), ((4, 3, 5, 6), -1)])
 def test_public_api_with_cython_backend(shape, axis):
-    fastbn = pytest.importorskip("fastbn")
-    if not hasattr(fastbn, "batchnorm_forward"):
-        pytest.skip("fastbn.batchnorm_forward not available yet")
+    import fastbn
     rng = np.random.default_rng(4)
     x = rng.standard_normal(shape)
     dout = rng.standard_normal(shape)

@@ -222,9 +222,7 @@ def test_availability_and_info():
 
 
 def test_through_api():
-    fastbn = pytest.importorskip("fastbn")
-    if not hasattr(fastbn, "batchnorm_forward") or "numba" not in fastbn.available_backends():
-        pytest.skip("fastbn API or numba backend not available")
+    import fastbn
     rng = np.random.default_rng(6)
     for shape, axis in (((6, 5, 4, 7), 1), ((30, 11), 1), ((4, 3, 5, 6), -1)):
         x = rng.standard_normal(shape)

@@ -28,7 +28,8 @@ def _running_stats(bn_param, channels, dtype):
     return running_mean, running_var
 
 
-def _forward(x, gamma, beta, bn_param, axis):
+def _forward(x, gamma, beta, bn_param):
+    """Both forward functions: channels on axis 1, ``(N, D)`` or ``(N, C, H, W)``."""
     if "mode" not in bn_param:
         raise ValueError("bn_param must contain 'mode' ('train' or 'test')")
     mode = bn_param["mode"]
@@ -37,14 +38,14 @@ def _forward(x, gamma, beta, bn_param, axis):
     eps = bn_param.get("eps", 1e-5)
     momentum = bn_param.get("momentum", 0.9)
     x = np.asarray(x)
-    channels = x.shape[axis] if x.ndim >= 2 else 0
+    channels = x.shape[1] if x.ndim >= 2 else 0
     running_mean, running_var = _running_stats(bn_param, channels, x.dtype)
     if mode == "test":
         out, cache = api.batchnorm_forward(
             x, gamma, beta, training=False, running_mean=running_mean,
-            running_var=running_var, eps=eps, axis=axis)
+            running_var=running_var, eps=eps)
     else:
-        out, cache = api.batchnorm_forward(x, gamma, beta, training=True, eps=eps, axis=axis)
+        out, cache = api.batchnorm_forward(x, gamma, beta, training=True, eps=eps)
         batch_mean = np.asarray(cache.mean, dtype=np.float64)
         batch_var = 1.0 / np.asarray(cache.invstd, dtype=np.float64) ** 2 - eps
         running_mean = momentum * running_mean + (1 - momentum) * batch_mean
@@ -62,7 +63,7 @@ def batchnorm_forward(x, gamma, beta, bn_param):
     out : ndarray of shape (N, D)
     cache : BatchNormCache
     """
-    return _forward(x, gamma, beta, bn_param, axis=1)
+    return _forward(x, gamma, beta, bn_param)
 
 
 def batchnorm_backward(dout, cache):
@@ -90,7 +91,7 @@ def spatial_batchnorm_forward(x, gamma, beta, bn_param):
 
     No transpose is made: fastbn views ``x`` as ``(N, C, H*W)``.
     """
-    return _forward(x, gamma, beta, bn_param, axis=1)
+    return _forward(x, gamma, beta, bn_param)
 
 
 def spatial_batchnorm_backward(dout, cache):
