@@ -1,9 +1,13 @@
 """The public batch-norm functions: validation, the canonical view, dispatch.
 
 Everything a backend should not have to repeat lives here: input checks,
-casting of the per-channel parameters, the ``(A, C, B)`` view, allocation
-and checking of outputs, host/device transfers for device backends, and the
-update of running statistics.
+the ``(A, C, B)`` view, allocation and checking of outputs, and the
+host/device transfers of a device call. Per-channel work (turning sums into
+``mean``/``invstd``, updating the running statistics in place) is the
+backend's, done where the data lives: the CPU backends share one host
+implementation (:mod:`fastbn.backends._host`), the CUDA backend does it in a
+kernel. For device arrays this module checks metadata only (shape, dtype,
+strides) and never reads a value.
 """
 import math
 import numbers
@@ -28,6 +32,11 @@ def _is_device_array(obj):
         return False
     return (hasattr(obj, "__cuda_array_interface__")
             or bool(getattr(type(obj), "__cuda_ndarray__", False)))
+
+
+def _is_host(obj):
+    """True unless ``obj`` lives on a device (lists and scalars live on the host)."""
+    return not _is_device_array(obj)
 
 
 def _resolve_backend(name, x):
@@ -88,49 +97,47 @@ def _check_scalar(value, name, low, high):
     return value
 
 
-def _host_values(obj, module):
-    """Host NumPy values of a per-channel argument (device arrays are copied)."""
-    if _is_device_array(obj):
-        return module.to_host(module.to_device(obj))
-    return np.asarray(obj)
-
-
-def _channel_param(value, channels, dtype, name, module, fill):
-    """A per-channel parameter as float64 ``(C,)`` holding values of ``dtype``."""
+def _channel_param(value, channels, dtype, name, fill):
+    """A host per-channel parameter as float64 ``(C,)`` holding values of ``dtype``."""
     if value is None:
         return np.full(channels, fill, dtype=np.float64)
-    array = _host_values(value, module)
-    if array.dtype.kind not in "biuf":
-        raise TypeError(f"{name} must be real numbers, got dtype {array.dtype}")
-    if array.shape != (channels,):
-        raise ValueError(f"{name} must have shape ({channels},) (one value per channel), "
-                         f"got shape {array.shape}")
+    _check_host(value, name)
+    array = np.asarray(value)
+    _check_channel_metadata(array, channels, name, "biuf")
     return array.astype(dtype).astype(np.float64)
 
 
-def _check_running(value, channels, name, module, writable):
-    """Validate a running statistic; return its host float64 values."""
-    if writable and not (isinstance(value, np.ndarray) or _is_device_array(value)):
+def _check_host(value, name):
+    if _is_device_array(value):
+        raise ValueError(f"{name} is a device array but the backend runs on the host")
+
+
+def _check_channel_metadata(array, channels, name, kinds):
+    """Dtype kind and shape of a per-channel array (metadata only)."""
+    dtype = np.dtype(array.dtype)
+    if dtype.kind not in kinds:
+        what = "real numbers" if "i" in kinds else "a floating dtype"
+        raise TypeError(f"{name} must have {what}, got dtype {dtype}")
+    if tuple(array.shape) != (channels,):
+        raise ValueError(f"{name} must have shape ({channels},) (one value per channel), "
+                         f"got shape {tuple(array.shape)}")
+
+
+def _check_running(value, channels, name, writable):
+    """Validate a host running statistic; return it (an ndarray when ``writable``)."""
+    _check_host(value, name)
+    if writable and not isinstance(value, np.ndarray):
         raise ValueError(f"{name} must be an array (it is updated in place), "
                          f"got {type(value).__name__}")
-    array = _host_values(value, module)
-    if array.shape != (channels,):
+    array = np.asarray(value)
+    if tuple(array.shape) != (channels,):
         raise ValueError(f"{name} must have shape ({channels},) (one value per channel), "
-                         f"got shape {array.shape}")
+                         f"got shape {tuple(array.shape)}")
     if array.dtype.kind != "f":
         raise TypeError(f"{name} must have a floating dtype, got dtype {array.dtype}")
-    if writable and isinstance(value, np.ndarray) and not value.flags.writeable:
+    if writable and not array.flags.writeable:
         raise ValueError(f"{name} is read-only; it is updated in place in training mode")
-    return array.astype(np.float64)
-
-
-def _write_channel(target, values, module):
-    """Write per-channel float64 ``values`` into ``target`` in place."""
-    if isinstance(target, np.ndarray):
-        target[...] = values
-    else:
-        device = module.to_device(target)
-        device.copy_to_device(np.ascontiguousarray(values, dtype=device.dtype))
+    return array
 
 
 def _check_out(out, shape, dtype, module, inputs):
@@ -157,65 +164,69 @@ def _check_out(out, shape, dtype, module, inputs):
     return out
 
 
-def _view3(array, A, C, B, module):
-    """The canonical ``(A, C, B)`` view (a copy only for non-contiguous input)."""
-    if module.ON_DEVICE and not isinstance(array, np.ndarray):
-        if not array.is_c_contiguous():
-            raise ValueError("device arrays must be C-contiguous")
-        return array.reshape(A, C, B)
+def _view3(array, A, C, B):
+    """The canonical ``(A, C, B)`` view of a host array (a copy only if non-contiguous)."""
     return np.ascontiguousarray(array).reshape(A, C, B)
 
 
-class _Call:
-    """Moves arrays between the caller and a backend's kernels.
+class _Device:
+    """The transfers of one call to a device backend.
 
-    For host backends every method is the identity; for a device backend it
-    copies host inputs to the device and results back to the host when the
-    caller passed host arrays.
+    Device arrays are wrapped, never copied, and their values are never read
+    on the host: only metadata is checked. Host arrays given to a device call
+    are copied to the device once, and what the call writes (outputs, running
+    statistics) is copied back once, at :meth:`finish`.
     """
 
-    def __init__(self, module, x):
+    def __init__(self, module):
         self.module = module
-        self.on_device = module.ON_DEVICE
-        self.host_caller = not _is_device_array(x)
+        self.copy_back = []   # (host array, device array) pairs
 
     def array3(self, array, A, C, B):
-        if self.on_device:
-            if isinstance(array, np.ndarray):
-                array = np.ascontiguousarray(array)
-            array = self.module.to_device(array)
-        return _view3(array, A, C, B, self.module)
+        """A C-contiguous ``(A, C, B)`` device view of a full-size input."""
+        if isinstance(array, np.ndarray):
+            array = self.module.to_device(np.ascontiguousarray(array))
+        if not array.is_c_contiguous():
+            raise ValueError("device arrays must be C-contiguous")
+        return array.reshape(A, C, B)
 
-    def channel(self, values):
-        values = np.ascontiguousarray(values, dtype=np.float64)
-        return self.module.to_device(values) if self.on_device else values
+    def channel(self, value, channels, name, kinds, writable=False):
+        """A per-channel argument on the device (``None`` stays ``None``)."""
+        if value is None:
+            return None
+        if not _is_device_array(value):
+            host = (_check_running(value, channels, name, True) if writable
+                    else np.asarray(value))
+            _check_channel_metadata(host, channels, name, kinds)
+            device = self.module.to_device(np.ascontiguousarray(host))
+            if writable:
+                self.copy_back.append((host, device))
+            return device
+        device = self.module.to_device(value)
+        _check_channel_metadata(device, channels, name, kinds)
+        if writable and not device.is_c_contiguous():
+            raise ValueError(f"{name} must be C-contiguous (it is updated in place)")
+        return device
 
-    def host(self, values):
-        return self.module.to_host(values) if self.on_device else values
+    def output(self, out, shape, dtype, on_host):
+        """(the caller's result, the device buffer a kernel writes).
 
-    def output(self, out, shape, dtype):
-        """(user-facing result, kernel's 3-D-reshapeable buffer)."""
-        if not self.on_device:
-            result = np.empty(shape, dtype=dtype) if out is None else out
-            return result, result
-        if self.host_caller:
-            result = np.empty(shape, dtype=dtype) if out is None else out
-            return result, self.module.empty(tuple(shape), np.dtype(dtype))
-        result = self.module.empty(tuple(shape), np.dtype(dtype)) if out is None else out
-        return result, result
+        Outputs live where the caller's main input lives (``on_host``); a
+        host result is filled from the device buffer at :meth:`finish`.
+        """
+        if out is not None and not isinstance(out, np.ndarray):
+            return out, out
+        buffer = self.module.empty(tuple(shape), dtype)
+        if out is None and not on_host:
+            return buffer, buffer
+        result = np.empty(shape, dtype=dtype) if out is None else out
+        self.copy_back.append((result, buffer))
+        return result, buffer
 
-    def finish(self, result, buffer):
-        """Copy the kernel's buffer into the host result when they differ."""
-        if result is not buffer:
-            result[...] = self.module.to_host(buffer).reshape(result.shape)
-        return result
-
-    def per_channel_result(self, values, dtype):
-        """A per-channel result of ``dtype`` where the caller's arrays live."""
-        values = np.asarray(values, dtype=dtype)
-        if self.on_device and not self.host_caller:
-            return self.module.to_device(values)
-        return values
+    def finish(self):
+        """Copy what the call wrote back into the host arrays it came from."""
+        for host, device in self.copy_back:
+            host[...] = self.module.to_host(device).reshape(host.shape)
 
 
 # --------------------------------------------------------------------------
@@ -245,7 +256,7 @@ def batchnorm_forward(x, gamma=None, beta=None, *, training=True,
         ``running_var`` (both required).
     running_mean, running_var : ndarray of shape (C,), optional
         Running statistics, updated in place in training mode (PyTorch's
-        convention): ``running = (1 - momentum) * running + momentum * batch``,
+        convention; on the device, by the backend's own kernel): ``running = (1 - momentum) * running + momentum * batch``,
         with the unbiased batch variance for ``running_var``.
     momentum : float in [0, 1], default 0.1
         Weight of the new batch in the running statistics.
@@ -278,58 +289,53 @@ def batchnorm_forward(x, gamma=None, beta=None, *, training=True,
         The backend is known but cannot run here.
     """
     name, module = _resolve_backend(backend, x)
+    on_device = module.ON_DEVICE
     x_array = _as_array(x, module, "x")
     axis, A, C, B = _check_input(x_array, axis)
     dtype = np.dtype(x_array.dtype)
     eps = _check_scalar(eps, "eps", 0.0, math.inf)
     momentum = _check_scalar(momentum, "momentum", 0.0, 1.0)
-    gamma64 = _channel_param(gamma, C, dtype, "gamma", module, 1.0)
-    beta64 = _channel_param(beta, C, dtype, "beta", module, 0.0)
     training = bool(training)
-    count = A * B
-    if training and count < 2:
+    if training and A * B < 2:
         raise ValueError("Expected more than 1 value per channel when training, "
                          f"got input of shape {tuple(x_array.shape)}")
     if training:
         if (running_mean is None) != (running_var is None):
             raise ValueError("give both running_mean and running_var, or neither")
-        track = running_mean is not None
-    else:
-        if running_mean is None or running_var is None:
-            raise ValueError("training=False needs running_mean and running_var")
-        track = False
-    if running_mean is not None:
-        running_mean64 = _check_running(running_mean, C, "running_mean", module, track)
-        running_var64 = _check_running(running_var, C, "running_var", module, track)
-    out = _check_out(out, x_array.shape, dtype, module, (x_array,))
+    elif running_mean is None or running_var is None:
+        raise ValueError("training=False needs running_mean and running_var")
 
-    call = _Call(module, x)
-    x3 = call.array3(x_array, A, C, B)
-    result, buffer = call.output(out, x_array.shape, dtype)
-    out3 = _view3(buffer, A, C, B, module)
-    if training:
-        mean, var = module.forward_train(x3, call.channel(gamma64), call.channel(beta64),
-                                         eps, out3)
-        mean_host = np.asarray(call.host(mean), dtype=np.float64)
-        var_host = np.asarray(call.host(var), dtype=np.float64)
-        invstd = 1.0 / np.sqrt(var_host + eps)
-        if track:
-            # PyTorch's convention: momentum weighs the new batch, and the
-            # running variance takes the unbiased batch variance.
-            unbiased_var = var_host * (count / (count - 1))
-            _write_channel(running_mean,
-                           (1.0 - momentum) * running_mean64 + momentum * mean_host, module)
-            _write_channel(running_var,
-                           (1.0 - momentum) * running_var64 + momentum * unbiased_var, module)
-        mean_cached = mean
-        invstd_cached = call.channel(invstd)
+    if on_device:
+        device = _Device(module)
+        gamma_arg = device.channel(gamma, C, "gamma", "biuf")
+        beta_arg = device.channel(beta, C, "beta", "biuf")
+        running_mean = device.channel(running_mean, C, "running_mean", "f", training)
+        running_var = device.channel(running_var, C, "running_var", "f", training)
+        out = _check_out(out, x_array.shape, dtype, module, ())
+        x3 = device.array3(x_array, A, C, B)
+        result, buffer = device.output(out, x_array.shape, dtype, _is_host(x))
+        out3 = buffer.reshape(A, C, B)
     else:
-        mean_cached = call.channel(running_mean64)
-        invstd_cached = call.channel(1.0 / np.sqrt(running_var64 + eps))
-        module.normalize(x3, mean_cached, invstd_cached, call.channel(gamma64),
-                         call.channel(beta64), out3)
-    result = call.finish(result, buffer)
-    cache = BatchNormCache(x, mean_cached, invstd_cached, gamma64, eps, axis, training, name)
+        gamma_arg = _channel_param(gamma, C, dtype, "gamma", 1.0)
+        beta_arg = _channel_param(beta, C, dtype, "beta", 0.0)
+        if running_mean is not None:
+            running_mean = _check_running(running_mean, C, "running_mean", training)
+            running_var = _check_running(running_var, C, "running_var", training)
+        result = _check_out(out, x_array.shape, dtype, module, (x_array,))
+        if result is None:
+            result = np.empty(x_array.shape, dtype=dtype)
+        x3 = _view3(x_array, A, C, B)
+        out3 = result.reshape(A, C, B)
+
+    if training:
+        mean, invstd = module.forward_train(x3, gamma_arg, beta_arg, eps, out3,
+                                            running_mean, running_var, momentum)
+    else:
+        mean, invstd = module.forward_eval(x3, gamma_arg, beta_arg, running_mean,
+                                           running_var, eps, out3)
+    if on_device:
+        device.finish()
+    cache = BatchNormCache(x, mean, invstd, gamma_arg, eps, axis, training, name)
     return result, cache
 
 
@@ -370,9 +376,9 @@ def batchnorm_backward(dout, cache, *, method="simplified", out=None):
     if method not in _METHODS:
         raise ValueError(f"method must be 'simplified' or 'staged', got {method!r}")
     module = registry.get_backend(cache.backend)
+    on_device = module.ON_DEVICE
     dout_array = _as_array(dout, module, "dout")
-    x = cache.x
-    x_array = module.to_device(x) if _is_device_array(x) else np.asarray(x)
+    x_array = cache.x if _is_host(cache.x) else module.to_device(cache.x)
     shape, dtype = tuple(x_array.shape), np.dtype(x_array.dtype)
     if tuple(dout_array.shape) != shape or np.dtype(dout_array.dtype) != dtype:
         raise ValueError(f"dout must have the forward input's shape {shape} and dtype {dtype}, "
@@ -380,25 +386,33 @@ def batchnorm_backward(dout, cache, *, method="simplified", out=None):
                          f"{np.dtype(dout_array.dtype)}")
     axis = cache.axis
     A, C, B = math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1:])
-    out = _check_out(out, shape, dtype, module, (dout_array, x_array))
 
-    call = _Call(module, dout)
-    dy3 = call.array3(dout_array, A, C, B)
-    x3 = call.array3(x_array, A, C, B)
-    gamma = call.channel(cache.gamma)
-    result, buffer = call.output(out, shape, dtype)
-    dx3 = _view3(buffer, A, C, B, module)
-    if not cache.training:
-        # Evaluation mode: mean and invstd are constants, dx = dout * gamma * invstd.
-        dbeta, dgamma = module.backward_reduce(dy3, x3, cache.mean, cache.invstd)
-        zeros = call.channel(np.zeros(C))
-        module.normalize(dy3, zeros, cache.invstd, gamma, zeros, dx3)
-    elif method == "simplified":
-        dbeta, dgamma = module.backward_train(dy3, x3, cache.mean, cache.invstd, gamma, dx3)
+    if on_device:
+        device = _Device(module)
+        out = _check_out(out, shape, dtype, module, ())
+        dy3 = device.array3(dout_array, A, C, B)
+        x3 = device.array3(x_array, A, C, B)
+        result, buffer = device.output(out, shape, dtype, _is_host(dout))
+        dx3 = buffer.reshape(A, C, B)
     else:
-        dgamma, dbeta = module.backward_staged(dy3, x3, cache.mean, cache.invstd, gamma,
+        result = _check_out(out, shape, dtype, module, (dout_array, x_array))
+        if result is None:
+            result = np.empty(shape, dtype=dtype)
+        dy3 = _view3(dout_array, A, C, B)
+        x3 = _view3(x_array, A, C, B)
+        dx3 = result.reshape(A, C, B)
+
+    if not cache.training:
+        dbeta, dgamma = module.backward_eval(dy3, x3, cache.mean, cache.invstd, cache.gamma, dx3)
+    elif method == "simplified":
+        dbeta, dgamma = module.backward_train(dy3, x3, cache.mean, cache.invstd, cache.gamma,
+                                              dx3)
+    else:
+        dgamma, dbeta = module.backward_staged(dy3, x3, cache.mean, cache.invstd, cache.gamma,
                                                cache.eps, dx3)
-    result = call.finish(result, buffer)
-    dgamma = call.per_channel_result(call.host(dgamma), dtype)
-    dbeta = call.per_channel_result(call.host(dbeta), dtype)
-    return result, dgamma, dbeta
+    if on_device:
+        device.finish()
+        if _is_host(dout):
+            dgamma, dbeta = module.to_host(dgamma), module.to_host(dbeta)
+        return result, dgamma, dbeta
+    return result, dgamma.astype(dtype, copy=False), dbeta.astype(dtype, copy=False)

@@ -16,8 +16,10 @@ class BatchNormCache:
         Batch statistics in training mode; running statistics in evaluation
         mode (``invstd = 1 / sqrt(var + eps)``). Device arrays for a device
         backend.
-    gamma : ndarray of float64, shape (C,)
-        The scale, with the values of ``x.dtype``. Host array.
+    gamma : array of shape (C,), or None
+        The scale as the backend takes it: for a CPU backend a float64 host
+        array with the values of ``x.dtype``; for a device backend the
+        caller's device array (``None`` for ones).
     eps : float
     axis : int
         The channel axis, normalized to be non-negative.
@@ -28,7 +30,7 @@ class BatchNormCache:
     """
 
     __slots__ = ("x", "mean", "invstd", "gamma", "eps", "axis", "training",
-                 "backend", "_device_gamma")
+                 "backend")
 
     def __init__(self, x, mean, invstd, gamma, eps, axis, training, backend):
         self.x = x
@@ -39,7 +41,6 @@ class BatchNormCache:
         self.axis = axis
         self.training = training
         self.backend = backend
-        self._device_gamma = None
 
     @property
     def mode(self):

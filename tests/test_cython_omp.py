@@ -62,8 +62,7 @@ def run_all_kernels(x, dy, gamma, beta):
     y = np.empty_like(x)
     res["fwd_stats"] = cython_omp.forward_train(x, gamma, beta, EPS, y)
     res["y"] = y
-    mean, var = res["fwd_stats"]
-    invstd = 1.0 / np.sqrt(var + EPS)
+    mean, invstd = res["fwd_stats"]
     y_eval = np.empty_like(x)
     cython_omp.normalize(x, mean, invstd, gamma, beta, y_eval)
     res["y_normalize"] = y_eval
@@ -107,10 +106,14 @@ def test_kernels_match_float64_reference(name, dtype):
     res = run_all_kernels(x, dy, gamma, beta)
     tight = 1e-5 if dtype == np.float32 else 1e-10
     # statistics and reductions are float64 in every case
-    for mean, var in (res["stats"], res["fwd_stats"]):
-        assert mean.dtype == np.float64 and var.dtype == np.float64
-        assert_close(mean, ref["mean"], 1e-12, 1e-12)
-        assert_close(var, ref["var"], 1e-10, 1e-12)
+    mean, var = res["stats"]
+    mean_f, invstd_f = res["fwd_stats"]
+    for values in (mean, var, mean_f, invstd_f):
+        assert values.dtype == np.float64
+    assert_close(mean, ref["mean"], 1e-12, 1e-12)
+    assert_close(var, ref["var"], 1e-10, 1e-12)
+    assert_close(mean_f, ref["mean"], 1e-12, 1e-12)
+    assert_close(invstd_f, ref["invstd"], 1e-10, 1e-12)
     for sum_dy, sum_dy_xhat in (res["reduce"], res["train"]):
         assert_close(sum_dy, ref["sum_dy"], 1e-9, 1e-9)
         assert_close(sum_dy_xhat, ref["sum_dy_xhat"], 1e-9, 1e-9)
@@ -161,9 +164,9 @@ def test_fused_and_unfused_kernels_agree_bitwise(name, dtype):
     x, dy, gamma, beta = make_case(SHAPES[name], dtype, seed=5)
     mean, var = cython_omp.stats(x)
     y = np.empty_like(x)
-    mean_f, var_f = cython_omp.forward_train(x, gamma, beta, EPS, y)
-    assert np.array_equal(mean, mean_f) and np.array_equal(var, var_f)
+    mean_f, invstd_f = cython_omp.forward_train(x, gamma, beta, EPS, y)
     invstd = 1.0 / np.sqrt(var + EPS)
+    assert np.array_equal(mean, mean_f) and np.array_equal(invstd, invstd_f)
     sums = cython_omp.backward_reduce(dy, x, mean, invstd)
     dx = np.empty_like(x)
     sums_f = cython_omp.backward_train(dy, x, mean, invstd, gamma, dx)
@@ -198,12 +201,12 @@ def test_float32_large_mean_small_std(shape):
     C = shape[1]
     gamma, beta = np.ones(C), np.zeros(C)
     y = np.empty_like(x)
-    mean, var = cython_omp.forward_train(x, gamma, beta, EPS, y)
+    mean, invstd = cython_omp.forward_train(x, gamma, beta, EPS, y)
     dy = (1e4 + rng.standard_normal(shape)).astype(np.float32)   # mean_dy = 1e4 * std
     ref = reference(x, gamma, beta, dy)
     assert np.max(np.abs(y - ref["y"])) < 1e-4
     dx = np.empty_like(x)
-    cython_omp.backward_train(dy, x, mean, 1.0 / np.sqrt(var + EPS), gamma, dx)
+    cython_omp.backward_train(dy, x, mean, invstd, gamma, dx)
     assert np.max(np.abs(dx - ref["dx"])) < 1e-4 * np.max(np.abs(ref["dx"]))
 
 
@@ -217,8 +220,8 @@ def test_constant_float32_channel_gives_zero_var_and_beta(shape):
     mean, var = cython_omp.stats(x)
     assert np.all(var == 0.0) and np.all(mean == 1e7)
     y = np.empty_like(x)
-    mean, var = cython_omp.forward_train(x, gamma, beta, EPS, y)
-    assert np.all(var == 0.0)
+    mean, invstd = cython_omp.forward_train(x, gamma, beta, EPS, y)
+    assert np.all(invstd == 1.0 / np.sqrt(EPS))   # var == 0 exactly
     assert np.array_equal(y, np.broadcast_to(beta.astype(np.float32)[None, :, None], shape))
 
 
@@ -234,8 +237,8 @@ def test_nan_propagates_to_its_channel_only(shape, position):
         assert np.all(np.isnan(res[key][:, 1, :])), key
         others = np.delete(res[key], 1, axis=1)
         assert np.all(np.isfinite(others)), key
-    mean, var = res["fwd_stats"]
-    assert np.isnan(mean[1]) and np.isnan(var[1])
+    mean, invstd = res["fwd_stats"]
+    assert np.isnan(mean[1]) and np.isnan(invstd[1])
     assert np.all(np.isfinite(np.delete(mean, 1)))
 
 
@@ -301,9 +304,9 @@ def test_numba_and_cython_from_several_python_threads():
     for b_index, backend in enumerate(backends):
         for c_index, (x, dy, gamma, beta) in enumerate(cases):
             y = np.empty_like(x)
-            mean, var = backend.forward_train(x, gamma, beta, EPS, y)
+            mean, invstd = backend.forward_train(x, gamma, beta, EPS, y)
             dx = np.empty_like(x)
-            sums = backend.backward_train(dy, x, mean, 1.0 / np.sqrt(var + EPS), gamma, dx)
+            sums = backend.backward_train(dy, x, mean, invstd, gamma, dx)
             expected[b_index, c_index] = (y, dx, np.asarray(sums[0]), np.asarray(sums[1]))
     errors = []
 
@@ -313,9 +316,9 @@ def test_numba_and_cython_from_several_python_threads():
         try:
             for _ in range(4):
                 y = np.empty_like(x)
-                mean, var = backend.forward_train(x, gamma, beta, EPS, y)
+                mean, invstd = backend.forward_train(x, gamma, beta, EPS, y)
                 dx = np.empty_like(x)
-                sums = backend.backward_train(dy, x, mean, 1.0 / np.sqrt(var + EPS), gamma, dx)
+                sums = backend.backward_train(dy, x, mean, invstd, gamma, dx)
                 y_ref, dx_ref, s0, s1 = expected[b_index, c_index]
                 np.testing.assert_array_equal(y, y_ref)
                 np.testing.assert_array_equal(dx, dx_ref)

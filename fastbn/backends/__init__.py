@@ -3,9 +3,12 @@
 Every backend module works on the canonical 3-D view ``(A, C, B)`` that
 :mod:`fastbn.api` builds: ``A`` is the product of the axes before the channel
 axis, ``C`` the number of channels, ``B`` the product of the axes after it.
-Validation, dtype checks, the 3-D view, allocation of outputs and the update
-of running statistics all happen in :mod:`fastbn.api`; a backend never
-repeats them.
+Validation, dtype checks, the 3-D view and allocation of outputs happen in
+:mod:`fastbn.api`; a backend never repeats them. Per-channel work is the
+backend's, where its data lives: turning sums into ``mean``/``invstd`` and
+updating the caller's running statistics in place. The CPU backends share
+one host implementation of it (:mod:`fastbn.backends._host`); the CUDA
+backend does it on the device, in the kernel that merges its partial sums.
 
 What the API hands to a kernel
 ------------------------------
@@ -14,8 +17,10 @@ What the API hands to a kernel
 * ``mean``, ``invstd``, ``gamma``, ``beta``, ``sum_dy``, ``sum_dy_xhat``:
   C-contiguous float64 arrays of shape ``(C,)``. ``gamma``/``beta`` have been
   cast to ``x.dtype`` first, then to float64, so their values are those of
-  ``x.dtype``.
-* ``eps``: a Python float.
+  ``x.dtype``. (Device backends: see ``ON_DEVICE`` below.)
+* ``running_mean``, ``running_var``: the caller's own writable float arrays
+  of shape ``(C,)`` (any float dtype), or ``None``; ``momentum``, ``eps``:
+  Python floats.
 
 Kernels (module-level functions) and what they return
 -----------------------------------------------------
@@ -29,9 +34,16 @@ Kernels (module-level functions) and what they return
     ``mean = hi + lo``), so that a channel whose mean is 1e4 times its
     standard deviation is normalized to within 1e-4. Also used for the
     evaluation backward ``dx = dy * invstd * gamma`` (``mean = beta = 0``).
-``forward_train(x, gamma, beta, eps, out) -> (mean, var)``
+``forward_train(x, gamma, beta, eps, out, running_mean, running_var, momentum) -> (mean, invstd)``
     ``stats`` then ``normalize`` with ``invstd = 1 / sqrt(var + eps)``, fused
-    where that moves fewer bytes. Returns float64 ``mean`` and biased ``var``.
+    where that moves fewer bytes. When ``running_mean`` is given, updates
+    both running statistics in place, PyTorch's way:
+    ``running = (1 - momentum) * running + momentum * batch`` with the
+    unbiased batch variance ``var * M / (M - 1)``. Returns float64 ``mean``
+    and ``invstd`` (what the cache keeps).
+``forward_eval(x, gamma, beta, running_mean, running_var, eps, out) -> (mean, invstd)``
+    ``normalize`` with ``mean = running_mean`` and
+    ``invstd = 1 / sqrt(running_var + eps)``; returns those two.
 ``backward_reduce(dy, x, mean, invstd) -> (sum_dy, sum_dy_xhat)``
     float64 ``(C,)``: ``sum(dy)`` and ``sum(dy * (x - mean) * invstd)`` over
     ``A`` and ``B``.
@@ -41,6 +53,10 @@ Kernels (module-level functions) and what they return
 ``backward_train(dy, x, mean, invstd, gamma, out) -> (sum_dy, sum_dy_xhat)``
     ``backward_reduce`` then ``backward_elemt``, fused where that moves
     fewer bytes. ``dgamma = sum_dy_xhat``, ``dbeta = sum_dy``.
+``backward_eval(dy, x, mean, invstd, gamma, out) -> (sum_dy, sum_dy_xhat)``
+    The evaluation-mode backward, where ``mean`` and ``invstd`` are
+    constants: ``out = dy * gamma * invstd`` and the two sums of
+    ``backward_reduce``.
 ``backward_staged(dy, x, mean, invstd, gamma, eps, out) -> (dgamma, dbeta)``
     The teaching graph of the cs231n notebooks, stage by stage, each stage
     one pass that writes a full-size intermediate of ``x.dtype`` (reductions
@@ -86,10 +102,13 @@ Module attributes
     ``is_device_array(obj)``
         True for objects with ``__cuda_array_interface__``.
 
-    For an ``ON_DEVICE`` backend the API moves everything to the device
-    first and hands the kernels device arrays only (3-D arrays and the
-    per-channel float64 ``(C,)`` arrays alike); the kernels return device
-    arrays for their per-channel results and the API calls ``to_host`` where
-    it needs their values on the host. The API copies results back to the
-    host when the caller passed host arrays.
+    For an ``ON_DEVICE`` backend the API checks metadata only and hands the
+    kernels device arrays: the 3-D arrays, ``out``, and the caller's own
+    per-channel arrays as they are (``gamma``/``beta`` of any real dtype, or
+    ``None`` for ones/zeros; the running statistics of any float dtype),
+    copied over once when the caller gave host arrays. The backend casts
+    them on the device. Per-channel results are device arrays: ``mean`` and
+    ``invstd`` in float64, the backward's sums in ``x.dtype``. The API never
+    reads a device value; it copies results back to the host only when the
+    caller passed host arrays.
 """

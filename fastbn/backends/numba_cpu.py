@@ -79,6 +79,8 @@ layer. Note: GNU OpenMP is not fork-safe after a parallel region has run
 import os
 import threading
 
+from . import _host
+
 try:
     import numpy as np
     import numba
@@ -861,7 +863,7 @@ def normalize(x, mean, invstd, gamma, beta, out):
         _affine(x, mean, invstd * gamma, beta, out)
 
 
-def forward_train(x, gamma, beta, eps, out):
+def _forward_fused(x, gamma, beta, eps, out):
     """Batch statistics, then ``out = (x - mean) * invstd * gamma + beta``.
 
     With the rows loop shape and enough channels, both passes run per channel
@@ -896,6 +898,22 @@ def forward_train(x, gamma, beta, eps, out):
         invstd = 1.0 / np.sqrt(var + eps)
         _affine(x, mean, invstd * gamma, beta, out)
         return mean, var
+
+
+def forward_train(x, gamma, beta, eps, out, running_mean=None, running_var=None, momentum=0.1):
+    """Training forward; running statistics updated in place (see :mod:`fastbn.backends`)."""
+    return _host.forward_train(_forward_fused, x, gamma, beta, eps, out,
+                               running_mean, running_var, momentum)
+
+
+def forward_eval(x, gamma, beta, running_mean, running_var, eps, out):
+    """Evaluation forward with the running statistics."""
+    return _host.forward_eval(normalize, x, gamma, beta, running_mean, running_var, eps, out)
+
+
+def backward_eval(dy, x, mean, invstd, gamma, out):
+    """Evaluation backward ``dx = dy * gamma * invstd``, and the two sums."""
+    return _host.backward_eval(backward_reduce, normalize, dy, x, mean, invstd, gamma, out)
 
 
 def backward_reduce(dy, x, mean, invstd):

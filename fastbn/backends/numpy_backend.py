@@ -12,6 +12,8 @@ than its spread keeps its precision without a float64 copy of ``x``.
 """
 import numpy as np
 
+from . import _host
+
 ON_DEVICE = False
 _REDUCE_AXES = (0, 2)
 
@@ -83,7 +85,7 @@ def normalize(x, mean, invstd, gamma, beta, out):
     np.add(out, _channel(beta, x.dtype), out=out)
 
 
-def forward_train(x, gamma, beta, eps, out):
+def _forward_fused(x, gamma, beta, eps, out):
     """Batch statistics, then normalization into ``out``.
 
     Returns
@@ -95,6 +97,22 @@ def forward_train(x, gamma, beta, eps, out):
     np.multiply(out, _channel(gamma / np.sqrt(var + eps), x.dtype), out=out)
     np.add(out, _channel(beta, x.dtype), out=out)
     return mean, var
+
+
+def forward_train(x, gamma, beta, eps, out, running_mean=None, running_var=None, momentum=0.1):
+    """Training forward; running statistics updated in place (see :mod:`fastbn.backends`)."""
+    return _host.forward_train(_forward_fused, x, gamma, beta, eps, out,
+                               running_mean, running_var, momentum)
+
+
+def forward_eval(x, gamma, beta, running_mean, running_var, eps, out):
+    """Evaluation forward with the running statistics."""
+    return _host.forward_eval(normalize, x, gamma, beta, running_mean, running_var, eps, out)
+
+
+def backward_eval(dy, x, mean, invstd, gamma, out):
+    """Evaluation backward ``dx = dy * gamma * invstd``, and the two sums."""
+    return _host.backward_eval(backward_reduce, normalize, dy, x, mean, invstd, gamma, out)
 
 
 def backward_reduce(dy, x, mean, invstd):
