@@ -1,0 +1,511 @@
+"""Synchronized batch normalization across MPI processes (mpi4py).
+
+In data-parallel training every process holds a slice of the global batch.
+:func:`sync_batchnorm_forward` normalizes each slice with the statistics of
+the whole global batch, and :func:`sync_batchnorm_backward` returns the
+gradients of the whole-batch computation: every rank gets the ``dx`` of its
+own slice and the same ``dgamma``/``dbeta`` (sums over every slice). The
+results equal those of :func:`fastbn.batchnorm_forward` /
+:func:`fastbn.batchnorm_backward` on the concatenated batch.
+
+Communication per call, with ``C`` channels and ``P`` ranks:
+
+* forward (training): each rank computes its per-channel count, mean and
+  ``M2 = sum((x - mean)**2)`` with its backend's ``stats`` kernel and sends
+  these ``3C`` float64 values in one ``Allgather``. Every rank then merges
+  the ``P`` triples in rank order with the parallel variance formula of
+  Chan, Golub and LeVeque, so every rank computes bitwise the same mean,
+  variance and running statistics.
+* backward: one ``Allreduce`` (sum) of ``(sum_dy, sum_dy_xhat)``, ``2C``
+  float64 values.
+* before either, a small ``allgather`` of each rank's metadata (channel
+  count, dtype, axis, mode, backward method) and of any local input error,
+  so that a mismatch, or a bad input on one rank, raises the same error on
+  every rank instead of leaving the others waiting in a collective.
+
+None of this depends on the number of samples: a rank may hold any number
+of them, zero included.
+
+This is the only module of fastbn that imports MPI; it needs the ``[mpi]``
+extra (``pip install "fastbn[mpi]"``: mpi4py and the MPICH wheels), and the
+program runs under ``mpiexec -n 4 python train.py``.
+"""
+import math
+import numbers
+
+import numpy as np
+
+try:
+    from mpi4py import MPI
+except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
+    raise ImportError(
+        "fastbn.distributed needs mpi4py and an MPI library; install them with "
+        "the extra: pip install 'fastbn[mpi]'") from exc
+
+from . import registry
+
+__all__ = ["sync_batchnorm_forward", "sync_batchnorm_backward", "SyncBatchNormCache"]
+
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_METHODS = ("simplified", "staged")
+_ERROR_TYPES = {"TypeError": TypeError, "ValueError": ValueError, "RuntimeError": RuntimeError}
+
+
+class SyncBatchNormCache:
+    """What :func:`sync_batchnorm_backward` needs from the forward pass.
+
+    Like :class:`fastbn.BatchNormCache`, it holds a reference to the local
+    ``x`` (never a copy) and per-channel values only.
+
+    Attributes
+    ----------
+    x : ndarray
+        This rank's forward input.
+    mean, invstd : ndarray of float64, shape (C,)
+        The global batch statistics in training mode (the same bits on
+        every rank); the running statistics in evaluation mode.
+    gamma : ndarray of float64, shape (C,)
+        The scale, with the values of ``x.dtype``.
+    eps : float
+    axis : int
+        The channel axis, non-negative.
+    training : bool
+    backend : str
+        The backend that ran this rank's kernels.
+    comm : mpi4py.MPI.Intracomm
+        The communicator of the forward pass; the backward uses it too.
+    count : int
+        Values per channel over all ranks (the ``M`` of the formulas).
+    local_count : int
+        Values per channel on this rank.
+    """
+
+    __slots__ = ("x", "mean", "invstd", "gamma", "eps", "axis", "training",
+                 "backend", "comm", "count", "local_count")
+
+    def __init__(self, x, mean, invstd, gamma, eps, axis, training, backend, comm,
+                 count, local_count):
+        self.x = x
+        self.mean = mean
+        self.invstd = invstd
+        self.gamma = gamma
+        self.eps = eps
+        self.axis = axis
+        self.training = training
+        self.backend = backend
+        self.comm = comm
+        self.count = count
+        self.local_count = local_count
+
+    @property
+    def mode(self):
+        """``"train"`` or ``"eval"``."""
+        return "train" if self.training else "eval"
+
+    def __repr__(self):
+        return (f"SyncBatchNormCache(shape={tuple(self.x.shape)}, dtype={self.x.dtype}, "
+                f"axis={self.axis}, mode={self.mode!r}, backend={self.backend!r}, "
+                f"count={self.count}, ranks={self.comm.Get_size()})")
+
+
+# --------------------------------------------------------------------------
+# Local checks (the function API's errors and messages)
+# --------------------------------------------------------------------------
+
+def _check_comm(comm):
+    if comm is None:
+        return MPI.COMM_WORLD
+    if not isinstance(comm, MPI.Intracomm):
+        raise TypeError(f"comm must be an mpi4py intracommunicator (e.g. MPI.COMM_WORLD), "
+                        f"got {type(comm).__name__}")
+    return comm
+
+
+def _host_backend(name):
+    """Name and module of a host (CPU) backend; ``None`` is the default."""
+    if name is None:
+        name = registry.default_backend()
+    elif not isinstance(name, str):
+        raise ValueError(f"backend must be a string, got {name!r}; available "
+                         f"backends: {', '.join(registry.available_backends())}")
+    module = registry.get_backend(name)
+    if module.ON_DEVICE:
+        raise ValueError(f"synchronized batch norm runs on host (CPU) backends only, "
+                         f"got backend {name!r}")
+    return name, module
+
+
+def _host_array(obj, what):
+    if not isinstance(obj, np.ndarray) and (
+            hasattr(obj, "__cuda_array_interface__")
+            or getattr(type(obj), "__cuda_ndarray__", False)):
+        raise ValueError(f"{what} is a device array; synchronized batch norm needs host arrays")
+    return np.asarray(obj)
+
+
+def _check_dtype(dtype, what):
+    if np.dtype(dtype) not in _FLOAT_DTYPES:
+        raise TypeError(f"{what} must have dtype float32 or float64, got dtype {np.dtype(dtype)}")
+
+
+def _layout(x, axis):
+    """``(axis, A, C, B)`` of a local input; ``A * B`` may be 0 (an empty slice)."""
+    _check_dtype(x.dtype, "x")
+    shape = tuple(x.shape)
+    if len(shape) < 2:
+        raise ValueError(f"x must have at least 2 dimensions (N, C, ...), got shape {shape}")
+    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral):
+        raise ValueError(f"axis must be an integer, got {axis!r}")
+    if not -len(shape) <= axis < len(shape):
+        raise ValueError(f"axis {axis} is out of range for input of shape {shape}")
+    axis = int(axis) % len(shape)
+    channels = shape[axis]
+    if channels == 0:
+        raise ValueError(f"x has no channels: shape {shape}, axis {axis}")
+    return axis, math.prod(shape[:axis]), channels, math.prod(shape[axis + 1:])
+
+
+def _check_scalar(value, name, low, high):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a real number, got {value!r}")
+    value = float(value)
+    if not low <= value <= high:  # also rejects NaN
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+    return value
+
+
+def _channel_param(value, channels, dtype, name, fill):
+    """float64 ``(C,)`` holding values of ``dtype``; ``None`` -> ``fill``."""
+    if value is None:
+        return np.full(channels, fill, dtype=np.float64)
+    array = _host_array(value, name)
+    if array.dtype.kind not in "biuf":
+        raise TypeError(f"{name} must be real numbers, got dtype {array.dtype}")
+    if array.shape != (channels,):
+        raise ValueError(f"{name} must have shape ({channels},) (one value per channel), "
+                         f"got shape {array.shape}")
+    return array.astype(dtype).astype(np.float64)
+
+
+def _running(value, channels, name, writable):
+    """Host float64 values of a running statistic, checked."""
+    if writable and not isinstance(value, np.ndarray):
+        raise ValueError(f"{name} must be an array (it is updated in place), "
+                         f"got {type(value).__name__}")
+    array = _host_array(value, name)
+    if array.shape != (channels,):
+        raise ValueError(f"{name} must have shape ({channels},) (one value per channel), "
+                         f"got shape {array.shape}")
+    if array.dtype.kind != "f":
+        raise TypeError(f"{name} must have a floating dtype, got dtype {array.dtype}")
+    if writable and not value.flags.writeable:
+        raise ValueError(f"{name} is read-only; it is updated in place in training mode")
+    return array.astype(np.float64)
+
+
+# --------------------------------------------------------------------------
+# Agreement between ranks
+# --------------------------------------------------------------------------
+
+def _ranks_text(ranks):
+    return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(str(r) for r in ranks)
+
+
+def _agree(comm, function, error, fields, count):
+    """One small collective: every rank learns every rank's error and metadata.
+
+    ``error`` is this rank's local input error (or None), ``fields`` a tuple
+    of ``(description, value)`` that must be equal on every rank, ``count``
+    this rank's number of values per channel (allowed to differ). Raises the
+    same exception, with the same message, on every rank when some rank
+    failed its local checks (the lowest such rank's error) or when the
+    fields differ; otherwise returns the list of counts, in rank order.
+    """
+    local_error = None
+    if error is not None:
+        local_error = (type(error).__name__, str(error))
+    records = comm.allgather((local_error, fields, count))
+    size = len(records)
+    for rank, (remote_error, _, _) in enumerate(records):
+        if remote_error is not None:
+            kind, message = remote_error
+            exc_type = _ERROR_TYPES.get(kind, RuntimeError)
+            if exc_type is RuntimeError and kind != "RuntimeError":
+                message = f"{kind}: {message}"
+            raise exc_type(f"{message} (on rank {rank} of {size})") from error
+    for index, (description, value) in enumerate(fields):
+        values = [record[1][index][1] for record in records]
+        if any(v != values[0] for v in values):
+            groups = {}
+            for rank, v in enumerate(values):
+                groups.setdefault(v, []).append(rank)
+            detail = "; ".join(f"{v!r} on {_ranks_text(r)}" for v, r in groups.items())
+            raise ValueError(f"{function}: the ranks disagree on {description}: {detail}")
+    return [record[2] for record in records]
+
+
+# --------------------------------------------------------------------------
+# Statistics: Chan et al.'s parallel merge, in rank order
+# --------------------------------------------------------------------------
+
+def _merge(triples):
+    """Merge per-rank ``(count, mean, M2)`` rows in rank order.
+
+    ``triples`` has shape ``(P, 3, C)``. For two groups ``a`` and ``b``
+    (Chan, Golub and LeVeque, 1979)::
+
+        n     = n_a + n_b
+        delta = mean_b - mean_a
+        mean  = mean_a + delta * n_b / n
+        M2    = M2_a + M2_b + delta**2 * n_a * n_b / n
+
+    A rank with ``n_b = 0`` leaves the running result unchanged; after a run
+    of empty ranks, the first non-empty one is taken exactly.
+    """
+    count = triples[0, 0].copy()
+    mean = triples[0, 1].copy()
+    m2 = triples[0, 2].copy()
+    for count_b, mean_b, m2_b in triples[1:]:
+        total = count + count_b
+        safe_total = np.where(total > 0, total, 1.0)
+        delta = mean_b - mean
+        mean = mean + delta * (count_b / safe_total)
+        m2 = m2 + m2_b + delta * delta * (count * count_b / safe_total)
+        count = total
+    return count, mean, m2
+
+
+# --------------------------------------------------------------------------
+# Public functions
+# --------------------------------------------------------------------------
+
+def sync_batchnorm_forward(x_local, gamma=None, beta=None, *, comm=None, training=True,
+                           running_mean=None, running_var=None, momentum=0.1, eps=1e-5,
+                           axis=1, backend=None):
+    """Batch normalization forward pass over a batch split across MPI ranks.
+
+    Every rank calls it with its own slice of the global batch (any number
+    of samples, zero included) and the same parameters. In training mode
+    each slice is normalized with the mean and biased variance of the whole
+    global batch; the running statistics, when given, are updated with them
+    (the same values on every rank when they started equal). The results
+    equal :func:`fastbn.batchnorm_forward` on the concatenation of the
+    slices.
+
+    Parameters
+    ----------
+    x_local : ndarray, float32 or float64, ``ndim >= 2``
+        This rank's slice, e.g. ``(n, D)``, ``(n, C, H, W)`` or channels-last
+        ``(n, H, W, C)`` with ``axis=-1``; ``n`` may be 0. Never modified.
+    gamma, beta : array_like of shape (C,), optional
+        Scale and shift, cast to ``x_local.dtype``; ``None``: ones / zeros.
+    comm : mpi4py.MPI.Intracomm, optional
+        The ranks that share the batch; default ``MPI.COMM_WORLD``.
+    training : bool, default True
+        False: normalize with ``running_mean``/``running_var`` (both
+        required); no statistics are exchanged.
+    running_mean, running_var : ndarray of shape (C,), optional
+        Updated in place in training mode, PyTorch's convention:
+        ``running = (1 - momentum) * running + momentum * batch``, with the
+        unbiased global variance for ``running_var``.
+    momentum : float in [0, 1], default 0.1
+    eps : float >= 0, default 1e-5
+    axis : int, default 1
+        The channel axis.
+    backend : str, optional
+        A CPU backend from :func:`fastbn.available_backends`; default: the
+        process default. Ranks may use different backends.
+
+    Returns
+    -------
+    out : ndarray
+        This rank's normalized slice, ``x_local.dtype``, ``x_local.shape``.
+    cache : SyncBatchNormCache
+        What :func:`sync_batchnorm_backward` needs.
+
+    Raises
+    ------
+    TypeError, ValueError, RuntimeError
+        The errors of :func:`fastbn.batchnorm_forward`, raised on every rank
+        when any rank's input is bad (the message names the rank), and a
+        ``ValueError`` on every rank when the ranks disagree on the channel
+        count, dtype, number of dimensions, channel axis, mode, ``eps`` or
+        ``momentum``. ``ValueError: Expected more than 1 value per channel
+        when training`` when the global batch has fewer than 2 values per
+        channel.
+
+    Notes
+    -----
+    Communication: one ``allgather`` of a few bytes of metadata per rank,
+    then, in training mode, one ``Allgather`` of ``3C`` float64 values per
+    rank (count, mean, M2), merged on every rank in rank order.
+    """
+    comm = _check_comm(comm)
+    error = None
+    fields = ()
+    local_count = 0
+    try:
+        name, module = _host_backend(backend)
+        x = _host_array(x_local, "x")
+        axis, A, C, B = _layout(x, axis)
+        dtype = np.dtype(x.dtype)
+        local_count = A * B
+        eps = _check_scalar(eps, "eps", 0.0, math.inf)
+        momentum = _check_scalar(momentum, "momentum", 0.0, 1.0)
+        gamma64 = _channel_param(gamma, C, dtype, "gamma", 1.0)
+        beta64 = _channel_param(beta, C, dtype, "beta", 0.0)
+        training = bool(training)
+        if training:
+            if (running_mean is None) != (running_var is None):
+                raise ValueError("give both running_mean and running_var, or neither")
+            track = running_mean is not None
+        else:
+            if running_mean is None or running_var is None:
+                raise ValueError("training=False needs running_mean and running_var")
+            track = False
+        if running_mean is not None:
+            running_mean64 = _running(running_mean, C, "running_mean", track)
+            running_var64 = _running(running_var, C, "running_var", track)
+        fields = (("the number of channels", C), ("the dtype", dtype.name),
+                  ("the number of dimensions of x", x.ndim), ("the channel axis", axis),
+                  ("the mode", "train" if training else "eval"), ("eps", eps),
+                  ("momentum", momentum))
+    except Exception as exc:  # reported to every rank by _agree
+        error = exc
+    counts = _agree(comm, "sync_batchnorm_forward", error, fields, local_count)
+    count = sum(counts)
+    if training and count < 2:
+        raise ValueError("Expected more than 1 value per channel when training, got "
+                         f"{count} value(s) per channel over {len(counts)} ranks")
+
+    x3 = np.ascontiguousarray(x).reshape(A, C, B)
+    out = np.empty(x.shape, dtype=dtype)
+    out3 = out.reshape(A, C, B)
+    if training:
+        local = np.zeros((3, C), dtype=np.float64)
+        local[0] = local_count
+        if local_count > 0:
+            local_mean, local_var = module.stats(x3)
+            local[1] = local_mean
+            local[2] = np.asarray(local_var, dtype=np.float64) * local_count
+        gathered = np.empty((comm.Get_size(), 3, C), dtype=np.float64)
+        comm.Allgather(local, gathered)
+        _, mean, m2 = _merge(gathered)
+        var = m2 / count
+        invstd = 1.0 / np.sqrt(var + eps)
+        if track:
+            # PyTorch's convention: momentum weighs the new batch, and the
+            # running variance takes the unbiased batch variance M2 / (M - 1).
+            running_mean[...] = (1.0 - momentum) * running_mean64 + momentum * mean
+            running_var[...] = ((1.0 - momentum) * running_var64
+                                + momentum * (m2 / (count - 1)))
+    else:
+        mean = running_mean64
+        invstd = 1.0 / np.sqrt(running_var64 + eps)
+    mean = np.ascontiguousarray(mean, dtype=np.float64)
+    invstd = np.ascontiguousarray(invstd, dtype=np.float64)
+    if local_count > 0:
+        module.normalize(x3, mean, invstd, gamma64, beta64, out3)
+    cache = SyncBatchNormCache(x_local, mean, invstd, gamma64, eps, axis, training, name,
+                               comm, count, local_count)
+    return out, cache
+
+
+def sync_batchnorm_backward(dout_local, cache, *, method="simplified"):
+    """Backward pass of :func:`sync_batchnorm_forward`.
+
+    Every rank calls it with the upstream gradient of its own slice.
+
+    Parameters
+    ----------
+    dout_local : ndarray
+        This rank's upstream gradient, shape and dtype of its forward input.
+    cache : SyncBatchNormCache
+        From :func:`sync_batchnorm_forward`; its communicator and backend
+        are used.
+    method : {"simplified"}, default "simplified"
+        The closed form
+        ``dx = gamma * invstd * (dout - sum(dout) / M - xhat * sum(dout * xhat) / M)``,
+        with the sums and ``M`` taken over the global batch. The staged
+        graph (``method="staged"`` in :func:`fastbn.batchnorm_backward`)
+        would need one collective per reduction stage and is not offered
+        here: it raises ``ValueError``.
+
+    Returns
+    -------
+    dx : ndarray
+        Gradient with respect to this rank's ``x_local``.
+    dgamma, dbeta : ndarray of shape (C,)
+        Gradients with respect to ``gamma`` and ``beta``: sums over the
+        global batch, the same on every rank, ``x.dtype``.
+
+    Raises
+    ------
+    ValueError
+        ``cache`` is not a :class:`SyncBatchNormCache` (raised locally: no
+        communicator is known then); on every rank: a bad ``method`` or a
+        ``dout_local`` not matching its cache on any rank, or ranks that
+        disagree on the method, channel count, dtype, axis or mode.
+
+    Notes
+    -----
+    Communication: one ``allgather`` of a few bytes of metadata per rank,
+    then one ``Allreduce`` of ``2C`` float64 values (``sum_dy``,
+    ``sum_dy_xhat``).
+    """
+    if not isinstance(cache, SyncBatchNormCache):
+        raise ValueError(f"cache must be the SyncBatchNormCache returned by "
+                         f"sync_batchnorm_forward, got {type(cache).__name__}")
+    comm = cache.comm
+    x = np.asarray(cache.x)
+    shape, dtype, axis = tuple(x.shape), np.dtype(x.dtype), cache.axis
+    A, C, B = math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1:])
+    error = None
+    try:
+        if method not in _METHODS:
+            raise ValueError(f"method must be 'simplified' or 'staged', got {method!r}")
+        if method == "staged":
+            raise ValueError("method='staged' is not available for synchronized batch norm "
+                             "(its graph needs one collective per reduction stage); "
+                             "use method='simplified'")
+        dout = _host_array(dout_local, "dout")
+        if tuple(dout.shape) != shape or np.dtype(dout.dtype) != dtype:
+            raise ValueError(f"dout must have the forward input's shape {shape} and dtype "
+                             f"{dtype}, got shape {tuple(dout.shape)} and dtype "
+                             f"{np.dtype(dout.dtype)}")
+        module = registry.get_backend(cache.backend)
+    except Exception as exc:  # reported to every rank by _agree
+        error = exc
+    fields = (("the backward method", method if isinstance(method, str) else repr(method)),
+              ("the number of channels", C), ("the dtype", dtype.name),
+              ("the number of dimensions of x", len(shape)), ("the channel axis", axis),
+              ("the mode", cache.mode))
+    _agree(comm, "sync_batchnorm_backward", error, fields, cache.local_count)
+
+    local_count = cache.local_count
+    dx = np.empty(shape, dtype=dtype)
+    dx3 = dx.reshape(A, C, B)
+    local = np.zeros((2, C), dtype=np.float64)
+    if local_count > 0:
+        dy3 = np.ascontiguousarray(dout).reshape(A, C, B)
+        x3 = np.ascontiguousarray(x).reshape(A, C, B)
+        sum_dy, sum_dy_xhat = module.backward_reduce(dy3, x3, cache.mean, cache.invstd)
+        local[0] = sum_dy
+        local[1] = sum_dy_xhat
+    total = np.empty_like(local)
+    comm.Allreduce(local, total, op=MPI.SUM)
+    if local_count > 0:
+        if cache.training:
+            # backward_elemt divides the sums by the local M = A * B; the
+            # global formula divides by the global count, so hand it the
+            # global sums scaled by local_count / count:
+            # (S * local_count / count) / local_count = S / count.
+            scale = local_count / cache.count
+            module.backward_elemt(dy3, x3, cache.mean, cache.invstd, cache.gamma,
+                                  total[0] * scale, total[1] * scale, dx3)
+        else:
+            # Evaluation mode: mean and invstd are constants,
+            # dx = dout * gamma * invstd.
+            zeros = np.zeros(C, dtype=np.float64)
+            module.normalize(dy3, zeros, cache.invstd, cache.gamma, zeros, dx3)
+    return dx, total[1].astype(dtype), total[0].astype(dtype)
