@@ -340,11 +340,22 @@ def sync_batchnorm_forward(x_local, gamma=None, beta=None, *, comm=None, trainin
     then, in training mode, one ``Allgather`` of ``3C`` float64 values per
     rank (count, mean, M2), merged on every rank in rank order.
     """
+    return _forward(x_local, gamma, beta, comm=comm, training=training,
+                    running_mean=running_mean, running_var=running_var, momentum=momentum,
+                    eps=eps, axis=axis, backend=backend)
+
+
+def _forward(x_local, gamma, beta, *, comm, training, running_mean, running_var, momentum,
+             eps, axis, backend, check_input=None):
+    """:func:`sync_batchnorm_forward`; ``check_input(x)``, when given, is one
+    more local check whose error every rank raises (the layer's channel check)."""
     comm = _check_comm(comm)
     error = None
     fields = ()
     local_count = 0
     try:
+        if check_input is not None:
+            check_input(x_local)
         name, module = _host_backend(backend)
         x = _host_array(x_local, "x")
         axis, A, C, B = _layout(x, axis)

@@ -4,6 +4,9 @@
 shift, running statistics, mode) and calls :func:`fastbn.batchnorm_forward`
 and :func:`fastbn.batchnorm_backward`; it has no math of its own. Its meaning
 and its state-dict keys are those of ``torch.nn.BatchNorm1d/2d/3d``.
+:class:`SyncBatchNorm` is the same layer over :mod:`fastbn.distributed`
+(batch statistics of the whole batch split across MPI ranks); it imports
+MPI only when one is made.
 """
 import math
 import numbers
@@ -13,7 +16,7 @@ import numpy as np
 from .api import batchnorm_backward, batchnorm_forward
 from .registry import available_backends, backend_info
 
-__all__ = ["BatchNorm"]
+__all__ = ["BatchNorm", "SyncBatchNorm"]
 
 
 def _check_positive_int(value, name):
@@ -304,3 +307,71 @@ class BatchNorm:
         return (f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
                 f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
                 f"axis={self.axis}, dtype={self.dtype.name}, backend={self.backend!r})")
+
+
+class SyncBatchNorm(BatchNorm):
+    """Synchronized batch normalization layer over MPI ranks (``torch.nn.SyncBatchNorm``).
+
+    The same layer as :class:`BatchNorm` (parameters, attributes, modes,
+    state dict), but in training mode every rank's slice is normalized with
+    the statistics of the whole global batch, and ``grad_gamma`` /
+    ``grad_beta`` are sums over every rank's slice, the same on every rank:
+    it calls :func:`fastbn.distributed.sync_batchnorm_forward` and
+    :func:`~fastbn.distributed.sync_batchnorm_backward`. Every rank must
+    call ``forward`` and ``backward`` in the same order. A rank may hold
+    zero samples.
+
+    Parameters
+    ----------
+    num_features, eps, momentum, affine, track_running_stats, axis, dtype, backend
+        As for :class:`BatchNorm` (``backend``: a CPU backend).
+    comm : mpi4py.MPI.Intracomm, optional
+        The ranks that share the batch; default ``MPI.COMM_WORLD``.
+
+    Raises
+    ------
+    ImportError
+        mpi4py is not installed (``pip install "fastbn[mpi]"``).
+
+    Notes
+    -----
+    Errors in ``forward``/``backward`` (a wrong channel count, dtype, ...)
+    are raised on every rank when any rank's input is bad, so that no rank
+    is left waiting. ``backward(dout, method="staged")`` is not available
+    (``ValueError``).
+
+    Examples
+    --------
+    Run with ``mpiexec -n 2 python script.py``:
+
+    >>> from fastbn.nn import SyncBatchNorm
+    >>> layer = SyncBatchNorm(16, dtype=np.float64)     # doctest: +SKIP
+    >>> y = layer.forward(x_local)                      # doctest: +SKIP
+    >>> dx = layer.backward(dout_local)                 # doctest: +SKIP
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, axis=1, dtype=np.float32, backend=None,
+                 comm=None):
+        from . import distributed  # needs mpi4py: imported for this layer only
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
+                         track_running_stats=track_running_stats, axis=axis, dtype=dtype,
+                         backend=backend)
+        self._distributed = distributed
+        self.comm = distributed._check_comm(comm)
+
+    def _check_channels(self, x):
+        # Checked inside the forward function instead, where a failure on one
+        # rank is raised on every rank.
+        pass
+
+    def _forward_fn(self, x, **kwargs):
+        return self._distributed._forward(
+            x, kwargs.pop("gamma"), kwargs.pop("beta"), comm=self.comm,
+            check_input=lambda x_local: BatchNorm._check_channels(self, x_local), **kwargs)
+
+    def _backward_fn(self, dout, cache, method):
+        return self._distributed.sync_batchnorm_backward(dout, cache, method=method)
+
+    def __repr__(self):
+        return "Sync" + super().__repr__()

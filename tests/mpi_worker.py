@@ -120,6 +120,64 @@ def parity_case(backend, dtype, layout, split, training):
     }
 
 
+def layer_case(backend, momentum):
+    """SyncBatchNorm on the slices against BatchNorm on the whole batch:
+    three training steps (forward, backward, a gradient step on gamma and
+    beta), then one evaluation forward; float64, NCHW, unequal slices."""
+    from fastbn.nn import BatchNorm, SyncBatchNorm
+
+    sizes = split_sizes("unequal")
+    start = sum(sizes[:RANK])
+    local = slice(start, start + sizes[RANK])
+    rng = np.random.default_rng(99)
+    sync = SyncBatchNorm(3, momentum=momentum, dtype=np.float64, backend=backend, comm=COMM)
+    single = BatchNorm(3, momentum=momentum, dtype=np.float64, backend=backend)
+    diffs = {"out": 0.0, "dx": 0.0, "grad_gamma": 0.0, "grad_beta": 0.0, "eval_out": 0.0}
+    for _ in range(3):
+        x = rng.standard_normal((sum(sizes), 3, 2, 3)) * 2 + 1
+        dout = rng.standard_normal(x.shape)
+        ref_out = single.forward(x)
+        ref_dx = single.backward(dout)
+        out = sync.forward(x[local].copy())
+        dx = sync.backward(dout[local].copy())
+        for key, value, ref in (("out", out, ref_out[local]), ("dx", dx, ref_dx[local]),
+                                ("grad_gamma", sync.grad_gamma, single.grad_gamma),
+                                ("grad_beta", sync.grad_beta, single.grad_beta)):
+            diffs[key] = max(diffs[key], scaled_diff(value, ref))
+        for layer in (sync, single):
+            layer.gamma -= 0.1 * layer.grad_gamma
+            layer.beta -= 0.1 * layer.grad_beta
+    x = rng.standard_normal((sum(sizes), 3, 2, 3))
+    diffs["eval_out"] = scaled_diff(sync.eval().forward(x[local].copy()),
+                                    single.eval().forward(x)[local])
+    state, ref_state = sync.state_dict(), single.state_dict()
+    state_diff = max(scaled_diff(state[key], ref_state[key]) for key in ref_state)
+    all_diffs = COMM.allgather(diffs)
+    return {
+        "backend": backend, "momentum": momentum, "sizes": sizes,
+        "diffs": {key: max(d[key] for d in all_diffs) for key in diffs},
+        "state_diff": max(COMM.allgather(state_diff)),
+        "same_keys": sorted(state) == sorted(ref_state),
+        "num_batches_tracked": int(state["num_batches_tracked"]),
+        "bitwise": same_on_every_rank(sync.gamma, sync.beta, sync.running_mean,
+                                      sync.running_var),
+    }
+
+
+def layer_channel_mismatch():
+    """A layer of 3 channels given 4 on the last rank: every rank raises."""
+    from fastbn.nn import SyncBatchNorm
+
+    layer = SyncBatchNorm(3, dtype=np.float64, comm=COMM)
+    x = _data(channels=4 if RANK == SIZE - 1 else 3)
+    try:
+        layer.forward(x)
+        outcome = None
+    except Exception as exc:
+        outcome = [type(exc).__name__, str(exc)]
+    return COMM.allgather(outcome)
+
+
 def run_parity(backends):
     results = []
     for backend in backends:
@@ -128,7 +186,8 @@ def run_parity(backends):
                 for split in ("unequal", "empty"):
                     for training in (True, False):
                         results.append(parity_case(backend, dtype, layout, split, training))
-    return {"ranks": SIZE, "cases": results}
+    layers = [layer_case(backend, momentum) for backend in backends for momentum in (0.1, None)]
+    return {"ranks": SIZE, "cases": results, "layers": layers}
 
 
 # --------------------------------------------------------------------------
@@ -182,18 +241,22 @@ SCENARIOS = {
     "method_unknown": lambda: _backward(method_last="fast"),
     "dout_shape": lambda: _backward(dout_last=np.ones((4, 3, 2, 3))),
     "too_few_values": _too_few,
+    "layer_channels": "layer",
 }
 
 
 def run_mismatch():
     results = {}
     for name, scenario in SCENARIOS.items():
-        try:
-            scenario()
-            outcome = None
-        except Exception as exc:
-            outcome = [type(exc).__name__, str(exc)]
-        outcomes = COMM.allgather(outcome)
+        if scenario == "layer":
+            outcomes = layer_channel_mismatch()
+        else:
+            try:
+                scenario()
+                outcome = None
+            except Exception as exc:
+                outcome = [type(exc).__name__, str(exc)]
+            outcomes = COMM.allgather(outcome)
         # Every rank must still be in step: a good call completes and agrees.
         x = _data()
         out, cache = sync_batchnorm_forward(x, comm=COMM)

@@ -131,6 +131,21 @@ def test_statistics_bitwise_equal_on_every_rank(parity_run, backend):
                                  f"ranks: {case}")
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_sync_layer_matches_single_process_layer(parity_run, backend):
+    """fastbn.nn.SyncBatchNorm on the slices = fastbn.nn.BatchNorm on the whole
+    batch: outputs, gradients, three gradient steps, running statistics,
+    state dict; momentum 0.1 and None (cumulative average)."""
+    layers = [c for c in parity_run["layers"] if c["backend"] == backend]
+    assert {c["momentum"] for c in layers} == {0.1, None}
+    for case in layers:
+        for name, diff in case["diffs"].items():
+            assert diff <= 1e-12, f"{name} differs by {diff:.3g}: {case}"
+        assert case["state_diff"] <= 1e-12, case
+        assert case["same_keys"] and case["num_batches_tracked"] == 3, case
+        assert case["bitwise"], case
+
+
 # scenario -> (error type, text the message must contain)
 EXPECTED_ERRORS = {
     "channels": ("ValueError", "the ranks disagree on the number of channels"),
@@ -146,6 +161,7 @@ EXPECTED_ERRORS = {
     "method_unknown": ("ValueError", "method must be 'simplified' or 'staged'"),
     "dout_shape": ("ValueError", "dout must have the forward input's shape"),
     "too_few_values": ("ValueError", "Expected more than 1 value per channel when training"),
+    "layer_channels": ("ValueError", "expected 3 channels on axis 1"),
 }
 
 
