@@ -54,8 +54,14 @@ def _require_mpi():
 
 def run_mpi(ranks, mode, result_path, backends=()):
     """Run the worker on ``ranks`` processes; return its JSON result."""
-    command = [_mpiexec(), "-n", str(ranks), sys.executable, str(WORKER), mode,
-               str(result_path), *backends]
+    run_mpiexec(ranks, [str(WORKER), mode, str(result_path), *backends])
+    return json.loads(Path(result_path).read_text())
+
+
+def run_mpiexec(ranks, arguments):
+    """``mpiexec -n ranks python arguments...``, one thread per rank; fail on
+    a non-zero exit or after TIMEOUT_S seconds."""
+    command = [_mpiexec(), "-n", str(ranks), sys.executable, *arguments]
     env = dict(os.environ, OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="1")
     env.pop("NUMBA_ENABLE_CUDASIM", None)
     # Own process group, so that a timeout ends mpiexec and every rank.
@@ -66,10 +72,9 @@ def run_mpi(ranks, mode, result_path, backends=()):
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         output, _ = process.communicate()
-        pytest.fail(f"mpiexec -n {ranks} {mode} did not finish in {TIMEOUT_S} s "
+        pytest.fail(f"mpiexec -n {ranks} {arguments} did not finish in {TIMEOUT_S} s "
                     f"(a rank left waiting?); output:\n{output[-4000:]}")
-    assert process.returncode == 0, f"mpiexec -n {ranks} {mode} failed:\n{output[-4000:]}"
-    return json.loads(Path(result_path).read_text())
+    assert process.returncode == 0, f"mpiexec -n {ranks} {arguments} failed:\n{output[-4000:]}"
 
 
 @pytest.fixture(scope="module", params=RANK_COUNTS, ids=lambda n: f"{n}ranks")
@@ -209,3 +214,23 @@ def test_fastbn_does_not_import_mpi():
                             timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "sync_batchnorm_train.py"
+
+
+@pytest.mark.skipif(not EXAMPLE.exists(), reason="examples/ not in this tree")
+def test_example_same_losses_on_1_2_3_ranks(tmp_path):
+    """The data-parallel example gives the losses of one process on 2 and 3
+    ranks (same global batches, float64; only the order of sums differs)."""
+    _require_mpi()
+    losses = {}
+    for ranks in (1, 2, 3):
+        run_mpiexec(ranks, [str(EXAMPLE), "--steps", "8",
+                            "--json", str(tmp_path / f"example{ranks}.json")])
+        losses[ranks] = json.loads((tmp_path / f"example{ranks}.json").read_text())["losses"]
+    assert len(losses[1]) == 8
+    assert losses[1][-1] < losses[1][0]          # it trains
+    for ranks in (2, 3):
+        for one, many in zip(losses[1], losses[ranks]):
+            assert abs(many - one) <= 1e-10 * abs(one), (ranks, losses)
