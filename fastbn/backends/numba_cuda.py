@@ -1,101 +1,103 @@
 """Numba CUDA backend: ``@cuda.jit`` kernels on the canonical ``(A, C, B)`` view.
 
-This backend is ``ON_DEVICE``: :mod:`fastbn.api` moves every array to the GPU
-with :func:`to_device` / :func:`empty` before calling a kernel, and the kernels
-below receive device arrays only (3-D ``(A, C, B)`` C-contiguous arrays and
-per-channel float64 ``(C,)`` arrays). Per-channel results are returned as new
-float64 device arrays; full-size results are written into ``out``. Nothing is
-copied back to the host here.
+This backend is ``ON_DEVICE``. :mod:`fastbn.api` checks metadata only and
+hands the kernels device arrays; everything per channel (sums into ``mean``
+and ``invstd``, the cast of ``gamma``/``beta`` to ``x.dtype``, the update of
+the running statistics) happens here, on the device. A call on device arrays
+makes no host<->device copy and no synchronization: every launch goes to the
+default stream and returns at once.
 
-Reductions (statistics and the backward sums) are two-level and deterministic
-(no floating-point atomics):
+Launches
+--------
+A training forward is three launches, and so is the simplified backward:
 
-1. a grid of blocks, each reducing one chunk of one channel in float64 through
-   a shared-memory tree, writes its partial sums to a float64 buffer
-   ``(nchunks, C, Bp)``;
-2. a small merge kernel sums the partials of each channel in a fixed order and
-   finishes the result (for example ``mean``/``var`` from shifted sums).
+1. ``partial``: a grid of blocks, each reducing a slab of one channel (or of
+   a tile of columns) to float64 partial sums in a scratch buffer;
+2. ``finish``: one thread per channel adds its partials in a fixed order
+   (so results do not depend on scheduling) and turns them into the
+   per-channel results: ``mean``/``invstd`` and the running statistics
+   (forward), ``dgamma``/``dbeta`` (backward), and the coefficients of the
+   elementwise pass;
+3. the elementwise pass (``normalize`` or the backward's ``dx``).
 
-Two layouts of step 1 are used, picked by the inner extent ``B``:
+The staged backward stays staged: one launch per stage of the graph, each
+full-size stage a new array.
 
-* ``B >= SMALL_INNER`` (e.g. ``(N, C, H, W)``): blocks of one channel; the
-  threads of a block walk the channel's ``A * B`` elements in a grid-stride
-  loop whose consecutive threads read consecutive ``b`` (coalesced).
-* ``B < SMALL_INNER`` (``(N, D)`` and channels-last, ``B == 1``): 2-D blocks
-  over the ``(A, C * B)`` matrix: ``threadIdx.x`` runs along a row (coalesced,
-  many channels per block), ``threadIdx.y`` and ``blockIdx.y`` split the rows.
+Two layouts, picked by the inner extent ``B``:
 
-Statistics use sums shifted by the channel's first value ``K = x[0, c, 0]``::
+* ``B >= ROWS_MIN_B`` (``(N, C, H, W)``): "rows". ``blockIdx.x`` is the
+  channel, so the channel is known per block and no index is ever divided;
+  ``threadIdx.x`` walks along a row of ``B`` contiguous values (coalesced),
+  ``threadIdx.y`` and ``blockIdx.y`` split the ``A`` rows of the channel.
+* ``B < ROWS_MIN_B`` (``(N, D)``, channels-last, short rows): "columns". The
+  view is a matrix ``(A, C * B)``; ``threadIdx.x`` runs along a row of it
+  (coalesced along ``C``), each thread owns one column (its channel is
+  computed once per thread), ``threadIdx.y`` and ``blockIdx.y`` split the
+  rows.
 
-    S1 = sum(x - K),  S2 = sum((x - K)**2)
-    mean = K + S1 / M,  var = (S2 - S1 * S1 / M) / M
+Inner loops are unrolled four times, so that a warp has four loads in flight
+(memory-level parallelism is what an HBM-bound kernel lives on).
 
-accumulated in float64 for float32 and float64 inputs alike. With one shift
-per channel the partials of different blocks merge by plain addition, a
-constant channel gives ``S1 = S2 = 0`` and so a variance of exactly 0, and NaN
-propagates to the channel's mean and variance.
+Numerics
+--------
+Statistics are float64 sums shifted by the channel's first value
+``K = x[0, c, 0]``: ``S1 = sum(x - K)``, ``S2 = sum((x - K)**2)``,
+``mean = K + S1 / M``, ``var = (S2 - S1**2 / M) / M``. With one shift per
+channel, partials merge by addition; a constant channel gives exactly 0; NaN
+propagates to its channel. Elementwise passes compute in float64 with the
+centring ``x - mean`` kept (``(x - mean) * scale + beta``, ``scale = gamma *
+invstd``): folding the mean into a shift would lose the accuracy a channel
+whose mean is 1e4 times its spread needs, and would not map a constant
+channel exactly to ``beta``.
 
-Elementwise kernels compute in float64 (centring ``x - mean`` included) and
-store in ``x.dtype``; they use flat grid-stride loops with the channel of
-element ``i`` given by ``(i // B) % C``.
-
-Notes
------
-The shared-memory trees synchronize with ``cuda.syncthreads()`` at every
-level, down to the last pair. Warp shuffles (``cuda.shfl_down_sync``) would
-save the last five synchronizations on a GPU, but Numba's CUDA simulator does
-not implement them, and this backend is tested under the simulator only.
-
-The float64 arithmetic is cheap on data-centre GPUs (A100, H100) and slow on
-consumer GPUs (1/32 or 1/64 of the float32 rate); the kernels are memory-bound
-on the former.
+Block reductions use warp shuffles on a GPU and a shared-memory tree under
+Numba's CUDA simulator (which has no shuffles); :func:`_use_shuffles` is the
+one place that picks.
 
 Settings (module attributes, read at every call)
 ------------------------------------------------
 ``THREADS_PER_BLOCK``
-    Threads per block, a power of two in ``[1, 1024]``; default 256, or the
-    environment variable ``FASTBN_CUDA_THREADS_PER_BLOCK`` at import. Tests
-    lower it (e.g. 8) so that a small channel spans several blocks.
-``ITEMS_PER_THREAD``
-    Roughly how many elements one thread reduces or writes before the grid
-    is considered large enough.
-``MAX_CHUNKS``
-    Most blocks per channel (or per column of blocks) in a reduction.
-``MAX_BLOCKS``
-    Most blocks of an elementwise grid; grid-stride loops cover the rest.
-``SMALL_INNER``
-    Inner extents ``B`` below this use the row-wise reduction layout.
+    A power of two in ``[1, 1024]``; default 256, or the environment variable
+    ``FASTBN_CUDA_THREADS_PER_BLOCK`` at import. Tests lower it so that small
+    arrays span several blocks.
+``ROWS_MIN_B``
+    Inner extents ``B`` at or above this use the rows layout.
+``TARGET_BLOCKS``
+    Blocks a launch aims for (an H200 has 132 multiprocessors, each holding
+    8 blocks of 256 threads).
+``MIN_ITEMS_PER_THREAD``
+    A reduction block gets at least this many elements per thread.
 """
 
-import contextlib
 import math
 import os
 import threading
 import warnings
-from types import SimpleNamespace
+from importlib import util as _importlib_util
 
 import numpy as np
 
 try:
     from numba import cuda
-    from numba import float64
+    from numba import float32, float64
     from numba.core import config as _numba_config
 
     _IMPORT_ERROR = ""
 except Exception as import_error:  # ImportError, CudaSupportError, ...
     cuda = None
-    float64 = None
+    float32 = float64 = None
     _numba_config = None
     _IMPORT_ERROR = f"{type(import_error).__name__}: {import_error}"
 
 ON_DEVICE = True
 
 DEFAULT_THREADS_PER_BLOCK = 256
-ITEMS_PER_THREAD = 4
-MAX_CHUNKS = 512
-MAX_BLOCKS = 65535
-SMALL_INNER = 32
 WARP_SIZE = 32
+ROWS_MIN_B = 32
+TARGET_BLOCKS = 4096
+MIN_ITEMS_PER_THREAD = 16
+MAX_GRID_Y = 65535
+UNROLL = 4
 
 
 def _is_valid_threads(value):
@@ -131,23 +133,67 @@ THREADS_PER_BLOCK = _threads_from_environment()
 _SIMULATOR = bool(_numba_config is not None and _numba_config.ENABLE_CUDASIM)
 
 # The CUDA simulator runs one kernel at a time and, while a kernel runs,
-# replaces this module's global ``cuda`` by its fake module: calls from
+# replaces this module's global ``cuda`` by its fake module, and its kernel
+# objects keep their launch configuration as mutable state: calls from
 # several Python threads are serialized there. A GPU needs no such lock.
 _SIMULATOR_LOCK = threading.RLock()
 _BUILD_LOCK = threading.Lock()
 _KERNELS_BY_THREADS = {}
+_AVAILABILITY = []     # the first answer of availability(), kept
+
+
+class _NoLock:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+_NO_LOCK = _NoLock()
 
 
 def _serialized():
     """A lock under the simulator, a no-op context on a GPU."""
-    if _SIMULATOR:
-        return _SIMULATOR_LOCK
-    return contextlib.nullcontext()
+    return _SIMULATOR_LOCK if _SIMULATOR else _NO_LOCK
+
+
+def _use_shuffles(threads):
+    """Warp shuffles for block reductions: on a GPU, with whole warps.
+
+    The one place that picks the reduction path: the simulator implements
+    no shuffles, so it runs (and its tests check) the shared-memory tree.
+    """
+    return not _SIMULATOR and threads >= WARP_SIZE
 
 
 # ---------------------------------------------------------------------------
 # Availability and information
 # ---------------------------------------------------------------------------
+
+def _numpy_incompatibility():
+    """Why the installed numba-cuda cannot compile under this NumPy, or ``""``.
+
+    numba-cuda up to 0.30.x registers an overload of ``np.row_stack`` when it
+    compiles its first kernel; NumPy 2.5 removed ``row_stack``, so every
+    compilation fails with an ``AttributeError``. The check reads the source
+    of numba-cuda's array module instead of compiling anything.
+    """
+    if hasattr(np, "row_stack"):
+        return ""
+    try:
+        spec = _importlib_util.find_spec("numba.cuda.np.arrayobj")
+        with open(spec.origin, encoding="utf-8") as source:
+            uses_row_stack = "np.row_stack" in source.read()
+    except Exception:   # not found or unreadable: nothing to report
+        return ""
+    if not uses_row_stack:
+        return ""
+    return (f"the installed numba-cuda cannot compile kernels under NumPy "
+            f"{np.__version__} (it uses numpy.row_stack, removed in NumPy 2.5); "
+            f"install NumPy < 2.5 (pip install 'fastbn[cuda]' does) or a "
+            f"numba-cuda release that supports this NumPy")
+
 
 def availability():
     """Whether this backend can run here and, if not, why.
@@ -160,6 +206,9 @@ def availability():
     """
     if cuda is None:
         return False, f"numba.cuda not importable: {_IMPORT_ERROR}"
+    incompatibility = _numpy_incompatibility()
+    if incompatibility:
+        return False, incompatibility
     try:
         # Under the simulator a running kernel swaps this module's ``cuda``
         # global for a fake one; the lock keeps this call out of that window.
@@ -203,8 +252,10 @@ def info():
 
 
 def _require():
-    """Raise RuntimeError when the backend cannot run here."""
-    available, reason = availability()
+    """Raise RuntimeError when the backend cannot run here (asked once)."""
+    if not _AVAILABILITY:
+        _AVAILABILITY.append(availability())
+    available, reason = _AVAILABILITY[0]
     if not available:
         raise RuntimeError(f"the cuda backend cannot run here: {reason}")
 
@@ -241,18 +292,19 @@ def to_device(obj):
     obj : numpy.ndarray, Numba device array or ``__cuda_array_interface__``
         A NumPy array (or anything ``numpy.asarray`` accepts) is copied to a
         new C-contiguous device array. A device object is returned as a Numba
-        device array viewing the same memory, without a copy.
+        device array viewing the same memory: no copy, and no
+        synchronization on the stream it names.
 
     Returns
     -------
     numba device array
     """
+    if _is_numba_device_array(obj):
+        return obj
     _require()
     with _serialized():
-        if _is_numba_device_array(obj):
-            return obj
         if is_device_array(obj):
-            return cuda.as_cuda_array(obj)
+            return cuda.as_cuda_array(obj, sync=False)
         return cuda.to_device(np.ascontiguousarray(obj))
 
 
@@ -278,349 +330,672 @@ def to_host(arr):
 # Kernels, built once per threads-per-block value
 # ---------------------------------------------------------------------------
 
-def _build_reduction(term, finish, threads):
-    """The three kernels of one two-level per-channel reduction.
-
-    Parameters
-    ----------
-    term : CUDA device function ``(u, v, p_c, q_c) -> (t1, t2)``
-        The two float64 terms that element ``(u, v)`` of channel ``c``
-        contributes; ``p_c`` and ``q_c`` are per-channel parameters.
-    finish : CUDA device function ``(s1, s2, count, p_c, q_c) -> (r1, r2)``
-        The per-channel results from the two sums over the ``count`` elements.
-    threads : int
-        Threads per block (a power of two); sizes the shared memory.
+def _build_block_sums(threads):
+    """Device functions summing two float64 values over a thread block.
 
     Returns
     -------
-    SimpleNamespace
-        ``by_channel``, ``by_rows`` (the two layouts of the first level) and
-        ``merge`` (the second level).
+    block_sum : device function ``(value1, value2, slot) -> (total1, total2)``
+        Over every thread of the block (``slot`` its linear index); the
+        totals are valid in slot 0.
+    column_sum : device function ``(value1, value2, tx, ty, width, height)``
+        Over ``threadIdx.y`` only, column by column; valid where ``ty == 0``.
     """
+    warps = max(1, threads // WARP_SIZE)
 
-    @cuda.jit
-    def by_channel(u, v, p, q, nchunks, partial1, partial2):
-        # Block ``blockIdx.x`` reduces chunk ``chunk`` of channel ``c``: the
-        # channel's flat index m = a * B + b starts at chunk * threads + tid
-        # and advances by nchunks * threads (a grid-stride loop over the
-        # channel's blocks), consecutive threads on consecutive b.
-        extent_a = u.shape[0]
-        extent_b = u.shape[2]
-        c = cuda.blockIdx.x // nchunks
-        chunk = cuda.blockIdx.x - c * nchunks
-        tid = cuda.threadIdx.x
-        p_c = p[c]
-        q_c = q[c]
-
-        first = chunk * threads + tid
-        a = first // extent_b
-        b = first - a * extent_b
-        stride = nchunks * threads
-        step_a = stride // extent_b
-        step_b = stride - step_a * extent_b
-
-        sum1 = float64(0.0)
-        sum2 = float64(0.0)
-        while a < extent_a:
-            term1, term2 = term(u[a, c, b], v[a, c, b], p_c, q_c)
-            sum1 += term1
-            sum2 += term2
-            a += step_a
-            b += step_b
-            if b >= extent_b:
-                b -= extent_b
-                a += 1
-
+    @cuda.jit(device=True)
+    def block_sum_shared(value1, value2, slot):
         shared1 = cuda.shared.array(threads, float64)
         shared2 = cuda.shared.array(threads, float64)
-        shared1[tid] = sum1
-        shared2[tid] = sum2
+        shared1[slot] = value1
+        shared2[slot] = value2
         cuda.syncthreads()
         # Tree: after the level of width w, slot t < w holds the sum of
         # slots t, t + w, t + 2w, ... (every thread reaches each barrier).
         width = threads // 2
         while width > 0:
-            if tid < width:
-                shared1[tid] += shared1[tid + width]
-                shared2[tid] += shared2[tid + width]
+            if slot < width:
+                shared1[slot] += shared1[slot + width]
+                shared2[slot] += shared2[slot + width]
             cuda.syncthreads()
             width //= 2
-        if tid == 0:
-            partial1[chunk, c, 0] = shared1[0]
-            partial2[chunk, c, 0] = shared2[0]
+        return shared1[0], shared2[0]
 
-    @cuda.jit
-    def by_rows(u, v, p, q, partial1, partial2):
-        # The view as a matrix (A, C * B): column ``column`` is (c, b).
-        # threadIdx.x walks along a row (coalesced), threadIdx.y and
-        # blockIdx.y split the rows: thread row ``row_start`` then every
-        # ``gridDim.y * blockDim.y`` rows.
-        extent_a = u.shape[0]
-        extent_c = u.shape[1]
-        extent_b = u.shape[2]
-        width_x = cuda.blockDim.x
-        height_y = cuda.blockDim.y
-        tx = cuda.threadIdx.x
-        ty = cuda.threadIdx.y
-        slot = ty * width_x + tx
-        column = cuda.blockIdx.x * width_x + tx
-        c = column // extent_b
-        b = column - c * extent_b
-        row_chunk = cuda.blockIdx.y
+    @cuda.jit(device=True)
+    def warp_sum(value1, value2):
+        offset = WARP_SIZE // 2
+        while offset > 0:
+            value1 += cuda.shfl_down_sync(0xFFFFFFFF, value1, offset)
+            value2 += cuda.shfl_down_sync(0xFFFFFFFF, value2, offset)
+            offset //= 2
+        return value1, value2
 
-        sum1 = float64(0.0)
-        sum2 = float64(0.0)
-        if c < extent_c:
-            p_c = p[c]
-            q_c = q[c]
-            a = row_chunk * height_y + ty
-            row_stride = cuda.gridDim.y * height_y
-            while a < extent_a:
-                term1, term2 = term(u[a, c, b], v[a, c, b], p_c, q_c)
-                sum1 += term1
-                sum2 += term2
-                a += row_stride
+    @cuda.jit(device=True)
+    def block_sum_shuffle(value1, value2, slot):
+        # Each warp sums its 32 values with shuffles; warp 0 then sums the
+        # per-warp totals the same way.
+        shared1 = cuda.shared.array(warps, float64)
+        shared2 = cuda.shared.array(warps, float64)
+        lane = slot % WARP_SIZE
+        warp = slot // WARP_SIZE
+        value1, value2 = warp_sum(value1, value2)
+        if lane == 0:
+            shared1[warp] = value1
+            shared2[warp] = value2
+        cuda.syncthreads()
+        value1 = 0.0
+        value2 = 0.0
+        if warp == 0:
+            if lane < warps:
+                value1 = shared1[lane]
+                value2 = shared2[lane]
+            value1, value2 = warp_sum(value1, value2)
+        return value1, value2
 
+    @cuda.jit(device=True)
+    def column_sum(value1, value2, tx, ty, width, height):
         shared1 = cuda.shared.array(threads, float64)
         shared2 = cuda.shared.array(threads, float64)
-        shared1[slot] = sum1
-        shared2[slot] = sum2
+        slot = ty * width + tx
+        shared1[slot] = value1
+        shared2[slot] = value2
         cuda.syncthreads()
-        # Tree over threadIdx.y, column by column.
-        height = height_y // 2
-        while height > 0:
-            if ty < height:
-                shared1[slot] += shared1[slot + height * width_x]
-                shared2[slot] += shared2[slot + height * width_x]
+        level = height // 2
+        while level > 0:
+            if ty < level:
+                shared1[slot] += shared1[slot + level * width]
+                shared2[slot] += shared2[slot + level * width]
             cuda.syncthreads()
-            height //= 2
-        if ty == 0 and c < extent_c:
-            partial1[row_chunk, c, b] = shared1[slot]
-            partial2[row_chunk, c, b] = shared2[slot]
+            level //= 2
+        return shared1[slot], shared2[slot]
+
+    block_sum = block_sum_shuffle if _use_shuffles(threads) else block_sum_shared
+    return block_sum, column_sum
+
+
+def _build_reduction(term, shift_of, block_sum, column_sum):
+    """The first level of a per-channel two-sum reduction, in both layouts.
+
+    Parameters
+    ----------
+    term : device function ``(u, v, shift) -> (t1, t2)``
+        The two float64 terms of element ``(u, v)`` of a channel.
+    shift_of : device function ``(u_flat, p, c, extent_b) -> float64``
+        The per-channel value ``term`` receives.
+
+    Returns
+    -------
+    rows, columns : kernels
+        ``rows[(C, nchunks), (bx, by)](u, v, p, extent_c, extent_b,
+        rows_per_chunk, partial)`` writes ``partial[:, chunk, c]``;
+        ``columns[(ceil(J / bx), nchunks), (bx, by)](u, v, p, columns_total,
+        extent_b, rows_per_chunk, partial)`` writes ``partial[:, chunk, j]``
+        for each column ``j = c * B + b`` of the ``(A, J)`` matrix.
+    """
 
     @cuda.jit
-    def merge(partial1, partial2, p, q, count, result1, result2):
-        # One thread per channel sums its partials in a fixed order (chunk,
-        # then b), so results do not depend on scheduling.
-        nchunks = partial1.shape[0]
-        extent_c = partial1.shape[1]
-        extent_b = partial1.shape[2]
-        c = cuda.grid(1)
-        while c < extent_c:
-            sum1 = float64(0.0)
-            sum2 = float64(0.0)
-            for chunk in range(nchunks):
-                for b in range(extent_b):
-                    sum1 += partial1[chunk, c, b]
-                    sum2 += partial2[chunk, c, b]
-            value1, value2 = finish(sum1, sum2, count, p[c], q[c])
-            result1[c] = value1
-            result2[c] = value2
-            c += cuda.gridsize(1)
+    def rows(u, v, p, extent_c, extent_b, rows_per_chunk, partial):
+        c = cuda.blockIdx.x
+        chunk = cuda.blockIdx.y
+        tx = cuda.threadIdx.x
+        ty = cuda.threadIdx.y
+        width = cuda.blockDim.x
+        height = cuda.blockDim.y
+        extent_a = u.shape[0] // (extent_c * extent_b)
+        shift = shift_of(u, p, c, extent_b)
+        a = chunk * rows_per_chunk + ty
+        a_end = min(chunk * rows_per_chunk + rows_per_chunk, extent_a)
+        sum1 = 0.0
+        sum2 = 0.0
+        while a < a_end:
+            row = (a * extent_c + c) * extent_b
+            b = tx
+            # four loads in flight per thread, then the remainder
+            while b + 3 * width < extent_b:
+                i = row + b
+                s1, s2 = term(u[i], v[i], shift)
+                t1, t2 = term(u[i + width], v[i + width], shift)
+                r1, r2 = term(u[i + 2 * width], v[i + 2 * width], shift)
+                q1, q2 = term(u[i + 3 * width], v[i + 3 * width], shift)
+                sum1 += (s1 + t1) + (r1 + q1)
+                sum2 += (s2 + t2) + (r2 + q2)
+                b += 4 * width
+            while b < extent_b:
+                s1, s2 = term(u[row + b], v[row + b], shift)
+                sum1 += s1
+                sum2 += s2
+                b += width
+            a += height
+        total1, total2 = block_sum(sum1, sum2, ty * width + tx)
+        if tx == 0 and ty == 0:
+            partial[0, chunk, c] = total1
+            partial[1, chunk, c] = total2
 
-    return SimpleNamespace(by_channel=by_channel, by_rows=by_rows, merge=merge)
+    @cuda.jit
+    def columns(u, v, p, columns_total, extent_b, rows_per_chunk, partial):
+        tx = cuda.threadIdx.x
+        ty = cuda.threadIdx.y
+        width = cuda.blockDim.x
+        height = cuda.blockDim.y
+        j = cuda.blockIdx.x * width + tx
+        chunk = cuda.blockIdx.y
+        extent_a = u.shape[0] // columns_total
+        sum1 = 0.0
+        sum2 = 0.0
+        if j < columns_total:
+            c = j // extent_b          # once per thread
+            shift = shift_of(u, p, c, extent_b)
+            a = chunk * rows_per_chunk + ty
+            a_end = min(chunk * rows_per_chunk + rows_per_chunk, extent_a)
+            step = height * columns_total
+            i = a * columns_total + j
+            end = a_end * columns_total + j
+            while i + 3 * step < end:
+                s1, s2 = term(u[i], v[i], shift)
+                t1, t2 = term(u[i + step], v[i + step], shift)
+                r1, r2 = term(u[i + 2 * step], v[i + 2 * step], shift)
+                q1, q2 = term(u[i + 3 * step], v[i + 3 * step], shift)
+                sum1 += (s1 + t1) + (r1 + q1)
+                sum2 += (s2 + t2) + (r2 + q2)
+                i += 4 * step
+            while i < end:
+                s1, s2 = term(u[i], v[i], shift)
+                sum1 += s1
+                sum2 += s2
+                i += step
+        total1, total2 = column_sum(sum1, sum2, tx, ty, width, height)
+        if ty == 0 and j < columns_total:
+            partial[0, chunk, j] = total1
+            partial[1, chunk, j] = total2
+
+    return rows, columns
+
+
+def _build_elementwise(op):
+    """An elementwise pass ``out = op(u, v, p0, p1, p2, p3)`` in both layouts.
+
+    ``p0..p3`` are ``coef[0..3, c]``, read once per thread.
+
+    Returns
+    -------
+    rows, columns : kernels
+        ``rows[(C, grid_y), (bx, by)](u, v, coef, extent_c, extent_b, out)``;
+        ``columns[(ceil(J / bx), grid_y), (bx, by)](u, v, coef,
+        columns_total, extent_b, out)``.
+    """
+
+    @cuda.jit
+    def rows(u, v, coef, extent_c, extent_b, out):
+        c = cuda.blockIdx.x
+        tx = cuda.threadIdx.x
+        width = cuda.blockDim.x
+        height = cuda.blockDim.y
+        extent_a = u.shape[0] // (extent_c * extent_b)
+        p0 = coef[0, c]
+        p1 = coef[1, c]
+        p2 = coef[2, c]
+        p3 = coef[3, c]
+        a = cuda.blockIdx.y * height + cuda.threadIdx.y
+        while a < extent_a:
+            row = (a * extent_c + c) * extent_b
+            b = tx
+            while b + 3 * width < extent_b:
+                i = row + b
+                u0 = u[i]
+                u1 = u[i + width]
+                u2 = u[i + 2 * width]
+                u3 = u[i + 3 * width]
+                v0 = v[i]
+                v1 = v[i + width]
+                v2 = v[i + 2 * width]
+                v3 = v[i + 3 * width]
+                out[i] = op(u0, v0, p0, p1, p2, p3)
+                out[i + width] = op(u1, v1, p0, p1, p2, p3)
+                out[i + 2 * width] = op(u2, v2, p0, p1, p2, p3)
+                out[i + 3 * width] = op(u3, v3, p0, p1, p2, p3)
+                b += 4 * width
+            while b < extent_b:
+                out[row + b] = op(u[row + b], v[row + b], p0, p1, p2, p3)
+                b += width
+            a += cuda.gridDim.y * height
+
+    @cuda.jit
+    def columns(u, v, coef, columns_total, extent_b, out):
+        width = cuda.blockDim.x
+        height = cuda.blockDim.y
+        j = cuda.blockIdx.x * width + cuda.threadIdx.x
+        if j >= columns_total:
+            return
+        c = j // extent_b          # once per thread
+        p0 = coef[0, c]
+        p1 = coef[1, c]
+        p2 = coef[2, c]
+        p3 = coef[3, c]
+        step = cuda.gridDim.y * height * columns_total
+        i = (cuda.blockIdx.y * height + cuda.threadIdx.y) * columns_total + j
+        end = u.shape[0]
+        while i + 3 * step < end:
+            u0 = u[i]
+            u1 = u[i + step]
+            u2 = u[i + 2 * step]
+            u3 = u[i + 3 * step]
+            v0 = v[i]
+            v1 = v[i + step]
+            v2 = v[i + 2 * step]
+            v3 = v[i + 3 * step]
+            out[i] = op(u0, v0, p0, p1, p2, p3)
+            out[i + step] = op(u1, v1, p0, p1, p2, p3)
+            out[i + 2 * step] = op(u2, v2, p0, p1, p2, p3)
+            out[i + 3 * step] = op(u3, v3, p0, p1, p2, p3)
+            i += 4 * step
+        while i < end:
+            out[i] = op(u[i], v[i], p0, p1, p2, p3)
+            i += step
+
+    return rows, columns
 
 
 def _build_kernels(threads):
     """Every kernel of the backend for ``threads`` threads per block."""
+    block_sum, column_sum = _build_block_sums(threads)
 
-    # -- terms and finishes of the reductions (device functions) ----------
+    # -- what the reductions sum ------------------------------------------
 
     @cuda.jit(device=True)
-    def term_shifted_squares(x, unused, shift, unused_q):
-        # d = x - K in float64; contributes (d, d**2).
+    def first_value(u, p, c, extent_b):
+        # K_c = x[0, c, 0], the shift of the statistics' sums
+        return float64(u[c * extent_b])
+
+    @cuda.jit(device=True)
+    def channel_value(u, p, c, extent_b):
+        return p[c]
+
+    @cuda.jit(device=True)
+    def term_shifted_squares(x, unused, shift):
         centred = float64(x) - shift
         return centred, centred * centred
 
     @cuda.jit(device=True)
-    def finish_mean_var(sum1, sum2, count, shift, unused_q):
-        # mean = K + S1 / M, var = (S2 - S1 * S1 / M) / M (>= 0; NaN stays).
-        mean = shift + sum1 / count
+    def term_dy_and_dy_centred(dy, x, mean):
+        # (dy, dy * (x - mean)); invstd is applied once per channel
+        grad = float64(dy)
+        return grad, grad * (float64(x) - mean)
+
+    @cuda.jit(device=True)
+    def term_value(u, unused, unused_shift):
+        return float64(u), 0.0
+
+    @cuda.jit(device=True)
+    def term_product(u, v, unused_shift):
+        return float64(u) * float64(v), 0.0
+
+    # -- what the elementwise passes compute (p0..p3 = coef[0..3, c]) -------
+
+    @cuda.jit(device=True)
+    def op_normalize(x, unused, mean, scale, shift, unused_p3):
+        # out = (x - mean) * (gamma * invstd) + beta
+        return (float64(x) - mean) * scale + shift
+
+    @cuda.jit(device=True)
+    def op_backward(dy, x, mean, k, centred_scale, shift):
+        # dx = k * dy - (x - mean) * (k * invstd * sum_dy_xhat / M) - k * sum_dy / M,
+        # with k = gamma * invstd: the closed form
+        # gamma * invstd * (dy - sum_dy / M - xhat * sum_dy_xhat / M)
+        return k * float64(dy) - (float64(x) - mean) * centred_scale + shift
+
+    @cuda.jit(device=True)
+    def op_subtract_p0(u, unused, p0, p1, p2, p3):
+        return float64(u) - p0
+
+    @cuda.jit(device=True)
+    def op_multiply_p1(u, unused, p0, p1, p2, p3):
+        return float64(u) * p1
+
+    @cuda.jit(device=True)
+    def op_multiply_p2(u, unused, p0, p1, p2, p3):
+        return float64(u) * p2
+
+    @cuda.jit(device=True)
+    def op_broadcast_p3(unused_u, unused_v, p0, p1, p2, p3):
+        return p3
+
+    @cuda.jit(device=True)
+    def op_twice_product(u, v, p0, p1, p2, p3):
+        return 2.0 * float64(u) * float64(v)
+
+    @cuda.jit(device=True)
+    def op_add(u, v, p0, p1, p2, p3):
+        return float64(u) + float64(v)
+
+    @cuda.jit(device=True)
+    def op_add_p3(u, unused, p0, p1, p2, p3):
+        return float64(u) + p3
+
+    # -- finishing kernels: one thread per channel --------------------------
+
+    @cuda.jit(device=True)
+    def sum_partials(partial, which, c, width):
+        # fixed order: chunk, then the B columns of channel c
+        total = 0.0
+        base = c * width
+        for chunk in range(partial.shape[1]):
+            for b in range(width):
+                total += partial[which, chunk, base + b]
+        return total
+
+    @cuda.jit(device=True)
+    def mean_var(partial, width, x, extent_b, count, c):
+        # mean = K + S1 / M, var = (S2 - S1**2 / M) / M (>= 0; NaN stays)
+        sum1 = sum_partials(partial, 0, c, width)
+        sum2 = sum_partials(partial, 1, c, width)
+        mean = float64(x[c * extent_b]) + sum1 / count
         var = (sum2 - sum1 * (sum1 / count)) / count
         if var < 0.0:
             var = 0.0
         return mean, var
 
     @cuda.jit(device=True)
-    def term_dy_and_dy_centred(dy, x, mean_c, unused_q):
-        # (dy, dy * (x - mean)); invstd is applied once per channel.
-        grad = float64(dy)
-        return grad, grad * (float64(x) - mean_c)
+    def as_input_dtype(value, single):
+        # gamma and beta take the values of x.dtype
+        if single:
+            return float64(float32(value))
+        return float64(value)
 
     @cuda.jit(device=True)
-    def finish_scale_second(sum1, sum2, count, unused_p, invstd_c):
-        # sum_dy, sum_dy_xhat = sum(dy * (x - mean)) * invstd.
-        return sum1, sum2 * invstd_c
+    def set_normalize_coef(c, mean, invstd, gamma, beta, flags, coef):
+        # coef = [mean, gamma * invstd, beta]; flag bits as in _param_flags
+        scale = invstd
+        if (flags & 2):
+            scale = as_input_dtype(gamma[c], (flags & 1)) * invstd
+        offset = 0.0
+        if (flags & 4):
+            offset = as_input_dtype(beta[c], (flags & 1))
+        coef[0, c] = mean
+        coef[1, c] = scale
+        coef[2, c] = offset
 
     @cuda.jit(device=True)
-    def term_value(u, unused, unused_p, unused_q):
-        return float64(u), 0.0
-
-    @cuda.jit(device=True)
-    def term_product(u, v, unused_p, unused_q):
-        return float64(u) * float64(v), 0.0
-
-    @cuda.jit(device=True)
-    def finish_identity(sum1, sum2, count, unused_p, unused_q):
-        return sum1, sum2
-
-    @cuda.jit(device=True)
-    def finish_negate(sum1, sum2, count, unused_p, unused_q):
-        return -sum1, -sum2
-
-    # -- per-channel kernels (one thread per channel) -----------------------
+    def set_backward_coef(c, count, mean, invstd, gamma, flags, sum_dy, sum_dy_xhat,
+                          coef):
+        # dx = k * dy - (x - mean) * (k * invstd * sum_dy_xhat / M) - k * sum_dy / M
+        k = invstd
+        if (flags & 2):
+            k = as_input_dtype(gamma[c], (flags & 1)) * invstd
+        coef[0, c] = mean
+        coef[1, c] = k
+        coef[2, c] = k * invstd * (sum_dy_xhat / count)
+        coef[3, c] = -k * (sum_dy / count)
 
     @cuda.jit
-    def channel_first_value(x, shift):
-        # K_c = x[0, c, 0], the shift of the statistics' sums.
+    def finish_stats(partial, width, x, extent_b, count, mean_var_out):
         c = cuda.grid(1)
-        while c < shift.shape[0]:
-            shift[c] = float64(x[0, c, 0])
-            c += cuda.gridsize(1)
+        if c < mean_var_out.shape[1]:
+            mean, var = mean_var(partial, width, x, extent_b, count, c)
+            mean_var_out[0, c] = mean
+            mean_var_out[1, c] = var
 
     @cuda.jit
-    def channel_invstd(var, eps, invstd):
-        # invstd = 1 / sqrt(var + eps)
+    def finish_forward(partial, width, x, extent_b, count, eps, gamma, beta,
+                       flags, momentum, running_mean, running_var, stats, coef):
+        # flags: bit 0 x is float32, bit 1 gamma given, bit 2 beta given,
+        # bit 3 running statistics given
         c = cuda.grid(1)
-        while c < var.shape[0]:
-            invstd[c] = 1.0 / math.sqrt(var[c] + eps)
-            c += cuda.gridsize(1)
+        if c >= stats.shape[1]:
+            return
+        mean, var = mean_var(partial, width, x, extent_b, count, c)
+        invstd = 1.0 / math.sqrt(var + eps)
+        stats[0, c] = mean
+        stats[1, c] = invstd
+        set_normalize_coef(c, mean, invstd, gamma, beta, flags, coef)
+        if (flags & 8):
+            # PyTorch: momentum weighs the batch; the running variance takes
+            # the unbiased batch variance var * M / (M - 1)
+            keep = 1.0 - momentum
+            running_mean[c] = keep * float64(running_mean[c]) + momentum * mean
+            running_var[c] = (keep * float64(running_var[c])
+                              + momentum * (var * (count / (count - 1.0))))
 
     @cuda.jit
-    def staged_dsqrtvar(invstd, divar, dsqrtvar):
-        # step 6: dsqrtvar = -1 / sqrtvar**2 * divar = -invstd**2 * divar
+    def finish_eval_forward(running_mean, running_var, eps, gamma, beta, flags,
+                            stats, coef):
         c = cuda.grid(1)
-        while c < invstd.shape[0]:
-            dsqrtvar[c] = -(invstd[c] * invstd[c]) * divar[c]
-            c += cuda.gridsize(1)
+        if c < stats.shape[1]:
+            mean = float64(running_mean[c])
+            invstd = 1.0 / math.sqrt(float64(running_var[c]) + eps)
+            stats[0, c] = mean
+            stats[1, c] = invstd
+            set_normalize_coef(c, mean, invstd, gamma, beta, flags, coef)
 
     @cuda.jit
-    def staged_dvar(invstd, dsqrtvar, dvar):
-        # step 5: dvar = 0.5 / sqrt(var + eps) * dsqrtvar
+    def normalize_coefficients(mean, invstd, gamma, beta, flags, coef):
         c = cuda.grid(1)
-        while c < invstd.shape[0]:
-            dvar[c] = 0.5 * invstd[c] * dsqrtvar[c]
-            c += cuda.gridsize(1)
-
-    # -- elementwise kernels on flat views, channel c = (i // B) % C --------
+        if c < coef.shape[1]:
+            set_normalize_coef(c, mean[c], invstd[c], gamma, beta, flags, coef)
 
     @cuda.jit
-    def normalize_flat(x, mean, invstd, gamma, beta, channels, inner, out):
-        # out = (x - mean) * (invstd * gamma) + beta, in float64.
-        for i in range(cuda.grid(1), x.shape[0], cuda.gridsize(1)):
-            c = (i // inner) % channels
-            out[i] = ((float64(x[i]) - mean[c]) * (invstd[c] * gamma[c])
-                      + beta[c])
+    def finish_reduce(partial, width, invstd, sums):
+        # sums = [sum(dy), sum(dy * (x - mean)) * invstd]
+        c = cuda.grid(1)
+        if c < sums.shape[1]:
+            sums[0, c] = sum_partials(partial, 0, c, width)
+            sums[1, c] = sum_partials(partial, 1, c, width) * invstd[c]
 
     @cuda.jit
-    def backward_elemt_flat(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat,
-                            inv_count, channels, inner, out):
-        # dx = gamma * invstd * (dy - sum_dy / M - xhat * sum_dy_xhat / M)
-        for i in range(cuda.grid(1), x.shape[0], cuda.gridsize(1)):
-            c = (i // inner) % channels
-            xhat = (float64(x[i]) - mean[c]) * invstd[c]
-            out[i] = (gamma[c] * invstd[c]) * (
-                float64(dy[i]) - sum_dy[c] * inv_count
-                - xhat * (sum_dy_xhat[c] * inv_count))
+    def elemt_coefficients(count, mean, invstd, gamma, flags, sum_dy, sum_dy_xhat, coef):
+        c = cuda.grid(1)
+        if c < coef.shape[1]:
+            set_backward_coef(c, count, mean[c], invstd[c], gamma, flags, sum_dy[c],
+                              sum_dy_xhat[c], coef)
 
     @cuda.jit
-    def stage_subtract_channel(u, p, channels, inner, out):
-        # out = u - p[c]
-        for i in range(cuda.grid(1), u.shape[0], cuda.gridsize(1)):
-            c = (i // inner) % channels
-            out[i] = float64(u[i]) - p[c]
+    def finish_backward(partial, width, count, mean, invstd, gamma, flags, grads,
+                        coef):
+        # grads[0] = dgamma = sum(dy * xhat), grads[1] = dbeta = sum(dy), in
+        # x.dtype; flag bit 3: training (else dx = dy * gamma * invstd)
+        c = cuda.grid(1)
+        if c >= grads.shape[1]:
+            return
+        sum_dy = sum_partials(partial, 0, c, width)
+        sum_dy_xhat = sum_partials(partial, 1, c, width) * invstd[c]
+        grads[0, c] = sum_dy_xhat
+        grads[1, c] = sum_dy
+        if (flags & 8):
+            set_backward_coef(c, count, mean[c], invstd[c], gamma, flags, sum_dy,
+                              sum_dy_xhat, coef)
+        else:
+            set_normalize_coef(c, 0.0, invstd[c], gamma, gamma, flags, coef)
 
     @cuda.jit
-    def stage_multiply_channel(u, p, channels, inner, out):
-        # out = u * p[c]
-        for i in range(cuda.grid(1), u.shape[0], cuda.gridsize(1)):
-            c = (i // inner) % channels
-            out[i] = float64(u[i]) * p[c]
+    def staged_channels(mean, invstd, gamma, flags, coef):
+        # coef = [mean, invstd, gamma, 0] for the stages of the graph
+        c = cuda.grid(1)
+        if c < coef.shape[1]:
+            coef[0, c] = mean[c]
+            coef[1, c] = invstd[c]
+            coef[2, c] = 1.0
+            if (flags & 2):
+                coef[2, c] = as_input_dtype(gamma[c], (flags & 1))
+            coef[3, c] = 0.0
 
     @cuda.jit
-    def stage_channel_divided(p, count, channels, inner, out):
-        # out = p[c] / M, broadcast to full size
-        for i in range(cuda.grid(1), out.shape[0], cuda.gridsize(1)):
-            c = (i // inner) % channels
-            out[i] = p[c] / count
+    def staged_sum(partial, width, sums, row):
+        # sums[row, c] = the first sum of channel c's partials
+        c = cuda.grid(1)
+        if c < sums.shape[1]:
+            sums[row, c] = sum_partials(partial, 0, c, width)
 
     @cuda.jit
-    def stage_twice_product(u, v, out):
-        # out = 2 * u * v
-        for i in range(cuda.grid(1), u.shape[0], cuda.gridsize(1)):
-            out[i] = 2.0 * float64(u[i]) * float64(v[i])
+    def staged_dsq(invstd, count, sums, coef):
+        # step 6: dsqrtvar = -invstd**2 * divar (divar = sums[2])
+        # step 5: dvar = 0.5 * invstd * dsqrtvar
+        # step 4: dsq = dvar / M, into coef[3] for the broadcast stage
+        c = cuda.grid(1)
+        if c < coef.shape[1]:
+            dsqrtvar = -(invstd[c] * invstd[c]) * sums[2, c]
+            dvar = 0.5 * invstd[c] * dsqrtvar
+            coef[3, c] = dvar / count
 
     @cuda.jit
-    def stage_add(u, v, out):
-        # out = u + v
-        for i in range(cuda.grid(1), u.shape[0], cuda.gridsize(1)):
-            out[i] = float64(u[i]) + float64(v[i])
+    def staged_dmu(count, sums, coef, grads):
+        # step 2: dmu = -sum(dx1) (sums[3]); steps 1 and 0 add dmu / M.
+        # grads = [dgamma, dbeta] = [sums[1], sums[0]] in x.dtype
+        c = cuda.grid(1)
+        if c < coef.shape[1]:
+            coef[3, c] = -sums[3, c] / count
+            grads[0, c] = sums[1, c]
+            grads[1, c] = sums[0, c]
 
-    @cuda.jit
-    def stage_add_channel_divided(u, p, count, channels, inner, out):
-        # out = u + p[c] / M
-        for i in range(cuda.grid(1), u.shape[0], cuda.gridsize(1)):
-            c = (i // inner) % channels
-            out[i] = float64(u[i]) + p[c] / count
+    def reduction(term, shift_of):
+        rows, columns = _build_reduction(term, shift_of, block_sum, column_sum)
+        return (rows, columns)
 
-    return SimpleNamespace(
+    def elementwise(op):
+        return _build_elementwise(op)
+
+    kernels = dict(
         threads=threads,
-        stats=_build_reduction(term_shifted_squares, finish_mean_var, threads),
-        backward=_build_reduction(term_dy_and_dy_centred, finish_scale_second,
-                                  threads),
-        sum=_build_reduction(term_value, finish_identity, threads),
-        negated_sum=_build_reduction(term_value, finish_negate, threads),
-        sum_of_product=_build_reduction(term_product, finish_identity,
-                                        threads),
-        channel_first_value=channel_first_value,
-        channel_invstd=channel_invstd,
-        staged_dsqrtvar=staged_dsqrtvar,
-        staged_dvar=staged_dvar,
-        normalize_flat=normalize_flat,
-        backward_elemt_flat=backward_elemt_flat,
-        stage_subtract_channel=stage_subtract_channel,
-        stage_multiply_channel=stage_multiply_channel,
-        stage_channel_divided=stage_channel_divided,
-        stage_twice_product=stage_twice_product,
-        stage_add=stage_add,
-        stage_add_channel_divided=stage_add_channel_divided,
+        stats=reduction(term_shifted_squares, first_value),
+        backward=reduction(term_dy_and_dy_centred, channel_value),
+        sum=reduction(term_value, channel_value),
+        sum_of_product=reduction(term_product, channel_value),
+        normalize=elementwise(op_normalize),
+        backward_elemt=elementwise(op_backward),
+        subtract_p0=elementwise(op_subtract_p0),
+        multiply_p1=elementwise(op_multiply_p1),
+        multiply_p2=elementwise(op_multiply_p2),
+        broadcast_p3=elementwise(op_broadcast_p3),
+        twice_product=elementwise(op_twice_product),
+        add=elementwise(op_add),
+        add_p3=elementwise(op_add_p3),
+        finish_stats=finish_stats,
+        finish_forward=finish_forward,
+        finish_eval_forward=finish_eval_forward,
+        normalize_coefficients=normalize_coefficients,
+        finish_reduce=finish_reduce,
+        elemt_coefficients=elemt_coefficients,
+        finish_backward=finish_backward,
+        staged_channels=staged_channels,
+        staged_sum=staged_sum,
+        staged_dsq=staged_dsq,
+        staged_dmu=staged_dmu,
     )
+    return _Namespace(kernels)
+
+
+class _Namespace:
+    def __init__(self, mapping):
+        self.__dict__.update(mapping)
 
 
 def _kernels():
     """The kernels for the current ``THREADS_PER_BLOCK`` (built on first use)."""
     _require()
     threads = THREADS_PER_BLOCK
+    kernels = _KERNELS_BY_THREADS.get(threads)
+    if kernels is not None:
+        return kernels
     if not _is_valid_threads(threads):
         raise ValueError(
             f"THREADS_PER_BLOCK must be a power of two in [1, 1024], "
             f"got {threads!r}")
-    threads = int(threads)
     with _BUILD_LOCK:
-        kernels = _KERNELS_BY_THREADS.get(threads)
+        kernels = _KERNELS_BY_THREADS.get(int(threads))
         if kernels is None:
-            kernels = _build_kernels(threads)
-            _KERNELS_BY_THREADS[threads] = kernels
+            kernels = _build_kernels(int(threads))
+            _KERNELS_BY_THREADS[int(threads)] = kernels
     return kernels
 
 
 # ---------------------------------------------------------------------------
-# Launch helpers
+# Launch geometry and scratch
 # ---------------------------------------------------------------------------
 
 def _ceil_div(numerator, denominator):
     return -(-numerator // denominator)
 
 
-def _elementwise_blocks(size, threads):
-    """Blocks of a flat grid-stride launch over ``size`` elements."""
-    blocks = _ceil_div(size, threads * ITEMS_PER_THREAD)
-    return max(1, min(blocks, MAX_BLOCKS))
+class _Layout:
+    """Launch geometry of one ``(A, C, B)`` shape.
+
+    Attributes
+    ----------
+    rows : bool
+        The rows layout (``B >= ROWS_MIN_B``) or the columns layout.
+    block : (int, int)
+        ``(bx, by)`` threads.
+    reduce_grid, elementwise_grid : (int, int)
+        Blocks of the partial-sum pass and of the elementwise pass.
+    rows_per_chunk : int
+        Rows of ``A`` each reduction block sums.
+    partial_shape : (2, nchunks, width * C)
+        The float64 partial sums; ``width`` is 1 (rows) or ``B`` (columns).
+    width : int
+    """
+
+    def __init__(self, shape, threads):
+        extent_a, channels, extent_b = shape
+        self.rows = extent_b >= ROWS_MIN_B
+        if self.rows:
+            # bx: the largest power of two <= B, at most a block; the rest of
+            # the block goes down the rows of the channel.
+            bx = min(threads, 1 << (extent_b.bit_length() - 1))
+            by = threads // bx
+            lanes = channels
+            self.width = 1
+        else:
+            columns_total = channels * extent_b
+            bx = min(threads, WARP_SIZE, 1 << max(0, (columns_total - 1).bit_length()))
+            by = threads // bx
+            lanes = _ceil_div(columns_total, bx)
+            self.width = extent_b
+        self.block = (bx, by)
+        # Reduction: enough blocks to fill the GPU, each with at least
+        # MIN_ITEMS_PER_THREAD elements per thread.
+        per_lane = extent_a * (extent_b if self.rows else bx)
+        most_chunks = max(1, per_lane // (threads * MIN_ITEMS_PER_THREAD))
+        nchunks = max(1, min(_ceil_div(TARGET_BLOCKS, lanes), most_chunks,
+                             _ceil_div(extent_a, by), MAX_GRID_Y))
+        self.rows_per_chunk = _ceil_div(_ceil_div(extent_a, nchunks), by) * by
+        nchunks = _ceil_div(extent_a, self.rows_per_chunk)
+        self.reduce_grid = (lanes, nchunks)
+        self.partial_shape = (2, nchunks, channels * self.width)
+        # Elementwise: rows of A split over grid_y blocks (grid-stride).
+        grid_y = max(1, min(_ceil_div(TARGET_BLOCKS, lanes), _ceil_div(extent_a, by),
+                            MAX_GRID_Y))
+        self.elementwise_grid = (lanes, grid_y)
 
 
-def _channel_blocks(channels, threads):
-    """Blocks of a one-thread-per-channel launch."""
-    return max(1, min(_ceil_div(channels, threads), MAX_BLOCKS))
+_LAYOUTS = {}
+_scratch = threading.local()
+
+
+def _layout(shape, threads):
+    key = (shape, threads, ROWS_MIN_B, TARGET_BLOCKS, MIN_ITEMS_PER_THREAD)
+    layout = _LAYOUTS.get(key)
+    if layout is None:
+        if len(_LAYOUTS) > 256:
+            _LAYOUTS.clear()
+        layout = _LAYOUTS[key] = _Layout(shape, threads)
+    return layout
+
+
+def _scratch_array(name, shape):
+    """A float64 device scratch array, reused by this host thread.
+
+    Launches of one host thread go to one stream in order, so a later call
+    reuses the buffers only after the earlier call's kernels have read them.
+    Each host thread has its own buffers, so two threads never share one.
+    """
+    buffers = getattr(_scratch, "buffers", None)
+    if buffers is None:
+        buffers = _scratch.buffers = {}
+    key = (name, shape)
+    array = buffers.get(key)
+    if array is None:
+        if len(buffers) > 64:
+            buffers.clear()
+        array = buffers[key] = cuda.device_array(shape, dtype=np.float64)
+    return array
 
 
 def _flat(arr):
@@ -628,95 +1003,47 @@ def _flat(arr):
     return arr.reshape(arr.size)
 
 
-def _new_channel_array(channels):
-    return cuda.device_array(channels, dtype=np.float64)
+def _channel_blocks(channels, threads):
+    return max(1, _ceil_div(channels, threads))
 
 
-def _reduction_layout(shape, threads):
-    """Launch configuration of the first level of a reduction over ``shape``.
-
-    Parameters
-    ----------
-    shape : tuple of int
-        ``(A, C, B)``.
-    threads : int
-        Threads per block.
-
-    Returns
-    -------
-    layout : str
-        ``"by_channel"`` (``B >= SMALL_INNER``) or ``"by_rows"``.
-    grid : int or tuple of int
-        Blocks: ``nchunks * C`` for ``by_channel``; ``(ceil(C * B / width),
-        nchunks)`` for ``by_rows``.
-    block : int or tuple of int
-        ``threads``, or ``(width, threads // width)`` for ``by_rows``.
-    partial_shape : tuple of int
-        ``(nchunks, C, 1)`` or ``(nchunks, C, B)``: the float64 partials.
-    """
-    extent_a, channels, extent_b = shape
-    if extent_b >= SMALL_INNER:
-        per_channel = extent_a * extent_b
-        nchunks = _ceil_div(per_channel, threads * ITEMS_PER_THREAD)
-        nchunks = max(1, min(nchunks, MAX_CHUNKS))
-        return ("by_channel", nchunks * channels, threads,
-                (nchunks, channels, 1))
-    # A row of C * B values is split among ``width`` threads (a warp at most,
-    # a power of two no wider than the row); the rest of the block goes down
-    # the rows.
-    columns = channels * extent_b
-    width = min(threads, WARP_SIZE, 1 << (columns - 1).bit_length())
-    height = threads // width
-    nchunks = _ceil_div(extent_a, height * ITEMS_PER_THREAD)
-    nchunks = max(1, min(nchunks, MAX_CHUNKS))
-    return ("by_rows", (_ceil_div(columns, width), nchunks), (width, height),
-            (nchunks, channels, extent_b))
-
-
-def _reduce(kernels, reduction, u, v, p, q):
-    """Run a two-level per-channel reduction; float64 ``(C,)`` device results.
-
-    Parameters
-    ----------
-    kernels : SimpleNamespace
-        From :func:`_kernels`.
-    reduction : SimpleNamespace
-        One of ``kernels.stats``, ``kernels.backward``, ...
-    u, v : device arrays ``(A, C, B)``
-        The element inputs of the reduction's term (``v`` may be ``u``).
-    p, q : float64 device arrays ``(C,)``
-        Per-channel parameters of the term and finish.
-    """
-    threads = kernels.threads
-    extent_a, channels, extent_b = u.shape
-    layout, grid, block, partial_shape = _reduction_layout(
-        (extent_a, channels, extent_b), threads)
-    partial1 = cuda.device_array(partial_shape, dtype=np.float64)
-    partial2 = cuda.device_array(partial_shape, dtype=np.float64)
-    if layout == "by_channel":
-        nchunks = partial_shape[0]
-        reduction.by_channel[grid, block](u, v, p, q, nchunks, partial1,
-                                          partial2)
+def _reduce(kernels, reduction, layout, u, v, p, shape):
+    """Launch the first level of a reduction; return its partials."""
+    partial = _scratch_array("partial", layout.partial_shape)
+    rows, columns = reduction
+    _, channels, extent_b = shape
+    if layout.rows:
+        rows[layout.reduce_grid, layout.block](
+            u, v, p, channels, extent_b, layout.rows_per_chunk, partial)
     else:
-        reduction.by_rows[grid, block](u, v, p, q, partial1, partial2)
-    result1 = _new_channel_array(channels)
-    result2 = _new_channel_array(channels)
-    count = float(extent_a * extent_b)
-    reduction.merge[_channel_blocks(channels, threads), threads](
-        partial1, partial2, p, q, count, result1, result2)
-    return result1, result2
+        columns[layout.reduce_grid, layout.block](
+            u, v, p, channels * extent_b, extent_b, layout.rows_per_chunk, partial)
+    return partial
 
 
-def _launch_flat(kernels, kernel, size, *args):
-    """Launch an elementwise kernel over ``size`` elements."""
-    threads = kernels.threads
-    kernel[_elementwise_blocks(size, threads), threads](*args)
+def _elementwise(pass_kernels, layout, u, v, coef, shape, out):
+    """Launch an elementwise pass over flat views."""
+    rows, columns = pass_kernels
+    _, channels, extent_b = shape
+    if layout.rows:
+        rows[layout.elementwise_grid, layout.block](u, v, coef, channels, extent_b, out)
+    else:
+        columns[layout.elementwise_grid, layout.block](
+            u, v, coef, channels * extent_b, extent_b, out)
 
 
-def _launch_channels(kernels, kernel, channels, *args):
+def _per_channel(kernels, kernel, channels, *args):
     """Launch a one-thread-per-channel kernel."""
     threads = kernels.threads
     kernel[_channel_blocks(channels, threads), threads](*args)
+
+
+def _param_flags(dtype, gamma, beta=None, last=False):
+    """The flags of a finishing kernel, one int: bit 0 x is float32, bit 1
+    gamma given, bit 2 beta given, bit 3 ``last`` (running statistics given,
+    or training)."""
+    return (int(np.dtype(dtype) == np.float32) | 2 * (gamma is not None)
+            | 4 * (beta is not None) | 8 * bool(last))
 
 
 # ---------------------------------------------------------------------------
@@ -732,41 +1059,94 @@ def stats(x):
     """
     kernels = _kernels()
     with _serialized():
-        channels = x.shape[1]
-        shift = _new_channel_array(channels)
-        _launch_channels(kernels, kernels.channel_first_value, channels,
-                         x, shift)
-        return _reduce(kernels, kernels.stats, x, x, shift, shift)
+        shape = tuple(x.shape)
+        layout = _layout(shape, kernels.threads)
+        x_flat = _flat(x)
+        partial = _reduce(kernels, kernels.stats, layout, x_flat, x_flat, x_flat, shape)
+        mean_var = cuda.device_array((2, shape[1]), dtype=np.float64)
+        _per_channel(kernels, kernels.finish_stats, shape[1], partial, layout.width,
+                     x_flat, shape[2], float(shape[0] * shape[2]), mean_var)
+        return mean_var[0], mean_var[1]
 
 
 def normalize(x, mean, invstd, gamma, beta, out):
-    """``out = (x - mean) * invstd * gamma + beta`` (computed in float64)."""
-    kernels = _kernels()
-    with _serialized():
-        _, channels, inner = x.shape
-        _launch_flat(kernels, kernels.normalize_flat, x.size, _flat(x), mean,
-                     invstd, gamma, beta, channels, inner, _flat(out))
+    """``out = (x - mean) * invstd * gamma + beta`` (computed in float64).
 
-
-def forward_train(x, gamma, beta, eps, out):
-    """``stats`` then ``normalize`` with ``invstd = 1 / sqrt(var + eps)``.
-
-    The two cannot share one pass on a GPU without a grid-wide barrier, so
-    they stay two launches.
-
-    Returns
-    -------
-    mean, var : float64 device arrays ``(C,)``
+    ``gamma``/``beta``: device arrays of any real dtype, or None.
     """
     kernels = _kernels()
     with _serialized():
-        mean, var = stats(x)
-        channels = x.shape[1]
-        invstd = _new_channel_array(channels)
-        _launch_channels(kernels, kernels.channel_invstd, channels,
-                         var, float(eps), invstd)
-        normalize(x, mean, invstd, gamma, beta, out)
-        return mean, var
+        shape = tuple(x.shape)
+        layout = _layout(shape, kernels.threads)
+        coef = _scratch_array("coef", (4, shape[1]))
+        dummy = coef[0]
+        _per_channel(kernels, kernels.normalize_coefficients, shape[1], mean, invstd,
+                     dummy if gamma is None else gamma, dummy if beta is None else beta,
+                     _param_flags(x.dtype, gamma, beta), coef)
+        x_flat = _flat(x)
+        _elementwise(kernels.normalize, layout, x_flat, x_flat, coef, shape, _flat(out))
+
+
+def forward_train(x, gamma, beta, eps, out, running_mean=None, running_var=None,
+                  momentum=0.1):
+    """Statistics, running statistics, normalization: three launches.
+
+    Parameters
+    ----------
+    x, out : device arrays ``(A, C, B)``
+    gamma, beta : device arrays ``(C,)`` of any real dtype, or None
+    eps, momentum : float
+    running_mean, running_var : device arrays ``(C,)`` or None
+        Updated in place, in the launch that finishes the statistics.
+
+    Returns
+    -------
+    mean, invstd : float64 device arrays ``(C,)``
+    """
+    kernels = _kernels()
+    with _serialized():
+        shape = tuple(x.shape)
+        channels = shape[1]
+        layout = _layout(shape, kernels.threads)
+        x_flat = _flat(x)
+        coef = _scratch_array("coef", (4, channels))
+        dummy = coef[0]
+        track = running_mean is not None
+        partial = _reduce(kernels, kernels.stats, layout, x_flat, x_flat, x_flat, shape)
+        stats_out = cuda.device_array((2, channels), dtype=np.float64)
+        _per_channel(kernels, kernels.finish_forward, channels, partial, layout.width,
+                     x_flat, shape[2], float(shape[0] * shape[2]), float(eps),
+                     dummy if gamma is None else gamma, dummy if beta is None else beta,
+                     _param_flags(x.dtype, gamma, beta, track), float(momentum),
+                     running_mean if track else dummy, running_var if track else dummy,
+                     stats_out, coef)
+        _elementwise(kernels.normalize, layout, x_flat, x_flat, coef, shape, _flat(out))
+        return stats_out[0], stats_out[1]
+
+
+def forward_eval(x, gamma, beta, running_mean, running_var, eps, out):
+    """Normalization with the running statistics: two launches.
+
+    Returns
+    -------
+    mean, invstd : float64 device arrays ``(C,)``
+        ``running_mean`` and ``1 / sqrt(running_var + eps)``.
+    """
+    kernels = _kernels()
+    with _serialized():
+        shape = tuple(x.shape)
+        channels = shape[1]
+        layout = _layout(shape, kernels.threads)
+        coef = _scratch_array("coef", (4, channels))
+        dummy = coef[0]
+        stats_out = cuda.device_array((2, channels), dtype=np.float64)
+        _per_channel(kernels, kernels.finish_eval_forward, channels, running_mean,
+                     running_var, float(eps), dummy if gamma is None else gamma,
+                     dummy if beta is None else beta, _param_flags(x.dtype, gamma, beta),
+                     stats_out, coef)
+        x_flat = _flat(x)
+        _elementwise(kernels.normalize, layout, x_flat, x_flat, coef, shape, _flat(out))
+        return stats_out[0], stats_out[1]
 
 
 def backward_reduce(dy, x, mean, invstd):
@@ -778,36 +1158,76 @@ def backward_reduce(dy, x, mean, invstd):
     """
     kernels = _kernels()
     with _serialized():
-        return _reduce(kernels, kernels.backward, dy, x, mean, invstd)
+        shape = tuple(x.shape)
+        layout = _layout(shape, kernels.threads)
+        partial = _reduce(kernels, kernels.backward, layout, _flat(dy), _flat(x), mean, shape)
+        sums = cuda.device_array((2, shape[1]), dtype=np.float64)
+        _per_channel(kernels, kernels.finish_reduce, shape[1], partial, layout.width,
+                     invstd, sums)
+        return sums[0], sums[1]
 
 
 def backward_elemt(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, out):
     """``out = gamma * invstd * (dy - sum_dy / M - xhat * sum_dy_xhat / M)``."""
     kernels = _kernels()
     with _serialized():
-        extent_a, channels, inner = x.shape
-        inv_count = 1.0 / float(extent_a * inner)
-        _launch_flat(kernels, kernels.backward_elemt_flat, x.size, _flat(dy),
-                     _flat(x), mean, invstd, gamma, sum_dy, sum_dy_xhat,
-                     inv_count, channels, inner, _flat(out))
+        shape = tuple(x.shape)
+        layout = _layout(shape, kernels.threads)
+        coef = _scratch_array("coef", (4, shape[1]))
+        _per_channel(kernels, kernels.elemt_coefficients, shape[1],
+                     float(shape[0] * shape[2]), mean, invstd,
+                     coef[0] if gamma is None else gamma, _param_flags(x.dtype, gamma),
+                     sum_dy, sum_dy_xhat, coef)
+        _elementwise(kernels.backward_elemt, layout, _flat(dy), _flat(x), coef, shape,
+                     _flat(out))
+
+
+def _backward(dy, x, mean, invstd, gamma, out, training):
+    """Reduce, finish (sums and coefficients), elementwise: three launches."""
+    kernels = _kernels()
+    with _serialized():
+        shape = tuple(x.shape)
+        channels = shape[1]
+        layout = _layout(shape, kernels.threads)
+        dy_flat, x_flat = _flat(dy), _flat(x)
+        coef = _scratch_array("coef", (4, channels))
+        partial = _reduce(kernels, kernels.backward, layout, dy_flat, x_flat, mean, shape)
+        grads = cuda.device_array((2, channels), dtype=x.dtype)
+        _per_channel(kernels, kernels.finish_backward, channels, partial, layout.width,
+                     float(shape[0] * shape[2]), mean, invstd,
+                     coef[0] if gamma is None else gamma,
+                     _param_flags(x.dtype, gamma, None, training), grads, coef)
+        if training:
+            _elementwise(kernels.backward_elemt, layout, dy_flat, x_flat, coef, shape,
+                         _flat(out))
+        else:
+            _elementwise(kernels.normalize, layout, dy_flat, dy_flat, coef, shape, _flat(out))
+        return grads[1], grads[0]
 
 
 def backward_train(dy, x, mean, invstd, gamma, out):
-    """``backward_reduce`` then ``backward_elemt`` (two launches).
+    """The simplified backward: three launches.
 
     Returns
     -------
-    sum_dy, sum_dy_xhat : float64 device arrays ``(C,)``
+    sum_dy, sum_dy_xhat : device arrays ``(C,)`` of ``x.dtype``
         ``dbeta`` and ``dgamma``.
     """
-    with _serialized():
-        sum_dy, sum_dy_xhat = backward_reduce(dy, x, mean, invstd)
-        backward_elemt(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, out)
-        return sum_dy, sum_dy_xhat
+    return _backward(dy, x, mean, invstd, gamma, out, True)
+
+
+def backward_eval(dy, x, mean, invstd, gamma, out):
+    """The evaluation backward ``dx = dy * gamma * invstd``: three launches.
+
+    Returns
+    -------
+    sum_dy, sum_dy_xhat : device arrays ``(C,)`` of ``x.dtype``
+    """
+    return _backward(dy, x, mean, invstd, gamma, out, False)
 
 
 def backward_staged(dy, x, mean, invstd, gamma, eps, out):
-    """The staged (cs231n) backward graph, one kernel per stage.
+    """The staged (cs231n) backward graph, one launch per stage.
 
     Every full-size stage writes a new device array of ``x.dtype``; the
     reductions accumulate in float64. ``eps`` is part of the contract's
@@ -815,65 +1235,45 @@ def backward_staged(dy, x, mean, invstd, gamma, eps, out):
 
     Returns
     -------
-    dgamma, dbeta : float64 device arrays ``(C,)``
+    dgamma, dbeta : device arrays ``(C,)`` of ``x.dtype``
     """
     kernels = _kernels()
     with _serialized():
-        extent_a, channels, inner = x.shape
-        size = x.size
-        count = float(extent_a * inner)
-        dtype = x.dtype
+        shape = tuple(x.shape)
+        channels = shape[1]
+        count = float(shape[0] * shape[2])
+        threads = kernels.threads
+        layout = _layout(shape, threads)
+        dy_flat, x_flat = _flat(dy), _flat(x)
+        coef = _scratch_array("coef", (4, channels))
+        sums = _scratch_array("staged_sums", (4, channels))
+        grads = cuda.device_array((2, channels), dtype=x.dtype)
 
-        def full_size():
-            return cuda.device_array(x.shape, dtype=dtype)
+        def stage(pass_kernels, u, v):
+            result = cuda.device_array(x.size, dtype=x.dtype)
+            _elementwise(pass_kernels, layout, u, v, coef, shape, result)
+            return result
 
-        # xmu = x - mean (rebuilt forward)
-        xmu = full_size()
-        _launch_flat(kernels, kernels.stage_subtract_channel, size, _flat(x),
-                     mean, channels, inner, _flat(xmu))
-        # xhat = xmu * invstd
-        xhat = full_size()
-        _launch_flat(kernels, kernels.stage_multiply_channel, size,
-                     _flat(xmu), invstd, channels, inner, _flat(xhat))
-        # step 9: dbeta = sum(dy)
-        dbeta, _ = _reduce(kernels, kernels.sum, dy, dy, mean, mean)
-        # step 8: dgamma = sum(dy * xhat)
-        dgamma, _ = _reduce(kernels, kernels.sum_of_product, dy, xhat,
-                            mean, mean)
-        # dxhat = dy * gamma
-        dxhat = full_size()
-        _launch_flat(kernels, kernels.stage_multiply_channel, size,
-                     _flat(dy), gamma, channels, inner, _flat(dxhat))
-        # step 7: divar = sum(dxhat * xmu)
-        divar, _ = _reduce(kernels, kernels.sum_of_product, dxhat, xmu,
-                           mean, mean)
-        # dxmu1 = dxhat * invstd
-        dxmu1 = full_size()
-        _launch_flat(kernels, kernels.stage_multiply_channel, size,
-                     _flat(dxhat), invstd, channels, inner, _flat(dxmu1))
-        # step 6: dsqrtvar = -invstd**2 * divar
-        dsqrtvar = _new_channel_array(channels)
-        _launch_channels(kernels, kernels.staged_dsqrtvar, channels,
-                         invstd, divar, dsqrtvar)
-        # step 5: dvar = 0.5 * invstd * dsqrtvar
-        dvar = _new_channel_array(channels)
-        _launch_channels(kernels, kernels.staged_dvar, channels,
-                         invstd, dsqrtvar, dvar)
-        # step 4: dsq = dvar / M, broadcast to full size
-        dsq = full_size()
-        _launch_flat(kernels, kernels.stage_channel_divided, size, dvar,
-                     count, channels, inner, _flat(dsq))
-        # step 3: dxmu2 = 2 * xmu * dsq
-        dxmu2 = full_size()
-        _launch_flat(kernels, kernels.stage_twice_product, size, _flat(xmu),
-                     _flat(dsq), _flat(dxmu2))
-        # step 2: dx1 = dxmu1 + dxmu2
-        dx1 = full_size()
-        _launch_flat(kernels, kernels.stage_add, size, _flat(dxmu1),
-                     _flat(dxmu2), _flat(dx1))
-        # step 2: dmu = -sum(dx1)
-        dmu, _ = _reduce(kernels, kernels.negated_sum, dx1, dx1, mean, mean)
-        # steps 1 and 0: out = dx1 + dmu / M
-        _launch_flat(kernels, kernels.stage_add_channel_divided, size,
-                     _flat(dx1), dmu, count, channels, inner, _flat(out))
-        return dgamma, dbeta
+        def channel_sum(reduction, u, v, row):
+            partial = _reduce(kernels, reduction, layout, u, v, coef[0], shape)
+            _per_channel(kernels, kernels.staged_sum, channels, partial, layout.width,
+                         sums, row)
+
+        # coef = [mean, invstd, gamma, 0]
+        _per_channel(kernels, kernels.staged_channels, channels, mean, invstd,
+                     coef[0] if gamma is None else gamma, _param_flags(x.dtype, gamma), coef)
+        xmu = stage(kernels.subtract_p0, x_flat, x_flat)             # xmu = x - mean
+        xhat = stage(kernels.multiply_p1, xmu, xmu)                  # xhat = xmu * invstd
+        channel_sum(kernels.sum, dy_flat, dy_flat, 0)                # step 9: dbeta = sum(dy)
+        channel_sum(kernels.sum_of_product, dy_flat, xhat, 1)        # step 8: dgamma
+        dxhat = stage(kernels.multiply_p2, dy_flat, dy_flat)         # dxhat = dy * gamma
+        channel_sum(kernels.sum_of_product, dxhat, xmu, 2)           # step 7: divar
+        dxmu1 = stage(kernels.multiply_p1, dxhat, dxhat)             # dxmu1 = dxhat * invstd
+        _per_channel(kernels, kernels.staged_dsq, channels, invstd, count, sums, coef)
+        dsq = stage(kernels.broadcast_p3, xmu, xmu)                  # step 4: dsq = dvar / M
+        dxmu2 = stage(kernels.twice_product, xmu, dsq)               # step 3: 2 * xmu * dsq
+        dx1 = stage(kernels.add, dxmu1, dxmu2)                       # step 2: dxmu1 + dxmu2
+        channel_sum(kernels.sum, dx1, dx1, 3)                        # step 2: sum(dx1)
+        _per_channel(kernels, kernels.staged_dmu, channels, count, sums, coef, grads)
+        _elementwise(kernels.add_p3, layout, dx1, dx1, coef, shape, _flat(out))  # steps 1, 0
+        return grads[0], grads[1]
