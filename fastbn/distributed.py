@@ -224,7 +224,8 @@ def _agree(comm, function, error, fields, count):
     local_error = None
     if error is not None:
         local_error = (type(error).__name__, str(error))
-    records = comm.allgather((local_error, fields, count))
+    # Only the values travel; the descriptions are the same text everywhere.
+    records = comm.allgather((local_error, tuple(value for _, value in fields), count))
     size = len(records)
     for rank, (remote_error, _, _) in enumerate(records):
         if remote_error is not None:
@@ -234,7 +235,7 @@ def _agree(comm, function, error, fields, count):
                 message = f"{kind}: {message}"
             raise exc_type(f"{message} (on rank {rank} of {size})") from error
     for index, (description, value) in enumerate(fields):
-        values = [record[1][index][1] for record in records]
+        values = [record[1][index] for record in records]
         if any(v != values[0] for v in values):
             groups = {}
             for rank, v in enumerate(values):

@@ -2,10 +2,12 @@
 
 Run under mpiexec, once per number of ranks, at a fixed global batch:
 
-    for P in 1 2 4; do
+    for round in 1 2 3; do for P in 1 2 4; do
         NUMBA_NUM_THREADS=1 OMP_NUM_THREADS=1 mpiexec -n $P \\
-            python benchmarks/results/mpi_syncbn.py --shape 64x64x32x32 --json syncbn_$P.json
-    done
+            python benchmarks/results/mpi_syncbn.py --shape 64x64x32x32 \\
+            --json syncbn_${P}_$round.json
+    done; done
+    python benchmarks/results/mpi_syncbn.py --summarize syncbn_*.json
 
 Each rank takes its slice of the global batch (``np.array_split`` on the
 first axis). One step is ``sync_batchnorm_forward`` (training, running
@@ -62,8 +64,43 @@ class CountingComm(MPI.Intracomm):
                      time.perf_counter() - start)
 
 
+def summarize(paths):
+    """A Markdown table of result files: one row per rank count, the median
+    (and range) over the files of each rank count's median step time."""
+    runs = {}
+    for path in paths:
+        with open(path) as f:
+            result = json.load(f)
+        runs.setdefault(result["ranks"], []).append(result)
+    first = next(iter(runs.values()))[0]
+    print(f"global batch {'x'.join(map(str, first['shape']))} {first['dtype']}, "
+          f"backend {first['backend']}, {first['threads']} thread(s) per rank\n")
+    print("| ranks | samples per rank | step (forward + backward), ms | in collectives "
+          "(incl. waiting), ms | forward: sent / received per rank, bytes | "
+          "backward: sent / received per rank, bytes |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for ranks in sorted(runs):
+        results = runs[ranks]
+        steps = [r["step_ms_median"] for r in results]
+        comms = [r["comm_ms_median"] for r in results]
+        r = results[0]
+
+        def traffic(records):
+            return " + ".join(f"{c['sent']} / {c['received']}" for c in records)
+        print(f"| {ranks} | {r['local_batch_sizes'][0]} | {np.median(steps):.2f} "
+              f"({min(steps):.2f}-{max(steps):.2f}) | {np.median(comms):.2f} | "
+              f"{traffic(r['forward_collectives'])} | {traffic(r['backward_collectives'])} |")
+    singles = [r["single_process_step_ms_median"] for r in runs.get(1, [])]
+    if singles:
+        print(f"\nsingle process, batchnorm_forward + batchnorm_backward on the whole "
+              f"batch (no MPI): {np.median(singles):.2f} ms "
+              f"({min(singles):.2f}-{max(singles):.2f})")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--summarize", nargs="+", metavar="JSON",
+                        help="print a Markdown table of result files and exit")
     parser.add_argument("--shape", default="64x64x32x32", help="global batch, e.g. 64x64x32x32")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--backend", default=None)
@@ -71,6 +108,9 @@ def main():
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--json", default=None, help="write the result here (rank 0)")
     args = parser.parse_args()
+    if args.summarize:
+        summarize(args.summarize)
+        return
 
     world = MPI.COMM_WORLD
     comm = CountingComm(world)
