@@ -1,4 +1,4 @@
-"""Command line: ``python -m fastbn {info,check,bench}`` (or the ``fastbn`` script)."""
+"""Command line: ``python -m fastbn {info,check,bench,experiment}`` (or the ``fastbn`` script)."""
 import argparse
 import json
 import sys
@@ -16,6 +16,11 @@ def main(argv=None):
         "bench", help="time every available backend (and PyTorch) on the default shapes")
     from . import bench as bench_module
     bench_module.add_arguments(bench)
+    experiment = commands.add_parser(
+        "experiment", help="the batch-norm seed experiments on the digits, with plots "
+                           "(needs the [experiments] extra)")
+    from .experiments import cli as experiment_cli
+    experiment_cli.add_arguments(experiment)
     args = parser.parse_args(argv)
 
     if args.command == "info":
@@ -26,6 +31,8 @@ def main(argv=None):
         from . import check as check_module
         backends = args.backends.split(",") if args.backends else None
         return check_module.main(backends)
+    if args.command == "experiment":
+        return experiment_cli.run(args)
     return bench_module.run(args)
 
 
