@@ -20,17 +20,18 @@ like on a noisy machine:
   same size, timed in the same call.
 
 The ``*Large`` classes hold the memory-bound shape ``64x256x56x56``; they are
-skipped unless ``FASTBN_BENCH_PROFILE=slow``.
+skipped unless ``FASTBN_BENCH_PROFILE=slow``; ``FASTBN_BENCH_PROFILE=tiny``
+puts the tiny shapes in the ordinary classes.
 """
-from .common import (DTYPES, LARGE_SHAPES, PARAM_NAMES, SHAPES, Case,
-                     backends, best_time, fraction_of_copy_limit,
-                     require_slow_profile)
+from .common import (DTYPES, LARGE_SHAPES, PARAM_NAMES, Case, backends,
+                     best_time, fraction_of_copy_limit, require_slow_profile,
+                     shapes)
 
 
 class _Benchmark:
     """Parameters, timeout and repetition count shared by every class."""
 
-    params = [backends(), SHAPES, DTYPES]
+    params = [backends(), shapes(), DTYPES]
     param_names = PARAM_NAMES
     timeout = 120
     # Repetitions of each timing inside a track_* call (best of n_repeat).

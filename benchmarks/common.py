@@ -24,7 +24,10 @@ Profiles
 --------
 ``SHAPES`` are the default profile. The memory-bound ``LARGE_SHAPES`` live
 in the ``*Large`` benchmark classes, which are skipped unless the
-environment variable ``FASTBN_BENCH_PROFILE`` is ``slow``.
+environment variable ``FASTBN_BENCH_PROFILE`` is ``slow``. With
+``FASTBN_BENCH_PROFILE=tiny`` the ordinary classes run on ``TINY_SHAPES``
+instead of ``SHAPES`` (a check that the suite and the dashboard work, in
+seconds; its timings mean little).
 """
 import os
 
@@ -35,6 +38,7 @@ from fastbn.bench import (Kernels, best_time, fraction_of_copy_limit,  # noqa: F
 DEFAULT_BACKENDS = ["numpy", "numba", "cython", "torch"]
 SHAPES = ["256x4096", "128x512x7x7", "64x256x14x14", "32x64x56x56"]
 LARGE_SHAPES = ["64x256x56x56"]
+TINY_SHAPES = ["4x8x4x4"]
 DTYPES = ["float32", "float64"]
 PARAM_NAMES = ["backend", "shape", "dtype"]
 
@@ -52,13 +56,25 @@ def backends():
 
 
 def profile():
-    """The benchmark profile, ``"default"`` or ``"slow"``.
+    """The benchmark profile, from ``FASTBN_BENCH_PROFILE``.
 
     Returns
     -------
     str
+        ``"default"``, ``"slow"`` or ``"tiny"``.
     """
     return os.environ.get("FASTBN_BENCH_PROFILE", "default").strip().lower()
+
+
+def shapes():
+    """The shape parameter list of the ordinary classes for the profile.
+
+    Returns
+    -------
+    list of str
+        ``TINY_SHAPES`` when ``FASTBN_BENCH_PROFILE=tiny``, else ``SHAPES``.
+    """
+    return list(TINY_SHAPES) if profile() == "tiny" else list(SHAPES)
 
 
 def require_slow_profile():

@@ -21,6 +21,11 @@ def main(argv=None):
                            "(needs the [experiments] extra)")
     from .experiments import cli as experiment_cli
     experiment_cli.add_arguments(experiment)
+    dashboard = commands.add_parser(
+        "dashboard", help="run the asv suite for this commit, publish and serve the dashboard "
+                          "(needs the [bench] extra and a clone of the repository)")
+    from . import dashboard as dashboard_module  # standard library only at import
+    dashboard_module.add_arguments(dashboard)
     args = parser.parse_args(argv)
 
     if args.command == "info":
@@ -33,6 +38,8 @@ def main(argv=None):
         return check_module.main(backends)
     if args.command == "experiment":
         return experiment_cli.run(args)
+    if args.command == "dashboard":
+        return dashboard_module.run(args)
     return bench_module.run(args)
 
 
