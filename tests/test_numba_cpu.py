@@ -46,10 +46,12 @@ def tolerance(dtype):
     return 1e-6 if dtype == np.float32 else 1e-12
 
 
-@pytest.fixture(params=[False, True], ids=["unfused", "fused"])
+@pytest.fixture(params=["unfused", "fused", "serial"])
 def fused(request, monkeypatch):
-    """Run the training kernels unfused, and fused even on small arrays."""
-    if request.param:
+    """Run the parallel kernels unfused, fused even on small arrays, and the
+    serial small-array kernels on every shape."""
+    monkeypatch.setattr(nb, "SERIAL_BELOW", 2**62 if request.param == "serial" else 0)
+    if request.param == "fused":
         monkeypatch.setattr(nb, "FUSED_MIN_BYTES", 0)
         monkeypatch.setattr(nb, "FUSED_MIN_B", 1)
     return request.param
@@ -66,17 +68,16 @@ def test_kernels_match_float64_reference(name, dtype, fused):
     dx_ref, sum_dy_ref, sum_dy_xhat_ref = ref["dx"], ref["sum_dy"], ref["sum_dy_xhat"]
 
     out = np.empty_like(x)
-    mean, var = nb._forward_fused(x, gamma, beta, EPS, out)
-    assert mean.dtype == np.float64 and var.dtype == np.float64 and out.dtype == x.dtype
+    mean, invstd_t = nb.forward_train(x, gamma, beta, EPS, out)
+    assert mean.dtype == np.float64 and invstd_t.dtype == np.float64 and out.dtype == x.dtype
     assert rel_max(mean, mean_ref) < 1e-13
-    assert rel_max(var, var_ref) < 1e-12
-    mean_t, invstd_t = nb.forward_train(x, gamma, beta, EPS, np.empty_like(x))
-    assert np.array_equal(mean_t, mean) and rel_max(invstd_t, invstd) < 1e-12
+    assert rel_max(invstd_t, invstd) < 1e-12
     assert rel_max(out, out_ref) < tol
 
     mean2, var2 = nb.stats(x)
     np.testing.assert_array_equal(mean2, mean)   # same per-channel summation order
-    np.testing.assert_array_equal(var2, var)
+    assert rel_max(var2, var_ref) < 1e-12
+    np.testing.assert_array_equal(1.0 / np.sqrt(var2 + EPS), invstd_t)
     out2 = np.empty_like(x)
     nb.normalize(x, mean, invstd, gamma, beta, out2)
     assert rel_max(out2, out_ref) < tol
@@ -143,7 +144,7 @@ def test_thread_count_invariance_float64(name, fused):
 
 
 @pytest.mark.parametrize("shape", [(64, 3, 300), (300, 4, 1)], ids=["rows", "cols"])
-def test_float32_large_mean_is_centred_in_float64(shape):
+def test_float32_large_mean_is_centred_in_float64(shape, fused):
     rng = np.random.default_rng(2)
     std = 1.0
     x = (1e4 * std + std * rng.standard_normal(shape)).astype(np.float32)
@@ -156,18 +157,66 @@ def test_float32_large_mean_is_centred_in_float64(shape):
 
 
 @pytest.mark.parametrize("shape", [(16, 3, 300), (50, 3, 1)], ids=["rows", "cols"])
-def test_float32_constant_channel_has_zero_variance(shape):
+def test_float32_constant_channel_has_zero_variance(shape, fused):
     x = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
     x[:, 1, :] = np.float32(1e7)
     C = shape[1]
     gamma = np.array([1.0, 2.5, -1.0])
     beta = np.array([0.0, 0.75, 0.5])
     out = np.empty_like(x)
-    mean, var = nb._forward_fused(x, gamma, beta, EPS, out)
-    assert var[1] == 0.0 and mean[1] == 1e7
+    mean, invstd = nb.forward_train(x, gamma, beta, EPS, out)
+    assert invstd[1] == 1.0 / np.sqrt(EPS) and mean[1] == 1e7
     assert np.all(out[:, 1, :] == np.float32(0.75))
     mean2, var2 = nb.stats(x)
     assert var2[1] == 0.0
+
+
+@pytest.mark.parametrize("running_dtype", ["float32", "float64", "float16", "strided"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", ["cols_B1", "cols_smallB", "mixed_B49", "rows_largeC"])
+def test_running_statistics_and_eval_kernels(name, dtype, running_dtype, fused):
+    """forward_train updates the running statistics in place (PyTorch's rule);
+    forward_eval and backward_eval use them as constants."""
+    x, dy, gamma, beta = make(SHAPES[name], dtype, seed=8)
+    A, C, B = x.shape
+    M = A * B
+    ref = reference(x, gamma, beta, dy)
+    rng = np.random.default_rng(9)
+    start_mean, start_var = rng.standard_normal(C), rng.uniform(0.5, 2.0, C)
+    if running_dtype == "strided":
+        buffers = np.zeros((2, C, 2))
+        running_mean, running_var = buffers[0, :, 1], buffers[1, :, 1]
+    else:
+        running_mean = np.empty(C, dtype=running_dtype)
+        running_var = np.empty(C, dtype=running_dtype)
+    running_mean[...] = start_mean
+    running_var[...] = start_var
+    start_mean = running_mean.astype(np.float64)
+    start_var = running_var.astype(np.float64)
+    out = np.empty_like(x)
+    momentum = 0.3
+    nb.forward_train(x, gamma, beta, EPS, out, running_mean, running_var, momentum)
+    want_mean = 0.7 * start_mean + momentum * ref["mean"]
+    want_var = 0.7 * start_var + momentum * ref["var"] * M / (M - 1)
+    rtol = 1e-3 if running_dtype == "float16" else 1e-6 if running_dtype == "float32" else 1e-12
+    np.testing.assert_allclose(running_mean, want_mean, rtol=rtol, atol=rtol)
+    np.testing.assert_allclose(running_var, want_var, rtol=rtol, atol=rtol)
+
+    mean, invstd = nb.forward_eval(x, gamma, beta, running_mean, running_var, EPS, out)
+    np.testing.assert_array_equal(mean, running_mean.astype(np.float64))
+    np.testing.assert_allclose(invstd, 1 / np.sqrt(running_var.astype(np.float64) + EPS),
+                               rtol=1e-14)
+    x64 = x.astype(np.float64)
+    want = ((x64 - mean[:, None]) * (invstd * gamma)[:, None] + beta[:, None])
+    assert rel_max(out, want) < tolerance(dtype)
+
+    dx = np.empty_like(x)
+    sum_dy, sum_dy_xhat = nb.backward_eval(dy, x, mean, invstd, gamma, dx)
+    dy64 = dy.astype(np.float64)
+    assert rel_max(dx, dy64 * (gamma * invstd)[:, None]) < tolerance(dtype)
+    assert rel_max(sum_dy, dy64.sum(axis=(0, 2))) < 1e-12
+    want_sum = (dy64 * (x64 - mean[:, None]) * invstd[:, None]).sum(axis=(0, 2))
+    assert rel_max(sum_dy_xhat, want_sum) < 1e-12
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -90,3 +90,59 @@ def backward_eval(backward_reduce, normalize, dy, x, mean, invstd, gamma, out):
     zeros = np.zeros_like(mean)
     normalize(dy, zeros, invstd, gamma, zeros, out)
     return sum_dy, sum_dy_xhat
+
+
+_KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _kernel_ready(array):
+    """A native float32/float64 C-contiguous writable array a kernel may update directly."""
+    return (type(array) is np.ndarray and array.dtype in _KERNEL_DTYPES
+            and array.flags.c_contiguous and array.flags.writeable)
+
+
+def running_arrays(running_mean, running_var, mean, invstd):
+    """The running statistics as a compiled kernel takes them.
+
+    Parameters
+    ----------
+    running_mean, running_var : ndarray of shape (C,) or None
+        The caller's arrays.
+    mean, invstd : ndarray of float64, shape (C,)
+        Stand-ins passed when there are no running statistics (never written).
+
+    Returns
+    -------
+    rm, rv : ndarray
+        The caller's arrays when both are float32/float64 of one dtype and
+        C-contiguous (updated in place by the kernel); otherwise float64
+        copies, which :func:`write_back` copies into the caller's arrays.
+    update : bool
+        Whether there are running statistics to update.
+    """
+    if running_mean is None:
+        return mean, invstd, False
+    if (_kernel_ready(running_mean) and _kernel_ready(running_var)
+            and running_mean.dtype == running_var.dtype):
+        return running_mean, running_var, True
+    return (np.ascontiguousarray(running_mean, dtype=np.float64),
+            np.ascontiguousarray(running_var, dtype=np.float64), True)
+
+
+def write_back(running_mean, running_var, rm, rv):
+    """Copy float64 stand-ins made by :func:`running_arrays` back (no-op otherwise)."""
+    if rm is not running_mean:
+        running_mean[...] = rm
+        running_var[...] = rv
+
+
+def readable_running(running_mean, running_var):
+    """Running statistics a kernel may read: float32/float64 C-contiguous arrays as
+    they are, anything else as float64 copies."""
+    if not (type(running_mean) is np.ndarray and running_mean.dtype in _KERNEL_DTYPES
+            and running_mean.flags.c_contiguous):
+        running_mean = np.ascontiguousarray(running_mean, dtype=np.float64)
+    if not (type(running_var) is np.ndarray and running_var.dtype in _KERNEL_DTYPES
+            and running_var.flags.c_contiguous):
+        running_var = np.ascontiguousarray(running_var, dtype=np.float64)
+    return running_mean, running_var

@@ -105,6 +105,7 @@ ELEMENT_ROWS = 16           # rows per elementwise work item in the columns loop
 FUSED_SLAB_BYTES = 512 * 1024  # channels per fused work item: a slab of about this size
 FUSED_MIN_BYTES = 32 * 1024 * 1024  # fuse only working sets larger than the last-level cache
 FUSED_MIN_B = 256           # ... and rows long enough for the channel-by-channel order
+SERIAL_BELOW = 32768        # arrays with fewer elements run serial kernels (no parallel region)
 
 _PRIORITY = ["omp", "tbb", "workqueue"]
 
@@ -165,11 +166,17 @@ _WORKQUEUE_LOCK = threading.Lock()
 _NO_LOCK = _NoLock()
 
 
+_GUARD = []   # the guard, once numba has loaded its threading layer (it cannot change then)
+
+
 def _guard():
     """A lock when the threading layer is workqueue (not thread-safe), else nothing."""
-    if _predicted_layer() == "workqueue":
-        return _WORKQUEUE_LOCK
-    return _NO_LOCK
+    if _GUARD:
+        return _GUARD[0]
+    guard = _WORKQUEUE_LOCK if _predicted_layer() == "workqueue" else _NO_LOCK
+    if _layer_initialized():
+        _GUARD.append(guard)
+    return guard
 
 
 def availability():
@@ -226,6 +233,11 @@ def _chunks_per_channel(shape):
     wanted = -(-TARGET_ITEMS // C)
     by_size = max(1, per_channel // MIN_ITEM_ELEMENTS)
     return max(1, min(wanted, by_size))
+
+
+def _serial(x):
+    """Small arrays run the serial kernels (depends on the shape only)."""
+    return x.size < SERIAL_BELOW
 
 
 def _fuses(x, n_arrays):
@@ -713,16 +725,6 @@ if numba is not None:
             mean[c], var[c] = _mean_var(shift[c], s1[c], s2[c], A * B)
 
     @njit(**_JIT)
-    def _forward_cols(x, B, gamma, beta, eps, n_row_blocks, out, mean, var):
-        """Columns shape: statistics, then out = (x - mean) * (gamma * invstd) + beta."""
-        C = mean.shape[0]
-        _stats_cols(x, B, n_row_blocks, mean, var)
-        scale = np.empty(C)
-        for c in range(C):
-            scale[c] = gamma[c] / np.sqrt(var[c] + eps)
-        _affine_cols(x, _per_column(mean, B), _per_column(scale, B), _per_column(beta, B), out)
-
-    @njit(**_JIT)
     def _dx_coefficients(n, invstd, gamma, sum_dy, sum_dy_xhat):
         """dx = k*dy + kx*(x - mean) + k0: k = gamma*invstd,
         kx = -k*invstd*sum_dy_xhat/M, k0 = -k*sum_dy/M."""
@@ -746,6 +748,179 @@ if numba is not None:
         _combine_cols(dy, _per_column(k, B), x, mean_col, _per_column(kx, B),
                       _per_column(k0, B), out)
 
+    # -----------------------------------------------------------------------
+    # Per-channel finishing work, inside the compiled drivers: invstd, the
+    # normalize scale and the running-statistic update (PyTorch's rule:
+    # running = (1 - momentum) * running + momentum * batch, with the
+    # unbiased variance var * M / (M - 1)), so that no NumPy temporary is
+    # made per call.
+    # -----------------------------------------------------------------------
+
+    @njit(**_JIT)
+    def _finish_stats(mean, var, n, eps, gamma, invstd, scale, rm, rv, momentum, update):
+        """invstd = 1/sqrt(var + eps), scale = gamma*invstd; running stats in place."""
+        keep = 1.0 - momentum
+        unbias = n / (n - 1.0) if n > 1 else np.inf
+        for c in range(mean.shape[0]):
+            invstd[c] = 1.0 / np.sqrt(var[c] + eps)
+            scale[c] = gamma[c] * invstd[c]
+            if update:
+                rm[c] = keep * np.float64(rm[c]) + momentum * mean[c]
+                rv[c] = keep * np.float64(rv[c]) + momentum * (var[c] * unbias)
+
+    @njit(**_JIT)
+    def _forward_cols_train(x, B, gamma, beta, eps, n_row_blocks, out, mean, invstd,
+                            rm, rv, momentum, update):
+        """Columns shape: statistics, finish, out = (x - mean) * scale + beta."""
+        A, J = x.shape
+        C = mean.shape[0]
+        var = np.empty(C)
+        scale = np.empty(C)
+        _stats_cols(x, B, n_row_blocks, mean, var)
+        _finish_stats(mean, var, A * B, eps, gamma, invstd, scale, rm, rv, momentum, update)
+        _affine_cols(x, _per_column(mean, B), _per_column(scale, B), _per_column(beta, B), out)
+
+    @njit(**_JIT)
+    def _forward_rows_train(x, n_split, gamma, beta, eps, out, mean, invstd,
+                            rm, rv, momentum, update):
+        """Rows shape, two passes: statistics, finish, normalize."""
+        A, C, B = x.shape
+        var = np.empty(C)
+        scale = np.empty(C)
+        _stats_rows(x, n_split, mean, var)
+        _finish_stats(mean, var, A * B, eps, gamma, invstd, scale, rm, rv, momentum, update)
+        _affine_rows(x, mean, scale, beta, out)
+
+    @njit(**_JIT)
+    def _forward_fused_train(x, gamma, beta, eps, block, out, mean, invstd,
+                             rm, rv, momentum, update):
+        """Rows shape, fused per block of channels, then the finishing work."""
+        A, C, B = x.shape
+        var = np.empty(C)
+        scale = np.empty(C)
+        _forward_rows_fused(x, gamma, beta, eps, block, out, mean, var)
+        _finish_stats(mean, var, A * B, eps, gamma, invstd, scale, rm, rv, momentum, update)
+
+    # -----------------------------------------------------------------------
+    # Serial kernels for small arrays (fewer than SERIAL_BELOW elements): one
+    # compiled call per kernel, no parallel region (starting one costs more
+    # than the work), no temporaries but per-channel accumulators. The sums
+    # run a-major over (a, c, b), shifted by each channel's first element,
+    # in float64; the order depends on the shape only.
+    # -----------------------------------------------------------------------
+
+    @njit(**_JIT)
+    def _serial_sums(u, su, v, sv, same, sum1, sum2):
+        """sum1[c] = sum(u - su[c]), sum2[c] = sum((u - su[c]) * (v - sv[c]))
+        (``same``: v is u, sv is su)."""
+        A, C, B = u.shape
+        for c in range(C):
+            sum1[c] = 0.0
+            sum2[c] = 0.0
+        for a in range(A):
+            for c in range(C):
+                s = su[c]
+                t = sv[c]
+                s1 = 0.0
+                s2 = 0.0
+                if same:
+                    for b in range(B):
+                        d = np.float64(u[a, c, b]) - s
+                        s1 += d
+                        s2 += d * d
+                else:
+                    for b in range(B):
+                        d = np.float64(u[a, c, b]) - s
+                        s1 += d
+                        s2 += d * (np.float64(v[a, c, b]) - t)
+                sum1[c] += s1
+                sum2[c] += s2
+
+    @njit(**_JIT)
+    def _serial_stats(x, mean, var):
+        """Shifted sums: mean = K + S1/M, var = (S2 - S1^2/M)/M, K = x[0, c, 0]."""
+        A, C, B = x.shape
+        shift = np.empty(C)
+        for c in range(C):
+            shift[c] = x[0, c, 0]
+        s1 = np.empty(C)
+        s2 = np.empty(C)
+        _serial_sums(x, shift, x, shift, True, s1, s2)
+        for c in range(C):
+            mean[c], var[c] = _mean_var(shift[c], s1[c], s2[c], A * B)
+
+    @njit(**_JIT)
+    def _serial_affine(u, p, q, r, out):
+        """out = (u - p[c]) * q[c] + r[c]."""
+        A, C, B = u.shape
+        for a in range(A):
+            for c in range(C):
+                pc = p[c]
+                qc = q[c]
+                rc = r[c]
+                for b in range(B):
+                    out[a, c, b] = (np.float64(u[a, c, b]) - pc) * qc + rc
+
+    @njit(**_JIT)
+    def _serial_combine(u, q, v, s, t, r, out):
+        """out = u * q[c] + (v - s[c]) * t[c] + r[c]."""
+        A, C, B = u.shape
+        for a in range(A):
+            for c in range(C):
+                qc = q[c]
+                sc = s[c]
+                tc = t[c]
+                rc = r[c]
+                for b in range(B):
+                    out[a, c, b] = (np.float64(u[a, c, b]) * qc
+                                    + (np.float64(v[a, c, b]) - sc) * tc + rc)
+
+    @njit(**_JIT)
+    def _serial_forward_train(x, gamma, beta, eps, out, mean, invstd, rm, rv, momentum, update):
+        """Statistics, finish (running statistics included), normalize."""
+        A, C, B = x.shape
+        var = np.empty(C)
+        scale = np.empty(C)
+        _serial_stats(x, mean, var)
+        _finish_stats(mean, var, A * B, eps, gamma, invstd, scale, rm, rv, momentum, update)
+        _serial_affine(x, mean, scale, beta, out)
+
+    @njit(**_JIT)
+    def _eval_coefficients(rm, rv, eps, gamma, mean, invstd, scale):
+        """mean = running_mean, invstd = 1/sqrt(running_var + eps), scale = gamma*invstd."""
+        for c in range(mean.shape[0]):
+            mean[c] = rm[c]
+            invstd[c] = 1.0 / np.sqrt(np.float64(rv[c]) + eps)
+            scale[c] = gamma[c] * invstd[c]
+
+    @njit(**_JIT)
+    def _serial_forward_eval(x, gamma, beta, rm, rv, eps, out, mean, invstd):
+        scale = np.empty(mean.shape[0])
+        _eval_coefficients(rm, rv, eps, gamma, mean, invstd, scale)
+        _serial_affine(x, mean, scale, beta, out)
+
+    @njit(**_JIT)
+    def _serial_backward_reduce(dy, x, mean, invstd, sum_dy, sum_dy_xhat):
+        """sum(dy), invstd * sum(dy * (x - mean))."""
+        zeros = np.zeros(mean.shape[0])
+        _serial_sums(dy, zeros, x, mean, False, sum_dy, sum_dy_xhat)
+        for c in range(mean.shape[0]):
+            sum_dy_xhat[c] *= invstd[c]
+
+    @njit(**_JIT)
+    def _serial_backward_train(dy, x, mean, invstd, gamma, out, sum_dy, sum_dy_xhat):
+        """Sums, then dx = k*dy + kx*(x - mean) + k0."""
+        A, C, B = x.shape
+        _serial_backward_reduce(dy, x, mean, invstd, sum_dy, sum_dy_xhat)
+        k, kx, k0 = _dx_coefficients(A * B, invstd, gamma, sum_dy, sum_dy_xhat)
+        _serial_combine(dy, k, x, mean, kx, k0, out)
+
+    @njit(**_JIT)
+    def _serial_backward_eval(dy, x, mean, invstd, gamma, out, sum_dy, sum_dy_xhat):
+        """Sums, then dx = dy * gamma * invstd (mean and invstd are constants)."""
+        _serial_backward_reduce(dy, x, mean, invstd, sum_dy, sum_dy_xhat)
+        zeros = np.zeros(mean.shape[0])
+        _serial_affine(dy, zeros, gamma * invstd, zeros, out)
 
 # ---------------------------------------------------------------------------
 # Shape dispatch (Python level).
@@ -847,6 +1022,11 @@ def stats(x):
         Shifted float64 sums: ``d = x - x[0, c, 0]``,
         ``mean = x[0, c, 0] + sum(d)/M``, ``var = (sum(d*d) - sum(d)**2/M)/M``.
     """
+    if _serial(x):
+        mean = np.empty(x.shape[1])
+        var = np.empty(x.shape[1])
+        _serial_stats(x, mean, var)
+        return mean, var
     with _guard():
         return _stats_unlocked(x)
 
@@ -859,61 +1039,104 @@ def normalize(x, mean, invstd, gamma, beta, out):
     x, out : ndarray, (A, C, B), same dtype
     mean, invstd, gamma, beta : ndarray, (C,), float64
     """
+    if _serial(x):
+        _serial_affine(x, mean, invstd * gamma, beta, out)
+        return
     with _guard():
         _affine(x, mean, invstd * gamma, beta, out)
 
 
-def _forward_fused(x, gamma, beta, eps, out):
-    """Batch statistics, then ``out = (x - mean) * invstd * gamma + beta``.
+def forward_train(x, gamma, beta, eps, out, running_mean=None, running_var=None, momentum=0.1):
+    """Training forward: statistics, normalize into ``out``, running statistics.
 
-    With the rows loop shape and enough channels, both passes run per channel
-    back to back (the second read comes from cache).
+    The compiled driver of each loop shape also computes ``invstd`` and
+    updates ``running_mean``/``running_var`` in place (float32 or float64
+    arrays are updated directly; others through a float64 copy).
 
     Parameters
     ----------
     x, out : ndarray, (A, C, B), same dtype
     gamma, beta : ndarray, (C,), float64
     eps : float
+    running_mean, running_var : ndarray, (C,), or None
+    momentum : float
 
     Returns
     -------
-    mean, var : ndarray, (C,), float64 (var biased)
+    mean, invstd : ndarray, (C,), float64
     """
-    with _guard():
-        C = x.shape[1]
-        if _fuses(x, 2):
-            mean = np.empty(C)
-            var = np.empty(C)
-            _forward_rows_fused(x, gamma, beta, float(eps), _fused_block(x.shape, x.itemsize),
-                                out, mean, var)
-            return mean, var
-        if not _uses_rows(x.shape):
+    C = x.shape[1]
+    mean = np.empty(C)
+    invstd = np.empty(C)
+    rm, rv, update = _host.running_arrays(running_mean, running_var, mean, invstd)
+    eps = float(eps)
+    momentum = float(momentum)
+    if _serial(x):
+        _serial_forward_train(x, gamma, beta, eps, out, mean, invstd, rm, rv, momentum, update)
+    else:
+        with _guard():
             A, C, B = x.shape
-            mean = np.empty(C)
-            var = np.empty(C)
-            _forward_cols(_as_cols(x), B, gamma, beta, float(eps), _row_blocks(A, C * B),
-                          _as_cols(out), mean, var)
-            return mean, var
-        mean, var = _stats_unlocked(x)
-        invstd = 1.0 / np.sqrt(var + eps)
-        _affine(x, mean, invstd * gamma, beta, out)
-        return mean, var
-
-
-def forward_train(x, gamma, beta, eps, out, running_mean=None, running_var=None, momentum=0.1):
-    """Training forward; running statistics updated in place (see :mod:`fastbn.backends`)."""
-    return _host.forward_train(_forward_fused, x, gamma, beta, eps, out,
-                               running_mean, running_var, momentum)
+            if _fuses(x, 2):
+                _forward_fused_train(x, gamma, beta, eps, _fused_block(x.shape, x.itemsize),
+                                     out, mean, invstd, rm, rv, momentum, update)
+            elif not _uses_rows(x.shape):
+                _forward_cols_train(_as_cols(x), B, gamma, beta, eps, _row_blocks(A, C * B),
+                                    _as_cols(out), mean, invstd, rm, rv, momentum, update)
+            elif _reduces_by_rows(x.shape):
+                _forward_rows_train(x, _chunks_per_channel(x.shape), gamma, beta, eps, out,
+                                    mean, invstd, rm, rv, momentum, update)
+            else:
+                var = np.empty(C)
+                _stats_cols(_as_cols(x), B, _row_blocks(A, C * B), mean, var)
+                scale = np.empty(C)
+                _finish_stats(mean, var, A * B, eps, gamma, invstd, scale, rm, rv, momentum,
+                              update)
+                _affine_rows(x, mean, scale, beta, out)
+    if update:
+        _host.write_back(running_mean, running_var, rm, rv)
+    return mean, invstd
 
 
 def forward_eval(x, gamma, beta, running_mean, running_var, eps, out):
-    """Evaluation forward with the running statistics."""
-    return _host.forward_eval(normalize, x, gamma, beta, running_mean, running_var, eps, out)
+    """Evaluation forward: normalize with the running statistics.
+
+    Returns
+    -------
+    mean, invstd : ndarray, (C,), float64
+        ``running_mean`` and ``1 / sqrt(running_var + eps)``.
+    """
+    C = x.shape[1]
+    mean = np.empty(C)
+    invstd = np.empty(C)
+    rm, rv = _host.readable_running(running_mean, running_var)
+    if _serial(x):
+        _serial_forward_eval(x, gamma, beta, rm, rv, float(eps), out, mean, invstd)
+        return mean, invstd
+    scale = np.empty(C)
+    _eval_coefficients(rm, rv, float(eps), gamma, mean, invstd, scale)
+    with _guard():
+        _affine(x, mean, scale, beta, out)
+    return mean, invstd
 
 
 def backward_eval(dy, x, mean, invstd, gamma, out):
-    """Evaluation backward ``dx = dy * gamma * invstd``, and the two sums."""
-    return _host.backward_eval(backward_reduce, normalize, dy, x, mean, invstd, gamma, out)
+    """Evaluation backward ``dx = dy * gamma * invstd``, and the two sums.
+
+    Returns
+    -------
+    sum_dy, sum_dy_xhat : ndarray, (C,), float64
+    """
+    if _serial(x):
+        C = x.shape[1]
+        sum_dy = np.empty(C)
+        sum_dy_xhat = np.empty(C)
+        _serial_backward_eval(dy, x, mean, invstd, gamma, out, sum_dy, sum_dy_xhat)
+        return sum_dy, sum_dy_xhat
+    with _guard():
+        sum_dy, sum_dy_xhat = _backward_reduce_unlocked(dy, x, mean, invstd)
+        zeros = np.zeros(x.shape[1])
+        _affine(dy, zeros, gamma * invstd, zeros, out)
+    return sum_dy, sum_dy_xhat
 
 
 def backward_reduce(dy, x, mean, invstd):
@@ -928,6 +1151,12 @@ def backward_reduce(dy, x, mean, invstd):
     -------
     sum_dy, sum_dy_xhat : ndarray, (C,), float64
     """
+    if _serial(x):
+        C = x.shape[1]
+        sum_dy = np.empty(C)
+        sum_dy_xhat = np.empty(C)
+        _serial_backward_reduce(dy, x, mean, invstd, sum_dy, sum_dy_xhat)
+        return sum_dy, sum_dy_xhat
     with _guard():
         return _backward_reduce_unlocked(dy, x, mean, invstd)
 
@@ -940,6 +1169,11 @@ def backward_elemt(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, out):
     dy, x, out : ndarray, (A, C, B), same dtype
     mean, invstd, gamma, sum_dy, sum_dy_xhat : ndarray, (C,), float64
     """
+    if _serial(x):
+        k, kx, k0 = _dx_coefficients(x.shape[0] * x.shape[2], invstd, gamma, sum_dy,
+                                     sum_dy_xhat)
+        _serial_combine(dy, k, x, mean, kx, k0, out)
+        return
     with _guard():
         _backward_elemt_unlocked(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, out)
 
@@ -948,30 +1182,31 @@ def backward_train(dy, x, mean, invstd, gamma, out):
     """Simplified backward: ``backward_reduce`` then ``backward_elemt``.
 
     With the rows loop shape and enough channels, both passes run per channel
-    back to back (the second read of ``dy`` and ``x`` comes from cache).
+    back to back (the second read of ``dy`` and ``x`` comes from cache);
+    small arrays run one serial compiled kernel.
 
     Returns
     -------
     sum_dy, sum_dy_xhat : ndarray, (C,), float64
         ``dbeta`` and ``dgamma``.
     """
+    C = x.shape[1]
+    sum_dy = np.empty(C)
+    sum_dy_xhat = np.empty(C)
+    if _serial(x):
+        _serial_backward_train(dy, x, mean, invstd, gamma, out, sum_dy, sum_dy_xhat)
+        return sum_dy, sum_dy_xhat
     with _guard():
-        C = x.shape[1]
         if _fuses(x, 3):
-            sum_dy = np.empty(C)
-            sum_dy_xhat = np.empty(C)
             _backward_rows_fused(dy, x, mean, invstd, gamma, _fused_block(x.shape, x.itemsize),
                                  out, sum_dy, sum_dy_xhat)
-            return sum_dy, sum_dy_xhat
-        if not _uses_rows(x.shape):
+        elif not _uses_rows(x.shape):
             A, C, B = x.shape
-            sum_dy = np.empty(C)
-            sum_dy_xhat = np.empty(C)
-            _backward_cols(_as_cols(dy), _as_cols(x), B, mean, invstd, gamma, _row_blocks(A, C * B),
-                           _as_cols(out), sum_dy, sum_dy_xhat)
-            return sum_dy, sum_dy_xhat
-        sum_dy, sum_dy_xhat = _backward_reduce_unlocked(dy, x, mean, invstd)
-        _backward_elemt_unlocked(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, out)
+            _backward_cols(_as_cols(dy), _as_cols(x), B, mean, invstd, gamma,
+                           _row_blocks(A, C * B), _as_cols(out), sum_dy, sum_dy_xhat)
+        else:
+            sum_dy, sum_dy_xhat = _backward_reduce_unlocked(dy, x, mean, invstd)
+            _backward_elemt_unlocked(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, out)
         return sum_dy, sum_dy_xhat
 
 
