@@ -334,3 +334,54 @@ def test_numba_and_cython_from_several_python_threads():
     for t in threads:
         t.join()
     assert not errors, errors
+
+
+@needs_extension
+@pytest.mark.parametrize("running_dtype", ["float32", "float64", "float16", "strided"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", ["rows_B1_large_C", "rows_B1_fused", "channels_small_B", "tiny"])
+def test_running_statistics_and_eval_kernels(name, dtype, running_dtype):
+    """forward_train updates the running statistics in place in its driver
+    (PyTorch's rule); forward_eval and backward_eval use them as constants."""
+    x, dy, gamma, beta = make_case(SHAPES[name], dtype, seed=8)
+    A, C, B = x.shape
+    M = A * B
+    ref = reference(x, gamma, beta, dy)
+    rng = np.random.default_rng(9)
+    if running_dtype == "strided":
+        buffers = np.zeros((2, C, 2))
+        running_mean, running_var = buffers[0, :, 1], buffers[1, :, 1]
+    else:
+        running_mean = np.empty(C, dtype=running_dtype)
+        running_var = np.empty(C, dtype=running_dtype)
+    running_mean[...] = rng.standard_normal(C)
+    running_var[...] = rng.uniform(0.5, 2.0, C)
+    start_mean = running_mean.astype(np.float64)
+    start_var = running_var.astype(np.float64)
+    out = np.empty_like(x)
+    momentum = 0.3
+    mean_t, invstd_t = cython_omp.forward_train(x, gamma, beta, EPS, out, running_mean,
+                                                running_var, momentum)
+    assert_close(mean_t, ref["mean"], 1e-13, 0)
+    assert_close(invstd_t, ref["invstd"], 1e-12, 0)
+    want_mean = 0.7 * start_mean + momentum * ref["mean"]
+    want_var = 0.7 * start_var + momentum * ref["var"] * M / (M - 1)
+    rtol = 1e-3 if running_dtype == "float16" else 1e-6 if running_dtype == "float32" else 1e-12
+    assert_close(running_mean, want_mean, rtol, rtol)
+    assert_close(running_var, want_var, rtol, rtol)
+
+    mean, invstd = cython_omp.forward_eval(x, gamma, beta, running_mean, running_var, EPS, out)
+    np.testing.assert_array_equal(mean, running_mean.astype(np.float64))
+    assert_close(invstd, 1 / np.sqrt(running_var.astype(np.float64) + EPS), 1e-14, 0)
+    x64 = x.astype(np.float64)
+    tol = 1e-6 if dtype == np.float32 else 1e-12
+    assert_close(out, (x64 - mean[:, None]) * (invstd * gamma)[:, None] + beta[:, None],
+                 tol, tol)
+
+    dx = np.empty_like(x)
+    sum_dy, sum_dy_xhat = cython_omp.backward_eval(dy, x, mean, invstd, gamma, dx)
+    dy64 = dy.astype(np.float64)
+    assert_close(dx, dy64 * (gamma * invstd)[:, None], tol, tol)
+    assert_close(sum_dy, dy64.sum(axis=(0, 2)), 1e-12, 1e-12)
+    want_sum = (dy64 * (x64 - mean[:, None]) * invstd[:, None]).sum(axis=(0, 2))
+    assert_close(sum_dy_xhat, want_sum, 1e-12, 1e-12)

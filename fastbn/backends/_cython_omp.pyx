@@ -48,6 +48,9 @@ import numpy as np
 
 from cython.parallel cimport prange
 from libc.math cimport sqrt
+from libc.stdlib cimport free, malloc
+
+from ._host import readable_running, running_arrays
 
 from ._openmp_helpers cimport FASTBN_OPENMP_ENABLED, fastbn_max_threads
 
@@ -962,71 +965,341 @@ def normalize(x, mean, invstd, gamma, beta, out):
     _elementwise_py(OP_NORMALIZE, x, x, out, mean, scale, beta, beta)
 
 
-def forward_train(x, gamma, beta, eps, out):
-    """Training forward: statistics, then normalize into ``out``.
+# ---------------------------------------------------------------------------
+# Training and evaluation entry points: the arrays become typed memoryviews
+# once, everything else (shifts, coefficients, partial sums, the running
+# statistics) happens in one nogil driver on a malloc'd scratch block.
+# ---------------------------------------------------------------------------
 
-    Fused per channel on the channel path (``B > 1``): a channel is reduced
-    and normalized back to back, so ``x`` is read from memory once.
+cdef enum:
+    RUNNING_NONE = 0
+    RUNNING_F32 = 1
+    RUNNING_F64 = 2
+
+
+cdef inline Py_ssize_t _partials_size(Py_ssize_t A, Py_ssize_t C, Py_ssize_t B) noexcept nogil:
+    if B > 1:
+        return 2 * C * _chunks_per_channel(A * B)
+    return 2 * C * _row_chunks(A, C)
+
+
+cdef inline void _update_running(Py_ssize_t C, double M, const double* mean,
+                                 const double* var, void* rm, void* rv, int kind,
+                                 double momentum) noexcept nogil:
+    # PyTorch's rule: running = (1 - momentum) * running + momentum * batch,
+    # with the unbiased batch variance var * M / (M - 1); in float64.
+    cdef double keep = 1.0 - momentum
+    cdef double unbias = M / (M - 1.0)
+    cdef Py_ssize_t c
+    cdef float* rm32 = <float*>rm
+    cdef float* rv32 = <float*>rv
+    cdef double* rm64 = <double*>rm
+    cdef double* rv64 = <double*>rv
+    if kind == RUNNING_F32:
+        for c in range(C):
+            rm32[c] = <float>(keep * <double>rm32[c] + momentum * mean[c])
+            rv32[c] = <float>(keep * <double>rv32[c] + momentum * (var[c] * unbias))
+    elif kind == RUNNING_F64:
+        for c in range(C):
+            rm64[c] = keep * rm64[c] + momentum * mean[c]
+            rv64[c] = keep * rv64[c] + momentum * (var[c] * unbias)
+
+
+cdef int _forward_train_driver(const floating* x, floating* out, Py_ssize_t A, Py_ssize_t C,
+                               Py_ssize_t B, double eps, const double* gamma,
+                               const double* beta, double* mean, double* invstd, void* rm,
+                               void* rv, int kind, double momentum) noexcept nogil:
+    # Statistics (fused with the normalize pass where the shape allows),
+    # invstd, the running statistics, normalize. Returns -1 when out of memory.
+    cdef int nthreads = _threads_for(A * C * B)
+    cdef Py_ssize_t n_part = _partials_size(A, C, B)
+    cdef Py_ssize_t c
+    cdef double M = <double>(A * B)
+    cdef double* buf = <double*>malloc((6 * C + n_part) * sizeof(double))
+    cdef double* shift
+    cdef double* var
+    cdef double* scale
+    cdef double* offset
+    cdef double* sums
+    cdef double* partials
+    if buf == NULL:
+        return -1
+    shift = buf
+    var = buf + C
+    scale = buf + 2 * C
+    offset = buf + 3 * C
+    sums = buf + 4 * C
+    partials = buf + 6 * C
+    for c in range(C):
+        shift[c] = <double>x[c * B]          # x[0, c, 0], the shift of the sums
+    if _use_fused(A * C * B * <Py_ssize_t>sizeof(floating), A, C, B, sizeof(floating), 2,
+                  nthreads):
+        if B == 1:
+            _fused_forward_rows(x, out, A, C, shift, eps, gamma, beta, mean, var, scale,
+                                offset, partials, sums, nthreads)
+        else:
+            _fused_forward_channels(x, out, A, C, B, shift, eps, gamma, beta, mean, var,
+                                    scale, offset, partials, nthreads)
+    else:
+        _reduce(x, x, A, C, B, shift, shift, sums, sums + C, partials, nthreads)
+        for c in range(C):
+            _forward_coefs(c, sums[c], sums[C + c], shift[c], M, eps, gamma, beta, mean, var,
+                           scale, offset)
+        _elementwise(OP_NORMALIZE, x, x, out, A, C, B, mean, scale, offset, offset, nthreads)
+    for c in range(C):
+        invstd[c] = 1.0 / sqrt(var[c] + eps)
+    _update_running(C, M, mean, var, rm, rv, kind, momentum)
+    free(buf)
+    return 0
+
+
+cdef int _backward_driver(const floating* dy, const floating* x, floating* out, Py_ssize_t A,
+                          Py_ssize_t C, Py_ssize_t B, const double* mean,
+                          const double* invstd, const double* gamma, double* sum_dy,
+                          double* sum_dy_xhat, bint training) noexcept nogil:
+    # training: the simplified backward (fused where the shape allows);
+    # otherwise the evaluation backward dx = dy * gamma * invstd. Both return
+    # sum(dy) and invstd * sum(dy * (x - mean)). -1 when out of memory.
+    cdef int nthreads = _threads_for(A * C * B)
+    cdef Py_ssize_t n_part = _partials_size(A, C, B)
+    cdef Py_ssize_t c
+    cdef double M = <double>(A * B)
+    cdef double* buf = <double*>malloc((6 * C + n_part) * sizeof(double))
+    cdef double* zeros
+    cdef double* k_scale
+    cdef double* k_mean_dy
+    cdef double* k_xmu
+    cdef double* sums
+    cdef double* partials
+    if buf == NULL:
+        return -1
+    zeros = buf
+    k_scale = buf + C
+    k_mean_dy = buf + 2 * C
+    k_xmu = buf + 3 * C
+    sums = buf + 4 * C
+    partials = buf + 6 * C
+    for c in range(C):
+        zeros[c] = 0.0
+    if training and _use_fused(A * C * B * <Py_ssize_t>sizeof(floating), A, C, B,
+                               sizeof(floating), 3, nthreads):
+        if B == 1:
+            _fused_backward_rows(dy, x, out, A, C, mean, invstd, gamma, zeros, sum_dy,
+                                 sum_dy_xhat, k_scale, k_mean_dy, k_xmu, partials, sums,
+                                 nthreads)
+        else:
+            _fused_backward_channels(dy, x, out, A, C, B, mean, invstd, gamma, zeros, sum_dy,
+                                     sum_dy_xhat, k_scale, k_mean_dy, k_xmu, partials,
+                                     nthreads)
+    else:
+        _reduce(dy, x, A, C, B, zeros, mean, sums, sums + C, partials, nthreads)
+        for c in range(C):
+            _backward_coefs(c, sums[c], sums[C + c], M, invstd, gamma, sum_dy, sum_dy_xhat,
+                            k_scale, k_mean_dy, k_xmu)
+        if training:
+            _elementwise(OP_BACKWARD, dy, x, out, A, C, B, mean, k_scale, k_mean_dy, k_xmu,
+                         nthreads)
+        else:
+            # dx = (dy - 0) * (gamma * invstd) + 0
+            _elementwise(OP_NORMALIZE, dy, dy, out, A, C, B, zeros, k_scale, zeros, zeros,
+                         nthreads)
+    free(buf)
+    return 0
+
+
+cdef int _forward_eval_driver(const floating* x, floating* out, Py_ssize_t A, Py_ssize_t C,
+                              Py_ssize_t B, double eps, const double* gamma,
+                              const double* beta, double* mean, double* invstd,
+                              const void* rm, const void* rv, int kind) noexcept nogil:
+    # mean = running_mean, invstd = 1 / sqrt(running_var + eps), normalize.
+    cdef int nthreads = _threads_for(A * C * B)
+    cdef Py_ssize_t c
+    cdef double* scale = <double*>malloc(C * sizeof(double))
+    if scale == NULL:
+        return -1
+    for c in range(C):
+        if kind == RUNNING_F32:
+            mean[c] = <double>(<const float*>rm)[c]
+            invstd[c] = 1.0 / sqrt(<double>(<const float*>rv)[c] + eps)
+        else:
+            mean[c] = (<const double*>rm)[c]
+            invstd[c] = 1.0 / sqrt((<const double*>rv)[c] + eps)
+        scale[c] = invstd[c] * gamma[c]
+    _elementwise(OP_NORMALIZE, x, x, out, A, C, B, mean, scale, beta, beta, nthreads)
+    free(scale)
+    return 0
+
+
+cdef inline void* _running_pointer(array, int kind) except NULL:
+    # A typed memoryview of a float32/float64 C-contiguous running statistic.
+    cdef float[::1] view32
+    cdef double[::1] view64
+    if kind == RUNNING_F32:
+        view32 = array
+        return &view32[0]
+    view64 = array
+    return &view64[0]
+
+
+def forward_train(x, gamma, beta, double eps, out, running_mean=None, running_var=None,
+                  double momentum=0.1):
+    """Training forward: statistics, normalize into ``out``, running statistics.
+
+    Fused per channel (block) where the shape allows: a channel is reduced
+    and normalized back to back, so ``x`` is read from memory once. The
+    running statistics (float32 or float64 arrays directly, other dtypes
+    through a float64 copy) are updated in the same nogil driver, PyTorch's
+    way (unbiased batch variance).
 
     Parameters
     ----------
     x, out : ndarray, shape (A, C, B), one dtype (float32 or float64)
     gamma, beta : ndarray, float64, shape (C,)
     eps : float
+    running_mean, running_var : ndarray, shape (C,), or None
+    momentum : float
 
     Returns
     -------
-    mean, var : ndarray, float64, shape (C,)
-        Batch mean and biased batch variance.
+    mean, invstd : ndarray, float64, shape (C,)
     """
     cdef Py_ssize_t A = x.shape[0], C = x.shape[1], B = x.shape[2]
-    cdef Py_ssize_t c
-    cdef int nthreads = _threads_for(A * C * B)
-    shift = _first_values(x)
-    gamma = _channel_vector(gamma)
-    beta = _channel_vector(beta)
-    mean = np.empty(C, dtype=np.float64)
-    var = np.empty(C, dtype=np.float64)
-    scale = np.empty(C, dtype=np.float64)
-    offset = np.empty(C, dtype=np.float64)
-    partials = _partials_buffer(A, C, B)
-    if _use_fused(x.nbytes, A, C, B, x.itemsize, 2, nthreads):
-        sums = np.empty(2 * C, dtype=np.float64)
-        if x.dtype == np.float32:
-            _forward_fused[float](x, out, shift, eps, gamma, beta, mean, var, scale,
-                                  offset, partials, sums, nthreads)
-        else:
-            _forward_fused[double](x, out, shift, eps, gamma, beta, mean, var, scale,
-                                   offset, partials, sums, nthreads)
-        return mean, var
-    # Separate passes: parallel reduce, coefficients, parallel normalize.
-    sum_u, sum_uu = _reduce_py(x, x, shift, shift)
-    cdef double[::1] mean_v = mean, var_v = var, scale_v = scale, offset_v = offset
-    cdef double[::1] gamma_v = gamma, beta_v = beta, shift_v = shift
-    cdef double[::1] sum_u_v = sum_u, sum_uu_v = sum_uu
-    for c in range(C):
-        _forward_coefs(c, sum_u_v[c], sum_uu_v[c], shift_v[c], <double>(A * B), eps,
-                       &gamma_v[0], &beta_v[0], &mean_v[0], &var_v[0], &scale_v[0],
-                       &offset_v[0])
-    _elementwise_py(OP_NORMALIZE, x, x, out, mean, scale, offset, offset)
-    return mean, var
+    cdef const double[::1] gamma_v = gamma
+    cdef const double[::1] beta_v = beta
+    mean = np.empty(C)
+    invstd = np.empty(C)
+    cdef double[::1] mean_v = mean
+    cdef double[::1] invstd_v = invstd
+    cdef const float[:, :, ::1] x32
+    cdef float[:, :, ::1] out32
+    cdef const double[:, :, ::1] x64
+    cdef double[:, :, ::1] out64
+    cdef int kind = RUNNING_NONE
+    cdef void* rm_p = NULL
+    cdef void* rv_p = NULL
+    cdef int status
+    if running_mean is not None:
+        rm, rv, _ = running_arrays(running_mean, running_var, mean, invstd)
+        kind = RUNNING_F32 if rm.itemsize == 4 else RUNNING_F64
+        rm_p = _running_pointer(rm, kind)
+        rv_p = _running_pointer(rv, kind)
+    if x.itemsize == 4:
+        x32 = x
+        out32 = out
+        with nogil:
+            status = _forward_train_driver(&x32[0, 0, 0], &out32[0, 0, 0], A, C, B, eps,
+                                           &gamma_v[0], &beta_v[0], &mean_v[0], &invstd_v[0],
+                                           rm_p, rv_p, kind, momentum)
+    else:
+        x64 = x
+        out64 = out
+        with nogil:
+            status = _forward_train_driver(&x64[0, 0, 0], &out64[0, 0, 0], A, C, B, eps,
+                                           &gamma_v[0], &beta_v[0], &mean_v[0], &invstd_v[0],
+                                           rm_p, rv_p, kind, momentum)
+    if status != 0:
+        raise MemoryError()
+    if kind != RUNNING_NONE and rm is not running_mean:
+        running_mean[...] = rm
+        running_var[...] = rv
+    return mean, invstd
 
 
-cdef void _forward_fused(const floating[:, :, ::1] x, floating[:, :, ::1] out,
-                         const double[::1] shift, double eps, const double[::1] gamma,
-                         const double[::1] beta, double[::1] mean, double[::1] var,
-                         double[::1] scale, double[::1] offset, double[::1] partials,
-                         double[::1] sums, int nthreads) noexcept:
-    with nogil:
-        if x.shape[2] == 1:
-            _fused_forward_rows(&x[0, 0, 0], &out[0, 0, 0], x.shape[0], x.shape[1],
-                                &shift[0], eps, &gamma[0], &beta[0], &mean[0], &var[0],
-                                &scale[0], &offset[0], &partials[0], &sums[0], nthreads)
-        else:
-            _fused_forward_channels(&x[0, 0, 0], &out[0, 0, 0], x.shape[0], x.shape[1],
-                                    x.shape[2], &shift[0], eps, &gamma[0], &beta[0],
-                                    &mean[0], &var[0], &scale[0], &offset[0], &partials[0],
-                                    nthreads)
+def forward_eval(x, gamma, beta, running_mean, running_var, double eps, out):
+    """Evaluation forward: normalize with the running statistics.
+
+    Returns
+    -------
+    mean, invstd : ndarray, float64, shape (C,)
+        ``running_mean`` and ``1 / sqrt(running_var + eps)``.
+    """
+    cdef Py_ssize_t A = x.shape[0], C = x.shape[1], B = x.shape[2]
+    cdef const double[::1] gamma_v = gamma
+    cdef const double[::1] beta_v = beta
+    mean = np.empty(C)
+    invstd = np.empty(C)
+    cdef double[::1] mean_v = mean
+    cdef double[::1] invstd_v = invstd
+    cdef const float[:, :, ::1] x32
+    cdef float[:, :, ::1] out32
+    cdef const double[:, :, ::1] x64
+    cdef double[:, :, ::1] out64
+    cdef const float[::1] rm32, rv32
+    cdef const double[::1] rm64, rv64
+    cdef const void* rm_p
+    cdef const void* rv_p
+    cdef int kind, status
+    rm, rv = readable_running(running_mean, running_var)
+    if rm.dtype != rv.dtype or rm.itemsize != 8:
+        rm = np.ascontiguousarray(rm, dtype=np.float64)
+        rv = np.ascontiguousarray(rv, dtype=np.float64)
+    rm64 = rm
+    rv64 = rv
+    rm_p = &rm64[0]
+    rv_p = &rv64[0]
+    kind = RUNNING_F64
+    if x.itemsize == 4:
+        x32 = x
+        out32 = out
+        with nogil:
+            status = _forward_eval_driver(&x32[0, 0, 0], &out32[0, 0, 0], A, C, B, eps,
+                                          &gamma_v[0], &beta_v[0], &mean_v[0], &invstd_v[0],
+                                          rm_p, rv_p, kind)
+    else:
+        x64 = x
+        out64 = out
+        with nogil:
+            status = _forward_eval_driver(&x64[0, 0, 0], &out64[0, 0, 0], A, C, B, eps,
+                                          &gamma_v[0], &beta_v[0], &mean_v[0], &invstd_v[0],
+                                          rm_p, rv_p, kind)
+    if status != 0:
+        raise MemoryError()
+    return mean, invstd
+
+
+def _backward(dy, x, mean, invstd, gamma, out, bint training):
+    cdef Py_ssize_t A = x.shape[0], C = x.shape[1], B = x.shape[2]
+    cdef const double[::1] mean_v = mean
+    cdef const double[::1] invstd_v = invstd
+    cdef const double[::1] gamma_v = gamma
+    sum_dy = np.empty(C)
+    sum_dy_xhat = np.empty(C)
+    cdef double[::1] sum_dy_v = sum_dy
+    cdef double[::1] sum_dy_xhat_v = sum_dy_xhat
+    cdef const float[:, :, ::1] dy32, x32
+    cdef float[:, :, ::1] out32
+    cdef const double[:, :, ::1] dy64, x64
+    cdef double[:, :, ::1] out64
+    cdef int status
+    if x.itemsize == 4:
+        dy32 = dy
+        x32 = x
+        out32 = out
+        with nogil:
+            status = _backward_driver(&dy32[0, 0, 0], &x32[0, 0, 0], &out32[0, 0, 0], A, C, B,
+                                      &mean_v[0], &invstd_v[0], &gamma_v[0], &sum_dy_v[0],
+                                      &sum_dy_xhat_v[0], training)
+    else:
+        dy64 = dy
+        x64 = x
+        out64 = out
+        with nogil:
+            status = _backward_driver(&dy64[0, 0, 0], &x64[0, 0, 0], &out64[0, 0, 0], A, C, B,
+                                      &mean_v[0], &invstd_v[0], &gamma_v[0], &sum_dy_v[0],
+                                      &sum_dy_xhat_v[0], training)
+    if status != 0:
+        raise MemoryError()
+    return sum_dy, sum_dy_xhat
+
+
+def backward_eval(dy, x, mean, invstd, gamma, out):
+    """Evaluation backward ``dx = dy * gamma * invstd``, and the two sums.
+
+    Returns
+    -------
+    sum_dy, sum_dy_xhat : ndarray, float64, shape (C,)
+    """
+    return _backward(dy, x, mean, invstd, gamma, out, False)
 
 
 def backward_reduce(dy, x, mean, invstd):
@@ -1080,7 +1353,7 @@ def backward_elemt(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, out):
 def backward_train(dy, x, mean, invstd, gamma, out):
     """Simplified backward: reduce, then the elementwise pass, into ``out``.
 
-    Fused per channel on the channel path (``B > 1``): a channel's reduce
+    Fused per channel (block) where the shape allows: a channel's reduce
     and elementwise passes run back to back, so the second read of ``dy``
     and ``x`` hits the cache.
 
@@ -1094,52 +1367,7 @@ def backward_train(dy, x, mean, invstd, gamma, out):
     sum_dy, sum_dy_xhat : ndarray, float64, shape (C,)
         ``dbeta`` and ``dgamma``.
     """
-    cdef Py_ssize_t A = x.shape[0], C = x.shape[1], B = x.shape[2]
-    cdef int nthreads = _threads_for(A * C * B)
-    if not _use_fused(x.nbytes, A, C, B, x.itemsize, 3, nthreads):
-        sum_dy, sum_dy_xhat = backward_reduce(dy, x, mean, invstd)
-        backward_elemt(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, out)
-        return sum_dy, sum_dy_xhat
-    mean = _channel_vector(mean)
-    invstd = _channel_vector(invstd)
-    gamma = _channel_vector(gamma)
-    zeros = np.zeros(C, dtype=np.float64)
-    sum_dy = np.empty(C, dtype=np.float64)
-    sum_dy_xhat = np.empty(C, dtype=np.float64)
-    k_scale = np.empty(C, dtype=np.float64)
-    k_mean_dy = np.empty(C, dtype=np.float64)
-    k_xmu = np.empty(C, dtype=np.float64)
-    partials = _partials_buffer(A, C, B)
-    sums = np.empty(2 * C, dtype=np.float64)
-    if x.dtype == np.float32:
-        _backward_fused[float](dy, x, out, mean, invstd, gamma, zeros, sum_dy, sum_dy_xhat,
-                               k_scale, k_mean_dy, k_xmu, partials, sums, nthreads)
-    else:
-        _backward_fused[double](dy, x, out, mean, invstd, gamma, zeros, sum_dy, sum_dy_xhat,
-                                k_scale, k_mean_dy, k_xmu, partials, sums, nthreads)
-    return sum_dy, sum_dy_xhat
-
-
-cdef void _backward_fused(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
-                          floating[:, :, ::1] out, const double[::1] mean,
-                          const double[::1] invstd, const double[::1] gamma,
-                          const double[::1] zeros, double[::1] sum_dy,
-                          double[::1] sum_dy_xhat, double[::1] k_scale,
-                          double[::1] k_mean_dy, double[::1] k_xmu,
-                          double[::1] partials, double[::1] sums,
-                          int nthreads) noexcept:
-    with nogil:
-        if x.shape[2] == 1:
-            _fused_backward_rows(&dy[0, 0, 0], &x[0, 0, 0], &out[0, 0, 0], x.shape[0],
-                                 x.shape[1], &mean[0], &invstd[0], &gamma[0], &zeros[0],
-                                 &sum_dy[0], &sum_dy_xhat[0], &k_scale[0], &k_mean_dy[0],
-                                 &k_xmu[0], &partials[0], &sums[0], nthreads)
-        else:
-            _fused_backward_channels(&dy[0, 0, 0], &x[0, 0, 0], &out[0, 0, 0], x.shape[0],
-                                     x.shape[1], x.shape[2], &mean[0], &invstd[0],
-                                     &gamma[0], &zeros[0], &sum_dy[0], &sum_dy_xhat[0],
-                                     &k_scale[0], &k_mean_dy[0], &k_xmu[0], &partials[0],
-                                     nthreads)
+    return _backward(dy, x, mean, invstd, gamma, out, True)
 
 
 def backward_staged(dy, x, mean, invstd, gamma, eps, out):

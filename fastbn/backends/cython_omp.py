@@ -8,8 +8,6 @@ it never raises: when the extension is missing or broken,
 every kernel raises :class:`RuntimeError`.
 """
 
-from . import _host
-
 ON_DEVICE = False
 
 try:
@@ -56,23 +54,10 @@ def _missing(*args, **kwargs):
     raise RuntimeError(f"the cython backend cannot run: {availability()[1]}")
 
 
-def forward_train(x, gamma, beta, eps, out, running_mean=None, running_var=None, momentum=0.1):
-    """Training forward; running statistics updated in place (see :mod:`fastbn.backends`)."""
-    return _host.forward_train(_ext.forward_train if _ext is not None else _missing,
-                               x, gamma, beta, eps, out, running_mean, running_var, momentum)
-
-
-def forward_eval(x, gamma, beta, running_mean, running_var, eps, out):
-    """Evaluation forward with the running statistics."""
-    return _host.forward_eval(normalize, x, gamma, beta, running_mean, running_var, eps, out)
-
-
-def backward_eval(dy, x, mean, invstd, gamma, out):
-    """Evaluation backward ``dx = dy * gamma * invstd``, and the two sums."""
-    return _host.backward_eval(backward_reduce, normalize, dy, x, mean, invstd, gamma, out)
-
-
 if _ext is not None:
+    forward_train = _ext.forward_train
+    forward_eval = _ext.forward_eval
+    backward_eval = _ext.backward_eval
     stats = _ext.stats
     normalize = _ext.normalize
     backward_reduce = _ext.backward_reduce
@@ -80,5 +65,5 @@ if _ext is not None:
     backward_train = _ext.backward_train
     backward_staged = _ext.backward_staged
 else:
-    stats = normalize = _missing
+    forward_train = forward_eval = backward_eval = stats = normalize = _missing
     backward_reduce = backward_elemt = backward_train = backward_staged = _missing
