@@ -234,3 +234,23 @@ def test_example_same_losses_on_1_2_3_ranks(tmp_path):
     for ranks in (2, 3):
         for one, many in zip(losses[1], losses[ranks]):
             assert abs(many - one) <= 1e-10 * abs(one), (ranks, losses)
+
+
+FCNET_EXAMPLE = EXAMPLE.with_name("sync_batchnorm_fcnet.py")
+
+
+@pytest.mark.skipif(not FCNET_EXAMPLE.exists(), reason="examples/ not in this tree")
+def test_fcnet_example_same_losses_on_1_and_2_ranks(tmp_path):
+    """The seed-003 net with SyncBatchNorm, data-parallel on the digits:
+    the losses of 2 ranks are those of 1 process on the same global batches."""
+    _require_mpi()
+    pytest.importorskip("sklearn", reason="the digits need the [experiments] extra")
+    losses = {}
+    for ranks in (1, 2):
+        path = tmp_path / f"fcnet{ranks}.json"
+        run_mpiexec(ranks, [str(FCNET_EXAMPLE), "--steps", "6", "--json", str(path)])
+        losses[ranks] = json.loads(path.read_text())["losses"]
+    assert len(losses[1]) == 6
+    assert losses[1][-1] < losses[1][0]          # it trains
+    for one, two in zip(losses[1], losses[2]):
+        assert abs(two - one) <= 1e-10 * abs(one), losses
