@@ -13,6 +13,17 @@ from fastbn.gradcheck import eval_numerical_gradient, rel_error
 
 CPU_BACKENDS = [name for name in BACKENDS if name != "cuda"]
 
+# Training runs: part of the main test run, not of the CUDA-simulator run
+# (which selects only the cuda backend and deselects slow tests).
+pytestmark = pytest.mark.slow
+
+
+def _cpu_backend():
+    """The reference backend when selected, else the first CPU backend selected."""
+    if not CPU_BACKENDS:
+        pytest.skip("no CPU backend selected (FASTBN_TEST_BACKENDS)")
+    return "numpy" if "numpy" in CPU_BACKENDS else CPU_BACKENDS[0]
+
 sklearn = pytest.importorskip("sklearn")
 from fastbn.experiments import load_digits_data  # noqa: E402
 
@@ -163,8 +174,9 @@ def test_quick_weight_scale(backend, digits):
     assert bn["final_loss"][0] < base["final_loss"][0]
 
 
-def test_experiments_are_deterministic(digits):
-    kwargs = {"seed": 5, "backend": CPU_BACKENDS[0], "data": digits,
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_experiments_are_deterministic(backend, digits):
+    kwargs = {"seed": 5, "backend": backend, "data": digits,
               "hidden_dims": [30, 30], "num_epochs": 1}
     first = baseline_vs_batchnorm(**kwargs)
     second = baseline_vs_batchnorm(**kwargs)
@@ -187,7 +199,7 @@ def test_cli_writes_png_and_json(name, tmp_path, capsys):
     from fastbn.__main__ import main
 
     plot, data = tmp_path / "fig.png", tmp_path / "result.json"
-    backend = CPU_BACKENDS[0]
+    backend = _cpu_backend()
     code = main(["experiment", name, "--quick", "--no-progress", "--backend", backend,
                  "--seed", "1", "--plot", str(plot), "--json", str(data)])
     assert code == 0

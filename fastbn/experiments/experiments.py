@@ -108,6 +108,9 @@ def _run_record(solver, test_acc, total_s):
             "batchnorm_forward_s": solver.time["batchnorm_forward_s"],
             "batchnorm_backward_s": solver.time["batchnorm_backward_s"],
             "batchnorm_fraction_of_step": bn_s / step_s if step_s > 0 else 0.0,
+            # Medians over the steps: robust to a busy machine's stalls.
+            "median_step_s": float(np.median(solver.step_times)),
+            "median_batchnorm_s": float(np.median(solver.batchnorm_times)),
         },
     }
 
@@ -260,7 +263,7 @@ def plot_baseline_vs_batchnorm(result, path, dpi=72):
     fig.suptitle(f"digits, {len(config['hidden_dims']) + 1} layers of "
                  f"{config['hidden_dims'][0]}, weight scale {config['weight_scale']:g}, "
                  f"backend {result['backend']}")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
 
@@ -275,10 +278,12 @@ def plot_weight_scale(result, path, dpi=72):
               ("best_train_acc", "Best train accuracy vs weight initialization scale",
                "Best training accuracy"),
               ("final_loss", "Final training loss vs weight initialization scale",
-               "Final training loss"))
+               "Final training loss (log scale)"))
     for ax, (key, title, ylabel) in zip(axes, panels):
         for name in ("baseline", "batchnorm"):
             ax.semilogx(scales, result[name][key], "-o", label=name)
+        if key == "final_loss":
+            ax.set_yscale("log")  # a diverging net's loss would flatten the others
         ax.set_title(title)
         ax.set_xlabel("Weight initialization scale")
         ax.set_ylabel(ylabel)
@@ -286,6 +291,6 @@ def plot_weight_scale(result, path, dpi=72):
     config = result["config"]
     fig.suptitle(f"digits, {len(config['hidden_dims']) + 1} layers of "
                  f"{config['hidden_dims'][0]}, backend {result['backend']}")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
     fig.savefig(path, dpi=dpi)
     plt.close(fig)

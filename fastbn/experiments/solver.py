@@ -87,6 +87,8 @@ class Solver:
         ``step_s``: seconds in training steps (loss, gradients, update);
         ``batchnorm_forward_s``, ``batchnorm_backward_s``: of which in the
         batch-norm calls (when the model has a ``timing`` dict).
+    step_times, batchnorm_times : list of float
+        Seconds of each step, and of the batch-norm calls in it.
     """
 
     def __init__(self, model, data, update_rule="sgd_momentum", optim_config=None,
@@ -117,6 +119,8 @@ class Solver:
         self.val_acc_history = []
         self.optim_configs = {name: dict(self.optim_config) for name in self.model.params}
         self.time = {"step_s": 0.0, "batchnorm_forward_s": 0.0, "batchnorm_backward_s": 0.0}
+        self.step_times = []
+        self.batchnorm_times = []
 
     def _step(self):
         """One minibatch update; returns nothing, records the loss and time."""
@@ -127,10 +131,15 @@ class Solver:
         loss, grads = self.model.loss(self.X_train[batch], self.y_train[batch])
         for name, value in self.model.params.items():
             self.update_rule(value, grads[name], self.optim_configs[name])
-        self.time["step_s"] += time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        self.time["step_s"] += elapsed
+        self.step_times.append(elapsed)
+        in_batchnorm = 0.0
         if timing is not None:
             for key in ("batchnorm_forward", "batchnorm_backward"):
                 self.time[key + "_s"] += timing[key] - bn_before[key]
+                in_batchnorm += timing[key] - bn_before[key]
+        self.batchnorm_times.append(in_batchnorm)
         self.loss_history.append(loss)
 
     def check_accuracy(self, X, y, num_samples=None, batch_size=200):
