@@ -2,6 +2,7 @@
 import contextlib
 import importlib
 import threading
+import warnings
 
 # Known backends, fastest CPU backend first (by the medians in
 # benchmarks/results/cpu_backends.md: numba is ahead of cython on most shapes
@@ -43,7 +44,28 @@ def available_backends():
         For example ``("numba", "cython", "numpy")``; ``"cuda"`` is listed
         last when a CUDA GPU (or the CUDA simulator) is available.
     """
-    return tuple(name for name in KNOWN_BACKENDS if _load(name)[1])
+    names = tuple(name for name in KNOWN_BACKENDS if _load(name)[1])
+    _warn_source_tree()
+    return names
+
+
+_warned = set()
+
+
+def source_tree_reasons():
+    """``{name: reason}`` for the backends missing only because this fastbn is
+    imported from an uncompiled source tree (see :func:`backend_info`)."""
+    return {name: _loaded[name][2] for name in KNOWN_BACKENDS
+            if name in _loaded and not _loaded[name][1] and "source tree" in _loaded[name][2]}
+
+
+def _warn_source_tree():
+    """Warn once per backend that is missing because the source tree is not built."""
+    for name, reason in source_tree_reasons().items():
+        if name not in _warned:
+            _warned.add(name)
+            warnings.warn(f"fastbn backend {name!r} is not available: {reason}",
+                          RuntimeWarning, stacklevel=3)
 
 
 def _check_name(name):

@@ -385,3 +385,38 @@ def test_running_statistics_and_eval_kernels(name, dtype, running_dtype):
     assert_close(sum_dy, dy64.sum(axis=(0, 2)), 1e-12, 1e-12)
     want_sum = (dy64 * (x64 - mean[:, None]) * invstd[:, None]).sum(axis=(0, 2))
     assert_close(sum_dy_xhat, want_sum, 1e-12, 1e-12)
+
+
+def test_source_tree_says_why_the_extension_is_missing(tmp_path):
+    """Imported from an uncompiled source tree, the backend says so, and
+    available_backends() warns once."""
+    import pathlib
+    import shutil
+    import subprocess
+    import sys
+    root = pathlib.Path(__file__).resolve().parents[1]
+    shutil.copytree(root / "fastbn", tmp_path / "fastbn",
+                    ignore=shutil.ignore_patterns("*.so", "*.pyd", "__pycache__"))
+    shutil.copy(root / "pyproject.toml", tmp_path / "pyproject.toml")
+    code = (
+        "import sys, warnings\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in type(f).__module__]\n"
+        f"sys.path.insert(0, {str(tmp_path)!r})\n"
+        "import fastbn\n"
+        "from fastbn.backends import cython_omp\n"
+        "assert cython_omp.__file__.startswith(sys.path[0]), cython_omp.__file__\n"
+        "print(cython_omp.availability()[1])\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    names = fastbn.available_backends()\n"
+        "    fastbn.available_backends()\n"
+        "print('cython' in names, len(caught), caught[0].message if caught else '')\n"
+        "print(fastbn.backend_info()['cython']['reason'])\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    reason, warned, info_reason = proc.stdout.strip().splitlines()
+    assert reason.startswith("extension not built: this fastbn is imported from a source tree")
+    assert str(tmp_path) in reason and "pip install ." in reason
+    assert warned.startswith("False 1 ") and "source tree" in warned
+    assert info_reason == reason

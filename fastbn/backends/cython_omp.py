@@ -8,13 +8,40 @@ it never raises: when the extension is missing or broken,
 every kernel raises :class:`RuntimeError`.
 """
 
+import os
+
 ON_DEVICE = False
+
+
+def _source_tree_root():
+    """The repository root when this fastbn is an uncompiled source tree, else None.
+
+    A source tree has ``_cython_omp.pyx`` beside this file, a ``pyproject.toml``
+    two levels up, and no compiled ``_cython_omp`` module beside it: what
+    Python imports when run from a clone's root without the package built.
+    """
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(os.path.dirname(here))
+    if not (os.path.exists(os.path.join(here, "_cython_omp.pyx"))
+            and os.path.exists(os.path.join(root, "pyproject.toml"))):
+        return None
+    if any(name.startswith("_cython_omp.") and name.endswith((".so", ".pyd"))
+           for name in os.listdir(here)):
+        return None
+    return root
+
 
 try:
     from fastbn.backends import _cython_omp as _ext
 except Exception as exc:  # ImportError, or a broken build (missing symbol)
     _ext = None
-    _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+    _ROOT = _source_tree_root() if isinstance(exc, ImportError) else None
+    if _ROOT is not None:
+        _IMPORT_ERROR = (f"this fastbn is imported from a source tree at {_ROOT}, where "
+                         "the extension is not compiled; pip install . or an editable "
+                         "install (pip install --no-build-isolation -e .) builds it")
+    else:
+        _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 else:
     _IMPORT_ERROR = ""
 
