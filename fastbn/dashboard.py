@@ -195,7 +195,7 @@ def _run(args):
                                 extra_branch=branch)
         common = ["--config", str(asv_conf)]
         if not args.skip_run:
-            machine = ensure_machine(args.machine, env)
+            machine = ensure_machine(args.machine, env, common)
             machine_args = ["--machine", machine]
             selection = (["--quick"] if args.quick else []) + (
                 ["--bench", args.bench] if args.bench else [])
@@ -220,7 +220,7 @@ def _run(args):
             stored = stored_results(results_dir, machine, commit)
             if not stored:
                 raise DashboardError(f"asv stored no results for {commit[:8]} in {results_dir}")
-            print(f"fastbn dashboard: results stored in {stored[0]}")
+            print(f"fastbn dashboard: results of commit {commit} stored in {stored[0]}")
         asv(["publish", "--no-pull", "--html-dir", str(html_dir)] + common, env)
         if args.offline:
             vendored = make_offline(html_dir, npm_cache_dir(args.npm_cache))
@@ -229,7 +229,7 @@ def _run(args):
         print(f"fastbn dashboard: published {html_dir}")
         if args.screenshot:
             with serve(html_dir) as url:
-                page = f"{url}#{SPEEDUP_BENCHMARK}?x-axis=backend"
+                page = f"{url}#{SPEEDUP_BENCHMARK}"
                 report = render_page(page, args.screenshot)
             problems = page_problems(report)
             if problems:
@@ -326,7 +326,7 @@ def git(repo, *argv):
     return result.stdout.strip()
 
 
-def ensure_machine(name, env):
+def ensure_machine(name, env, asv_args=()):
     """The asv machine name; registers this machine with asv's defaults if new.
 
     Parameters
@@ -335,6 +335,8 @@ def ensure_machine(name, env):
         None: asv's default, this host's name.
     env : dict
         Environment of the asv process.
+    asv_args : sequence of str
+        More arguments of ``asv machine`` (``--config``).
 
     Returns
     -------
@@ -348,7 +350,7 @@ def ensure_machine(name, env):
         known = json.loads(machine_file.read_text(encoding="utf-8"))
     if name not in known:
         print(f"fastbn dashboard: recording machine {name!r} in {machine_file}", flush=True)
-        asv(["machine", "--yes", "--machine", name], env)
+        asv(["machine", "--yes", "--machine", name, *asv_args], env)
     return name
 
 
@@ -632,19 +634,36 @@ PAGE_STATE_JS = r"""
     var axes = plot.getAxes();
     var canvas = plot.getCanvas();
     var pixels = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
-    var painted = 0;
-    for (var i = 3; i < pixels.length; i += 4) { if (pixels[i] > 0) { painted += 1; } }
+    var series = plot.getData();
+    // Pixels in a series' colour (within 24 per channel): the drawn data,
+    // not the grid or the labels.
+    var colors = series.map(function (s) {
+      var c = $.color.parse(s.color);
+      return [c.r, c.g, c.b];
+    });
+    var series_pixels = 0;
+    for (var i = 0; i < pixels.length; i += 4) {
+      if (pixels[i + 3] < 128) { continue; }
+      for (var k = 0; k < colors.length; k++) {
+        if (Math.abs(pixels[i] - colors[k][0]) < 24 && Math.abs(pixels[i + 1] - colors[k][1]) < 24 &&
+            Math.abs(pixels[i + 2] - colors[k][2]) < 24) { series_pixels += 1; break; }
+      }
+    }
     state.plot = {
       x_label: axes.xaxis.options.axisLabel || "",
       y_label: axes.yaxis.options.axisLabel || "",
       x_ticks: axes.xaxis.ticks.map(function (t) { return t.label; }),
-      painted_pixels: painted,
+      series_pixels: series_pixels,
       canvas: [canvas.width, canvas.height],
-      series: plot.getData().map(function (s) {
-        return {label: s.label || "",
-                points: s.data.filter(function (p) {
-                  return p && p[1] !== null && isFinite(p[1]);
-                }).map(function (p) { return [p[0], p[1]]; })};
+      series: series.map(function (s) {
+        var finite = [], missing = 0, non_finite = 0;
+        s.data.forEach(function (p) {
+          if (p[1] === null || p[1] === undefined) { missing += 1; }
+          else if (isFinite(p[1])) { finite.push([p[0], p[1]]); }
+          else { non_finite += 1; }
+        });
+        return {label: s.label || "", color: s.color, points: finite, missing: missing,
+                non_finite: non_finite};
       })
     };
   }
@@ -658,7 +677,8 @@ def render_page(url, screenshot=None, chromium=None, timeout=60.0, size=(1400, 9
 
     Chromium runs with a fresh profile and is driven over the Chrome DevTools
     protocol (``websocket-client``). The page counts as rendered once asv's
-    graph exists and paints pixels (or at ``timeout``).
+    graph exists and pixels of its series' colours are on the canvas (or at
+    ``timeout``).
 
     Parameters
     ----------
@@ -772,7 +792,7 @@ def _drive_page(devtools, url, screenshot, timeout, size):
         state = json.loads(value)
         if "error.html" in state["href"]:
             break
-        if state["plot"] and state["plot"]["painted_pixels"] > 0:
+        if state["plot"] and state["plot"]["series_pixels"] > 0:
             # Let the overview and the tick labels settle before the picture.
             drawn_since = drawn_since or time.monotonic()
             if time.monotonic() - drawn_since > 1.0:
@@ -842,8 +862,11 @@ def page_problems(report):
     if not plot:
         problems.append("no graph")
     else:
-        if plot["painted_pixels"] == 0:
-            problems.append("the graph canvas is blank")
+        if plot["series_pixels"] == 0:
+            problems.append("no series is drawn on the graph canvas")
         if not any(series["points"] for series in plot["series"]):
             problems.append("the graph has no finite point")
+        non_finite = [series["label"] for series in plot["series"] if series["non_finite"]]
+        if non_finite:
+            problems.append("non-finite values in " + ", ".join(non_finite))
     return problems
