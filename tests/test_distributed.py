@@ -44,6 +44,8 @@ def _mpi_missing():
 
 
 def _require_mpi():
+    if not CPU_BACKENDS:
+        pytest.skip("no CPU backend selected (FASTBN_TEST_BACKENDS)")
     reason = _mpi_missing()
     if reason is None:
         return
@@ -80,8 +82,6 @@ def run_mpiexec(ranks, arguments):
 @pytest.fixture(scope="module", params=RANK_COUNTS, ids=lambda n: f"{n}ranks")
 def parity_run(request, tmp_path_factory):
     _require_mpi()
-    if not CPU_BACKENDS:
-        pytest.skip("no CPU backend selected (FASTBN_TEST_BACKENDS)")
     path = tmp_path_factory.mktemp("mpi") / f"parity{request.param}.json"
     return run_mpi(request.param, "parity", path, CPU_BACKENDS)
 
@@ -89,8 +89,6 @@ def parity_run(request, tmp_path_factory):
 @pytest.fixture(scope="module", params=RANK_COUNTS, ids=lambda n: f"{n}ranks")
 def mismatch_run(request, tmp_path_factory):
     _require_mpi()
-    if not CPU_BACKENDS:
-        pytest.skip("no CPU backend selected (FASTBN_TEST_BACKENDS)")
     path = tmp_path_factory.mktemp("mpi") / f"mismatch{request.param}.json"
     return run_mpi(request.param, "mismatch", path)
 
