@@ -202,8 +202,14 @@ def _run(args):
             if args.commits:
                 print(f"fastbn dashboard: benchmarking {args.commits} in asv's environments",
                       flush=True)
-                asv(["run", args.commits, "--skip-existing"] + selection + machine_args
-                    + common, env)
+                try:
+                    asv(["run", args.commits, "--skip-existing"] + selection + machine_args
+                        + common, env)
+                except subprocess.CalledProcessError as exc:
+                    status = 1
+                    print(f"fastbn dashboard: warning: asv run {args.commits} exited with "
+                          f"{exc.returncode} (a build or some benchmarks failed)",
+                          file=sys.stderr)
             if git(repo, "status", "--porcelain", "--untracked-files=no"):
                 print("fastbn dashboard: warning: the working tree has uncommitted changes; "
                       f"its results are stored under {commit[:8]}", file=sys.stderr)
