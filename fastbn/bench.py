@@ -2,8 +2,14 @@
 
 Times the training forward, the simplified backward and the staged backward
 of every available CPU backend (and of PyTorch when it is installed) on a
-suite of shapes, and prints one table. Every figure is a best-of-N wall time
-(``time.perf_counter``, after one warm-up call) and every comparison is a
+suite of shapes, and prints one table (``--device cuda``: the GPU job of
+:mod:`fastbn.bench_cuda`). Every figure is a best-of-N wall time
+(``time.perf_counter``, after one warm-up call) with its spread: the median
+of the same N calls, shown as ``+x%`` above the best. When the median and
+the best disagree by more than ``AGREE`` the kernel is timed again, up to
+``MAX_REPEAT_FACTOR`` times as often; a figure still more than ``UNSTABLE``
+apart is flagged ``!`` and named in a warning after the table (as pyperf
+does), as is a load average above the core count. Every comparison is a
 ratio of times taken in the same run:
 
 * ``speedup``: staged backward time / simplified backward time.
@@ -35,7 +41,14 @@ import numpy as np
 DEFAULT_SHAPES = ((256, 4096), (128, 512, 7, 7), (64, 256, 14, 14), (32, 64, 56, 56))
 LARGE_SHAPES = ((64, 256, 56, 56),)
 REPEAT = 7
-QUICK_REPEAT = 3
+QUICK_REPEAT = 5
+# Spread of a figure, (median - best) / best: above AGREE the kernel is timed
+# again (up to MAX_REPEAT_FACTOR * repeat calls in all); above UNSTABLE it is
+# flagged as unstable.
+AGREE = 0.05
+SAMPLE_SECONDS = 2e-4
+UNSTABLE = 0.25
+MAX_REPEAT_FACTOR = 4
 EPS = 1e-5
 MOMENTUM = 0.1
 # Compulsory memory traffic per element of x, in item sizes (DESIGN.md,
@@ -68,12 +81,19 @@ def add_arguments(parser):
         help="comma-separated backends, fastbn's and/or torch (default: every "
              "available CPU backend, and torch when installed)")
     parser.add_argument(
-        "--threads", type=int, metavar="N",
-        help="thread count for numba, OpenMP (threadpoolctl) and torch")
+        "--device", choices=("cpu", "cuda"), default="cpu",
+        help="cpu (default): the CPU backends and PyTorch CPU; cuda: the GPU "
+             "timing job (fastbn.bench_cuda), which reads --shapes, --dtype, "
+             "--repeat, --quick and --json")
+    parser.add_argument(
+        "--threads", metavar="N[,N...]",
+        help='thread count(s) for numba, OpenMP (threadpoolctl) and torch; a list '
+             '("1,2") times every case at each count and adds a scaling table')
     parser.add_argument(
         "--repeat", type=int, metavar="N",
-        help=f"timed repetitions per kernel, best kept (default {REPEAT}, "
-             f"{QUICK_REPEAT} with --quick)")
+        help=f"timed repetitions per kernel, best kept and the median shown "
+             f"(default {REPEAT}, {QUICK_REPEAT} with --quick; up to "
+             f"{MAX_REPEAT_FACTOR}x as many when they disagree)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument(
         "--plot", metavar="PATH",
@@ -225,6 +245,59 @@ def best_time(func, repeat, warmup=True):
         if was_enabled:
             gc.enable()
     return best
+
+
+def time_spread(func, repeat, warmup=True):
+    """Best and median wall time of ``func``, timed more when they disagree.
+
+    ``repeat`` samples are timed (garbage collector off, after one warm-up
+    call; a sample is the mean of enough calls to last SAMPLE_SECONDS); while ``(median - best) / best`` exceeds :data:`AGREE` and fewer
+    than ``MAX_REPEAT_FACTOR * repeat`` calls were timed, ``repeat`` more are.
+
+    Parameters
+    ----------
+    func : callable
+        Called with no arguments.
+    repeat : int
+        Calls per batch, at least 1.
+    warmup : bool, optional
+
+    Returns
+    -------
+    dict
+        ``best`` and ``median`` (seconds), ``calls`` (timed calls), ``spread``
+        (``(median - best) / best``) and ``unstable`` (spread above
+        :data:`UNSTABLE`).
+    """
+    start = time.perf_counter()
+    func()
+    once = time.perf_counter() - start
+    if not warmup:
+        once = 0.0
+    # Calls shorter than SAMPLE_SECONDS are timed in loops of `number` calls
+    # (as timeit does), so that one sample is not at the clock's resolution.
+    number = max(1, int(SAMPLE_SECONDS / once)) if once > 0 else 1
+    repeat = max(1, int(repeat))
+    samples = []
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        while True:
+            for _ in range(repeat):
+                start = time.perf_counter()
+                for _ in range(number):
+                    func()
+                samples.append((time.perf_counter() - start) / number)
+            best = min(samples)
+            median = float(np.median(samples))
+            spread = (median - best) / best if best > 0 else 0.0
+            if spread <= AGREE or len(samples) >= MAX_REPEAT_FACTOR * repeat:
+                break
+    finally:
+        if was_enabled:
+            gc.enable()
+    return {"best": best, "median": median, "calls": len(samples), "spread": spread,
+            "unstable": spread > UNSTABLE}
 
 
 def fraction_of_copy_limit(kernel, seconds, copy_seconds):
@@ -471,12 +544,18 @@ def measure(backend, data, repeat):
     """
     x = data["x"]
     kernels = Kernels(backend, data)
-    copy_s = best_time(kernels.copy, repeat)
-    forward_s = best_time(kernels.forward, repeat)
-    simplified_s = best_time(kernels.simplified, repeat)
-    staged_s = None if backend == "torch" else best_time(kernels.staged, repeat)
+    copy = time_spread(kernels.copy, repeat)
+    forward = time_spread(kernels.forward, repeat)
+    simplified = time_spread(kernels.simplified, repeat)
+    staged = None if backend == "torch" else time_spread(kernels.staged, repeat)
     # A second copy timing, after the kernels, guards against a slow start.
-    copy_s = min(copy_s, best_time(kernels.copy, repeat))
+    copy_again = time_spread(kernels.copy, repeat)
+    if copy_again["best"] < copy["best"]:
+        copy = copy_again
+    copy_s, forward_s = copy["best"], forward["best"]
+    simplified_s = simplified["best"]
+    staged_s = None if staged is None else staged["best"]
+    timings = {"copy": copy, "forward": forward, "simplified": simplified, "staged": staged}
     return {
         "backend": backend,
         "shape": list(x.shape),
@@ -485,6 +564,12 @@ def measure(backend, data, repeat):
         "forward_ms": forward_s * 1e3,
         "simplified_ms": simplified_s * 1e3,
         "staged_ms": None if staged_s is None else staged_s * 1e3,
+        "forward_median_ms": forward["median"] * 1e3,
+        "simplified_median_ms": simplified["median"] * 1e3,
+        "staged_median_ms": None if staged is None else staged["median"] * 1e3,
+        "copy_median_ms": copy["median"] * 1e3,
+        "calls": {name: t["calls"] for name, t in timings.items() if t is not None},
+        "unstable": [name for name, t in timings.items() if t is not None and t["unstable"]],
         "speedup_simplified_over_staged": None if staged_s is None else staged_s / simplified_s,
         "forward_fraction_of_copy_limit": fraction_of_copy_limit("forward", forward_s, copy_s),
         "backward_fraction_of_copy_limit": fraction_of_copy_limit("backward", simplified_s,
@@ -510,6 +595,7 @@ COLUMNS = (
     ("backend", "backend", "{}"),
     ("shape", "shape", "{}"),
     ("dtype", "dtype", "{}"),
+    ("threads", "threads", "{}"),
     ("fwd ms", "forward_ms", "{:.3f}"),
     ("simpl ms", "simplified_ms", "{:.3f}"),
     ("staged ms", "staged_ms", "{:.3f}"),
@@ -526,8 +612,12 @@ LEGEND = (
     "backward 3 item sizes per element,\n  at np.copyto bandwidth timed in the same "
     "row); 1.00 = copy speed.\n"
     "vs torch: PyTorch time / backend time (above 1: faster than PyTorch). "
-    "Times: best of {repeat}, ms."
+    "Times: best of {repeat} or more calls, ms;\n  (+x%): the median of the same calls is "
+    "x% above the best; !: unstable (median more than {unstable:.0%} above the best)."
 )
+
+_SPREAD_KEYS = {"forward_ms": "forward_median_ms", "simplified_ms": "simplified_median_ms",
+                "staged_ms": "staged_median_ms"}
 
 
 def format_table(rows):
@@ -546,13 +636,17 @@ def format_table(rows):
                 line.append("-")
             elif key == "shape":
                 line.append(_format_shape(value))
+            elif key in _SPREAD_KEYS and row.get(_SPREAD_KEYS[key]) is not None:
+                median = row[_SPREAD_KEYS[key]]
+                flag = "!" if key.replace("_ms", "") in row.get("unstable", ()) else ""
+                line.append(f"{fmt.format(value)} (+{(median - value) / value:.0%}{flag})")
             else:
                 line.append(fmt.format(value))
         cells.append(line)
     widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
     lines = []
     for n, line in enumerate(cells):
-        parts = [text.ljust(width) if i < 3 else text.rjust(width)
+        parts = [text.ljust(width) if i < 4 else text.rjust(width)
                  for i, (text, width) in enumerate(zip(line, widths))]
         lines.append("  ".join(parts).rstrip())
         if n == 0:
@@ -667,10 +761,13 @@ class _Progress:
 def plot(rows, path):
     """Write a PNG bar chart of the speedups and of the fractions of the limit.
 
-    Three panels share one x axis of cases (shape and dtype), one bar per
-    backend: the speedup of the simplified backward over the staged one, and
-    the fraction of the copy limit of the forward and of the simplified
-    backward (a dashed line marks 1.0, copy speed).
+    Three panels share one x axis of cases (shape, dtype and, with several
+    thread counts, threads), one bar per backend: the speedup of the
+    simplified backward over the staged one, and the fraction of the copy
+    limit of the forward and of the simplified backward (a dashed line marks
+    1.0, copy speed). Bars are computed from the best times; a black error
+    bar reaches down to the same figure computed from the median times, so
+    its length shows the spread.
 
     Parameters
     ----------
@@ -681,14 +778,15 @@ def plot(rows, path):
 
     cases = []
     for row in rows:
-        case = (tuple(row["shape"]), row["dtype"])
+        case = (tuple(row["shape"]), row["dtype"], row.get("threads_requested"))
         if case not in cases:
             cases.append(case)
     backends = []
     for row in rows:
         if row["backend"] not in backends:
             backends.append(row["backend"])
-    lookup = {(tuple(r["shape"]), r["dtype"], r["backend"]): r for r in rows}
+    lookup = {(tuple(r["shape"]), r["dtype"], r.get("threads_requested"), r["backend"]): r
+              for r in rows}
     panels = (
         ("speedup_simplified_over_staged", "simplified over staged backward (x)", None),
         ("forward_fraction_of_copy_limit", "training forward: fraction of copy limit", 1.0),
@@ -701,12 +799,16 @@ def plot(rows, path):
     for ax, (key, title, line) in zip(axes, panels):
         for i, backend in enumerate(backends):
             values = []
-            for shape, dtype in cases:
-                row = lookup.get((shape, dtype, backend))
+            lower = []
+            for shape, dtype, threads in cases:
+                row = lookup.get((shape, dtype, threads, backend))
                 value = None if row is None else row.get(key)
                 values.append(np.nan if value is None else value)
+                at_median = None if value is None else _at_median(row, key)
+                lower.append(0.0 if at_median is None else max(0.0, value - at_median))
             ax.bar(positions + (i - (len(backends) - 1) / 2) * width, values, width,
-                   label=backend)
+                   label=backend, yerr=[lower, [0.0] * len(lower)], capsize=2,
+                   error_kw={"elinewidth": 1})
         if line is not None:
             ax.axhline(line, color="black", linestyle="--", linewidth=1)
         else:
@@ -715,9 +817,132 @@ def plot(rows, path):
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(ncols=min(len(backends), 5), fontsize="small")
     axes[-1].set_xticks(positions)
-    axes[-1].set_xticklabels([f"{_format_shape(s)}\n{d}" for s, d in cases], fontsize="small")
-    fig.suptitle("fastbn bench (best-of-N, ratios within one run)")
+    axes[-1].set_xticklabels(
+        [f"{_format_shape(s)}\n{d}" + ("" if t is None else f"\n{t} threads")
+         for s, d, t in cases], fontsize="small")
+    fig.suptitle("fastbn bench (bars: best-of-N; error bars: down to the medians; "
+                 "ratios within one run)")
     fig.savefig(path, dpi=100)
+
+
+def parse_threads(text):
+    """``"1,2"`` -> ``[1, 2]``; ``None`` -> ``[None]`` (the current counts).
+
+    Raises
+    ------
+    ValueError
+        For a count below 1 or a malformed list.
+    """
+    if text is None:
+        return [None]
+    try:
+        counts = [int(part) for part in str(text).split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"bad --threads {text!r}: expected e.g. 2 or 1,2") from None
+    if not counts or min(counts) < 1:
+        raise ValueError("--threads must be at least 1")
+    return list(dict.fromkeys(counts))
+
+
+def _threads_in_use(backend):
+    """The thread count a kernel of ``backend`` started now would use."""
+    if backend == "torch":
+        import torch
+        return int(torch.get_num_threads())
+    import fastbn
+    return fastbn.backend_info().get(backend, {}).get("threads")
+
+
+def scaling_table(rows, counts):
+    """Speedup from the first to each further thread count, per case and backend.
+
+    Returns
+    -------
+    str
+    """
+    by_key = {}
+    for row in rows:
+        key = (row["backend"], tuple(row["shape"]), row["dtype"])
+        by_key.setdefault(key, {})[row["threads_requested"]] = row
+    header = ["backend", "shape", "dtype"]
+    for count in counts:
+        header += [f"fwd ms @{count}", f"bwd ms @{count}"]
+    for count in counts[1:]:
+        header += [f"fwd x{counts[0]}->{count}", f"bwd x{counts[0]}->{count}"]
+    cells = [header]
+    for (backend, shape, dtype), per_count in by_key.items():
+        line = [backend, _format_shape(shape), dtype]
+        for count in counts:
+            row = per_count.get(count)
+            line += (["-", "-"] if row is None
+                     else [f"{row['forward_ms']:.3f}", f"{row['simplified_ms']:.3f}"])
+        base = per_count.get(counts[0])
+        for count in counts[1:]:
+            row = per_count.get(count)
+            if row is None or base is None:
+                line += ["-", "-"]
+            else:
+                line += [f"{base['forward_ms'] / row['forward_ms']:.2f}x",
+                         f"{base['simplified_ms'] / row['simplified_ms']:.2f}x"]
+        cells.append(line)
+    widths = [max(len(line[i]) for line in cells) for i in range(len(header))]
+    lines = []
+    for n, line in enumerate(cells):
+        lines.append("  ".join(text.ljust(w) if i < 3 else text.rjust(w)
+                               for i, (text, w) in enumerate(zip(line, widths))).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def stability_warnings(rows, load_before, load_after):
+    """Warnings, pyperf style, for unstable figures and a busy machine.
+
+    Returns
+    -------
+    list of str
+    """
+    warnings = []
+    cores = os.cpu_count() or 1
+    load = max(load_before or 0.0, load_after or 0.0)
+    if load > cores:
+        warnings.append(f"the load average ({load:.1f}) exceeded the {cores} cores while "
+                        "timing: other processes took CPU time, figures and ratios may be "
+                        "off; re-run on a quiet machine")
+    for row in rows:
+        for kernel in row.get("unstable", ()):
+            key = "copy" if kernel == "copy" else kernel
+            best = row[f"{key}_ms"]
+            median = row[f"{key}_median_ms"]
+            warnings.append(
+                f"{row['backend']} {_format_shape(row['shape'])} {row['dtype']} "
+                f"threads={row.get('threads')} {kernel}: unstable, median {median:.3f} ms is "
+                f"{(median - best) / best:.0%} above the best {best:.3f} ms over "
+                f"{row['calls'][kernel]} calls")
+    return warnings
+
+
+def _loadavg():
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def _at_median(row, key):
+    """A plotted figure of ``row`` recomputed from the median times (or None)."""
+    def median(name):
+        return row.get(f"{name}_median_ms")
+
+    if key == "speedup_simplified_over_staged":
+        if median("staged") is None or median("simplified") is None:
+            return None
+        return median("staged") / median("simplified")
+    kernel = "forward" if key.startswith("forward") else "simplified"
+    if median(kernel) is None or median("copy") is None:
+        return None
+    bytes_key = "forward" if kernel == "forward" else "backward"
+    return fraction_of_copy_limit(bytes_key, median(kernel), median("copy"))
 
 
 def run(args):
@@ -726,13 +951,18 @@ def run(args):
     Parameters
     ----------
     args : argparse.Namespace
-        From a parser set up with :func:`add_arguments`.
+        From a parser set up with :func:`add_arguments`. ``--device cuda``
+        (or ``cuda`` in ``--backends``) hands over to :func:`fastbn.bench_cuda.run`.
 
     Returns
     -------
     int
         0 on success, 1 when a backend failed, 2 for bad options.
     """
+    names = [part.strip() for part in (args.backends or "").split(",") if part.strip()]
+    if getattr(args, "device", "cpu") == "cuda" or "cuda" in names:
+        from . import bench_cuda
+        return bench_cuda.run(args)
     try:
         if args.shapes:
             shapes = parse_shapes(args.shapes)
@@ -741,8 +971,7 @@ def run(args):
         else:
             shapes = list(DEFAULT_SHAPES + LARGE_SHAPES)
         backends = resolve_backends(args.backends)
-        if args.threads is not None and args.threads < 1:
-            raise ValueError("--threads must be at least 1")
+        thread_counts = parse_threads(args.threads)
         if args.repeat is not None and args.repeat < 1:
             raise ValueError("--repeat must be at least 1")
     except ValueError as exc:
@@ -758,36 +987,60 @@ def run(args):
             print("fastbn bench: error: --plot needs matplotlib "
                   "(pip install matplotlib, or the 'bench' extra)", file=sys.stderr)
             return 2
+    from . import registry
+
+    for name, reason in registry.source_tree_reasons().items():
+        print(f"fastbn bench: warning: backend {name!r} is not timed: {reason}",
+              file=sys.stderr)
 
     rows = []
     failures = 0
-    progress = _Progress(len(shapes) * len(dtypes) * len(backends),
+    load_before = _loadavg()
+    progress = _Progress(len(shapes) * len(dtypes) * len(backends) * len(thread_counts),
                          enabled=not args.no_progress)
-    with _Threads(args.threads, "torch" in backends):
-        try:
-            for shape in shapes:
-                for dt in dtypes:
-                    data = make_data(shape, dt)
-                    group = []
-                    for backend in backends:
-                        progress.step(f"{backend} {_format_shape(shape)} {dt}")
-                        try:
-                            group.append(measure(backend, data, repeat))
-                        except Exception as exc:  # report, keep the other rows
-                            failures += 1
-                            print(f"fastbn bench: {backend} {_format_shape(shape)} {dt} "
-                                  f"failed: {exc!r}", file=sys.stderr)
-                        progress.advance()
-                    add_torch_ratios(group)
-                    rows.extend(group)
-                    del data
-        finally:
-            progress.close()
-        meta = _metadata(args, backends, repeat, args.threads)
+    try:
+        for count in thread_counts:
+            with _Threads(count, "torch" in backends):
+                for shape in shapes:
+                    for dt in dtypes:
+                        data = make_data(shape, dt)
+                        group = []
+                        for backend in backends:
+                            label = f"{backend} {_format_shape(shape)} {dt}"
+                            progress.step(label if count is None else f"{label} threads={count}")
+                            try:
+                                row = measure(backend, data, repeat)
+                                row["threads"] = _threads_in_use(backend)
+                                row["threads_requested"] = count
+                                group.append(row)
+                            except Exception as exc:  # report, keep the other rows
+                                failures += 1
+                                print(f"fastbn bench: {label} failed: {exc!r}", file=sys.stderr)
+                            progress.advance()
+                        add_torch_ratios(group)
+                        rows.extend(group)
+                        del data
+                meta = _metadata(args, backends, repeat, count)
+    finally:
+        progress.close()
+    load_after = _loadavg()
+    meta["threads"] = thread_counts if len(thread_counts) > 1 else thread_counts[0]
+    meta["load_average"] = [load_before, load_after]
 
     print(format_table(rows))
     print()
-    print(LEGEND.format(repeat=repeat))
+    print(LEGEND.format(repeat=repeat, unstable=UNSTABLE))
+    if len(thread_counts) > 1:
+        print()
+        print("Thread scaling (best times; speedup = time at the first count / time at the "
+              "next):")
+        print(scaling_table(rows, thread_counts))
+    warnings = stability_warnings(rows, load_before, load_after)
+    if warnings:
+        print()
+        for text in warnings:
+            print(f"WARNING: {text}")
+    meta["warnings"] = warnings
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump({"meta": meta, "results": rows}, fh, indent=2)
