@@ -188,11 +188,16 @@ def _run(args):
 
     status = 0
     commit = git(repo, "rev-parse", "HEAD")
-    branch = git(repo, "rev-parse", "--abbrev-ref", "HEAD")
+    # asv publish graphs the commits of the configured branches that exist
+    # here, and of the current one ("HEAD" when detached).
+    branches = [name for name in conf.get("branches") or ["main"]
+                if git_ok(repo, "rev-parse", "--verify", "--quiet", f"{name}^{{commit}}")]
+    current = git(repo, "rev-parse", "--abbrev-ref", "HEAD")
+    branches += [current] if current not in branches else []
     with tempfile.TemporaryDirectory(prefix="fastbn-asv-") as tmp:
         asv_conf = write_config(config_path, pathlib.Path(tmp) / "asv.conf.json",
                                 results_dir=results_dir, html_dir=html_dir,
-                                extra_branch=branch)
+                                branches=branches)
         common = ["--config", str(asv_conf)]
         if not args.skip_run:
             machine = ensure_machine(args.machine, env, common)
@@ -282,16 +287,16 @@ def read_config(path):
     return json.loads(text)
 
 
-def write_config(config_path, dest, results_dir, html_dir, extra_branch=None):
+def write_config(config_path, dest, results_dir, html_dir, branches=None):
     """Copy of the configuration with absolute folders, for a run from anywhere.
 
     Parameters
     ----------
     config_path, dest : pathlib.Path
     results_dir, html_dir : pathlib.Path
-    extra_branch : str, optional
-        Added to ``branches`` (``HEAD`` when detached), so that ``asv publish``
-        graphs the current commit also off the configured branches.
+    branches : list of str, optional
+        Replaces ``branches``: the branches whose commits ``asv publish``
+        graphs.
 
     Returns
     -------
@@ -304,10 +309,8 @@ def write_config(config_path, dest, results_dir, html_dir, extra_branch=None):
         conf[key] = str((root / conf.get(key, ".")).resolve())
     conf["results_dir"] = str(results_dir)
     conf["html_dir"] = str(html_dir)
-    branches = list(conf.get("branches") or ["main"])
-    if extra_branch and extra_branch not in branches:
-        branches.append(extra_branch)
-    conf["branches"] = branches
+    if branches:
+        conf["branches"] = list(branches)
     dest.write_text(json.dumps(conf, indent=4), encoding="utf-8")
     return dest
 
@@ -330,6 +333,12 @@ def git(repo, *argv):
         raise DashboardError(f"git {' '.join(argv)} failed in {repo}: the dashboard needs "
                              "a git clone of the repository") from exc
     return result.stdout.strip()
+
+
+def git_ok(repo, *argv):
+    """True when a git command succeeds in ``repo``."""
+    return subprocess.run(["git", "-C", str(repo)] + list(argv), capture_output=True,
+                          text=True).returncode == 0
 
 
 def ensure_machine(name, env, asv_args=()):
