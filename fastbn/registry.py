@@ -19,6 +19,7 @@ KNOWN_BACKENDS = tuple(_MODULES)
 _lock = threading.Lock()
 _loaded = {}            # name -> (module or None, available, reason)
 _default = [None]       # process default set by set_backend
+_fastest = []           # the fastest available CPU backend, once known
 _local = threading.local()  # per-thread stack of use_backend names
 
 
@@ -80,6 +81,9 @@ def _check_name(name):
 
 def get_backend(name):
     """The module of backend ``name``; ``ValueError`` or ``RuntimeError`` if unusable."""
+    entry = _loaded.get(name)
+    if entry is not None and entry[1]:   # fast path: loaded and available
+        return entry[0]
     return _check_name(name)
 
 
@@ -91,7 +95,11 @@ def default_backend():
         return stack[-1]
     if _default[0] is not None:
         return _default[0]
-    return next(name for name in available_backends() if name != "cuda")
+    if not _fastest:
+        # Availability is decided once per process (at a backend's first
+        # load), so the fastest available CPU backend is looked up once.
+        _fastest.append(next(name for name in available_backends() if name != "cuda"))
+    return _fastest[0]
 
 
 def set_backend(name):
