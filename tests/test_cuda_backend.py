@@ -5,10 +5,12 @@ Run under Numba's CUDA simulator (no GPU needed)::
     NUMBA_ENABLE_CUDASIM=1 FASTBN_CUDA_THREADS_PER_BLOCK=8 \\
         pytest tests/test_cuda_backend.py
 
-Every test but the first is skipped unless the ``cuda`` backend is available
-(a GPU, or the simulator). Threads per block is lowered to 8 here so that the
-small test shapes span several blocks per channel; shapes stay tiny because
-the simulator runs each CUDA thread as a Python thread.
+Most tests are skipped unless the ``cuda`` backend is available (a GPU, or
+the simulator). Threads per block is lowered to 16 here so that the small
+test shapes span several blocks; shapes stay tiny because the simulator runs
+each CUDA thread as a Python thread. Under the simulator the block
+reductions take the shared-memory path (see ``_use_shuffles``); the warp
+shuffles are exercised by the same suites run on a GPU.
 """
 import sys
 
@@ -28,27 +30,32 @@ EPS = 1e-5
 # float32 once (the computation is float64), float64 results carry a few ulps.
 TOLERANCE = {np.dtype(np.float32): 1e-6, np.dtype(np.float64): 1e-12}
 
-# (A, C, B) views: name -> shape as the API would build it.
+# (A, C, B) views: name -> (shape as the API would build it, ROWS_MIN_B).
+# Extents are chosen not to divide the block sizes, so that every layout
+# has partial blocks, partial rows and remainders of the unrolled loops.
 SHAPES = {
-    # (N, D) = (40, 3): rows layout, 4 x 2 thread blocks.
-    "N_D": (40, 3, 1),
-    # channels-last (N, H, W, C) = (4, 3, 3, 2) -> (36, 2, 1).
-    "channels_last": (36, 2, 1),
-    # (N, C, H, W) = (5, 3, 2, 2) -> (5, 3, 4): rows layout with B > 1.
-    "NCHW_small_spatial": (5, 3, 4),
-    # (N, C, H, W) = (3, 2, 6, 6) -> (3, 2, 36): per-channel layout.
-    "NCHW": (3, 2, 36),
+    # (N, D) = (37, 5): columns layout, one column per channel.
+    "N_D": ((37, 5, 1), 32),
+    # channels-last (N, H, W, C) = (5, 3, 3, 3) -> (45, 3, 1): columns.
+    "channels_last": ((45, 3, 1), 32),
+    # (N, C, H, W) = (5, 3, 1, 5) -> (5, 3, 5): columns with B > 1.
+    "NCHW_short_rows": ((5, 3, 5), 32),
+    # (N, C, H, W) = (3, 2, 6, 7) -> (3, 2, 42): rows layout, one row per block.
+    "NCHW": ((3, 2, 42), 32),
+    # (7, 3, 6) with ROWS_MIN_B = 4: rows layout with several rows per block.
+    "NCHW_rows_per_block": ((7, 3, 6), 4),
 }
 
 
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch):
-    """8 threads per block; a short GIL switch interval for the simulator.
+    """16 threads per block; a short GIL switch interval for the simulator.
 
     The simulator's block manager polls its threads for ``syncthreads``; a
     short switch interval makes the barriers several times faster.
     """
-    monkeypatch.setattr(backend, "THREADS_PER_BLOCK", 8)
+    monkeypatch.setattr(backend, "THREADS_PER_BLOCK", 16)
+    monkeypatch.setattr(backend, "MIN_ITEMS_PER_THREAD", 1)
     interval = sys.getswitchinterval()
     sys.setswitchinterval(1e-4)
     yield
@@ -139,7 +146,7 @@ def test_availability_and_info():
     else:
         assert reason.startswith(("numba.cuda not importable: ",
                                   "no CUDA GPU found (numba.cuda.is_available() "
-                                  "is False)"))
+                                  "is False)", "the installed numba-cuda cannot compile"))
         with pytest.raises(RuntimeError, match="cannot run here"):
             backend.stats(np.zeros((2, 1, 1)))
     assert not backend.is_device_array(np.zeros(3))
@@ -156,116 +163,153 @@ def test_threads_from_environment(monkeypatch):
     assert backend._threads_from_environment() == backend.DEFAULT_THREADS_PER_BLOCK
 
 
+def test_numpy_without_row_stack_is_reported(monkeypatch):
+    """numba-cuda 0.30 cannot compile under NumPy 2.5 (no numpy.row_stack):
+    availability() says so, naming the fix, instead of failing at a call."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("numba.cuda.np.arrayobj")
+    if spec is None:
+        pytest.skip("numba-cuda is not installed")
+    with open(spec.origin, encoding="utf-8") as source:
+        uses_row_stack = "np.row_stack" in source.read()
+    monkeypatch.delattr(np, "row_stack", raising=False)
+    available, reason = backend.availability()
+    if uses_row_stack:
+        assert available is False
+        assert "NumPy" in reason and "row_stack" in reason and "fastbn[cuda]" in reason
+    else:
+        assert "row_stack" not in reason
+
+
+# ---------------------------------------------------------------------------
+# Every kernel against the float64 reference, in every layout
+# ---------------------------------------------------------------------------
+
+def _layout(monkeypatch, name):
+    shape, rows_min_b = SHAPES[name]
+    monkeypatch.setattr(backend, "ROWS_MIN_B", rows_min_b)
+    return shape
+
+
 @pytest.mark.parametrize("name", sorted(SHAPES))
-def test_reductions_span_several_blocks(name):
-    """With 8 threads per block every test shape has several chunks."""
-    shape = SHAPES[name]
-    layout, grid, block, partial_shape = backend._reduction_layout(shape, 8)
-    assert layout == ("by_channel" if shape[2] >= backend.SMALL_INNER
-                      else "by_rows")
-    assert partial_shape[0] >= 2, (name, partial_shape)
-    if layout == "by_rows":
-        width, height = block
-        assert width * height == 8
+def test_layouts_span_several_blocks(monkeypatch, name):
+    """The test shapes exercise what they are meant to: several blocks per
+    lane, several rows per block where named, and partial blocks."""
+    shape = _layout(monkeypatch, name)
+    layout = backend._Layout(shape, backend.THREADS_PER_BLOCK)
+    assert layout.rows == (shape[2] >= backend.ROWS_MIN_B)
+    blocks = layout.reduce_grid[0] * layout.reduce_grid[1]
+    assert blocks >= 2, (name, layout.reduce_grid)
+    if name == "NCHW_rows_per_block":
+        assert layout.block[1] > 1
 
-
-# ---------------------------------------------------------------------------
-# Kernels against the float64 reference
-# ---------------------------------------------------------------------------
 
 @needs_cuda
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("name", sorted(SHAPES))
-def test_kernels_match_reference(name, dtype):
-    shape = SHAPES[name]
-    channels = shape[1]
+def test_kernels_match_reference(monkeypatch, name, dtype):
+    shape = _layout(monkeypatch, name)
     x, dy, gamma, beta = make_problem(shape, dtype)
     expected = reference(x, dy, gamma, beta)
     tolerance = TOLERANCE[np.dtype(dtype)]
+    channels = shape[1]
+    count = shape[0] * shape[2]
     d_x, d_dy, d_gamma, d_beta = device_inputs(x, dy, gamma, beta)
 
     mean, var = backend.stats(d_x)
-    assert_close(channel_result(mean, channels), expected["mean"], 1e-13, "mean")
-    assert_close(channel_result(var, channels), expected["var"], 1e-13, "var")
+    assert_close(channel_result(mean, channels), expected["mean"], 1e-13, "stats mean")
+    assert_close(channel_result(var, channels), expected["var"], 1e-12, "stats var")
 
+    # training forward, running statistics updated on the device
+    running_mean = backend.to_device(np.linspace(-1.0, 1.0, channels).astype(dtype))
+    running_var = backend.to_device(np.linspace(0.5, 2.0, channels).astype(dtype))
+    old_mean, old_var = host(running_mean).astype(np.float64), host(running_var).astype(np.float64)
     out = backend.empty(shape, dtype)
-    mean, var = backend.forward_train(d_x, d_gamma, d_beta, EPS, out)
-    assert_close(channel_result(var, channels), expected["var"], 1e-13,
-                 "forward_train var")
-    result = host(out)
-    assert result.dtype == dtype
-    assert_close(result, expected["out"], tolerance, "forward_train out")
+    mean, invstd = backend.forward_train(d_x, d_gamma, d_beta, EPS, out, running_mean,
+                                         running_var, 0.25)
+    assert_close(channel_result(mean, channels), expected["mean"], 1e-13, "forward mean")
+    assert_close(channel_result(invstd, channels), expected["invstd"], 1e-12, "invstd")
+    assert_close(host(out), expected["out"], tolerance, "forward out")
+    assert host(running_mean).dtype == dtype
+    assert_close(host(running_mean), 0.75 * old_mean + 0.25 * expected["mean"],
+                 tolerance, "running_mean")
+    assert_close(host(running_var),
+                 0.75 * old_var + 0.25 * expected["var"] * count / (count - 1),
+                 tolerance, "running_var (unbiased)")
 
-    d_mean = backend.to_device(expected["mean"])
-    d_invstd = backend.to_device(expected["invstd"])
-    sum_dy, sum_dy_xhat = backend.backward_reduce(d_dy, d_x, d_mean, d_invstd)
-    assert_close(channel_result(sum_dy, channels), expected["sum_dy"], 1e-12,
-                 "sum_dy")
-    assert_close(channel_result(sum_dy_xhat, channels),
-                 expected["sum_dy_xhat"], 1e-12, "sum_dy_xhat")
+    # gamma and beta None (ones and zeros), no running statistics
+    out_plain = backend.empty(shape, dtype)
+    backend.forward_train(d_x, None, None, EPS, out_plain)
+    plain = reference(x, dy, np.ones(channels), np.zeros(channels))
+    assert_close(host(out_plain), plain["out"], tolerance, "forward, no gamma/beta")
 
+    normalized = backend.empty(shape, dtype)
+    backend.normalize(d_x, mean, invstd, d_gamma, d_beta, normalized)
+    assert_close(host(normalized), expected["out"], tolerance, "normalize")
+
+    sum_dy, sum_dy_xhat = backend.backward_reduce(d_dy, d_x, mean, invstd)
+    assert_close(channel_result(sum_dy, channels), expected["sum_dy"], 1e-12, "sum_dy")
+    assert_close(channel_result(sum_dy_xhat, channels), expected["sum_dy_xhat"], 1e-12,
+                 "sum_dy_xhat")
     dx = backend.empty(shape, dtype)
-    backend.backward_elemt(d_dy, d_x, d_mean, d_invstd, d_gamma, sum_dy,
-                           sum_dy_xhat, dx)
+    backend.backward_elemt(d_dy, d_x, mean, invstd, d_gamma, sum_dy, sum_dy_xhat, dx)
     assert_close(host(dx), expected["dx"], tolerance, "backward_elemt")
 
-    dx_train = backend.empty(shape, dtype)
-    sum_dy, sum_dy_xhat = backend.backward_train(d_dy, d_x, d_mean, d_invstd,
-                                                 d_gamma, dx_train)
-    assert_close(host(dx_train), expected["dx"], tolerance, "backward_train")
-    assert_close(channel_result(sum_dy_xhat, channels),
-                 expected["sum_dy_xhat"], 1e-12, "backward_train dgamma")
+    dx = backend.empty(shape, dtype)
+    dbeta, dgamma = backend.backward_train(d_dy, d_x, mean, invstd, d_gamma, dx)
+    assert host(dgamma).dtype == dtype and host(dbeta).dtype == dtype
+    assert_close(host(dx), expected["dx"], tolerance, "backward_train dx")
+    assert_close(host(dgamma), expected["sum_dy_xhat"], tolerance, "backward_train dgamma")
+    assert_close(host(dbeta), expected["sum_dy"], tolerance, "backward_train dbeta")
 
-    dx_staged = backend.empty(shape, dtype)
-    dgamma, dbeta = backend.backward_staged(d_dy, d_x, d_mean, d_invstd,
-                                            d_gamma, EPS, dx_staged)
-    # The staged graph rounds each full-size stage to dtype.
-    staged_tolerance = 1e-5 if dtype == np.float32 else 1e-11
-    assert_close(host(dx_staged), expected["dx"], staged_tolerance,
-                 "backward_staged dx")
-    assert_close(channel_result(dgamma, channels), expected["sum_dy_xhat"],
-                 staged_tolerance, "backward_staged dgamma")
-    assert_close(channel_result(dbeta, channels), expected["sum_dy"], 1e-12,
-                 "backward_staged dbeta")
+    staged_tolerance = 1e-4 if dtype == np.float32 else 1e-11  # x.dtype stages
+    dx = backend.empty(shape, dtype)
+    dgamma, dbeta = backend.backward_staged(d_dy, d_x, mean, invstd, d_gamma, EPS, dx)
+    assert_close(host(dx), expected["dx"], staged_tolerance, "backward_staged dx")
+    assert_close(host(dgamma), expected["sum_dy_xhat"], staged_tolerance, "staged dgamma")
+    assert_close(host(dbeta), expected["sum_dy"], tolerance, "staged dbeta")
 
 
 @needs_cuda
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
-def test_evaluation_normalize_and_backward(dtype):
-    """Evaluation: normalize with running stats; its backward via normalize."""
-    shape = SHAPES["NCHW_small_spatial"]
+@pytest.mark.parametrize("name", ["N_D", "NCHW"])
+def test_evaluation_forward_and_backward(monkeypatch, name, dtype):
+    shape = _layout(monkeypatch, name)
     x, dy, gamma, beta = make_problem(shape, dtype, seed=3)
-    running_mean = np.array([0.5, -1.0, 2.0])
-    running_var = np.array([1.5, 0.25, 4.0])
+    channels = shape[1]
+    running_mean = np.linspace(-1.0, 1.0, channels)
+    running_var = np.linspace(0.5, 2.0, channels)
     invstd = 1.0 / np.sqrt(running_var + EPS)
+    centred = x.astype(np.float64) - per_channel(running_mean)
+    expected_out = centred * per_channel(invstd * gamma) + per_channel(beta)
     d_x, d_dy, d_gamma, d_beta = device_inputs(x, dy, gamma, beta)
-    d_invstd = backend.to_device(invstd)
-
     out = backend.empty(shape, dtype)
-    backend.normalize(d_x, backend.to_device(running_mean), d_invstd, d_gamma,
-                      d_beta, out)
-    expected = ((x.astype(np.float64) - per_channel(running_mean))
-                * per_channel(invstd * gamma) + per_channel(beta))
-    assert_close(host(out), expected, TOLERANCE[np.dtype(dtype)], "eval out")
-
-    zeros = backend.to_device(np.zeros(3))
+    mean, d_invstd = backend.forward_eval(d_x, d_gamma, d_beta, backend.to_device(running_mean),
+                                          backend.to_device(running_var), EPS, out)
+    tolerance = TOLERANCE[np.dtype(dtype)]
+    assert_close(host(out), expected_out, tolerance, "eval out")
+    assert_close(channel_result(d_invstd, channels), invstd, 1e-15, "eval invstd")
     dx = backend.empty(shape, dtype)
-    backend.normalize(d_dy, zeros, d_invstd, d_gamma, zeros, dx)
-    expected_dx = dy.astype(np.float64) * per_channel(gamma * invstd)
-    assert_close(host(dx), expected_dx, TOLERANCE[np.dtype(dtype)], "eval dx")
+    sum_dy, sum_dy_xhat = backend.backward_eval(d_dy, d_x, mean, d_invstd, d_gamma, dx)
+    dy64 = dy.astype(np.float64)
+    assert_close(host(dx), dy64 * per_channel(gamma * invstd), tolerance, "eval dx")
+    assert_close(host(sum_dy), dy64.sum(axis=(0, 2)), tolerance, "eval dbeta")
+    assert_close(host(sum_dy_xhat), (dy64 * centred * per_channel(invstd)).sum(axis=(0, 2)),
+                 tolerance, "eval dgamma")
 
 
 @needs_cuda
-@pytest.mark.parametrize("threads", [1, 4, 32])
-def test_threads_per_block_does_not_change_results(monkeypatch, threads):
-    """Statistics agree with the reference for any block size."""
-    shape = (6, 2, 33)
-    x, _, _, _ = make_problem(shape, np.float64, seed=5)
-    expected = reference(x, x, np.ones(2), np.zeros(2))
-    monkeypatch.setattr(backend, "THREADS_PER_BLOCK", threads)
-    mean, var = backend.stats(backend.to_device(x))
-    assert_close(host(mean), expected["mean"], 1e-13, f"mean, {threads} threads")
-    assert_close(host(var), expected["var"], 1e-13, f"var, {threads} threads")
+def test_threads_per_block_does_not_change_results(monkeypatch):
+    shape = SHAPES["NCHW"][0]
+    x, dy, gamma, beta = make_problem(shape, np.float64, seed=11)
+    expected = reference(x, dy, gamma, beta)
+    for threads in (1, 4, 32):
+        monkeypatch.setattr(backend, "THREADS_PER_BLOCK", threads)
+        d_x, d_dy, d_gamma, d_beta = device_inputs(x, dy, gamma, beta)
+        out = backend.empty(shape, np.float64)
+        mean, invstd = backend.forward_train(d_x, d_gamma, d_beta, EPS, out)
+        assert_close(host(out), expected["out"], 1e-12, f"{threads} threads")
 
 
 @needs_cuda
@@ -277,16 +321,17 @@ def test_invalid_threads_per_block(monkeypatch):
 
 @needs_cuda
 def test_deterministic():
-    """No atomics: two runs give bitwise-identical statistics and gradients."""
-    shape = SHAPES["NCHW"]
+    """No atomics and fixed merge orders: two runs are bitwise identical."""
+    shape = SHAPES["NCHW"][0]
     x, dy, gamma, beta = make_problem(shape, np.float32, seed=7)
     d_x, d_dy, d_gamma, d_beta = device_inputs(x, dy, gamma, beta)
     runs = []
     for _ in range(2):
-        mean, var = backend.stats(d_x)
-        invstd = backend.to_device(1.0 / np.sqrt(host(var) + EPS))
-        sum_dy, sum_dy_xhat = backend.backward_reduce(d_dy, d_x, mean, invstd)
-        runs.append([host(a) for a in (mean, var, sum_dy, sum_dy_xhat)])
+        out = backend.empty(shape, np.float32)
+        dx = backend.empty(shape, np.float32)
+        mean, invstd = backend.forward_train(d_x, d_gamma, d_beta, EPS, out)
+        sums = backend.backward_train(d_dy, d_x, mean, invstd, d_gamma, dx)
+        runs.append([host(a) for a in (mean, invstd, out, dx, *sums)])
     for first, second in zip(*runs):
         assert np.array_equal(first, second)
 
@@ -296,154 +341,201 @@ def test_deterministic():
 # ---------------------------------------------------------------------------
 
 @needs_cuda
-@pytest.mark.parametrize("shape", [(40, 3, 1), (2, 3, 40)], ids=["rows", "channel"])
-def test_constant_channel_and_nan(shape):
-    """A constant channel has var exactly 0; NaN stays in its own channel."""
-    x = np.random.default_rng(11).standard_normal(shape).astype(np.float32)
-    x[:, 0, :] = 3.25
-    x[1, 2, 0] = np.nan
-    d_x = backend.to_device(x)
-    mean, var = backend.stats(d_x)
-    mean, var = host(mean), host(var)
-    assert var[0] == 0.0 and mean[0] == 3.25
-    assert np.isfinite(mean[1]) and np.isfinite(var[1])
-    assert np.isnan(mean[2]) and np.isnan(var[2])
-
-    gamma = backend.to_device(np.array([2.0, 1.0, 1.0]))
-    beta = backend.to_device(np.array([0.5, 0.0, 0.0]))
+@pytest.mark.parametrize("name", ["N_D", "NCHW"])
+def test_constant_channel_and_nan(monkeypatch, name):
+    shape = _layout(monkeypatch, name)
+    channels = shape[1]
+    x, dy, _, _ = make_problem(shape, np.float32, seed=5)
+    x[:, 0, :] = np.float32(1e7)          # constant channel
+    x[0, 1, 0] = np.nan                    # NaN in channel 1 only
+    gamma = np.linspace(0.5, 2.0, channels).astype(np.float32)
+    beta = np.linspace(-1.0, 1.0, channels).astype(np.float32)
     out = backend.empty(shape, np.float32)
-    backend.forward_train(d_x, gamma, beta, EPS, out)
-    result = host(out)
-    assert np.all(result[:, 0, :] == np.float32(0.5))
-    assert np.all(np.isfinite(result[:, 1, :]))
-    assert np.all(np.isnan(result[:, 2, :]))
+    mean, invstd = backend.forward_train(backend.to_device(x), backend.to_device(gamma),
+                                         backend.to_device(beta), EPS, out)
+    out = host(out)
+    assert host(mean)[0] == 1e7 and host(invstd)[0] == 1.0 / np.sqrt(EPS)
+    assert np.all(out[:, 0, :] == beta[0])      # exactly beta
+    assert np.all(np.isnan(out[:, 1, :]))
+    assert np.all(np.isfinite(np.delete(out, 1, axis=1)))
 
 
 @needs_cuda
 def test_float32_large_mean_is_centred_accurately():
-    """A channel whose mean is 1e4 standard deviations is normalized to 1e-4."""
-    shape = (4, 2, 40)
-    rng = np.random.default_rng(13)
+    shape = SHAPES["NCHW"][0]
+    rng = np.random.default_rng(9)
     x = (1e4 + rng.standard_normal(shape)).astype(np.float32)
-    expected = reference(x, x, np.ones(2), np.zeros(2))
+    expected = reference(x, x, np.ones(shape[1]), np.zeros(shape[1]))
     out = backend.empty(shape, np.float32)
-    ones = backend.to_device(np.ones(2))
-    zeros = backend.to_device(np.zeros(2))
-    mean, var = backend.forward_train(backend.to_device(x), ones, zeros, 0.0, out)
-    assert_close(host(mean), expected["mean"], 1e-15, "mean")
-    assert_close(host(var), expected["var"], 1e-9, "var")
+    backend.forward_train(backend.to_device(x), None, None, EPS, out)
     assert np.max(np.abs(host(out) - expected["out"])) < 1e-4
 
 
 # ---------------------------------------------------------------------------
-# Transfers
-# ---------------------------------------------------------------------------
-
-@needs_cuda
-def test_transfers():
-    from numba import cuda
-
-    x = np.arange(12.0).reshape(3, 2, 2)
-    device_x = cuda.to_device(x)
-    assert backend.is_device_array(device_x)
-    assert backend.to_device(device_x) is device_x  # used in place, no copy
-    copied = backend.to_device(x[:, :, ::-1])  # non-contiguous host input
-    assert backend.is_device_array(copied)
-    assert np.array_equal(backend.to_host(copied), x[:, :, ::-1])
-    empty = backend.empty((2, 3), np.float32)
-    assert empty.shape == (2, 3) and np.dtype(empty.dtype) == np.float32
-    assert np.array_equal(backend.to_host(x), x)  # host arrays pass through
-
-
-@needs_cuda
-def test_kernels_write_into_device_arrays_in_place():
-    """Outputs given as device arrays are written on the device."""
-    from numba import cuda
-
-    shape = SHAPES["N_D"]
-    x, dy, gamma, beta = make_problem(shape, np.float64, seed=17)
-    expected = reference(x, dy, gamma, beta)
-    out = cuda.device_array(shape, dtype=np.float64)
-    mean, var = backend.forward_train(cuda.to_device(x), cuda.to_device(gamma),
-                                      cuda.to_device(beta), EPS, out)
-    assert backend.is_device_array(mean) and backend.is_device_array(var)
-    assert_close(out.copy_to_host(), expected["out"], 1e-12, "out")
-
-
-# ---------------------------------------------------------------------------
-# Through the public API
+# Through the public API: where the data lives, the work stays
 # ---------------------------------------------------------------------------
 
 def _fastbn():
-    fastbn = pytest.importorskip("fastbn")
-    if not hasattr(fastbn, "batchnorm_forward"):
-        pytest.skip("fastbn.batchnorm_forward not there yet")
+    import fastbn
     return fastbn
 
 
+class _Counter:
+    """Counts host<->device copies and kernel launches in the simulator."""
+
+    def __init__(self, monkeypatch):
+        from numba import cuda
+        from numba.cuda.simulator import kernel as simulated_kernel
+        from numba.cuda.simulator.cudadrv import devicearray as simulated_arrays
+
+        self.copies_to_device = 0
+        self.copies_to_host = 0
+        self.launches = 0
+        counter = self
+
+        original_to_device = cuda.to_device
+
+        def to_device(*args, **kwargs):
+            counter.copies_to_device += 1
+            return original_to_device(*args, **kwargs)
+
+        array_class = simulated_arrays.FakeCUDAArray
+        original_copy_to_host = array_class.copy_to_host
+        original_copy_to_device = array_class.copy_to_device
+
+        def copy_to_host(self, *args, **kwargs):
+            counter.copies_to_host += 1
+            return original_copy_to_host(self, *args, **kwargs)
+
+        def copy_to_device(self, *args, **kwargs):
+            counter.copies_to_device += 1
+            return original_copy_to_device(self, *args, **kwargs)
+
+        original_call = simulated_kernel.FakeCUDAKernel.__call__
+
+        def call(self, *args):
+            if not self._device and simulated_kernel._kernel_context is None:
+                counter.launches += 1
+            return original_call(self, *args)
+
+        monkeypatch.setattr(cuda, "to_device", to_device)
+        monkeypatch.setattr(array_class, "copy_to_host", copy_to_host)
+        monkeypatch.setattr(array_class, "copy_to_device", copy_to_device)
+        monkeypatch.setattr(simulated_kernel.FakeCUDAKernel, "__call__", call)
+
+    def take(self):
+        counts = (self.copies_to_device, self.copies_to_host, self.launches)
+        self.copies_to_device = self.copies_to_host = self.launches = 0
+        return counts
+
+
+needs_simulator = pytest.mark.skipif(not backend._SIMULATOR,
+                                     reason="counts the simulator's copies and launches")
+
+
 @needs_cuda
-@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("layout", ["N_D", "NCHW", "channels_last"])
-def test_api_host_arrays(layout, dtype):
-    fastbn = _fastbn()
-    rng = np.random.default_rng(19)
-    shape, axis = {"N_D": ((30, 3), 1), "NCHW": ((3, 2, 6, 6), 1),
-                   "channels_last": ((4, 3, 3, 2), -1)}[layout]
-    x = (rng.standard_normal(shape) * 2.0 + 1.0).astype(dtype)
-    dy = rng.standard_normal(shape).astype(dtype)
-    channels = shape[axis]
-    gamma = rng.uniform(0.5, 2.0, channels).astype(dtype)
-    beta = rng.standard_normal(channels).astype(dtype)
-    running_mean = np.zeros(channels)
-    running_var = np.ones(channels)
-
-    out, cache = fastbn.batchnorm_forward(
-        x, gamma, beta, running_mean=running_mean, running_var=running_var,
-        axis=axis, backend="cuda")
-    assert isinstance(out, np.ndarray) and out.dtype == dtype
-
-    # The same problem on the (A, C, B) view, against the reference.
-    x3 = np.moveaxis(x, axis, 1).reshape(shape[0], channels, -1)
-    dy3 = np.moveaxis(dy, axis, 1).reshape(x3.shape)
-    expected = reference(x3, dy3, gamma.astype(np.float64),
-                         beta.astype(np.float64))
-    tolerance = TOLERANCE[np.dtype(dtype)]
-    assert_close(np.moveaxis(out, axis, 1).reshape(x3.shape), expected["out"],
-                 tolerance, "out")
-    count = x.size // channels
-    assert_close(running_mean, 0.1 * expected["mean"], 1e-12, "running_mean")
-    assert_close(running_var, 0.9 + 0.1 * expected["var"] * count / (count - 1),
-                 1e-12, "running_var")
-
-    for method in ("simplified", "staged"):
-        dx, dgamma, dbeta = fastbn.batchnorm_backward(dy, cache, method=method)
-        assert isinstance(dx, np.ndarray) and dx.dtype == dtype
-        assert_close(np.moveaxis(dx, axis, 1).reshape(x3.shape), expected["dx"],
-                     1e-5 if dtype == np.float32 else 1e-11, method)
-        assert_close(dgamma, expected["sum_dy_xhat"], 1e-5, f"{method} dgamma")
-        assert_close(dbeta, expected["sum_dy"], 1e-5, f"{method} dbeta")
-
-
-@needs_cuda
-def test_api_device_arrays_stay_on_device():
-    """A Numba device array as x: outputs are device arrays, no host result."""
+@needs_simulator
+@pytest.mark.parametrize("name", ["N_D", "NCHW"])
+def test_device_call_makes_no_copy_and_three_launches(monkeypatch, name):
+    """Device arrays in, running statistics included: zero host<->device
+    copies, at most three launches per forward and per simplified backward."""
     from numba import cuda
 
     fastbn = _fastbn()
-    shape = (3, 2, 6, 6)
-    rng = np.random.default_rng(23)
-    x = rng.standard_normal(shape).astype(np.float32)
-    dy = rng.standard_normal(shape).astype(np.float32)
-    x3 = x.reshape(3, 2, 36)
-    expected = reference(x3, dy.reshape(x3.shape), np.ones(2), np.zeros(2))
+    shape = _layout(monkeypatch, name)
+    channels = shape[1]
+    x, dy, gamma, beta = make_problem(shape, np.float32, seed=2)
+    d_x, d_dy = cuda.to_device(x), cuda.to_device(dy)
+    d_gamma = cuda.to_device(gamma.astype(np.float32))
+    d_beta = cuda.to_device(beta.astype(np.float32))
+    d_mean = cuda.to_device(np.zeros(channels, np.float32))
+    d_var = cuda.to_device(np.ones(channels, np.float32))
+    counter = _Counter(monkeypatch)
+    out, cache = fastbn.batchnorm_forward(d_x, d_gamma, d_beta, running_mean=d_mean,
+                                          running_var=d_var)
+    to_device, to_host, launches = counter.take()
+    assert (to_device, to_host) == (0, 0)
+    assert launches <= 3
+    dx, dgamma, dbeta = fastbn.batchnorm_backward(d_dy, cache)
+    to_device, to_host, launches = counter.take()
+    assert (to_device, to_host) == (0, 0)
+    assert launches <= 3
+    for result in (out, dx, dgamma, dbeta):
+        assert backend.is_device_array(result) and np.dtype(result.dtype) == np.float32
+    # and the values are right
+    expected = reference(x, dy, gamma, beta)
+    assert_close(host(out), expected["out"], 1e-6, "out")
+    assert_close(host(dx), expected["dx"], 1e-6, "dx")
+    count = shape[0] * shape[2]
+    assert_close(host(d_var), 0.9 + 0.1 * expected["var"] * count / (count - 1), 1e-6,
+                 "running_var")
 
-    out, cache = fastbn.batchnorm_forward(cuda.to_device(x), backend="cuda")
-    assert backend.is_device_array(out), type(out)
-    assert_close(backend.to_host(out).reshape(x3.shape), expected["out"], 1e-6,
-                 "out")
-    for method in ("simplified", "staged"):
-        dx, dgamma, dbeta = fastbn.batchnorm_backward(cuda.to_device(dy), cache,
-                                                      method=method)
-        assert backend.is_device_array(dx), type(dx)
-        assert_close(backend.to_host(dx).reshape(x3.shape), expected["dx"],
-                     1e-5, method)
+
+@needs_cuda
+@needs_simulator
+def test_host_call_copies_each_input_and_output_once(monkeypatch):
+    fastbn = _fastbn()
+    shape = (6, 3, 5, 7)
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal(shape)
+    dy = rng.standard_normal(shape)
+    gamma, beta = rng.uniform(0.5, 2.0, 3), rng.standard_normal(3)
+    running_mean, running_var = np.zeros(3), np.ones(3)
+    expected_out, expected_cache = fastbn.batchnorm_forward(
+        x, gamma, beta, running_mean=running_mean.copy(), running_var=running_var.copy(),
+        backend="numpy")
+    expected_dx = fastbn.batchnorm_backward(dy, expected_cache)
+    counter = _Counter(monkeypatch)
+    out, cache = fastbn.batchnorm_forward(x, gamma, beta, running_mean=running_mean,
+                                          running_var=running_var, backend="cuda")
+    # in: x, gamma, beta, running_mean, running_var; back: out and the two
+    # running statistics
+    assert counter.take()[:2] == (5, 3)
+    dx, dgamma, dbeta = fastbn.batchnorm_backward(dy, cache)
+    # in: dy and x; back: dx, dgamma, dbeta
+    assert counter.take()[:2] == (2, 3)
+    assert isinstance(out, np.ndarray) and isinstance(dgamma, np.ndarray)
+    np.testing.assert_allclose(out, expected_out, rtol=1e-12, atol=1e-12)
+    for actual, wanted in zip((dx, dgamma, dbeta), expected_dx):
+        np.testing.assert_allclose(actual, wanted, rtol=1e-11, atol=1e-11)
+
+
+@needs_cuda
+def test_two_host_threads_match_serial_calls():
+    """Per-thread scratch: concurrent calls give the serial results bitwise."""
+    import threading
+
+    from numba import cuda
+
+    fastbn = _fastbn()
+    cases = []
+    for seed, shape in enumerate([(6, 3, 40), (37, 5), (4, 3, 3, 3)]):
+        rng = np.random.default_rng(seed)
+        cases.append((rng.standard_normal(shape), rng.standard_normal(shape)))
+
+    def run(case):
+        x, dy = case
+        out, cache = fastbn.batchnorm_forward(cuda.to_device(x), axis=1)
+        dx, dgamma, dbeta = fastbn.batchnorm_backward(cuda.to_device(dy), cache)
+        return [backend.to_host(a) for a in (out, dx, dgamma, dbeta)]
+
+    serial = [run(case) for case in cases]
+    results, errors = {}, []
+
+    def worker(index):
+        try:
+            for repeat in range(2):
+                results[index, repeat] = run(cases[index])
+        except Exception as error:  # reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(cases))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=600)
+    assert not errors, errors
+    for (index, _), arrays in results.items():
+        for actual, expected in zip(arrays, serial[index]):
+            assert np.array_equal(actual, expected)
+    assert len(results) == 2 * len(cases)

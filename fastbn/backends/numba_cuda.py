@@ -203,11 +203,11 @@ def availability():
     reason : str
         Empty when available.
     """
-    if cuda is None:
-        return False, f"numba.cuda not importable: {_IMPORT_ERROR}"
     incompatibility = _numpy_incompatibility()
     if incompatibility:
         return False, incompatibility
+    if cuda is None:
+        return False, f"numba.cuda not importable: {_IMPORT_ERROR}"
     try:
         # Under the simulator a running kernel swaps this module's ``cuda``
         # global for a fake one; the lock keeps this call out of that window.
