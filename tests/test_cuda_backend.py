@@ -30,20 +30,25 @@ EPS = 1e-5
 # float32 once (the computation is float64), float64 results carry a few ulps.
 TOLERANCE = {np.dtype(np.float32): 1e-6, np.dtype(np.float64): 1e-12}
 
-# (A, C, B) views: name -> (shape as the API would build it, ROWS_MIN_B).
+# (A, C, B) views: name -> (shape as the API would build it, ROWS_MIN_B,
+# TARGET_BLOCKS).
 # Extents are chosen not to divide the block sizes, so that every layout
 # has partial blocks, partial rows and remainders of the unrolled loops.
 SHAPES = {
     # (N, D) = (37, 5): columns layout, one column per channel.
-    "N_D": ((37, 5, 1), 32),
+    "N_D": ((37, 5, 1), 32, 4096),
+    # (N, D) = (37, 5) on two row blocks: the unrolled loops of the columns layout.
+    "N_D_unrolled": ((37, 5, 1), 32, 2),
     # channels-last (N, H, W, C) = (5, 3, 3, 3) -> (45, 3, 1): columns.
-    "channels_last": ((45, 3, 1), 32),
+    "channels_last": ((45, 3, 1), 32, 4096),
     # (N, C, H, W) = (5, 3, 1, 5) -> (5, 3, 5): columns with B > 1.
-    "NCHW_short_rows": ((5, 3, 5), 32),
+    "NCHW_short_rows": ((5, 3, 5), 32, 4096),
     # (N, C, H, W) = (3, 2, 6, 7) -> (3, 2, 42): rows layout, one row per block.
-    "NCHW": ((3, 2, 42), 32),
+    "NCHW": ((3, 2, 42), 32, 4096),
+    # rows of 70 with 16 threads: the unrolled loops of the rows layout.
+    "NCHW_unrolled": ((3, 2, 70), 32, 4096),
     # (7, 3, 6) with ROWS_MIN_B = 4: rows layout with several rows per block.
-    "NCHW_rows_per_block": ((7, 3, 6), 4),
+    "NCHW_rows_per_block": ((7, 3, 6), 4, 4096),
 }
 
 
@@ -187,8 +192,9 @@ def test_numpy_without_row_stack_is_reported(monkeypatch):
 # ---------------------------------------------------------------------------
 
 def _layout(monkeypatch, name):
-    shape, rows_min_b = SHAPES[name]
+    shape, rows_min_b, target_blocks = SHAPES[name]
     monkeypatch.setattr(backend, "ROWS_MIN_B", rows_min_b)
+    monkeypatch.setattr(backend, "TARGET_BLOCKS", target_blocks)
     return shape
 
 
@@ -203,6 +209,11 @@ def test_layouts_span_several_blocks(monkeypatch, name):
     assert blocks >= 2, (name, layout.reduce_grid)
     if name == "NCHW_rows_per_block":
         assert layout.block[1] > 1
+    bx, by = layout.block
+    if name == "NCHW_unrolled":      # a row holds four strides of the block
+        assert shape[2] > 4 * bx
+    if name == "N_D_unrolled":       # a thread walks four strides of rows
+        assert shape[0] > 4 * layout.elementwise_grid[1] * by
 
 
 @needs_cuda

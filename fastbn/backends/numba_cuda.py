@@ -523,6 +523,22 @@ def _build_elementwise(op):
         columns_total, extent_b, out)``.
     """
 
+    @cuda.jit(device=True)
+    def four(u, v, out, i, step, p0, p1, p2, p3):
+        # elements i, i + step, i + 2 step, i + 3 step: four loads in flight
+        u0 = u[i]
+        u1 = u[i + step]
+        u2 = u[i + 2 * step]
+        u3 = u[i + 3 * step]
+        v0 = v[i]
+        v1 = v[i + step]
+        v2 = v[i + 2 * step]
+        v3 = v[i + 3 * step]
+        out[i] = op(u0, v0, p0, p1, p2, p3)
+        out[i + step] = op(u1, v1, p0, p1, p2, p3)
+        out[i + 2 * step] = op(u2, v2, p0, p1, p2, p3)
+        out[i + 3 * step] = op(u3, v3, p0, p1, p2, p3)
+
     @cuda.jit
     def rows(u, v, coef, extent_c, extent_b, out):
         c = cuda.blockIdx.x
@@ -539,19 +555,7 @@ def _build_elementwise(op):
             row = (a * extent_c + c) * extent_b
             b = tx
             while b + 3 * width < extent_b:
-                i = row + b
-                u0 = u[i]
-                u1 = u[i + width]
-                u2 = u[i + 2 * width]
-                u3 = u[i + 3 * width]
-                v0 = v[i]
-                v1 = v[i + width]
-                v2 = v[i + 2 * width]
-                v3 = v[i + 3 * width]
-                out[i] = op(u0, v0, p0, p1, p2, p3)
-                out[i + width] = op(u1, v1, p0, p1, p2, p3)
-                out[i + 2 * width] = op(u2, v2, p0, p1, p2, p3)
-                out[i + 3 * width] = op(u3, v3, p0, p1, p2, p3)
+                four(u, v, out, row + b, width, p0, p1, p2, p3)
                 b += 4 * width
             while b < extent_b:
                 out[row + b] = op(u[row + b], v[row + b], p0, p1, p2, p3)
@@ -574,18 +578,7 @@ def _build_elementwise(op):
         i = (cuda.blockIdx.y * height + cuda.threadIdx.y) * columns_total + j
         end = u.shape[0]
         while i + 3 * step < end:
-            u0 = u[i]
-            u1 = u[i + step]
-            u2 = u[i + 2 * step]
-            u3 = u[i + 3 * step]
-            v0 = v[i]
-            v1 = v[i + step]
-            v2 = v[i + 2 * step]
-            v3 = v[i + 3 * step]
-            out[i] = op(u0, v0, p0, p1, p2, p3)
-            out[i + step] = op(u1, v1, p0, p1, p2, p3)
-            out[i + 2 * step] = op(u2, v2, p0, p1, p2, p3)
-            out[i + 3 * step] = op(u3, v3, p0, p1, p2, p3)
+            four(u, v, out, i, step, p0, p1, p2, p3)
             i += 4 * step
         while i < end:
             out[i] = op(u[i], v[i], p0, p1, p2, p3)
