@@ -27,6 +27,7 @@ import os
 import pathlib
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -724,12 +725,15 @@ def render_page(url, screenshot=None, chromium=None, timeout=60.0, size=(1400, 9
     if not chromium:
         raise DashboardError("Chromium not found (apt-get install chromium, or set "
                              "FASTBN_CHROMIUM)")
-    with tempfile.TemporaryDirectory(prefix="fastbn-chromium-") as profile:
+    with tempfile.TemporaryDirectory(prefix="fastbn-chromium-",
+                                     ignore_cleanup_errors=True) as profile:
         command = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
                    f"--window-size={size[0]},{size[1]}", "about:blank"]
         log_path = pathlib.Path(profile) / "chromium.log"
         with open(log_path, "wb") as log:
-            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+            # Its own process group: the browser's helper processes end with it.
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                       start_new_session=True)
         try:
             port = _devtools_port(pathlib.Path(profile), process, log_path)
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as r:
@@ -742,12 +746,23 @@ def render_page(url, screenshot=None, chromium=None, timeout=60.0, size=(1400, 9
             finally:
                 connection.close()
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            _stop_group(process)
+
+
+def _stop_group(process):
+    """End a process started with ``start_new_session=True`` and its group."""
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            process.wait(timeout=wait)
+            # Helpers of the group may outlive the main process for a moment.
+            time.sleep(0.2)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def _devtools_port(profile, process, log_path, timeout=30.0):

@@ -2,12 +2,12 @@
 
 One module-scoped run of the command that benchmarks/README.md documents,
 
-    FASTBN_BENCH_PROFILE=tiny via --profile tiny:
     fastbn dashboard --quick --offline --no-serve --profile tiny --bench track_ \
         --html-dir DIR/html --results-dir DIR/results
 
-into a temporary folder (``HOME`` too, so that the asv machine file is a
-fresh one), serves every test here. The browser tests open the published
+(``--profile tiny``: the benchmarks on one tiny shape) into a temporary
+folder, with ``HOME`` there too so that the asv machine file is a new one,
+serves the tests that need a published site. The browser tests open the published
 site, served on 127.0.0.1, in headless Chromium (Debian's ``chromium``) and
 keep the screenshots in ``FASTBN_TEST_ARTIFACTS`` (default: pytest's
 temporary folder).
