@@ -21,6 +21,7 @@ EPS = 1e-5
 # (A, C, B) shapes, one per loop shape / work split
 SHAPES = {
     "cols_B1": (261, 1100, 1),        # (N, D): columns shape, two column blocks
+    "cols_fused": (100, 600, 1),      # (N, D), one row block: fused per column block
     "cols_smallB": (9, 13, 5),        # 1 < B < ROWS_MIN_B: columns shape, folded over B
     "mixed_B49": (9, 30, 49),         # 7x7 maps: rows elementwise, columns reductions
                                       # (a channel straddles two column blocks)
@@ -51,6 +52,7 @@ def fused(request, monkeypatch):
     """Run the parallel kernels unfused, fused even on small arrays, and the
     serial small-array kernels on every shape."""
     monkeypatch.setattr(nb, "SERIAL_BELOW", 2**62 if request.param == "serial" else 0)
+    monkeypatch.setattr(nb, "FUSED_COLS", request.param == "fused")
     if request.param == "fused":
         monkeypatch.setattr(nb, "FUSED_MIN_BYTES", 0)
         monkeypatch.setattr(nb, "FUSED_MIN_B", 1)
@@ -102,8 +104,9 @@ def test_kernels_match_float64_reference(name, dtype, fused):
 
 
 def test_shapes_cover_every_work_split():
-    for name in ("cols_B1", "cols_smallB"):
+    for name in ("cols_B1", "cols_fused", "cols_smallB"):
         assert not nb._uses_rows(SHAPES[name]) and not nb._reduces_by_rows(SHAPES[name])
+    assert nb._fuses_cols(SHAPES["cols_fused"]) and not nb._fuses_cols(SHAPES["cols_B1"])
     assert nb._row_blocks(261, 1100) > 1 and 1100 > nb.COLUMN_BLOCK
     A, C, B = SHAPES["mixed_B49"]
     assert nb._uses_rows(SHAPES["mixed_B49"]) and not nb._reduces_by_rows(SHAPES["mixed_B49"])
@@ -318,3 +321,24 @@ def test_workqueue_layer_serializes_concurrent_calls():
     proc = subprocess.run([sys.executable, "-c", _WORKQUEUE_SCRIPT], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fused_columns_kernels_match_two_pass_bitwise(dtype, monkeypatch):
+    """(N, D) fused per column block gives the two-pass results (the same sums
+    in the same order; LLVM may contract a multiply-add differently inside
+    the two kernels, hence a rounding-level tolerance)."""
+    x, dy, gamma, beta = make(SHAPES["cols_fused"], dtype, seed=12)
+    results = {}
+    for fused_cols in (False, True):
+        monkeypatch.setattr(nb, "FUSED_COLS", fused_cols)
+        assert nb._fuses_cols(x.shape) == fused_cols
+        rm, rv = np.zeros(x.shape[1]), np.ones(x.shape[1])
+        out = np.empty_like(x)
+        mean, invstd = nb.forward_train(x, gamma, beta, EPS, out, rm, rv, 0.1)
+        dx = np.empty_like(x)
+        sums = nb.backward_train(dy, x, mean, invstd, gamma, dx)
+        results[fused_cols] = [mean, invstd, out, rm, rv, dx, *sums]
+    for a, b in zip(results[False], results[True]):
+        np.testing.assert_allclose(a, b, rtol=1e-14 if a.dtype == np.float64 else 1e-6,
+                                   atol=0)

@@ -43,8 +43,16 @@ last-level cache (``FUSED_MIN_BYTES``), rows are long (``FUSED_MIN_B``) and
 there are enough channels, a work item is a block of consecutive channels
 (about ``FUSED_SLAB_BYTES``), whose statistics (or backward sums) and
 elementwise pass run back to back, so the second read comes from L2/L3 and
-only the compulsory bytes cross the memory bus. Smaller arrays use two
+only the compulsory bytes cross the memory bus. ``(N, D)`` arrays whose
+reduction has a single row block (``_fuses_cols``, e.g. (256, 4096)) run
+fused per block of ``COLUMN_BLOCK`` channels: all rows of the block are
+summed, then normalized while the block is in L2. Other arrays use two
 parallel loops (the second pass streams from L3).
+
+*Serial* kernels: arrays of fewer than ``SERIAL_BELOW`` elements run one
+compiled serial kernel per call (starting a parallel region costs more than
+the work), which also finishes the statistics and updates the running
+statistics, so that a call on an (8, 16) array costs about 2 us.
 
 Variance uses sums shifted by the channel's first element, ``d = x -
 x[0, c, 0]``: ``var = (S2 - S1**2 / M) / M`` with ``S1 = sum(d)``, ``S2 =
@@ -105,6 +113,7 @@ ELEMENT_ROWS = 16           # rows per elementwise work item in the columns loop
 FUSED_SLAB_BYTES = 512 * 1024  # channels per fused work item: a slab of about this size
 FUSED_MIN_BYTES = 32 * 1024 * 1024  # fuse only working sets larger than the last-level cache
 FUSED_MIN_B = 256           # ... and rows long enough for the channel-by-channel order
+FUSED_COLS = True           # (N, D) with one row block: fused per column block
 SERIAL_BELOW = 32768        # arrays with fewer elements run serial kernels (no parallel region)
 
 _PRIORITY = ["omp", "tbb", "workqueue"]
@@ -238,6 +247,13 @@ def _chunks_per_channel(shape):
 def _serial(x):
     """Small arrays run the serial kernels (depends on the shape only)."""
     return x.size < SERIAL_BELOW
+
+
+def _fuses_cols(shape):
+    """(N, D) shapes whose reduction has one row block run fused per column block."""
+    A, C, B = shape
+    return (B == 1 and FUSED_COLS and C > COLUMN_BLOCK
+            and _row_blocks(A, C) == 1)
 
 
 def _fuses(x, n_arrays):
@@ -801,6 +817,83 @@ if numba is not None:
         _forward_rows_fused(x, gamma, beta, eps, block, out, mean, var)
         _finish_stats(mean, var, A * B, eps, gamma, invstd, scale, rm, rv, momentum, update)
 
+    @njit(**_PJIT)
+    def _forward_cols_fused(x, gamma, beta, eps, out, mean, var, invstd):
+        """(N, D) with one row block: work item = a block of COLUMN_BLOCK channels,
+        whose sums over all rows (``_partials_same``, as in ``_sums_cols``) and
+        normalize pass run back to back, so the second read comes from L2.
+        The sums are those of the two-pass kernels, in the same order."""
+        A, J = x.shape
+        n_col_blocks = (J + COLUMN_BLOCK - 1) // COLUMN_BLOCK
+        shift = np.empty(J)
+        for j in range(J):
+            shift[j] = x[0, j]
+        for jb in prange(n_col_blocks):
+            j_lo = jb * COLUMN_BLOCK
+            j_hi = min(J, j_lo + COLUMN_BLOCK)
+            p1 = np.zeros(j_hi - j_lo)
+            p2 = np.zeros(j_hi - j_lo)
+            _partials_same(x, shift, 0, A, j_lo, j_hi, p1, p2)
+            scale = np.empty(j_hi - j_lo)
+            for j in range(j_lo, j_hi):
+                m, v = _mean_var(shift[j], p1[j - j_lo], p2[j - j_lo], A)
+                mean[j] = m
+                var[j] = v
+                invstd[j] = 1.0 / np.sqrt(v + eps)
+                scale[j - j_lo] = gamma[j] * invstd[j]
+            bseg = beta[j_lo:j_hi]
+            mseg = mean[j_lo:j_hi]
+            for a in range(A):
+                u0 = x[a, j_lo:j_hi]
+                o0 = out[a, j_lo:j_hi]
+                for j in range(scale.shape[0]):
+                    o0[j] = (np.float64(u0[j]) - mseg[j]) * scale[j] + bseg[j]
+
+    @njit(**_PJIT)
+    def _backward_cols_fused(dy, x, mean, invstd, gamma, out, sum_dy, sum_dy_xhat):
+        """(N, D) with one row block: work item = a block of COLUMN_BLOCK channels:
+        sum(dy), sum(dy * (x - mean)) over all rows (``_partials_products``, as in
+        ``_sums_cols``), then dx = k*dy + kx*(x - mean) + k0 while the block is
+        in L2."""
+        A, J = x.shape
+        n_col_blocks = (J + COLUMN_BLOCK - 1) // COLUMN_BLOCK
+        zeros = np.zeros(J)
+        for jb in prange(n_col_blocks):
+            j_lo = jb * COLUMN_BLOCK
+            j_hi = min(J, j_lo + COLUMN_BLOCK)
+            n = j_hi - j_lo
+            p1 = np.zeros(n)
+            p2 = np.zeros(n)
+            _partials_products(dy, zeros, x, mean, 0, A, j_lo, j_hi, p1, p2)
+            k = np.empty(n)
+            kx = np.empty(n)
+            k0 = np.empty(n)
+            for j in range(j_lo, j_hi):
+                s_dy = p1[j - j_lo]
+                s_dy_xhat = p2[j - j_lo] * invstd[j]
+                sum_dy[j] = s_dy
+                sum_dy_xhat[j] = s_dy_xhat
+                k[j - j_lo] = gamma[j] * invstd[j]
+                kx[j - j_lo] = -k[j - j_lo] * invstd[j] * (s_dy_xhat / A)
+                k0[j - j_lo] = -k[j - j_lo] * (s_dy / A)
+            mseg = mean[j_lo:j_hi]
+            for a in range(A):
+                d0 = dy[a, j_lo:j_hi]
+                u0 = x[a, j_lo:j_hi]
+                o0 = out[a, j_lo:j_hi]
+                for j in range(n):
+                    o0[j] = np.float64(d0[j]) * k[j] + (np.float64(u0[j]) - mseg[j]) * kx[j] + k0[j]
+
+    @njit(**_JIT)
+    def _forward_cols_fused_train(x, gamma, beta, eps, out, mean, invstd, rm, rv, momentum,
+                                  update):
+        """``_forward_cols_fused``, then the running statistics."""
+        A, J = x.shape
+        var = np.empty(J)
+        scale = np.empty(J)
+        _forward_cols_fused(x, gamma, beta, eps, out, mean, var, invstd)
+        _finish_stats(mean, var, A, eps, gamma, invstd, scale, rm, rv, momentum, update)
+
     # -----------------------------------------------------------------------
     # Serial kernels for small arrays (fewer than SERIAL_BELOW elements): one
     # compiled call per kernel, no parallel region (starting one costs more
@@ -1079,6 +1172,9 @@ def forward_train(x, gamma, beta, eps, out, running_mean=None, running_var=None,
             if _fuses(x, 2):
                 _forward_fused_train(x, gamma, beta, eps, _fused_block(x.shape, x.itemsize),
                                      out, mean, invstd, rm, rv, momentum, update)
+            elif _fuses_cols(x.shape):
+                _forward_cols_fused_train(_as_cols(x), gamma, beta, eps, _as_cols(out), mean,
+                                          invstd, rm, rv, momentum, update)
             elif not _uses_rows(x.shape):
                 _forward_cols_train(_as_cols(x), B, gamma, beta, eps, _row_blocks(A, C * B),
                                     _as_cols(out), mean, invstd, rm, rv, momentum, update)
@@ -1200,6 +1296,9 @@ def backward_train(dy, x, mean, invstd, gamma, out):
         if _fuses(x, 3):
             _backward_rows_fused(dy, x, mean, invstd, gamma, _fused_block(x.shape, x.itemsize),
                                  out, sum_dy, sum_dy_xhat)
+        elif _fuses_cols(x.shape):
+            _backward_cols_fused(_as_cols(dy), _as_cols(x), mean, invstd, gamma, _as_cols(out),
+                                 sum_dy, sum_dy_xhat)
         elif not _uses_rows(x.shape):
             A, C, B = x.shape
             _backward_cols(_as_cols(dy), _as_cols(x), B, mean, invstd, gamma,
