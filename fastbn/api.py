@@ -68,7 +68,8 @@ def _check_float_dtype(dtype, what):
 
 
 def _channel_axis(axis, shape):
-    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral):
+    if type(axis) is not int and (isinstance(axis, (bool, np.bool_))
+                                  or not isinstance(axis, numbers.Integral)):
         raise ValueError(f"axis must be an integer, got {axis!r}")
     ndim = len(shape)
     if not -ndim <= axis < ndim:
@@ -89,9 +90,10 @@ def _check_input(x, axis, what="x"):
 
 
 def _check_scalar(value, name, low, high):
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a real number, got {value!r}")
-    value = float(value)
+    if type(value) is not float:  # the common case skips the slower ABC checks
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+            raise ValueError(f"{name} must be a real number, got {value!r}")
+        value = float(value)
     if not low <= value <= high:  # also rejects NaN
         raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
     return value
@@ -101,10 +103,15 @@ def _channel_param(value, channels, dtype, name, fill):
     """A host per-channel parameter as float64 ``(C,)`` holding values of ``dtype``."""
     if value is None:
         return np.full(channels, fill, dtype=np.float64)
-    _check_host(value, name)
-    array = np.asarray(value)
+    if type(value) is np.ndarray:
+        array = value
+    else:
+        _check_host(value, name)
+        array = np.asarray(value)
     _check_channel_metadata(array, channels, name, "biuf")
-    return array.astype(dtype).astype(np.float64)
+    # One copy when the values already have x's dtype (always a new array:
+    # the cache keeps it).
+    return array.astype(dtype, copy=False).astype(np.float64)
 
 
 def _check_host(value, name):
