@@ -35,6 +35,7 @@ import os
 import platform
 import sys
 import time
+import warnings
 
 import numpy as np
 
@@ -902,11 +903,11 @@ def stability_warnings(rows, load_before, load_after):
     -------
     list of str
     """
-    warnings = []
+    notes = []
     cores = os.cpu_count() or 1
     load = max(load_before or 0.0, load_after or 0.0)
     if load > cores:
-        warnings.append(f"the load average ({load:.1f}) exceeded the {cores} cores while "
+        notes.append(f"the load average ({load:.1f}) exceeded the {cores} cores while "
                         "timing: other processes took CPU time, figures and ratios may be "
                         "off; re-run on a quiet machine")
     for row in rows:
@@ -914,12 +915,12 @@ def stability_warnings(rows, load_before, load_after):
             key = "copy" if kernel == "copy" else kernel
             best = row[f"{key}_ms"]
             median = row[f"{key}_median_ms"]
-            warnings.append(
+            notes.append(
                 f"{row['backend']} {_format_shape(row['shape'])} {row['dtype']} "
                 f"threads={row.get('threads')} {kernel}: unstable, median {median:.3f} ms is "
                 f"{(median - best) / best:.0%} above the best {best:.3f} ms over "
                 f"{row['calls'][kernel]} calls")
-    return warnings
+    return notes
 
 
 def _loadavg():
@@ -970,7 +971,10 @@ def run(args):
             shapes = list(DEFAULT_SHAPES)
         else:
             shapes = list(DEFAULT_SHAPES + LARGE_SHAPES)
-        backends = resolve_backends(args.backends)
+        with warnings.catch_warnings():
+            # bench says it itself, once, below
+            warnings.simplefilter("ignore", RuntimeWarning)
+            backends = resolve_backends(args.backends)
         thread_counts = parse_threads(args.threads)
         if args.repeat is not None and args.repeat < 1:
             raise ValueError("--repeat must be at least 1")
@@ -1035,12 +1039,12 @@ def run(args):
         print("Thread scaling (best times; speedup = time at the first count / time at the "
               "next):")
         print(scaling_table(rows, thread_counts))
-    warnings = stability_warnings(rows, load_before, load_after)
-    if warnings:
+    notes = stability_warnings(rows, load_before, load_after)
+    if notes:
         print()
-        for text in warnings:
+        for text in notes:
             print(f"WARNING: {text}")
-    meta["warnings"] = warnings
+    meta["warnings"] = notes
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump({"meta": meta, "results": rows}, fh, indent=2)

@@ -130,3 +130,12 @@ def test_cuda_is_handed_to_bench_cuda(argv, monkeypatch):
 
 def test_device_default_is_cpu():
     assert parse([]).device == "cpu"
+
+
+def test_bench_warns_once_about_a_source_tree(monkeypatch, capsys):
+    from fastbn import registry
+    reason = "extension not built: this fastbn is imported from a source tree at /x"
+    monkeypatch.setattr(registry, "source_tree_reasons", lambda: {"cython": reason})
+    assert bench.run(parse(TINY_ARGS + ["--backends", "numpy"])) == 0
+    err = capsys.readouterr().err
+    assert err.count("source tree") == 1 and "'cython' is not timed" in err
