@@ -601,8 +601,11 @@ cdef inline void _rows_sums(const floating* a, const floating* b, Py_ssize_t C,
 cdef inline void _rows_apply(int op, const floating* a, const floating* b, floating* out,
                              Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0,
                              Py_ssize_t c1, const double* p0, const double* p1,
-                             const double* p2, const double* p3) noexcept nogil:
+                             const double* p2, const double* p3,
+                             bint prefetch) noexcept nogil:
     # Row path: `op` on rows r0..r1-1, channels c0..c1-1 (c1 - c0 <= COL_BLOCK).
+    # prefetch: software-prefetch the rows ROWS_AHEAD ahead (off in the fused
+    # kernels, whose second pass reads the block from L2).
     # OP_NORMALIZE / OP_BACKWARD: the block's coefficients are copied to local
     # arrays first (they stay in L1 and cannot alias `out`), then each row is
     # one vectorized loop: in float64 for float64 data (q0..q3), in float32
@@ -645,7 +648,7 @@ cdef inline void _rows_apply(int op, const floating* a, const floating* b, float
         for r in range(r0, r1):
             ar = a + r * C + c0
             outr = out + r * C + c0
-            if r + ROWS_AHEAD < r1:
+            if prefetch and r + ROWS_AHEAD < r1:
                 _prefetch_rows(ar + ROWS_AHEAD * C, 0, 0, 1, n * sizeof(floating), False)
                 _prefetch_rows(outr + ROWS_AHEAD * C, 0, 0, 1, n * sizeof(floating), True)
             if floating is float:
@@ -660,7 +663,7 @@ cdef inline void _rows_apply(int op, const floating* a, const floating* b, float
             ar = a + r * C + c0
             br = b + r * C + c0
             outr = out + r * C + c0
-            if r + ROWS_AHEAD < r1:
+            if prefetch and r + ROWS_AHEAD < r1:
                 _prefetch_rows(ar + ROWS_AHEAD * C, 0, 0, 1, n * sizeof(floating), False)
                 _prefetch_rows(br + ROWS_AHEAD * C, 0, 0, 1, n * sizeof(floating), False)
                 _prefetch_rows(outr + ROWS_AHEAD * C, 0, 0, 1, n * sizeof(floating), True)
@@ -697,7 +700,7 @@ cdef void _elementwise(int op, const floating* a, const floating* b, floating* o
             if r1 > A:
                 r1 = A
             _rows_apply(op, a, b, out, C, r0, r1, blk * C // n_cblk, (blk + 1) * C // n_cblk,
-                        p0, p1, p2, p3)
+                        p0, p1, p2, p3, True)
         return
     n_rows = A * C
     row_len = B
@@ -757,7 +760,8 @@ cdef void _fused_forward_rows(const floating* x, floating* out, Py_ssize_t A, Py
         for c in range(c0, c1):
             _forward_coefs(c, sums[c], sums[C + c], shift[c], <double>A, eps, gamma, beta,
                            mean, var, scale, offset)
-        _rows_apply(OP_NORMALIZE, x, x, out, C, 0, A, c0, c1, mean, scale, offset, offset)
+        _rows_apply(OP_NORMALIZE, x, x, out, C, 0, A, c0, c1, mean, scale, offset, offset,
+                    False)
 
 
 cdef void _fused_backward_rows(const floating* dy, const floating* x, floating* out,
@@ -778,7 +782,7 @@ cdef void _fused_backward_rows(const floating* dy, const floating* x, floating* 
             _backward_coefs(c, sums[c], sums[C + c], <double>A, invstd, gamma, sum_dy,
                             sum_dy_xhat, k_scale, k_mean_dy, k_xmu)
         _rows_apply(OP_BACKWARD, dy, x, out, C, 0, A, c0, c1, mean, k_scale, k_mean_dy,
-                    k_xmu)
+                    k_xmu, False)
 
 
 cdef void _fused_forward_channels(const floating* x, floating* out, Py_ssize_t A,
