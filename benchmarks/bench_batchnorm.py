@@ -21,17 +21,17 @@ like on a noisy machine:
 
 The ``*Large`` classes hold the memory-bound shape ``64x256x56x56``; they are
 skipped unless ``FASTBN_BENCH_PROFILE=slow``; ``FASTBN_BENCH_PROFILE=tiny``
-puts the tiny shapes in the ordinary classes.
+puts one tiny shape, float32 only, in the ordinary classes.
 """
 from .common import (DTYPES, LARGE_SHAPES, PARAM_NAMES, Case, backends,
-                     best_time, fraction_of_copy_limit, require_slow_profile,
-                     shapes)
+                     best_time, dtypes, fraction_of_copy_limit,
+                     require_slow_profile, shapes)
 
 
 class _Benchmark:
     """Parameters, timeout and repetition count shared by every class."""
 
-    params = [backends(), shapes(), DTYPES]
+    params = [backends(), shapes(), dtypes()]
     param_names = PARAM_NAMES
     timeout = 120
     # Repetitions of each timing inside a track_* call (best of n_repeat).

@@ -26,8 +26,8 @@ Profiles
 in the ``*Large`` benchmark classes, which are skipped unless the
 environment variable ``FASTBN_BENCH_PROFILE`` is ``slow``. With
 ``FASTBN_BENCH_PROFILE=tiny`` the ordinary classes run on ``TINY_SHAPES``
-instead of ``SHAPES`` (a check that the suite and the dashboard work, in
-seconds; its timings mean little).
+in float32 only (a check that the suite and the dashboard work, in seconds;
+its timings mean little).
 """
 import os
 
@@ -75,6 +75,16 @@ def shapes():
         ``TINY_SHAPES`` when ``FASTBN_BENCH_PROFILE=tiny``, else ``SHAPES``.
     """
     return list(TINY_SHAPES) if profile() == "tiny" else list(SHAPES)
+
+
+def dtypes():
+    """The dtype parameter list for the profile: float32 only when ``tiny``.
+
+    Returns
+    -------
+    list of str
+    """
+    return ["float32"] if profile() == "tiny" else list(DTYPES)
 
 
 def require_slow_profile():
