@@ -581,7 +581,7 @@ cdef inline void _rows_sums(const floating* a, const floating* b, Py_ssize_t C,
     while r + 4 <= r1:
         a0 = a + r * C + c0
         b0 = b + r * C + c0
-        if r + rows_ahead + 4 <= r1:
+        if rows_ahead > 0 and r + rows_ahead + 4 <= r1:
             # the rows read rows_ahead rows from now
             _prefetch_rows(a0 + rows_ahead * C, C * sizeof(floating), 0, 4,
                            n * sizeof(floating), False)
@@ -737,7 +737,7 @@ cdef inline void _rows_block_sums(const floating* a, const floating* b, Py_ssize
     cdef Py_ssize_t r, c
     for r in range(n_rchunk):
         _rows_sums(a, b, C, r * A // n_rchunk, (r + 1) * A // n_rchunk, c0, c1, ka, kb,
-                   ROWS_AHEAD, partials + r * C, partials + (n_rchunk + r) * C)
+                   0, partials + r * C, partials + (n_rchunk + r) * C)
     for c in range(c0, c1):
         sum_u[c] = _merge(partials + c, n_rchunk, C)
         sum_uv[c] = _merge(partials + n_rchunk * C + c, n_rchunk, C)
