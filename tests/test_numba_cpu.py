@@ -342,3 +342,20 @@ def test_fused_columns_kernels_match_two_pass_bitwise(dtype, monkeypatch):
     for a, b in zip(results[False], results[True]):
         np.testing.assert_allclose(a, b, rtol=1e-14 if a.dtype == np.float64 else 1e-6,
                                    atol=0)
+
+
+def test_fused_columns_width_changes_no_result(monkeypatch):
+    """Each channel is summed alone over all rows: the block width of the fused
+    (N, D) kernels changes speed, never results."""
+    x, dy, gamma, beta = make((100, 2000, 1), np.float32, seed=13)
+    results = []
+    for nbytes in (0, 1 << 30):
+        monkeypatch.setattr(nb, "FUSED_COLS_BYTES", nbytes)
+        out = np.empty_like(x)
+        mean, invstd = nb.forward_train(x, gamma, beta, EPS, out)
+        dx = np.empty_like(x)
+        sums = nb.backward_train(dy, x, mean, invstd, gamma, dx)
+        results.append([mean, invstd, out, dx, *sums])
+    assert nb._fuses_cols(x.shape)
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)

@@ -113,7 +113,9 @@ ELEMENT_ROWS = 16           # rows per elementwise work item in the columns loop
 FUSED_SLAB_BYTES = 512 * 1024  # channels per fused work item: a slab of about this size
 FUSED_MIN_BYTES = 32 * 1024 * 1024  # fuse only working sets larger than the last-level cache
 FUSED_MIN_B = 256           # ... and rows long enough for the channel-by-channel order
-FUSED_COLS = True           # (N, D) with one row block: fused per column block
+FUSED_COLS = True           # (N, D) with one row block: fused per block of channels ...
+FUSED_COLS_BYTES = 1024 * 1024  # ... whose rows fill about this much of x (L2); a channel's
+                                # sums do not depend on the block width
 SERIAL_BELOW = 32768        # arrays with fewer elements run serial kernels (no parallel region)
 
 _PRIORITY = ["omp", "tbb", "workqueue"]
@@ -254,6 +256,16 @@ def _fuses_cols(shape):
     A, C, B = shape
     return (B == 1 and FUSED_COLS and C > COLUMN_BLOCK
             and _row_blocks(A, C) == 1)
+
+
+def _fused_cols_width(x):
+    """Channels per work item of the fused (N, D) kernels: about FUSED_COLS_BYTES of
+    x, at least COLUMN_BLOCK, and at least two items per thread. Each channel is
+    summed alone over all rows, so the width changes speed, never results."""
+    A, C, B = x.shape
+    by_cache = FUSED_COLS_BYTES // (A * x.itemsize)
+    by_threads = -(-C // (2 * numba.get_num_threads()))
+    return max(COLUMN_BLOCK, min(by_cache, by_threads) // 16 * 16)
 
 
 def _fuses(x, n_arrays):
@@ -818,19 +830,19 @@ if numba is not None:
         _finish_stats(mean, var, A * B, eps, gamma, invstd, scale, rm, rv, momentum, update)
 
     @njit(**_PJIT)
-    def _forward_cols_fused(x, gamma, beta, eps, out, mean, var, invstd):
+    def _forward_cols_fused(x, gamma, beta, eps, width, out, mean, var, invstd):
         """(N, D) with one row block: work item = a block of COLUMN_BLOCK channels,
         whose sums over all rows (``_partials_same``, as in ``_sums_cols``) and
         normalize pass run back to back, so the second read comes from L2.
         The sums are those of the two-pass kernels, in the same order."""
         A, J = x.shape
-        n_col_blocks = (J + COLUMN_BLOCK - 1) // COLUMN_BLOCK
+        n_col_blocks = (J + width - 1) // width
         shift = np.empty(J)
         for j in range(J):
             shift[j] = x[0, j]
         for jb in prange(n_col_blocks):
-            j_lo = jb * COLUMN_BLOCK
-            j_hi = min(J, j_lo + COLUMN_BLOCK)
+            j_lo = jb * width
+            j_hi = min(J, j_lo + width)
             p1 = np.zeros(j_hi - j_lo)
             p2 = np.zeros(j_hi - j_lo)
             _partials_same(x, shift, 0, A, j_lo, j_hi, p1, p2)
@@ -850,17 +862,17 @@ if numba is not None:
                     o0[j] = (np.float64(u0[j]) - mseg[j]) * scale[j] + bseg[j]
 
     @njit(**_PJIT)
-    def _backward_cols_fused(dy, x, mean, invstd, gamma, out, sum_dy, sum_dy_xhat):
+    def _backward_cols_fused(dy, x, mean, invstd, gamma, width, out, sum_dy, sum_dy_xhat):
         """(N, D) with one row block: work item = a block of COLUMN_BLOCK channels:
         sum(dy), sum(dy * (x - mean)) over all rows (``_partials_products``, as in
         ``_sums_cols``), then dx = k*dy + kx*(x - mean) + k0 while the block is
         in L2."""
         A, J = x.shape
-        n_col_blocks = (J + COLUMN_BLOCK - 1) // COLUMN_BLOCK
+        n_col_blocks = (J + width - 1) // width
         zeros = np.zeros(J)
         for jb in prange(n_col_blocks):
-            j_lo = jb * COLUMN_BLOCK
-            j_hi = min(J, j_lo + COLUMN_BLOCK)
+            j_lo = jb * width
+            j_hi = min(J, j_lo + width)
             n = j_hi - j_lo
             p1 = np.zeros(n)
             p2 = np.zeros(n)
@@ -885,13 +897,13 @@ if numba is not None:
                     o0[j] = np.float64(d0[j]) * k[j] + (np.float64(u0[j]) - mseg[j]) * kx[j] + k0[j]
 
     @njit(**_JIT)
-    def _forward_cols_fused_train(x, gamma, beta, eps, out, mean, invstd, rm, rv, momentum,
-                                  update):
+    def _forward_cols_fused_train(x, gamma, beta, eps, width, out, mean, invstd, rm, rv,
+                                  momentum, update):
         """``_forward_cols_fused``, then the running statistics."""
         A, J = x.shape
         var = np.empty(J)
         scale = np.empty(J)
-        _forward_cols_fused(x, gamma, beta, eps, out, mean, var, invstd)
+        _forward_cols_fused(x, gamma, beta, eps, width, out, mean, var, invstd)
         _finish_stats(mean, var, A, eps, gamma, invstd, scale, rm, rv, momentum, update)
 
     # -----------------------------------------------------------------------
@@ -1173,8 +1185,9 @@ def forward_train(x, gamma, beta, eps, out, running_mean=None, running_var=None,
                 _forward_fused_train(x, gamma, beta, eps, _fused_block(x.shape, x.itemsize),
                                      out, mean, invstd, rm, rv, momentum, update)
             elif _fuses_cols(x.shape):
-                _forward_cols_fused_train(_as_cols(x), gamma, beta, eps, _as_cols(out), mean,
-                                          invstd, rm, rv, momentum, update)
+                _forward_cols_fused_train(_as_cols(x), gamma, beta, eps, _fused_cols_width(x),
+                                          _as_cols(out), mean, invstd, rm, rv, momentum,
+                                          update)
             elif not _uses_rows(x.shape):
                 _forward_cols_train(_as_cols(x), B, gamma, beta, eps, _row_blocks(A, C * B),
                                     _as_cols(out), mean, invstd, rm, rv, momentum, update)
@@ -1297,8 +1310,8 @@ def backward_train(dy, x, mean, invstd, gamma, out):
             _backward_rows_fused(dy, x, mean, invstd, gamma, _fused_block(x.shape, x.itemsize),
                                  out, sum_dy, sum_dy_xhat)
         elif _fuses_cols(x.shape):
-            _backward_cols_fused(_as_cols(dy), _as_cols(x), mean, invstd, gamma, _as_cols(out),
-                                 sum_dy, sum_dy_xhat)
+            _backward_cols_fused(_as_cols(dy), _as_cols(x), mean, invstd, gamma,
+                                 _fused_cols_width(x), _as_cols(out), sum_dy, sum_dy_xhat)
         elif not _uses_rows(x.shape):
             A, C, B = x.shape
             _backward_cols(_as_cols(dy), _as_cols(x), B, mean, invstd, gamma,
