@@ -270,12 +270,13 @@ def report(runs, threads, command):
                     unstable = any(f["spread"] > UNSTABLE_SPREAD for f in found + tfound)
                     mark = "" if ratio >= TORCH_BAR else " **miss**"
                     flag = ", unstable" if unstable else ""
+                    shown = f"{ratio:.3f}" if ratio < TORCH_BAR <= round(ratio, 2) else f"{ratio:.2f}"
                     parts += [f"{best:.3f}", f"{tbest:.3f}",
-                              f"{ratio:.2f}x{mark} [med {ratio_med:.2f}x{flag}]"]
+                              f"{shown}x{mark} [med {ratio_med:.2f}x{flag}]"]
                     per_run.append(", ".join(f"{f['vs_torch']:.2f}" for f in found))
                     if ratio < TORCH_BAR:
                         misses.append(f"{name} {dtype} {_fmt_shape(shape)} {kernel}: "
-                                      f"{ratio:.2f}x PyTorch (best rounds; median rounds "
+                                      f"{ratio:.3f}x PyTorch (best rounds; median rounds "
                                       f"{ratio_med:.2f}x; per run {per_run[-1]})")
                 parts.append("; ".join(per_run))
                 lines.append("| " + " | ".join(parts) + " |")
