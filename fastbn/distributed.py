@@ -43,6 +43,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
         "the extra: pip install 'fastbn[mpi]'") from exc
 
 from . import registry
+from .api import _check_scalar
 
 __all__ = ["sync_batchnorm_forward", "sync_batchnorm_backward", "SyncBatchNormCache"]
 
@@ -163,15 +164,6 @@ def _layout(x, axis):
     if channels == 0:
         raise ValueError(f"x has no channels: shape {shape}, axis {axis}")
     return axis, math.prod(shape[:axis]), channels, math.prod(shape[axis + 1:])
-
-
-def _check_scalar(value, name, low, high):
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a real number, got {value!r}")
-    value = float(value)
-    if not low <= value <= high:  # also rejects NaN
-        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
-    return value
 
 
 def _channel_param(value, channels, dtype, name, fill):

@@ -13,7 +13,7 @@ import numbers
 
 import numpy as np
 
-from .api import batchnorm_backward, batchnorm_forward
+from .api import _check_scalar, batchnorm_backward, batchnorm_forward
 from .registry import available_backends, backend_info
 
 __all__ = ["BatchNorm", "SyncBatchNorm"]
@@ -23,16 +23,6 @@ def _check_positive_int(value, name):
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
-
-
-def _check_real(value, name, low, high):
-    """A real number in ``[low, high]`` (NaN rejected), as the functions check it."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a real number, got {value!r}")
-    value = float(value)
-    if not low <= value <= high:  # also rejects NaN
-        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
-    return value
 
 
 def _check_backend_name(name):
@@ -113,8 +103,8 @@ class BatchNorm:
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, axis=1, dtype=np.float32, backend=None):
         self.num_features = _check_positive_int(num_features, "num_features")
-        self.eps = _check_real(eps, "eps", 0.0, math.inf)
-        self.momentum = None if momentum is None else _check_real(momentum, "momentum", 0.0, 1.0)
+        self.eps = _check_scalar(eps, "eps", 0.0, math.inf)
+        self.momentum = None if momentum is None else _check_scalar(momentum, "momentum", 0.0, 1.0)
         self.affine = bool(affine)
         self.track_running_stats = bool(track_running_stats)
         if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral):

@@ -69,10 +69,12 @@ Settings (module attributes, read at every call)
     A reduction block gets at least this many elements per thread.
 """
 
+import contextlib
 import math
 import os
 import threading
 import warnings
+from types import SimpleNamespace
 from importlib import util as _importlib_util
 
 import numpy as np
@@ -141,15 +143,7 @@ _KERNELS_BY_THREADS = {}
 _AVAILABILITY = []     # the first answer of availability(), kept
 
 
-class _NoLock:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-_NO_LOCK = _NoLock()
+_NO_LOCK = contextlib.nullcontext()
 
 
 def _serialized():
@@ -432,6 +426,15 @@ def _build_reduction(term, shift_of, block_sum, column_sum):
         for each column ``j = c * B + b`` of the ``(A, J)`` matrix.
     """
 
+    @cuda.jit(device=True)
+    def four_terms(u, v, i, step, shift):
+        # elements i, i + step, i + 2 step, i + 3 step: four loads in flight
+        s1, s2 = term(u[i], v[i], shift)
+        t1, t2 = term(u[i + step], v[i + step], shift)
+        r1, r2 = term(u[i + 2 * step], v[i + 2 * step], shift)
+        q1, q2 = term(u[i + 3 * step], v[i + 3 * step], shift)
+        return (s1 + t1) + (r1 + q1), (s2 + t2) + (r2 + q2)
+
     @cuda.jit
     def rows(u, v, p, extent_c, extent_b, rows_per_chunk, partial):
         c = cuda.blockIdx.x
@@ -451,13 +454,9 @@ def _build_reduction(term, shift_of, block_sum, column_sum):
             b = tx
             # four loads in flight per thread, then the remainder
             while b + 3 * width < extent_b:
-                i = row + b
-                s1, s2 = term(u[i], v[i], shift)
-                t1, t2 = term(u[i + width], v[i + width], shift)
-                r1, r2 = term(u[i + 2 * width], v[i + 2 * width], shift)
-                q1, q2 = term(u[i + 3 * width], v[i + 3 * width], shift)
-                sum1 += (s1 + t1) + (r1 + q1)
-                sum2 += (s2 + t2) + (r2 + q2)
+                s1, s2 = four_terms(u, v, row + b, width, shift)
+                sum1 += s1
+                sum2 += s2
                 b += 4 * width
             while b < extent_b:
                 s1, s2 = term(u[row + b], v[row + b], shift)
@@ -490,12 +489,9 @@ def _build_reduction(term, shift_of, block_sum, column_sum):
             i = a * columns_total + j
             end = a_end * columns_total + j
             while i + 3 * step < end:
-                s1, s2 = term(u[i], v[i], shift)
-                t1, t2 = term(u[i + step], v[i + step], shift)
-                r1, r2 = term(u[i + 2 * step], v[i + 2 * step], shift)
-                q1, q2 = term(u[i + 3 * step], v[i + 3 * step], shift)
-                sum1 += (s1 + t1) + (r1 + q1)
-                sum2 += (s2 + t2) + (r2 + q2)
+                s1, s2 = four_terms(u, v, i, step, shift)
+                sum1 += s1
+                sum2 += s2
                 i += 4 * step
             while i < end:
                 s1, s2 = term(u[i], v[i], shift)
@@ -838,27 +834,23 @@ def _build_kernels(threads):
             grads[1, c] = sums[0, c]
 
     def reduction(term, shift_of):
-        rows, columns = _build_reduction(term, shift_of, block_sum, column_sum)
-        return (rows, columns)
+        return _build_reduction(term, shift_of, block_sum, column_sum)
 
-    def elementwise(op):
-        return _build_elementwise(op)
-
-    kernels = dict(
+    return SimpleNamespace(
         threads=threads,
         stats=reduction(term_shifted_squares, first_value),
         backward=reduction(term_dy_and_dy_centred, channel_value),
         sum=reduction(term_value, channel_value),
         sum_of_product=reduction(term_product, channel_value),
-        normalize=elementwise(op_normalize),
-        backward_elemt=elementwise(op_backward),
-        subtract_p0=elementwise(op_subtract_p0),
-        multiply_p1=elementwise(op_multiply_p1),
-        multiply_p2=elementwise(op_multiply_p2),
-        broadcast_p3=elementwise(op_broadcast_p3),
-        twice_product=elementwise(op_twice_product),
-        add=elementwise(op_add),
-        add_p3=elementwise(op_add_p3),
+        normalize=_build_elementwise(op_normalize),
+        backward_elemt=_build_elementwise(op_backward),
+        subtract_p0=_build_elementwise(op_subtract_p0),
+        multiply_p1=_build_elementwise(op_multiply_p1),
+        multiply_p2=_build_elementwise(op_multiply_p2),
+        broadcast_p3=_build_elementwise(op_broadcast_p3),
+        twice_product=_build_elementwise(op_twice_product),
+        add=_build_elementwise(op_add),
+        add_p3=_build_elementwise(op_add_p3),
         finish_stats=finish_stats,
         finish_forward=finish_forward,
         finish_eval_forward=finish_eval_forward,
@@ -871,12 +863,6 @@ def _build_kernels(threads):
         staged_dsq=staged_dsq,
         staged_dmu=staged_dmu,
     )
-    return _Namespace(kernels)
-
-
-class _Namespace:
-    def __init__(self, mapping):
-        self.__dict__.update(mapping)
 
 
 def _kernels():
@@ -999,7 +985,7 @@ def _channel_blocks(channels, threads):
     return max(1, _ceil_div(channels, threads))
 
 
-def _reduce(kernels, reduction, layout, u, v, p, shape):
+def _reduce(reduction, layout, u, v, p, shape):
     """Launch the first level of a reduction; return its partials."""
     partial = _scratch_array("partial", layout.partial_shape)
     rows, columns = reduction
@@ -1156,7 +1142,7 @@ def stats(x):
         shape = tuple(x.shape)
         layout = _layout(shape, kernels.threads)
         x_flat = _flat(x)
-        partial = _reduce(kernels, kernels.stats, layout, x_flat, x_flat, x_flat, shape)
+        partial = _reduce(kernels.stats, layout, x_flat, x_flat, x_flat, shape)
         mean_var = cuda.device_array((2, shape[1]), dtype=np.float64)
         _per_channel(kernels, kernels.finish_stats, shape[1], partial, layout.width,
                      x_flat, shape[2], float(shape[0] * shape[2]), mean_var)
@@ -1206,7 +1192,7 @@ def forward_train(x, gamma, beta, eps, out, running_mean=None, running_var=None,
         coef = _scratch_array("coef", (4, channels))
         dummy = _scratch_array("dummy", (1,))
         track = running_mean is not None
-        partial = _reduce(kernels, kernels.stats, layout, x_flat, x_flat, x_flat, shape)
+        partial = _reduce(kernels.stats, layout, x_flat, x_flat, x_flat, shape)
         stats_out = cuda.device_array((2, channels), dtype=np.float64)
         _per_channel(kernels, kernels.finish_forward, channels, partial, layout.width,
                      x_flat, shape[2], float(shape[0] * shape[2]), float(eps),
@@ -1254,7 +1240,7 @@ def backward_reduce(dy, x, mean, invstd):
     with _serialized():
         shape = tuple(x.shape)
         layout = _layout(shape, kernels.threads)
-        partial = _reduce(kernels, kernels.backward, layout, _flat(dy), _flat(x), mean, shape)
+        partial = _reduce(kernels.backward, layout, _flat(dy), _flat(x), mean, shape)
         sums = cuda.device_array((2, shape[1]), dtype=np.float64)
         _per_channel(kernels, kernels.finish_reduce, shape[1], partial, layout.width,
                      invstd, sums)
@@ -1285,7 +1271,7 @@ def _backward(dy, x, mean, invstd, gamma, out, training):
         layout = _layout(shape, kernels.threads)
         dy_flat, x_flat = _flat(dy), _flat(x)
         coef = _scratch_array("coef", (4, channels))
-        partial = _reduce(kernels, kernels.backward, layout, dy_flat, x_flat, mean, shape)
+        partial = _reduce(kernels.backward, layout, dy_flat, x_flat, mean, shape)
         grads = cuda.device_array((2, channels), dtype=x.dtype)
         _per_channel(kernels, kernels.finish_backward, channels, partial, layout.width,
                      float(shape[0] * shape[2]), mean, invstd,
@@ -1350,7 +1336,7 @@ def backward_staged(dy, x, mean, invstd, gamma, eps, out):
             return result
 
         def channel_sum(reduction, u, v, row):
-            partial = _reduce(kernels, reduction, layout, u, v, mean, shape)
+            partial = _reduce(reduction, layout, u, v, mean, shape)
             _per_channel(kernels, kernels.staged_sum, channels, partial, layout.width,
                          sums, row)
 
