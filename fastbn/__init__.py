@@ -8,6 +8,7 @@
 from . import gradcheck
 from .api import batchnorm_backward, batchnorm_forward
 from .cache import BatchNormCache
+from .fold import fold_batchnorm
 from .registry import available_backends, backend_info, set_backend, use_backend
 
 __version__ = "0.1.0"
@@ -18,6 +19,7 @@ __all__ = [
     "backend_info",
     "batchnorm_backward",
     "batchnorm_forward",
+    "fold_batchnorm",
     "gradcheck",
     "set_backend",
     "use_backend",

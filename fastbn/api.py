@@ -17,8 +17,9 @@ import numpy as np
 from . import registry
 from .cache import BatchNormCache
 
-_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 _METHODS = ("simplified", "staged")
+_ACTIVATIONS = (None, "relu")
 
 
 # --------------------------------------------------------------------------
@@ -63,8 +64,26 @@ def _as_array(obj, module, what):
 
 
 def _check_float_dtype(dtype, what):
-    if np.dtype(dtype) not in _FLOAT_DTYPES:
-        raise TypeError(f"{what} must have dtype float32 or float64, got dtype {np.dtype(dtype)}")
+    """float16, bfloat16 (ml_dtypes), float32 or float64; anything else is a TypeError.
+
+    bfloat16 is recognised by name, so ml_dtypes is never imported here.
+    """
+    dtype = np.dtype(dtype)
+    if dtype not in _FLOAT_DTYPES and dtype.name != "bfloat16":
+        raise TypeError(f"{what} must have dtype float16, bfloat16, float32 or float64, "
+                        f"got dtype {dtype}")
+
+
+def _param_dtype(dtype):
+    """The dtype of gamma, beta, dgamma and dbeta: float32 for 16-bit storage
+    (as mixed-precision batch norm keeps them), ``dtype`` otherwise."""
+    return np.dtype(np.float32) if dtype.itemsize == 2 else dtype
+
+
+def _check_activation(activation):
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation must be None or 'relu', got {activation!r}")
+    return activation
 
 
 def _channel_axis(axis, shape):
@@ -109,8 +128,8 @@ def _channel_param(value, channels, dtype, name, fill):
         _check_host(value, name)
         array = np.asarray(value)
     _check_channel_metadata(array, channels, name, "biuf")
-    # One copy when the values already have x's dtype (always a new array:
-    # the cache keeps it).
+    # One copy when the values already have the parameter dtype (always a
+    # new array: the cache keeps it).
     return array.astype(dtype, copy=False).astype(np.float64)
 
 
@@ -242,21 +261,25 @@ class _Device:
 
 def batchnorm_forward(x, gamma=None, beta=None, *, training=True,
                       running_mean=None, running_var=None, momentum=0.1,
-                      eps=1e-5, axis=1, backend=None, out=None):
+                      eps=1e-5, axis=1, backend=None, out=None, activation=None):
     """Batch normalization forward pass.
 
     ``out = (x - mean) / sqrt(var + eps) * gamma + beta`` per channel, with
-    the statistics taken over every axis but ``axis``.
+    the statistics taken over every axis but ``axis``; with
+    ``activation="relu"``, ``max(out, 0)`` in the same pass.
 
     Parameters
     ----------
-    x : array_like, float32 or float64, ``ndim >= 2``
+    x : array_like, float16, bfloat16, float32 or float64, ``ndim >= 2``
         Input, e.g. ``(N, D)``, ``(N, C, H, W)`` or channels-last
         ``(N, H, W, C)`` with ``axis=-1``. May be non-contiguous or
         read-only; never modified. A CUDA device array (anything with
         ``__cuda_array_interface__``) selects the ``cuda`` backend.
+        16-bit inputs (NumPy's float16, ``ml_dtypes.bfloat16``) are stored
+        in 16 bits and computed in float32, with float64 accumulation.
     gamma, beta : array_like of shape (C,), optional
-        Scale and shift, cast to ``x.dtype``; ``None`` means ones / zeros.
+        Scale and shift, cast to ``x.dtype`` (to float32 for 16-bit ``x``);
+        ``None`` means ones / zeros.
     training : bool, default True
         True: normalize with the batch statistics and update the running
         statistics when given. False: normalize with ``running_mean`` and
@@ -276,6 +299,10 @@ def batchnorm_forward(x, gamma=None, beta=None, *, training=True,
         default (see :func:`fastbn.set_backend`).
     out : ndarray, optional
         C-contiguous array of ``x``'s shape and dtype to write into.
+    activation : {None, "relu"}, default None
+        ``"relu"`` fuses ``max(y, 0)`` into the normalize pass; the backward
+        on this cache then masks ``dout`` by ``y > 0``, rebuilding ``y``
+        from ``x`` and the statistics (no mask is stored).
 
     Returns
     -------
@@ -287,11 +314,11 @@ def batchnorm_forward(x, gamma=None, beta=None, *, training=True,
     Raises
     ------
     TypeError
-        ``x`` is not float32/float64.
+        ``x`` is not float16, bfloat16, float32 or float64.
     ValueError
         Bad shape, axis, parameter shape, ``eps``, ``momentum``, ``out``,
-        missing running statistics in evaluation mode, or a single value
-        per channel in training mode.
+        ``activation``, missing running statistics in evaluation mode, or a
+        single value per channel in training mode.
     RuntimeError
         The backend is known but cannot run here.
     """
@@ -300,6 +327,7 @@ def batchnorm_forward(x, gamma=None, beta=None, *, training=True,
     x_array = _as_array(x, module, "x")
     axis, A, C, B = _check_input(x_array, axis)
     dtype = np.dtype(x_array.dtype)
+    relu = _check_activation(activation) == "relu"
     eps = _check_scalar(eps, "eps", 0.0, math.inf)
     momentum = _check_scalar(momentum, "momentum", 0.0, 1.0)
     training = bool(training)
@@ -323,8 +351,9 @@ def batchnorm_forward(x, gamma=None, beta=None, *, training=True,
         result, buffer = device.output(out, x_array.shape, dtype, _is_host(x))
         out3 = buffer.reshape(A, C, B)
     else:
-        gamma_arg = _channel_param(gamma, C, dtype, "gamma", 1.0)
-        beta_arg = _channel_param(beta, C, dtype, "beta", 0.0)
+        param_dtype = _param_dtype(dtype)
+        gamma_arg = _channel_param(gamma, C, param_dtype, "gamma", 1.0)
+        beta_arg = _channel_param(beta, C, param_dtype, "beta", 0.0)
         if running_mean is not None:
             running_mean = _check_running(running_mean, C, "running_mean", training)
             running_var = _check_running(running_var, C, "running_var", training)
@@ -334,15 +363,19 @@ def batchnorm_forward(x, gamma=None, beta=None, *, training=True,
         x3 = _view3(x_array, A, C, B)
         out3 = result.reshape(A, C, B)
 
+    # The activation is passed only when there is one, so the plain call
+    # stays as cheap as it was.
+    fused = {"relu": True} if relu else {}
     if training:
         mean, invstd = module.forward_train(x3, gamma_arg, beta_arg, eps, out3,
-                                            running_mean, running_var, momentum)
+                                            running_mean, running_var, momentum, **fused)
     else:
         mean, invstd = module.forward_eval(x3, gamma_arg, beta_arg, running_mean,
-                                           running_var, eps, out3)
+                                           running_var, eps, out3, **fused)
     if on_device:
         device.finish()
-    cache = BatchNormCache(x, mean, invstd, gamma_arg, eps, axis, training, name)
+    cache = BatchNormCache(x, mean, invstd, gamma_arg, eps, axis, training, name,
+                           beta=beta_arg, activation="relu" if relu else None)
     return result, cache
 
 
@@ -362,6 +395,9 @@ def batchnorm_backward(dout, cache, *, method="simplified", out=None):
         computational graph walked back stage by stage, one full-size
         intermediate per stage, as in the cs231n notebooks. In evaluation
         mode both give ``dx = dout * gamma / sqrt(running_var + eps)``.
+        After a forward with ``activation="relu"``, ``dout`` is first
+        masked by ``y > 0`` (the staged graph walks that node back as one
+        more stage).
     out : ndarray, optional
         C-contiguous array of ``dout``'s shape and dtype for ``dx``.
 
@@ -370,7 +406,8 @@ def batchnorm_backward(dout, cache, *, method="simplified", out=None):
     dx : ndarray
         Gradient with respect to ``x``.
     dgamma, dbeta : ndarray of shape (C,)
-        Gradients with respect to ``gamma`` and ``beta``, ``x.dtype``.
+        Gradients with respect to ``gamma`` and ``beta``: ``x.dtype``, or
+        float32 for 16-bit ``x``.
 
     Raises
     ------
@@ -409,17 +446,21 @@ def batchnorm_backward(dout, cache, *, method="simplified", out=None):
         x3 = _view3(x_array, A, C, B)
         dx3 = result.reshape(A, C, B)
 
+    fused = {"beta": cache.beta, "relu": True} if cache.activation == "relu" else {}
     if not cache.training:
-        dbeta, dgamma = module.backward_eval(dy3, x3, cache.mean, cache.invstd, cache.gamma, dx3)
+        dbeta, dgamma = module.backward_eval(dy3, x3, cache.mean, cache.invstd, cache.gamma, dx3,
+                                             **fused)
     elif method == "simplified":
         dbeta, dgamma = module.backward_train(dy3, x3, cache.mean, cache.invstd, cache.gamma,
-                                              dx3)
+                                              dx3, **fused)
     else:
         dgamma, dbeta = module.backward_staged(dy3, x3, cache.mean, cache.invstd, cache.gamma,
-                                               cache.eps, dx3)
+                                               cache.eps, dx3, **fused)
     if on_device:
         device.finish()
         if _is_host(dout):
             dgamma, dbeta = module.to_host(dgamma), module.to_host(dbeta)
         return result, dgamma, dbeta
-    return result, dgamma.astype(dtype, copy=False), dbeta.astype(dtype, copy=False)
+    param_dtype = _param_dtype(dtype)
+    return (result, dgamma.astype(param_dtype, copy=False),
+            dbeta.astype(param_dtype, copy=False))

@@ -75,23 +75,6 @@ def forward_eval(normalize, x, gamma, beta, running_mean, running_var, eps, out)
     return mean, invstd
 
 
-def backward_eval(backward_reduce, normalize, dy, x, mean, invstd, gamma, out):
-    """The evaluation backward: ``mean`` and ``invstd`` are constants.
-
-    ``dx = dy * gamma * invstd`` is :func:`normalize` applied to ``dy`` with
-    zero mean and zero shift; ``dgamma`` and ``dbeta`` are the usual sums.
-
-    Returns
-    -------
-    sum_dy, sum_dy_xhat : ndarray of float64, shape (C,)
-        ``dbeta`` and ``dgamma``.
-    """
-    sum_dy, sum_dy_xhat = backward_reduce(dy, x, mean, invstd)
-    zeros = np.zeros_like(mean)
-    normalize(dy, zeros, invstd, gamma, zeros, out)
-    return sum_dy, sum_dy_xhat
-
-
 _KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 

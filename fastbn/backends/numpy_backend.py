@@ -9,6 +9,12 @@ float32 centring is done with a split mean ``mean = mean_hi + mean_lo``
 (both float32): ``(x - mean_hi) - mean_lo`` is exact to about one float32
 rounding of the *result*, not of ``x``, so a channel whose mean is far larger
 than its spread keeps its precision without a float64 copy of ``x``.
+
+16-bit storage (float16, bfloat16) is computed in float32: each kernel works
+on a float32 copy of its 16-bit inputs and rounds its result once into the
+16-bit ``out``. A fused ReLU is one more ufunc pass here (``np.maximum``);
+its backward masks ``dy`` by ``y > 0`` with ``y`` rebuilt by the forward's
+own arithmetic (:func:`_normalize_into`), so the mask is the forward's.
 """
 import numpy as np
 
@@ -43,6 +49,22 @@ def _dot64(a, b):
     return np.einsum("acb,acb->c", a, b, dtype=np.float64)
 
 
+def _compute(array):
+    """16-bit storage as a float32 copy; float32 and float64 arrays as they are."""
+    return array.astype(np.float32) if array.dtype.itemsize == 2 else array
+
+
+def _work_buffer(out):
+    """Where a kernel writes: ``out`` itself, or a float32 buffer for 16-bit ``out``."""
+    return np.empty(out.shape, dtype=np.float32) if out.dtype.itemsize == 2 else out
+
+
+def _store(work, out):
+    """Round ``work`` once into ``out`` (nothing to do when they are the same array)."""
+    if work is not out:
+        out[...] = work
+
+
 def _center(x, mean, out):
     """``out = x - mean`` with float64 accuracy; ``out`` has ``x.dtype``."""
     if x.dtype == np.float64:
@@ -75,11 +97,21 @@ def stats(x):
     -------
     mean, var : ndarray of float64, shape (C,)
     """
+    x = _compute(x)
     return _mean_var(x, np.empty_like(x))
 
 
-def normalize(x, mean, invstd, gamma, beta, out):
-    """``out = (x - mean) * invstd * gamma + beta``."""
+def normalize(x, mean, invstd, gamma, beta, out, relu=False):
+    """``out = (x - mean) * invstd * gamma + beta``, then ``max(out, 0)`` when ``relu``."""
+    work = _work_buffer(out)
+    _normalize_into(_compute(x), mean, invstd, gamma, beta, work)
+    if relu:
+        np.maximum(work, 0, out=work)
+    _store(work, out)
+
+
+def _normalize_into(x, mean, invstd, gamma, beta, out):
+    """:func:`normalize` on the compute dtype; also rebuilds ``y`` for the ReLU mask."""
     _center(x, mean, out)
     np.multiply(out, _channel(invstd * gamma, x.dtype), out=out)
     np.add(out, _channel(beta, x.dtype), out=out)
@@ -88,38 +120,89 @@ def normalize(x, mean, invstd, gamma, beta, out):
 def _forward_fused(x, gamma, beta, eps, out):
     """Batch statistics, then normalization into ``out``.
 
+    The scale is ``invstd * gamma`` with ``invstd = 1 / sqrt(var + eps)``,
+    exactly as :func:`_normalize_into` computes it, so that the backward
+    rebuilds the very same ``y`` for a ReLU mask.
+
     Returns
     -------
     mean, var : ndarray of float64, shape (C,)
         Batch mean and biased batch variance.
     """
     mean, var = _mean_var(x, out)  # out holds x - mean
-    np.multiply(out, _channel(gamma / np.sqrt(var + eps), x.dtype), out=out)
+    invstd = 1.0 / np.sqrt(var + eps)
+    np.multiply(out, _channel(invstd * gamma, x.dtype), out=out)
     np.add(out, _channel(beta, x.dtype), out=out)
     return mean, var
 
 
-def forward_train(x, gamma, beta, eps, out, running_mean=None, running_var=None, momentum=0.1):
+def forward_train(x, gamma, beta, eps, out, running_mean=None, running_var=None, momentum=0.1,
+                  relu=False):
     """Training forward; running statistics updated in place (see :mod:`fastbn.backends`)."""
-    return _host.forward_train(_forward_fused, x, gamma, beta, eps, out,
-                               running_mean, running_var, momentum)
+    work = _work_buffer(out)
+    mean, invstd = _host.forward_train(_forward_fused, _compute(x), gamma, beta, eps, work,
+                                       running_mean, running_var, momentum)
+    if relu:
+        np.maximum(work, 0, out=work)
+    _store(work, out)
+    return mean, invstd
 
 
-def forward_eval(x, gamma, beta, running_mean, running_var, eps, out):
+def forward_eval(x, gamma, beta, running_mean, running_var, eps, out, relu=False):
     """Evaluation forward with the running statistics."""
-    return _host.forward_eval(normalize, x, gamma, beta, running_mean, running_var, eps, out)
+    work = _work_buffer(out)
+    mean, invstd = _host.forward_eval(_normalize_into, _compute(x), gamma, beta,
+                                      running_mean, running_var, eps, work)
+    if relu:
+        np.maximum(work, 0, out=work)
+    _store(work, out)
+    return mean, invstd
 
 
-def backward_eval(dy, x, mean, invstd, gamma, out):
-    """Evaluation backward ``dx = dy * gamma * invstd``, and the two sums."""
-    return _host.backward_eval(backward_reduce, normalize, dy, x, mean, invstd, gamma, out)
+def _masked_dy(dy, x, mean, invstd, gamma, beta, relu):
+    """``dy`` in the compute dtype; with ``relu``, zero where the forward's ``y <= 0``.
+
+    ``x`` is already in the compute dtype; ``y`` is rebuilt by
+    :func:`_normalize_into`, the forward's arithmetic, so the mask is the
+    forward's ``out > 0``.
+    """
+    dy = _compute(dy)
+    if not relu:
+        return dy
+    y = np.empty(x.shape, dtype=x.dtype)
+    _normalize_into(x, mean, invstd, gamma, beta, y)
+    return np.where(y > 0, dy, dy.dtype.type(0))
 
 
-def backward_reduce(dy, x, mean, invstd):
+def backward_eval(dy, x, mean, invstd, gamma, out, beta=None, relu=False):
+    """Evaluation backward ``dx = dy * gamma * invstd``, and the two sums.
+
+    ``mean`` and ``invstd`` are constants here; ``dx`` is :func:`normalize`
+    applied to ``dy`` with zero mean and zero shift.
+
+    Returns
+    -------
+    sum_dy, sum_dy_xhat : ndarray of float64, shape (C,)
+        ``dbeta`` and ``dgamma``.
+    """
+    x = _compute(x)
+    dy = _masked_dy(dy, x, mean, invstd, gamma, beta, relu)
+    sum_dy, sum_dy_xhat = _reduce(dy, x, mean, invstd, np.empty_like(x))
+    zeros = np.zeros_like(mean)
+    work = _work_buffer(out)
+    _normalize_into(dy, zeros, invstd, gamma, zeros, work)
+    _store(work, out)
+    return sum_dy, sum_dy_xhat
+
+
+def backward_reduce(dy, x, mean, invstd, gamma=None, beta=None, relu=False):
     """``sum_dy = sum(dy)`` and ``sum_dy_xhat = sum(dy * xhat)`` per channel.
 
-    ``sum(dy * xhat) = invstd * sum(dy * (x - mean))``.
+    ``sum(dy * xhat) = invstd * sum(dy * (x - mean))``. With ``relu``, ``dy``
+    is masked first (``gamma`` and ``beta`` rebuild the forward's ``y``).
     """
+    x = _compute(x)
+    dy = _masked_dy(dy, x, mean, invstd, gamma, beta, relu)
     return _reduce(dy, x, mean, invstd, np.empty_like(x))
 
 
@@ -129,10 +212,14 @@ def _reduce(dy, x, mean, invstd, centered):
     return _sum64(dy), _dot64(dy, centered) * invstd
 
 
-def backward_elemt(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, out):
+def backward_elemt(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, out, beta=None, relu=False):
     """``out = gamma * invstd * (dy - sum_dy / M - xhat * sum_dy_xhat / M)``."""
-    _center(x, mean, out)
-    _elemt_from_centered(dy, invstd, gamma, sum_dy, sum_dy_xhat, out)
+    x = _compute(x)
+    dy = _masked_dy(dy, x, mean, invstd, gamma, beta, relu)
+    work = _work_buffer(out)
+    _center(x, mean, work)
+    _elemt_from_centered(dy, invstd, gamma, sum_dy, sum_dy_xhat, work)
+    _store(work, out)
 
 
 def _elemt_from_centered(dy, invstd, gamma, sum_dy, sum_dy_xhat, out):
@@ -149,33 +236,46 @@ def _elemt_from_centered(dy, invstd, gamma, sum_dy, sum_dy_xhat, out):
     np.multiply(out, _channel(gamma * invstd, dtype), out=out)
 
 
-def backward_train(dy, x, mean, invstd, gamma, out):
+def backward_train(dy, x, mean, invstd, gamma, out, beta=None, relu=False):
     """Simplified backward: the reduction, then the elementwise pass.
 
-    ``out`` holds ``x - mean`` between the two, so no temporary is made.
+    The output buffer holds ``x - mean`` between the two, so no temporary is
+    made (beyond the float32 copies of 16-bit inputs and the ReLU mask).
 
     Returns
     -------
     sum_dy, sum_dy_xhat : ndarray of float64, shape (C,)
         ``dbeta`` and ``dgamma``.
     """
-    sum_dy, sum_dy_xhat = _reduce(dy, x, mean, invstd, out)
-    _elemt_from_centered(dy, invstd, gamma, sum_dy, sum_dy_xhat, out)
+    x = _compute(x)
+    dy = _masked_dy(dy, x, mean, invstd, gamma, beta, relu)
+    work = _work_buffer(out)
+    sum_dy, sum_dy_xhat = _reduce(dy, x, mean, invstd, work)
+    _elemt_from_centered(dy, invstd, gamma, sum_dy, sum_dy_xhat, work)
+    _store(work, out)
     return sum_dy, sum_dy_xhat
 
 
-def backward_staged(dy, x, mean, invstd, gamma, eps, out):
+def backward_staged(dy, x, mean, invstd, gamma, eps, out, beta=None, relu=False):
     """The cs231n computational graph, walked back stage by stage.
 
-    Each stage writes a full-size intermediate of ``x.dtype``; reductions
-    accumulate in float64. See :mod:`fastbn.backends` for the stages.
+    Each stage writes a full-size intermediate of the compute dtype
+    (``x.dtype``, float32 for 16-bit storage); reductions accumulate in
+    float64. See :mod:`fastbn.backends` for the stages. With ``relu`` the
+    graph has one more node on top, ``relu = max(y, 0)``, walked back first.
 
     Returns
     -------
     dgamma, dbeta : ndarray of float64, shape (C,)
     """
+    x, dy = _compute(x), _compute(dy)
     dtype = x.dtype
     count = x.shape[0] * x.shape[2]
+    if relu:
+        # step 10: relu = max(y, 0), with y = gamma * xhat + beta rebuilt full size
+        y = np.empty_like(x)
+        _normalize_into(x, mean, invstd, gamma, beta, y)
+        dy = np.where(y > 0, dy, dtype.type(0))
     # Rebuild the forward graph's full-size nodes.
     xmu = _center(x, mean, np.empty_like(x))
     xhat = xmu * _channel(invstd, dtype)
@@ -199,5 +299,7 @@ def backward_staged(dy, x, mean, invstd, gamma, eps, out):
     dx1 = dxmu1 + dxmu2
     dmu = -_sum64(dx1)
     # steps 1 and 0: mu = mean(x); dx = dx1 + dx2
-    np.add(dx1, _channel(dmu / count, dtype), out=out)
+    work = _work_buffer(out)
+    np.add(dx1, _channel(dmu / count, dtype), out=work)
+    _store(work, out)
     return dgamma, dbeta
