@@ -125,7 +125,7 @@ Module attributes
     ``None`` for ones/zeros; the running statistics of any float dtype),
     copied over once when the caller gave host arrays. The backend casts
     them on the device. Per-channel results are device arrays: ``mean`` and
-    ``invstd`` in float64, the backward's sums in ``x.dtype``. The API never
+    ``invstd`` in float64, the backward's sums in the parameter dtype. The API never
     reads a device value; it copies results back to the host only when the
     caller passed host arrays.
 """
