@@ -245,10 +245,26 @@ def record_error(key, value):
         MAX_ERRORS[key] = float(value)
 
 
+# 16-bit results: largest distance, in units in the last place of the 16-bit
+# type, from the float64 reference rounded once (fastbn's and PyTorch's).
+MAX_ULPS = {}
+
+
+def record_ulps(key, value):
+    """Keep the largest ulp distance seen for ``key`` (e.g. ('float16', 'out', 'torch'))."""
+    key = tuple(key)
+    if value > MAX_ULPS.get(key, -1):
+        MAX_ULPS[key] = int(value)
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    tr = terminalreporter
+    if MAX_ULPS:
+        tr.section("fastbn: largest 16-bit errors in ulps of the correctly rounded result")
+        for key in sorted(MAX_ULPS):
+            tr.write_line(f"{' / '.join(map(str, key)):<60s} {MAX_ULPS[key]:d}")
     if not MAX_ERRORS:
         return
-    tr = terminalreporter
     tr.section("fastbn: largest normwise relative errors vs PyTorch")
     for key in sorted(MAX_ERRORS):
         tr.write_line(f"{' / '.join(map(str, key)):<45s} {MAX_ERRORS[key]:.3e}")
