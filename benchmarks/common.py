@@ -18,7 +18,12 @@ Every benchmark class is parametrized over ``backend x shape x dtype``:
   separated, e.g. ``numba,cython``).
 * ``shape``: strings such as ``"32x64x56x56"``, parsed by ``parse_shape``;
   the channel axis is axis 1.
-* ``dtype``: ``"float32"`` or ``"float64"``.
+* ``dtype``: ``"float32"``, ``"float64"``, ``"float16"`` or ``"bfloat16"``.
+  For the 16-bit dtypes ``x``, ``dout``, ``out`` and ``dx`` are 16-bit and
+  ``gamma``, ``beta`` and the running statistics float32 (mixed precision,
+  PyTorch's rows too). A dtype that cannot run here (bfloat16 without
+  ``ml_dtypes``, a backend without 16-bit kernels) is skipped the same way,
+  with the reason.
 
 Profiles
 --------
@@ -33,13 +38,13 @@ import os
 
 # best_time and fraction_of_copy_limit are imported for bench_batchnorm.py.
 from fastbn.bench import (Kernels, best_time, fraction_of_copy_limit,  # noqa: F401
-                          make_data, parse_shape)
+                          make_data, parse_shape, why_unsupported)
 
 DEFAULT_BACKENDS = ["numpy", "numba", "cython", "torch"]
 SHAPES = ["256x4096", "128x512x7x7", "64x256x14x14", "32x64x56x56"]
 LARGE_SHAPES = ["64x256x56x56"]
 TINY_SHAPES = ["4x8x4x4"]
-DTYPES = ["float32", "float64"]
+DTYPES = ["float32", "float64", "float16", "bfloat16"]
 PARAM_NAMES = ["backend", "shape", "dtype"]
 
 
@@ -129,6 +134,27 @@ def require_backend(backend):
         raise NotImplementedError(f"backend {backend!r} is not available: {reason}")
 
 
+def require_support(backend, dtype, activation=None):
+    """Skip (the asv way) a dtype or activation that the backend cannot run here.
+
+    Parameters
+    ----------
+    backend : str
+    dtype : str
+    activation : {None, "relu", "relu_separate"}, optional
+
+    Raises
+    ------
+    NotImplementedError
+        With the reason of :func:`fastbn.bench.why_unsupported` (bfloat16
+        without ``ml_dtypes``, a backend without 16-bit or fused-ReLU kernels).
+    """
+    reason = why_unsupported(backend, dtype, activation)
+    if reason is not None:
+        suffix = f" with activation {activation!r}" if activation else ""
+        raise NotImplementedError(f"{backend} cannot run {dtype}{suffix}: {reason}")
+
+
 class Case(Kernels):
     """Filled inputs, preallocated outputs and kernels for one parameter set.
 
@@ -145,19 +171,25 @@ class Case(Kernels):
     shape : str or tuple of int
         ``(N, C, ...)``; the channel axis is 1.
     dtype : str
-        ``"float32"`` or ``"float64"``.
+        One of :data:`DTYPES`.
     seed : int, optional
+    activation : {None, "relu", "relu_separate"}, optional
+        See :class:`fastbn.bench.Kernels`: ``"relu"`` is the fused batch
+        norm + ReLU (PyTorch: ``batch_norm`` then ``relu_``),
+        ``"relu_separate"`` fastbn's batch norm then a NumPy ReLU pass.
 
     Raises
     ------
     NotImplementedError
-        When the backend cannot run here.
+        When the backend cannot run here, or cannot run this dtype or
+        activation.
     """
 
-    def __init__(self, backend, shape, dtype, seed=1234):
+    def __init__(self, backend, shape, dtype, seed=1234, activation=None):
         require_backend(backend)
+        require_support(backend, dtype, activation)
         shape = parse_shape(shape) if isinstance(shape, str) else tuple(shape)
-        super().__init__(backend, make_data(shape, dtype, seed))
+        super().__init__(backend, make_data(shape, dtype, seed), activation=activation)
 
     def forward_train(self):
         """Training forward into ``self.out``; keeps the cache.

@@ -19,7 +19,18 @@ ratio of times taken in the same run:
   element) on an array of the same size and dtype, timed in the same row.
   1.0 means the kernel runs at copy speed.
 * ``vs torch``: PyTorch's time / the backend's time (above 1: faster than
-  PyTorch), for the same shape and dtype.
+  PyTorch), for the same shape, dtype and activation.
+* ``vs sep`` (``--activation relu``): time of the two separate passes
+  (fastbn batch norm, then a NumPy ReLU) / time of the fused batch norm +
+  ReLU of the same backend.
+
+Dtypes: float32, float64, float16 and bfloat16 (through ``ml_dtypes``). For
+the 16-bit dtypes ``x``, ``dout``, ``out`` and ``dx`` are 16-bit and
+``gamma``, ``beta`` and the running statistics float32, as in mixed
+precision (PyTorch's rows too). The copy reference is ``np.copyto`` of the
+16-bit array, so the limit counts 16-bit bytes. A backend that cannot run a
+dtype or the fused ReLU (no ``ml_dtypes``, no 16-bit kernels) gets an
+``n/a`` row and the reason below the table.
 
 Kernels write into preallocated outputs (``out=``), PyTorch included, so
 that allocation is not timed. torch, tqdm and matplotlib are optional and
@@ -55,7 +66,17 @@ MOMENTUM = 0.1
 # Compulsory memory traffic per element of x, in item sizes (DESIGN.md,
 # performance model). The limit time of a kernel is its bytes divided by the
 # copy bandwidth, i.e. copy time * BYTES_PER_ELEMENT[kernel] / 2.
+# With a fused ReLU the traffic is the same (the backward rebuilds the mask
+# from x and the statistics); the separate passes move more, but are held to
+# the same compulsory bytes.
 BYTES_PER_ELEMENT = {"copy": 2, "forward": 2, "backward": 3}
+DTYPES = ("float32", "float64", "float16", "bfloat16")
+HALF_DTYPES = ("float16", "bfloat16")
+# Activation rows: None (batch norm alone), "relu" (fastbn: fused into the
+# batch norm kernels; torch: batch_norm then relu_), "relu_separate" (fastbn
+# batch norm, then a NumPy ReLU pass; fastbn backends only).
+ACTIVATIONS = (None, "relu", "relu_separate")
+ACTIVATION_LABELS = {None: "-", "relu": "relu", "relu_separate": "relu sep"}
 
 
 def add_arguments(parser):
@@ -75,8 +96,15 @@ def add_arguments(parser):
              "(default: " + ",".join(_format_shape(s) for s in DEFAULT_SHAPES + LARGE_SHAPES)
              + "; --quick leaves out the last)")
     parser.add_argument(
-        "--dtype", choices=("float32", "float64", "both"), default=None,
-        help="dtype(s) to time (default: both; float32 with --quick)")
+        "--dtype", metavar="DTYPES", default=None,
+        help="comma-separated dtypes among " + ", ".join(DTYPES) + ' (e.g. '
+             '"float16,bfloat16"; bfloat16 needs ml_dtypes); "both" means '
+             "float32,float64 (default: both; float32 with --quick)")
+    parser.add_argument(
+        "--activation", choices=("none", "relu", "both"), default="none",
+        help="none (default): batch norm alone; relu: batch norm + ReLU, fused "
+             "(fastbn activation='relu'; torch: batch_norm then relu_) and as two "
+             "separate passes (fastbn, then a NumPy ReLU); both: all of these rows")
     parser.add_argument(
         "--backends", metavar="NAMES",
         help="comma-separated backends, fastbn's and/or torch (default: every "
@@ -151,6 +179,82 @@ def parse_shapes(text):
     if not shapes:
         raise ValueError("no shapes given")
     return shapes
+
+
+def parse_dtypes(text):
+    """``"float16,bfloat16"`` -> ``["float16", "bfloat16"]``; ``"both"`` -> float32, float64.
+
+    Parameters
+    ----------
+    text : str
+        Comma-separated names among :data:`DTYPES`, or ``"both"``.
+
+    Returns
+    -------
+    list of str
+
+    Raises
+    ------
+    ValueError
+        For an unknown name, or when no dtype is given.
+    """
+    names = []
+    for item in str(text).split(","):
+        name = item.strip().lower()
+        if not name:
+            continue
+        expanded = ["float32", "float64"] if name == "both" else [name]
+        for one in expanded:
+            if one not in DTYPES:
+                raise ValueError(f"bad dtype {item.strip()!r}: expected a comma-separated "
+                                 f"list of {', '.join(DTYPES)} (or both)")
+            if one not in names:
+                names.append(one)
+    if not names:
+        raise ValueError("no dtypes given")
+    return names
+
+
+class DtypeUnavailable(ValueError):
+    """A dtype that cannot be made here (bfloat16 without ``ml_dtypes``)."""
+
+
+def numpy_dtype(dtype):
+    """The NumPy dtype of a name in :data:`DTYPES` (bfloat16 from ``ml_dtypes``).
+
+    Parameters
+    ----------
+    dtype : str or numpy.dtype
+
+    Returns
+    -------
+    numpy.dtype
+
+    Raises
+    ------
+    DtypeUnavailable
+        For bfloat16 when ``ml_dtypes`` is not installed.
+    """
+    if isinstance(dtype, np.dtype):
+        return dtype
+    if str(dtype) == "bfloat16":
+        try:
+            import ml_dtypes
+        except ImportError:
+            raise DtypeUnavailable("bfloat16 needs ml_dtypes (pip install ml_dtypes, or "
+                                   "the fastbn[bfloat16] extra)") from None
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(dtype)
+
+
+def dtype_name(dtype):
+    """``"float32"``, ..., ``"bfloat16"`` for a dtype or a name."""
+    return np.dtype(dtype).name if isinstance(dtype, np.dtype) else str(dtype)
+
+
+def param_dtype(dtype):
+    """Dtype of gamma, beta and the running statistics: float32 for 16-bit data."""
+    return np.dtype(np.float32) if dtype_name(dtype) in HALF_DTYPES else numpy_dtype(dtype)
 
 
 def _format_shape(shape):
@@ -301,26 +405,42 @@ def time_spread(func, repeat, warmup=True):
             "unstable": spread > UNSTABLE}
 
 
-def fraction_of_copy_limit(kernel, seconds, copy_seconds):
+def fraction_of_copy_limit(kernel, seconds, copy_seconds, itemsize=1, copy_itemsize=None):
     """Share of the memory-bound limit that a kernel reaches.
+
+    The limit is the kernel's compulsory bytes, ``BYTES_PER_ELEMENT[kernel]
+    * itemsize`` per element, at the bandwidth of a copy that moved
+    ``2 * copy_itemsize`` bytes per element of an array with as many
+    elements. With the copy taken on the kernel's own dtype (the default,
+    ``copy_itemsize = itemsize``) the item sizes cancel: a float16 forward
+    is held to 2 x 2 bytes per element at the bandwidth of a float16 copy.
 
     Parameters
     ----------
     kernel : {"forward", "backward"}
         ``"forward"`` moves 2 item sizes per element, the simplified
-        ``"backward"`` 3 (:data:`BYTES_PER_ELEMENT`).
+        ``"backward"`` 3 (:data:`BYTES_PER_ELEMENT`), with or without a
+        fused ReLU.
     seconds : float
         Time of the kernel.
     copy_seconds : float
-        Time of ``np.copyto`` of an array of the same size and dtype
+        Time of ``np.copyto`` of an array of the same number of elements
         (2 item sizes per element), measured in the same run.
+    itemsize : int, optional
+        Bytes per element of the kernel's data.
+    copy_itemsize : int, optional
+        Bytes per element of the copied array (default: ``itemsize``).
 
     Returns
     -------
     float
         Limit time / kernel time; 1.0 means the kernel runs at copy speed.
     """
-    limit = copy_seconds * BYTES_PER_ELEMENT[kernel] / BYTES_PER_ELEMENT["copy"]
+    if copy_itemsize is None:
+        copy_itemsize = itemsize
+    kernel_bytes = BYTES_PER_ELEMENT[kernel] * itemsize
+    copy_bytes = BYTES_PER_ELEMENT["copy"] * copy_itemsize
+    limit = copy_seconds * kernel_bytes / copy_bytes
     return limit / seconds
 
 
@@ -332,21 +452,36 @@ def make_data(shape, dtype, seed=0):
     shape : tuple of int
         ``(N, C, ...)``; the channel axis is 1.
     dtype : str or numpy.dtype
+        One of :data:`DTYPES`. For float16 and bfloat16, ``x`` and ``dout``
+        are standard normal float32 values rounded to the 16-bit dtype, and
+        ``gamma``/``beta`` are float32 (mixed precision).
     seed : int, optional
 
     Returns
     -------
     dict of ndarray
         ``x``, ``dout``, ``gamma``, ``beta``.
+
+    Raises
+    ------
+    DtypeUnavailable
+        For bfloat16 without ``ml_dtypes``.
     """
     rng = np.random.default_rng(seed)
-    dtype = np.dtype(dtype)
+    dtype = numpy_dtype(dtype)
     channels = shape[1]
+    if dtype_name(dtype) in HALF_DTYPES:
+        x = rng.standard_normal(shape, dtype=np.float32).astype(dtype)
+        dout = rng.standard_normal(shape, dtype=np.float32).astype(dtype)
+    else:
+        x = rng.standard_normal(shape, dtype=dtype)
+        dout = rng.standard_normal(shape, dtype=dtype)
+    params = param_dtype(dtype)
     return {
-        "x": rng.standard_normal(shape, dtype=dtype),
-        "dout": rng.standard_normal(shape, dtype=dtype),
-        "gamma": rng.uniform(0.5, 1.5, channels).astype(dtype),
-        "beta": rng.uniform(-0.5, 0.5, channels).astype(dtype),
+        "x": x,
+        "dout": dout,
+        "gamma": rng.uniform(0.5, 1.5, channels).astype(params),
+        "beta": rng.uniform(-0.5, 0.5, channels).astype(params),
     }
 
 
@@ -359,7 +494,9 @@ class Kernels:
     ``running_mean``, ``running_var``, ``out``, ``dx``. Device backends
     (CUDA, only when named in ``--backends``) get device copies of the data
     and are synchronized after each call. PyTorch runs
-    ``torch.native_batch_norm`` on ``torch.from_numpy`` views of the arrays.
+    ``torch.native_batch_norm`` on ``torch.from_numpy`` views of the arrays
+    (bfloat16 through a ``uint16`` view); for 16-bit data its weights and
+    running statistics are float32, as in mixed precision.
 
     Parameters
     ----------
@@ -367,12 +504,34 @@ class Kernels:
         A fastbn backend name or ``"torch"``.
     data : dict
         From :func:`make_data`.
+    activation : {None, "relu", "relu_separate"}, optional
+        ``None``: batch norm alone. ``"relu"``: batch norm + ReLU, fused
+        (``activation="relu"``) on a fastbn backend; on PyTorch
+        ``native_batch_norm`` then ``relu_`` forward, and backward through
+        both (``threshold_backward``, then ``native_batch_norm_backward``),
+        as autograd runs ``batch_norm`` + ``relu_``. ``"relu_separate"``
+        (fastbn backends): the two separate passes, fastbn's batch norm then
+        ``np.maximum(out, 0, out=out)`` forward, and backward ``dout *
+        (out > 0)`` (``np.greater`` into a preallocated mask,
+        ``np.multiply`` into a preallocated buffer) then fastbn's backward.
+
+    Raises
+    ------
+    ValueError
+        For an unknown activation, or ``"relu_separate"`` on PyTorch.
     """
 
     ARRAYS = ("x", "dout", "gamma", "beta", "running_mean", "running_var", "out", "dx")
 
-    def __init__(self, backend, data):
+    def __init__(self, backend, data, activation=None):
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; expected one of "
+                             f"{ACTIVATIONS}")
+        if activation == "relu_separate" and backend == "torch":
+            raise ValueError("PyTorch's batch_norm + relu_ is its 'relu' row; "
+                             "'relu_separate' is for fastbn backends")
         self.backend = backend
+        self.activation = activation
         x = data["x"]
         channels = x.shape[1]
         self.shape = x.shape
@@ -381,13 +540,18 @@ class Kernels:
         self.dout = data["dout"]
         self.gamma = data["gamma"]
         self.beta = data["beta"]
-        self.running_mean = np.zeros(channels, dtype=x.dtype)
-        self.running_var = np.ones(channels, dtype=x.dtype)
+        params = param_dtype(x.dtype)
+        self.running_mean = np.zeros(channels, dtype=params)
+        self.running_var = np.ones(channels, dtype=params)
         # np.full writes every page now (np.zeros would map them lazily).
         self.out = np.full(x.shape, 0.0, dtype=x.dtype)
         self.dx = np.full(x.shape, 0.0, dtype=x.dtype)
         self.copy_dst = np.full(x.shape, 0.0, dtype=x.dtype)
         self.copy_src = x
+        if activation == "relu_separate":
+            self.zero = np.zeros((), dtype=x.dtype)
+            self.mask = np.full(x.shape, False)
+            self.dout_masked = np.full(x.shape, 0.0, dtype=x.dtype)
         self.cache = None
         self._sync = _no_sync
         if backend == "torch":
@@ -410,6 +574,9 @@ class Kernels:
             self.copy_dst.copy_to_device(self.copy_src)
             self._sync()
 
+    def _activation_kwargs(self):
+        return {"activation": "relu"} if self.activation == "relu" else {}
+
     def forward(self):
         """Training forward into ``out``, running statistics updated.
 
@@ -423,7 +590,10 @@ class Kernels:
         _, self.cache = self._fastbn.batchnorm_forward(
             self.x, self.gamma, self.beta, training=True,
             running_mean=self.running_mean, running_var=self.running_var,
-            momentum=MOMENTUM, eps=EPS, backend=self.backend, out=self.out)
+            momentum=MOMENTUM, eps=EPS, backend=self.backend, out=self.out,
+            **self._activation_kwargs())
+        if self.activation == "relu_separate":
+            np.maximum(self.out, self.zero, out=self.out)
         self._sync()
         return self.cache
 
@@ -440,7 +610,9 @@ class Kernels:
         result = self._fastbn.batchnorm_forward(
             self.x, self.gamma, self.beta, training=False,
             running_mean=self.running_mean, running_var=self.running_var,
-            eps=EPS, backend=self.backend, out=self.out)
+            eps=EPS, backend=self.backend, out=self.out, **self._activation_kwargs())
+        if self.activation == "relu_separate":
+            np.maximum(self.out, self.zero, out=self.out)
         self._sync()
         return result
 
@@ -467,7 +639,13 @@ class Kernels:
             if method != "simplified":
                 raise NotImplementedError("PyTorch has no staged backward")
             return self._torch_backward()
-        result = self._fastbn.batchnorm_backward(self.dout, self.cache, method=method,
+        dout = self.dout
+        if self.activation == "relu_separate":
+            # The ReLU's backward as a NumPy pass of its own: dout * (out > 0).
+            np.greater(self.out, self.zero, out=self.mask)
+            np.multiply(self.dout, self.mask, out=self.dout_masked)
+            dout = self.dout_masked
+        result = self._fastbn.batchnorm_backward(dout, self.cache, method=method,
                                                  out=self.dx)
         self._sync()
         return result
@@ -499,9 +677,12 @@ class Kernels:
         import torch
 
         self._torch = torch
-        t = {name: torch.from_numpy(getattr(self, name)) for name in self.ARRAYS}
+        t = {name: _torch_view(getattr(self, name)) for name in self.ARRAYS}
         t["dgamma"] = torch.empty_like(t["gamma"])
         t["dbeta"] = torch.empty_like(t["beta"])
+        if self.activation == "relu":
+            # relu_'s gradient (threshold_backward) goes here, then into batch norm's.
+            t["dout_masked"] = torch.zeros_like(t["dout"])
         _, t["save_mean"], t["save_invstd"] = torch.native_batch_norm(
             t["x"], t["gamma"], t["beta"], None, None, True, MOMENTUM, EPS)
         # Evaluation mode returns empty statistics: keep separate buffers so
@@ -518,56 +699,151 @@ class Kernels:
             t["x"], t["gamma"], t["beta"], t["running_mean"], t["running_var"],
             training, MOMENTUM, EPS,
             out=(t["out"], t[prefix + "save_mean"], t[prefix + "save_invstd"]))
+        if self.activation == "relu":
+            t["out"].relu_()
         if training:
             self.cache = result
         return result
 
     def _torch_backward(self):
         t = self.t
+        dout = t["dout"]
+        if self.activation == "relu":
+            # What autograd runs for relu_: grad * (result > 0).
+            self._torch.ops.aten.threshold_backward.grad_input(
+                dout, t["out"], 0, grad_input=t["dout_masked"])
+            dout = t["dout_masked"]
         return self._torch.ops.aten.native_batch_norm_backward.out(
-            t["dout"], t["x"], t["gamma"], t["running_mean"], t["running_var"],
+            dout, t["x"], t["gamma"], t["running_mean"], t["running_var"],
             t["save_mean"], t["save_invstd"], True, EPS, [True, True, True],
             out0=t["dx"], out1=t["dgamma"], out2=t["dbeta"])
+
+
+def _torch_view(array):
+    """A tensor sharing memory with ``array`` (bfloat16 through a uint16 view)."""
+    import torch
+
+    if dtype_name(array.dtype) == "bfloat16":
+        return torch.from_numpy(array.view(np.uint16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
 
 
 def _no_sync():
     pass
 
 
-def measure(backend, data, repeat):
-    """Time one backend on one shape and dtype.
+_PROBE_SHAPE = (4, 3, 5)
+_UNSUPPORTED = {}
+
+
+def why_unsupported(backend, dtype, activation=None):
+    """Why ``backend`` cannot run ``dtype`` (with ``activation``) here, or None.
+
+    Builds the data (bfloat16 needs ``ml_dtypes``) and runs the training
+    forward and the simplified backward once on a tiny array; the first
+    error, type and message, is the reason. The answer is kept per process.
+
+    Parameters
+    ----------
+    backend : str
+        A fastbn backend name or ``"torch"``.
+    dtype : str
+        One of :data:`DTYPES`.
+    activation : {None, "relu", "relu_separate"}, optional
+
+    Returns
+    -------
+    str or None
+    """
+    key = (backend, dtype_name(dtype), activation)
+    if key not in _UNSUPPORTED:
+        try:
+            data = make_data(_PROBE_SHAPE, dtype, seed=0)
+            kernels = Kernels(backend, data, activation=activation)
+            kernels.forward()
+            kernels.backward("simplified")
+        except DtypeUnavailable as exc:
+            _UNSUPPORTED[key] = str(exc)
+        except Exception as exc:  # the backend's own words, whatever they are
+            lines = str(exc).strip().splitlines()
+            message = lines[0] if lines else ""
+            if len(message) > 160:
+                message = message[:157] + "..."
+            _UNSUPPORTED[key] = f"{type(exc).__name__}: {message}".rstrip(": ")
+        else:
+            _UNSUPPORTED[key] = None
+    return _UNSUPPORTED[key]
+
+
+def skipped_row(backend, shape, dtype, activation, reason):
+    """A result row for a case that cannot run here: every figure None, ``skipped`` = why."""
+    row = {"backend": backend, "shape": list(shape), "dtype": dtype_name(dtype),
+           "activation": activation, "skipped": reason}
+    for key in ("copy_ms", "forward_ms", "simplified_ms", "staged_ms", "forward_median_ms",
+                "simplified_median_ms", "staged_median_ms", "copy_median_ms",
+                "speedup_simplified_over_staged", "forward_fraction_of_copy_limit",
+                "backward_fraction_of_copy_limit", "forward_ratio_to_torch",
+                "backward_ratio_to_torch", "forward_ratio_to_separate",
+                "backward_ratio_to_separate", "copy_gb_per_s", "itemsize"):
+        row[key] = None
+    row["calls"] = {}
+    row["unstable"] = []
+    return row
+
+
+def measure(backend, data, repeat, activation=None, staged=True):
+    """Time one backend on one shape, dtype and activation.
+
+    Parameters
+    ----------
+    backend : str
+    data : dict
+        From :func:`make_data`.
+    repeat : int
+    activation : {None, "relu", "relu_separate"}, optional
+        See :class:`Kernels`.
+    staged : bool, optional
+        Also time the staged backward (never for PyTorch).
 
     Returns
     -------
     dict
         One result row (times in milliseconds, ratios without unit);
-        ``staged_ms`` and the speedup are None for PyTorch.
+        ``staged_ms`` and the speedup are None for PyTorch. The fractions of
+        the copy limit count the item size of ``data["x"]`` (2 bytes for
+        float16/bfloat16), the copy being of an array of that dtype.
     """
     x = data["x"]
-    kernels = Kernels(backend, data)
+    kernels = Kernels(backend, data, activation=activation)
     copy = time_spread(kernels.copy, repeat)
     forward = time_spread(kernels.forward, repeat)
     simplified = time_spread(kernels.simplified, repeat)
-    staged = None if backend == "torch" else time_spread(kernels.staged, repeat)
+    staged_timing = None
+    if staged and backend != "torch":
+        staged_timing = time_spread(kernels.staged, repeat)
     # A second copy timing, after the kernels, guards against a slow start.
     copy_again = time_spread(kernels.copy, repeat)
     if copy_again["best"] < copy["best"]:
         copy = copy_again
     copy_s, forward_s = copy["best"], forward["best"]
     simplified_s = simplified["best"]
-    staged_s = None if staged is None else staged["best"]
-    timings = {"copy": copy, "forward": forward, "simplified": simplified, "staged": staged}
+    staged_s = None if staged_timing is None else staged_timing["best"]
+    timings = {"copy": copy, "forward": forward, "simplified": simplified,
+               "staged": staged_timing}
     return {
         "backend": backend,
         "shape": list(x.shape),
-        "dtype": str(x.dtype),
+        "dtype": dtype_name(x.dtype),
+        "activation": activation,
+        "itemsize": x.dtype.itemsize,
         "copy_ms": copy_s * 1e3,
+        "copy_gb_per_s": BYTES_PER_ELEMENT["copy"] * x.nbytes / copy_s / 1e9,
         "forward_ms": forward_s * 1e3,
         "simplified_ms": simplified_s * 1e3,
         "staged_ms": None if staged_s is None else staged_s * 1e3,
         "forward_median_ms": forward["median"] * 1e3,
         "simplified_median_ms": simplified["median"] * 1e3,
-        "staged_median_ms": None if staged is None else staged["median"] * 1e3,
+        "staged_median_ms": None if staged_timing is None else staged_timing["median"] * 1e3,
         "copy_median_ms": copy["median"] * 1e3,
         "calls": {name: t["calls"] for name, t in timings.items() if t is not None},
         "unstable": [name for name, t in timings.items() if t is not None and t["unstable"]],
@@ -577,18 +853,44 @@ def measure(backend, data, repeat):
                                                                   copy_s),
         "forward_ratio_to_torch": None,
         "backward_ratio_to_torch": None,
+        "forward_ratio_to_separate": None,
+        "backward_ratio_to_separate": None,
     }
 
 
+def _family(activation):
+    """Rows compared with one PyTorch row: batch norm alone, or with a ReLU."""
+    return None if activation is None else "relu"
+
+
 def add_torch_ratios(rows):
-    """Fill ``*_ratio_to_torch`` (torch time / row time) for one shape and dtype."""
-    torch_rows = [row for row in rows if row["backend"] == "torch"]
-    if not torch_rows:
-        return
-    ref = torch_rows[0]
+    """Fill ``*_ratio_to_torch`` (torch time / row time) for one shape and dtype.
+
+    A batch-norm row is compared with PyTorch's batch norm, a ReLU row
+    (fused or separate) with PyTorch's batch_norm + relu_.
+    """
+    reference = {}
     for row in rows:
+        if row["backend"] == "torch" and not row.get("skipped"):
+            reference.setdefault(_family(row.get("activation")), row)
+    for row in rows:
+        ref = reference.get(_family(row.get("activation")))
+        if ref is None or row.get("skipped"):
+            continue
         row["forward_ratio_to_torch"] = ref["forward_ms"] / row["forward_ms"]
         row["backward_ratio_to_torch"] = ref["simplified_ms"] / row["simplified_ms"]
+
+
+def add_separate_ratios(rows):
+    """Fill ``*_ratio_to_separate`` of fused ReLU rows: separate time / fused time."""
+    separate = {row["backend"]: row for row in rows
+                if row.get("activation") == "relu_separate" and not row.get("skipped")}
+    for row in rows:
+        ref = separate.get(row["backend"])
+        if row.get("activation") != "relu" or ref is None or row.get("skipped"):
+            continue
+        row["forward_ratio_to_separate"] = ref["forward_ms"] / row["forward_ms"]
+        row["backward_ratio_to_separate"] = ref["simplified_ms"] / row["simplified_ms"]
 
 
 COLUMNS = (
@@ -596,6 +898,7 @@ COLUMNS = (
     ("backend", "backend", "{}"),
     ("shape", "shape", "{}"),
     ("dtype", "dtype", "{}"),
+    ("act", "activation", "{}"),
     ("threads", "threads", "{}"),
     ("fwd ms", "forward_ms", "{:.3f}"),
     ("simpl ms", "simplified_ms", "{:.3f}"),
@@ -605,16 +908,29 @@ COLUMNS = (
     ("bwd limit", "backward_fraction_of_copy_limit", "{:.2f}"),
     ("fwd vs torch", "forward_ratio_to_torch", "{:.2f}x"),
     ("bwd vs torch", "backward_ratio_to_torch", "{:.2f}x"),
+    ("fwd vs sep", "forward_ratio_to_separate", "{:.2f}x"),
+    ("bwd vs sep", "backward_ratio_to_separate", "{:.2f}x"),
 )
+# Shown only when a row has an activation.
+_ACTIVATION_COLUMNS = ("activation", "forward_ratio_to_separate", "backward_ratio_to_separate")
+# Left-aligned (label) columns.
+_LABEL_COLUMNS = ("backend", "shape", "dtype", "activation", "threads")
 
 LEGEND = (
     "staged/simpl: speedup of the simplified backward over the staged one.\n"
     "fwd/bwd limit: fraction of the copy limit (compulsory bytes, forward 2 and "
-    "backward 3 item sizes per element,\n  at np.copyto bandwidth timed in the same "
-    "row); 1.00 = copy speed.\n"
+    "backward 3 item sizes per element,\n  2-byte items for float16/bfloat16, at the "
+    "bandwidth of np.copyto on an array of the row's dtype timed\n  in the same row); "
+    "1.00 = copy speed.\n"
     "vs torch: PyTorch time / backend time (above 1: faster than PyTorch). "
     "Times: best of {repeat} or more calls, ms;\n  (+x%): the median of the same calls is "
     "x% above the best; !: unstable (median more than {unstable:.0%} above the best)."
+)
+LEGEND_ACTIVATION = (
+    "act relu: batch norm + ReLU, fused on fastbn backends (activation='relu'), "
+    "batch_norm then relu_ on torch;\n  relu sep: fastbn batch norm, then a NumPy ReLU "
+    "pass (forward np.maximum, backward dout * (out > 0)).\n"
+    "vs sep: relu sep time / fused relu time of the same backend (above 1: fused faster)."
 )
 
 _SPREAD_KEYS = {"forward_ms": "forward_median_ms", "simplified_ms": "simplified_median_ms",
@@ -624,16 +940,27 @@ _SPREAD_KEYS = {"forward_ms": "forward_median_ms", "simplified_ms": "simplified_
 def format_table(rows):
     """The result rows as an aligned text table.
 
+    The activation columns (``act``, ``fwd vs sep``, ``bwd vs sep``) appear
+    only when some row has an activation. A row that could not run shows
+    ``n/a`` (the reasons: :func:`skip_notes`).
+
     Returns
     -------
     str
     """
-    cells = [[header for header, _, _ in COLUMNS]]
+    with_activation = any(row.get("activation") for row in rows)
+    columns = [column for column in COLUMNS
+               if with_activation or column[1] not in _ACTIVATION_COLUMNS]
+    cells = [[header for header, _, _ in columns]]
     for row in rows:
         line = []
-        for _, key, fmt in COLUMNS:
+        for _, key, fmt in columns:
             value = row.get(key)
-            if value is None:
+            if key == "activation":
+                line.append(ACTIVATION_LABELS.get(value, str(value)))
+            elif row.get("skipped") and key not in _LABEL_COLUMNS:
+                line.append("n/a")
+            elif value is None:
                 line.append("-")
             elif key == "shape":
                 line.append(_format_shape(value))
@@ -644,15 +971,34 @@ def format_table(rows):
             else:
                 line.append(fmt.format(value))
         cells.append(line)
-    widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
     lines = []
     for n, line in enumerate(cells):
-        parts = [text.ljust(width) if i < 4 else text.rjust(width)
+        parts = [text.ljust(width) if columns[i][1] in _LABEL_COLUMNS else text.rjust(width)
                  for i, (text, width) in enumerate(zip(line, widths))]
         lines.append("  ".join(parts).rstrip())
         if n == 0:
             lines.append("  ".join("-" * width for width in widths))
     return "\n".join(lines)
+
+
+def skip_notes(rows):
+    """One line per distinct reason why rows are ``n/a``.
+
+    Returns
+    -------
+    list of str
+    """
+    by_reason = {}
+    for row in rows:
+        if row.get("skipped"):
+            label = f"{row['backend']} {row['dtype']}"
+            if row.get("activation"):
+                label += f" {ACTIVATION_LABELS[row['activation']]}"
+            labels = by_reason.setdefault(row["skipped"], [])
+            if label not in labels:
+                labels.append(label)
+    return [f"{', '.join(labels)}: {reason}" for reason, labels in by_reason.items()]
 
 
 def _metadata(args, backends, repeat, threads):
@@ -675,6 +1021,11 @@ def _metadata(args, backends, repeat, threads):
     try:
         import numba
         meta["numba"] = numba.__version__
+    except ImportError:
+        pass
+    try:
+        import ml_dtypes
+        meta["ml_dtypes"] = ml_dtypes.__version__
     except ImportError:
         pass
     if "torch" in backends:
@@ -768,7 +1119,8 @@ def plot(rows, path):
     limit of the forward and of the simplified backward (a dashed line marks
     1.0, copy speed). Bars are computed from the best times; a black error
     bar reaches down to the same figure computed from the median times, so
-    its length shows the spread.
+    its length shows the spread. ReLU rows are series of their own
+    (``numba relu``, ``numba relu sep``); ``n/a`` rows are left out.
 
     Parameters
     ----------
@@ -777,6 +1129,7 @@ def plot(rows, path):
     """
     from matplotlib.figure import Figure
 
+    rows = [row for row in rows if not row.get("skipped")]
     cases = []
     for row in rows:
         case = (tuple(row["shape"]), row["dtype"], row.get("threads_requested"))
@@ -784,9 +1137,9 @@ def plot(rows, path):
             cases.append(case)
     backends = []
     for row in rows:
-        if row["backend"] not in backends:
-            backends.append(row["backend"])
-    lookup = {(tuple(r["shape"]), r["dtype"], r.get("threads_requested"), r["backend"]): r
+        if _series(row) not in backends:
+            backends.append(_series(row))
+    lookup = {(tuple(r["shape"]), r["dtype"], r.get("threads_requested"), _series(r)): r
               for r in rows}
     panels = (
         ("speedup_simplified_over_staged", "simplified over staged backward (x)", None),
@@ -826,6 +1179,13 @@ def plot(rows, path):
     fig.savefig(path, dpi=100)
 
 
+def _series(row):
+    """Plot label of a row: the backend, and its activation if any."""
+    if not row.get("activation"):
+        return row["backend"]
+    return f"{row['backend']} {ACTIVATION_LABELS[row['activation']]}"
+
+
 def parse_threads(text):
     """``"1,2"`` -> ``[1, 2]``; ``None`` -> ``[None]`` (the current counts).
 
@@ -863,7 +1223,9 @@ def scaling_table(rows, counts):
     """
     by_key = {}
     for row in rows:
-        key = (row["backend"], tuple(row["shape"]), row["dtype"])
+        if row.get("skipped"):
+            continue
+        key = (_series(row), tuple(row["shape"]), row["dtype"])
         by_key.setdefault(key, {})[row["threads_requested"]] = row
     header = ["backend", "shape", "dtype"]
     for count in counts:
@@ -916,7 +1278,7 @@ def stability_warnings(rows, load_before, load_after):
             best = row[f"{key}_ms"]
             median = row[f"{key}_median_ms"]
             notes.append(
-                f"{row['backend']} {_format_shape(row['shape'])} {row['dtype']} "
+                f"{_series(row)} {_format_shape(row['shape'])} {row['dtype']} "
                 f"threads={row.get('threads')} {kernel}: unstable, median {median:.3f} ms is "
                 f"{(median - best) / best:.0%} above the best {best:.3f} ms over "
                 f"{row['calls'][kernel]} calls")
@@ -958,7 +1320,9 @@ def run(args):
     Returns
     -------
     int
-        0 on success, 1 when a backend failed, 2 for bad options.
+        0 on success (``n/a`` rows included: a backend that cannot run a
+        dtype or the fused ReLU says why), 1 when a backend failed while
+        timing, 2 for bad options.
     """
     names = [part.strip() for part in (args.backends or "").split(",") if part.strip()]
     if getattr(args, "device", "cpu") == "cuda" or "cuda" in names:
@@ -978,11 +1342,15 @@ def run(args):
         thread_counts = parse_threads(args.threads)
         if args.repeat is not None and args.repeat < 1:
             raise ValueError("--repeat must be at least 1")
+        dtypes = parse_dtypes(args.dtype or ("float32" if args.quick else "both"))
     except ValueError as exc:
         print(f"fastbn bench: error: {exc}", file=sys.stderr)
         return 2
-    dtype = args.dtype or ("float32" if args.quick else "both")
-    dtypes = ["float32", "float64"] if dtype == "both" else [dtype]
+    activations = {"none": [None], "relu": ["relu", "relu_separate"],
+                   "both": [None, "relu", "relu_separate"]}[
+                       getattr(args, "activation", None) or "none"]
+    cases = [(backend, activation) for backend in backends for activation in activations
+             if not (backend == "torch" and activation == "relu_separate")]
     repeat = args.repeat or (QUICK_REPEAT if args.quick else REPEAT)
     if args.plot:
         try:
@@ -1000,20 +1368,29 @@ def run(args):
     rows = []
     failures = 0
     load_before = _loadavg()
-    progress = _Progress(len(shapes) * len(dtypes) * len(backends) * len(thread_counts),
+    progress = _Progress(len(shapes) * len(dtypes) * len(cases) * len(thread_counts),
                          enabled=not args.no_progress)
     try:
         for count in thread_counts:
             with _Threads(count, "torch" in backends):
                 for shape in shapes:
                     for dt in dtypes:
-                        data = make_data(shape, dt)
+                        try:
+                            data = make_data(shape, dt)
+                        except DtypeUnavailable:
+                            data = None  # every row of this dtype says why
                         group = []
-                        for backend in backends:
+                        for backend, activation in cases:
                             label = f"{backend} {_format_shape(shape)} {dt}"
+                            if activation:
+                                label += f" {ACTIVATION_LABELS[activation]}"
                             progress.step(label if count is None else f"{label} threads={count}")
+                            reason = why_unsupported(backend, dt, activation)
                             try:
-                                row = measure(backend, data, repeat)
+                                if reason is not None:
+                                    row = skipped_row(backend, shape, dt, activation, reason)
+                                else:
+                                    row = measure(backend, data, repeat, activation=activation)
                                 row["threads"] = _threads_in_use(backend)
                                 row["threads_requested"] = count
                                 group.append(row)
@@ -1022,6 +1399,7 @@ def run(args):
                                 print(f"fastbn bench: {label} failed: {exc!r}", file=sys.stderr)
                             progress.advance()
                         add_torch_ratios(group)
+                        add_separate_ratios(group)
                         rows.extend(group)
                         del data
                 meta = _metadata(args, backends, repeat, count)
@@ -1034,6 +1412,14 @@ def run(args):
     print(format_table(rows))
     print()
     print(LEGEND.format(repeat=repeat, unstable=UNSTABLE))
+    if any(row.get("activation") for row in rows):
+        print(LEGEND_ACTIVATION)
+    skipped = skip_notes(rows)
+    if skipped:
+        print()
+        print("n/a (cannot run here):")
+        for text in skipped:
+            print(f"  {text}")
     if len(thread_counts) > 1:
         print()
         print("Thread scaling (best times; speedup = time at the first count / time at the "

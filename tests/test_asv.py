@@ -80,7 +80,10 @@ def test_suite_is_found():
     for required in ("time_forward_train", "time_forward_eval", "time_backward_simplified",
                      "time_backward_staged", "peakmem_forward", "peakmem_backward",
                      "track_speedup_simplified_over_staged",
-                     "track_fraction_of_copy_limit"):
+                     "track_fraction_of_copy_limit", "time_forward_relu", "time_backward_relu",
+                     "time_forward_relu_separate", "time_backward_relu_separate",
+                     "track_forward_speedup_fused_over_separate",
+                     "track_backward_speedup_fused_over_separate"):
         assert required in methods
 
 
@@ -91,7 +94,8 @@ def test_params_and_units(name_cls):
     assert cls.param_names == ["backend", "shape", "dtype"]
     if not os.environ.get("FASTBN_BENCH_BACKENDS"):
         assert {"numpy", "numba", "cython", "torch"} <= set(cls.params[0])
-    assert set(cls.params[2]) == {"float32", "float64"}
+    if os.environ.get("FASTBN_BENCH_PROFILE", "").strip().lower() != "tiny":
+        assert set(cls.params[2]) == {"float32", "float64", "float16", "bfloat16"}
     for shape in cls.params[1]:
         assert len(shape.split("x")) >= 2
     for attr in dir(cls):
