@@ -306,3 +306,125 @@ def test_bench_imports_no_optional_dependency():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True,
                             text=True, env=env, check=True)
     assert result.stdout.strip() == "[]"
+
+
+# 16-bit data and the fused ReLU ---------------------------------------------
+
+def test_half_data_and_copy_reference():
+    """16-bit x/dout/out/dx, float32 weights and running stats, a 16-bit copy."""
+    pytest.importorskip("ml_dtypes")
+    for name in ("float16", "bfloat16"):
+        data = bench.make_data((4, 3, 5), name, seed=3)
+        assert bench.dtype_name(data["x"].dtype) == name
+        assert data["x"].dtype.itemsize == data["dout"].dtype.itemsize == 2
+        assert data["gamma"].dtype == data["beta"].dtype == np.float32
+        k = bench.Kernels("numpy", data)
+        for array in (k.out, k.dx, k.copy_dst, k.copy_src):
+            assert array.dtype == data["x"].dtype
+        assert k.running_mean.dtype == k.running_var.dtype == np.float32
+        k.copy()
+        np.testing.assert_array_equal(k.copy_dst.view(np.uint16), data["x"].view(np.uint16))
+
+
+def test_fraction_counts_the_bytes_of_the_item_size():
+    # forward: 2 x 2 bytes per element for float16; a float16 copy moves 2 x 2
+    assert bench.fraction_of_copy_limit("forward", 1.0, 1.0, itemsize=2) == pytest.approx(1.0)
+    # the same float16 forward held to a float32 copy's bandwidth: half the time
+    assert bench.fraction_of_copy_limit("forward", 1.0, 1.0, itemsize=2,
+                                        copy_itemsize=4) == pytest.approx(0.5)
+    # simplified backward: 3 x 2 bytes per element
+    assert bench.fraction_of_copy_limit("backward", 1.5, 1.0, itemsize=2) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_torch_half_peer_matches_numpy(dtype):
+    """PyTorch's mixed-precision rows compute the same batch norm as fastbn's."""
+    pytest.importorskip("torch")
+    pytest.importorskip("ml_dtypes")
+    common = importlib.import_module(f"{PACKAGE}.common")
+    try:
+        ref = common.Case("numpy", "8x3x5", dtype)
+    except NotImplementedError as exc:
+        pytest.skip(str(exc))
+    peer = common.Case("torch", "8x3x5", dtype)
+    for case in (ref, peer):
+        case.forward_train()
+        case.backward("simplified")
+    tol = 1e-2 if dtype == "float16" else 6e-2   # a few units in the last place
+    np.testing.assert_allclose(peer.out.astype(np.float32), ref.out.astype(np.float32),
+                               rtol=tol, atol=tol)
+    np.testing.assert_allclose(peer.dx.astype(np.float32), ref.dx.astype(np.float32),
+                               rtol=tol, atol=tol)
+    np.testing.assert_allclose(peer.running_mean, ref.running_mean, rtol=1e-5, atol=1e-6)
+
+
+def _numpy_relu_support():
+    reason = bench.why_unsupported("numpy", "float64", "relu")
+    if reason is not None:
+        pytest.skip(f"numpy backend without the fused ReLU: {reason}")
+
+
+def test_relu_rows_compute_the_same_thing():
+    """Fused, separate and PyTorch's batch_norm + relu_ give one result."""
+    _numpy_relu_support()
+    data = bench.make_data((16, 3, 5), "float64", seed=11)
+    fused = bench.Kernels("numpy", data, activation="relu")
+    separate = bench.Kernels("numpy", data, activation="relu_separate")
+    plain = bench.Kernels("numpy", data)
+    for k in (fused, separate, plain):
+        k.forward()
+        k.backward("simplified")
+    assert (fused.out == 0).any() and (fused.out > 0).any()
+    np.testing.assert_allclose(fused.out, np.maximum(plain.out, 0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(separate.out, fused.out, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(separate.dx, fused.dx, rtol=1e-10, atol=1e-12)
+    assert np.abs(fused.dx - plain.dx).max() > 1e-3, "the mask changes the gradient"
+    staged = bench.Kernels("numpy", data, activation="relu")
+    staged.forward()
+    staged.backward("staged")
+    np.testing.assert_allclose(staged.dx, fused.dx, rtol=1e-9, atol=1e-12)
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return
+    peer = bench.Kernels("torch", data, activation="relu")
+    peer.forward()
+    peer.backward("simplified")
+    np.testing.assert_allclose(peer.out, fused.out, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(peer.dx, fused.dx, rtol=1e-8, atol=1e-10)
+
+
+def test_relu_separate_is_for_fastbn_only():
+    data = bench.make_data((4, 3), "float32")
+    with pytest.raises(ValueError, match="relu_separate"):
+        bench.Kernels("torch", data, activation="relu_separate")
+    with pytest.raises(ValueError, match="unknown activation"):
+        bench.Kernels("numpy", data, activation="gelu")
+
+
+def test_bfloat16_without_ml_dtypes_is_skipped(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ml_dtypes", None)
+    monkeypatch.setattr(bench, "_UNSUPPORTED", {})
+    common = importlib.import_module(f"{PACKAGE}.common")
+    with pytest.raises(NotImplementedError, match="ml_dtypes"):
+        common.Case("numpy", "4x3x2", "bfloat16")
+    with pytest.raises(bench.DtypeUnavailable, match="ml_dtypes"):
+        bench.make_data((4, 3), "bfloat16")
+    assert "ml_dtypes" in bench.why_unsupported("torch", "bfloat16")
+
+
+def test_unsupported_backend_is_skipped_with_its_reason(monkeypatch):
+    """A backend whose kernels reject a dtype: the asv setup skips, saying why."""
+    original = bench.Kernels.forward
+
+    def forward(self):
+        if self.backend == "numpy" and self.dtype == np.float16:
+            raise TypeError("no 16-bit kernels in this backend")
+        return original(self)
+
+    monkeypatch.setattr(bench.Kernels, "forward", forward)
+    monkeypatch.setattr(bench, "_UNSUPPORTED", {})
+    suite = importlib.import_module(f"{PACKAGE}.bench_batchnorm")
+    with pytest.raises(NotImplementedError, match="no 16-bit kernels"):
+        suite.Forward().setup("numpy", "4x3x2", "float16")
+    suite.Forward().setup("numpy", "4x3x2", "float32")

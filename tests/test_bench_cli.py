@@ -5,6 +5,7 @@ import json
 import sys
 import types
 
+import numpy as np
 import pytest
 
 from fastbn import bench
@@ -139,3 +140,118 @@ def test_bench_warns_once_about_a_source_tree(monkeypatch, capsys):
     assert bench.run(parse(TINY_ARGS + ["--backends", "numpy"])) == 0
     err = capsys.readouterr().err
     assert err.count("source tree") == 1 and "'cython' is not timed" in err
+
+
+# --dtype lists, 16-bit rows, --activation ------------------------------------
+
+def test_parse_dtypes():
+    assert bench.parse_dtypes("float16,bfloat16") == ["float16", "bfloat16"]
+    assert bench.parse_dtypes("both") == ["float32", "float64"]
+    assert bench.parse_dtypes(" Float32 ,both,float16") == ["float32", "float64", "float16"]
+    for bad in ("float8", "float32,half", " , "):
+        with pytest.raises(ValueError):
+            bench.parse_dtypes(bad)
+
+
+@pytest.mark.parametrize("dtype", ["float8", "float32,int8", ","])
+def test_bench_bad_dtypes(dtype, capsys):
+    assert bench.run(parse(["--shapes", "6x5", "--dtype", dtype, "--no-progress"])) == 2
+    assert "dtype" in capsys.readouterr().err
+
+
+def test_bench_half_rows_count_16bit_bytes(tmp_path, capsys):
+    pytest.importorskip("ml_dtypes")
+    path = tmp_path / "bench.json"
+    argv = ["--shapes", "6x5", "--dtype", "float16,bfloat16", "--repeat", "1",
+            "--no-progress", "--backends", "numpy", "--json", str(path)]
+    status = bench.run(parse(argv))
+    out = capsys.readouterr().out
+    assert status == 0
+    rows = json.loads(path.read_text())["results"]
+    assert [row["dtype"] for row in rows] == ["float16", "bfloat16"]
+    for row in rows:
+        if row.get("skipped"):
+            assert "n/a" in out and row["skipped"] in out
+            continue
+        assert row["itemsize"] == 2
+        # the copy moved 2 x 2 bytes per element of the 16-bit array
+        assert row["copy_gb_per_s"] == pytest.approx(2 * 2 * 30 / (row["copy_ms"] * 1e-3) / 1e9)
+        assert row["forward_fraction_of_copy_limit"] == pytest.approx(
+            row["copy_ms"] / row["forward_ms"])
+        assert row["backward_fraction_of_copy_limit"] == pytest.approx(
+            1.5 * row["copy_ms"] / row["simplified_ms"])
+        assert f"6x5    {row['dtype']}" in out
+
+
+def test_bench_bfloat16_without_ml_dtypes_says_why(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "ml_dtypes", None)
+    monkeypatch.setattr(bench, "_UNSUPPORTED", {})
+    path = tmp_path / "bench.json"
+    argv = ["--shapes", "6x5", "--dtype", "float32,bfloat16", "--repeat", "1",
+            "--no-progress", "--backends", "numpy", "--json", str(path)]
+    assert bench.run(parse(argv)) == 0
+    out = capsys.readouterr().out
+    rows = json.loads(path.read_text())["results"]
+    assert [row.get("skipped") is None for row in rows] == [True, False]
+    assert "ml_dtypes" in rows[1]["skipped"]
+    line = next(line for line in out.splitlines() if "bfloat16" in line and "n/a" in line)
+    assert line.startswith("numpy")
+    assert "numpy bfloat16: bfloat16 needs ml_dtypes" in out
+
+
+def test_bench_backend_without_a_dtype_says_why(monkeypatch, capsys):
+    original = bench.Kernels.forward
+
+    def forward(self):
+        if self.backend == "numpy" and self.dtype == np.float16:
+            raise TypeError("no 16-bit kernels in this backend")
+        return original(self)
+
+    monkeypatch.setattr(bench.Kernels, "forward", forward)
+    monkeypatch.setattr(bench, "_UNSUPPORTED", {})
+    argv = ["--shapes", "6x5", "--dtype", "float16", "--repeat", "1", "--no-progress",
+            "--backends", "numpy"]
+    assert bench.run(parse(argv)) == 0
+    out = capsys.readouterr().out
+    assert "numpy float16: TypeError: no 16-bit kernels in this backend" in out
+
+
+def test_bench_activation_rows(tmp_path, capsys):
+    if bench.why_unsupported("numpy", "float32", "relu") is not None:
+        pytest.skip("numpy backend without the fused ReLU")
+    path = tmp_path / "bench.json"
+    backends = "numpy,torch" if bench._torch_installed() else "numpy"
+    argv = ["--shapes", "6x5", "--dtype", "float32", "--repeat", "1", "--no-progress",
+            "--backends", backends, "--activation", "both", "--json", str(path)]
+    assert bench.run(parse(argv)) == 0
+    out = capsys.readouterr().out
+    header = out.splitlines()[0].split()
+    assert header[:4] == ["backend", "shape", "dtype", "act"]
+    assert "sep" in header
+    rows = {(r["backend"], r["activation"]): r for r in json.loads(path.read_text())["results"]}
+    expected = {("numpy", None), ("numpy", "relu"), ("numpy", "relu_separate")}
+    if "torch" in backends:
+        expected |= {("torch", None), ("torch", "relu")}
+    assert set(rows) == expected
+    fused, separate = rows["numpy", "relu"], rows["numpy", "relu_separate"]
+    assert fused["forward_ratio_to_separate"] == pytest.approx(
+        separate["forward_ms"] / fused["forward_ms"])
+    assert fused["backward_ratio_to_separate"] == pytest.approx(
+        separate["simplified_ms"] / fused["simplified_ms"])
+    assert separate["forward_ratio_to_separate"] is None
+    assert rows["numpy", None]["forward_ratio_to_separate"] is None
+    if "torch" in backends:
+        peer = rows["torch", "relu"]
+        assert fused["forward_ratio_to_torch"] == pytest.approx(
+            peer["forward_ms"] / fused["forward_ms"])
+        assert rows["numpy", None]["forward_ratio_to_torch"] == pytest.approx(
+            rows["torch", None]["forward_ms"] / rows["numpy", None]["forward_ms"])
+        assert peer["staged_ms"] is None
+    assert any(line.startswith("numpy") and " relu sep " in line for line in out.splitlines())
+    assert "batch_norm then relu_" in out
+
+
+def test_bench_without_activation_has_no_activation_columns(capsys):
+    assert bench.run(parse(TINY_ARGS + ["--backends", "numpy"])) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert "act" not in header.split() and "sep" not in header

@@ -9,7 +9,11 @@ dtype, so that each group compares the backends, and the staged and
 simplified backward of each backend, side by side. The memory-bound shape
 ``64x256x56x56`` is added with ``FASTBN_BENCH_PROFILE=slow``. Backends: every
 available fastbn CPU backend and PyTorch when installed (the same rows as
-``python -m fastbn bench``).
+``python -m fastbn bench``). Dtypes: float32, float64, float16 and bfloat16
+(a backend that cannot run one is skipped with the reason). The ``relu
+forward`` / ``relu backward`` groups put the fused batch norm + ReLU, the
+separate passes (fastbn, then a NumPy ReLU) and PyTorch's batch_norm +
+relu_ side by side. Narrow with ``-k``, e.g. ``-k "float16 and 32x64x56x56"``.
 """
 import os
 
@@ -22,7 +26,7 @@ from fastbn import bench  # noqa: E402
 SHAPES = list(bench.DEFAULT_SHAPES)
 if os.environ.get("FASTBN_BENCH_PROFILE", "").lower() == "slow":
     SHAPES += list(bench.LARGE_SHAPES)
-DTYPES = ["float32", "float64"]
+DTYPES = list(bench.DTYPES)
 BACKENDS = bench.default_backends()
 
 
@@ -37,13 +41,19 @@ def _only_when_asked(request):
 _DATA = {}
 
 
-def kernels(backend, shape, dtype):
-    """Kernels on inputs shared by every test of one shape and dtype."""
+def kernels(backend, shape, dtype, activation=None):
+    """Kernels on inputs shared by every test of one shape and dtype.
+
+    Skips, with the reason, what the backend cannot run here.
+    """
+    reason = bench.why_unsupported(backend, dtype, activation)
+    if reason is not None:
+        pytest.skip(f"{backend} {dtype}: {reason}")
     key = (shape, dtype)
     if key not in _DATA:
         _DATA.clear()  # keep one shape in memory at a time
         _DATA[key] = bench.make_data(shape, dtype)
-    return bench.Kernels(backend, _DATA[key])
+    return bench.Kernels(backend, _DATA[key], activation=activation)
 
 
 def label(shape, dtype):
@@ -72,4 +82,23 @@ def test_backward(benchmark, backend, method, shape, dtype):
     func()
     benchmark.group = f"backward {label(shape, dtype)}"
     benchmark.extra_info["method"] = method
+    benchmark(func)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("kind", ["fused", "separate"])
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_relu(benchmark, backend, direction, kind, shape, dtype):
+    """Batch norm + ReLU: fused (torch: batch_norm + relu_) or as two passes."""
+    if backend == "torch" and kind == "separate":
+        pytest.skip("PyTorch's batch_norm + relu_ is its 'fused' row (two passes)")
+    activation = "relu" if kind == "fused" else "relu_separate"
+    k = kernels(backend, shape, dtype, activation=activation)
+    func = k.forward if direction == "forward" else k.simplified
+    k.forward()
+    func()
+    benchmark.group = f"relu {direction} {label(shape, dtype)}"
+    benchmark.extra_info["kind"] = kind
     benchmark(func)
