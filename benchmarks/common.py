@@ -32,7 +32,10 @@ in the ``*Large`` benchmark classes, which are skipped unless the
 environment variable ``FASTBN_BENCH_PROFILE`` is ``slow``. With
 ``FASTBN_BENCH_PROFILE=tiny`` the ordinary classes run on ``TINY_SHAPES``
 in float32 only (a check that the suite and the dashboard work, in seconds;
-its timings mean little).
+its timings mean little). ``FASTBN_BENCH_PROFILE=quick``, the profile of
+``fastbn dashboard --quick``, runs them on the two small ``QUICK_SHAPES`` in
+float32 and float64 (every backend, shape kind and float dtype of the
+dashboard in a short run; its timings mean little too).
 """
 import os
 
@@ -44,6 +47,8 @@ DEFAULT_BACKENDS = ["numpy", "numba", "cython", "torch"]
 SHAPES = ["256x4096", "128x512x7x7", "64x256x14x14", "32x64x56x56"]
 LARGE_SHAPES = ["64x256x56x56"]
 TINY_SHAPES = ["4x8x4x4"]
+QUICK_SHAPES = ["64x256", "8x32x8x8"]
+QUICK_DTYPES = ["float32", "float64"]
 DTYPES = ["float32", "float64", "float16", "bfloat16"]
 PARAM_NAMES = ["backend", "shape", "dtype"]
 
@@ -66,7 +71,7 @@ def profile():
     Returns
     -------
     str
-        ``"default"``, ``"slow"`` or ``"tiny"``.
+        ``"default"``, ``"slow"``, ``"quick"`` or ``"tiny"``.
     """
     return os.environ.get("FASTBN_BENCH_PROFILE", "default").strip().lower()
 
@@ -77,19 +82,22 @@ def shapes():
     Returns
     -------
     list of str
-        ``TINY_SHAPES`` when ``FASTBN_BENCH_PROFILE=tiny``, else ``SHAPES``.
+        ``TINY_SHAPES`` when ``FASTBN_BENCH_PROFILE=tiny``, ``QUICK_SHAPES``
+        when it is ``quick``, else ``SHAPES``.
     """
-    return list(TINY_SHAPES) if profile() == "tiny" else list(SHAPES)
+    return list({"tiny": TINY_SHAPES, "quick": QUICK_SHAPES}.get(profile(), SHAPES))
 
 
 def dtypes():
-    """The dtype parameter list for the profile: float32 only when ``tiny``.
+    """The dtype parameter list for the profile.
 
     Returns
     -------
     list of str
+        float32 only when ``tiny``, ``QUICK_DTYPES`` when ``quick``, else
+        ``DTYPES``.
     """
-    return ["float32"] if profile() == "tiny" else list(DTYPES)
+    return list({"tiny": ["float32"], "quick": QUICK_DTYPES}.get(profile(), DTYPES))
 
 
 def require_slow_profile():
