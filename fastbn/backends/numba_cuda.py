@@ -50,9 +50,34 @@ invstd``): folding the mean into a shift would lose the accuracy a channel
 whose mean is 1e4 times its spread needs, and would not map a constant
 channel exactly to ``beta``.
 
+Storage: float16, bfloat16, float32, float64
+--------------------------------------------
+``x``, ``dy`` and ``out`` may be float16, bfloat16 (``ml_dtypes.bfloat16``),
+float32 or float64 device arrays; every element is converted to float64 when
+loaded and rounded once, to nearest even, when stored. float16 is converted
+by the hardware. bfloat16 has no CUDA array-interface type and no arithmetic
+in Numba's simulator, so a bfloat16 device array (a Numba device array of
+dtype ``bfloat16``, as ``to_device`` makes from a host bfloat16 array) is
+handed to the kernels as its uint16 bit patterns (:func:`_flat`), and the
+kernels convert them with integer operations (:func:`_build_storage`). The
+kernels never take an integer array for bfloat16: :func:`_flat` refuses
+every dtype but the four. For 16-bit storage the parameters (``gamma``,
+``beta``, ``dgamma``, ``dbeta``) are float32, and so are the staged
+backward's full-size intermediates.
+
+Fused ReLU
+----------
+``relu=True`` makes the normalize pass store ``max(y, 0)`` (NaN stays NaN).
+The backward kernels take the forward's ``beta`` and mask ``dy`` by
+``y > 0``, with ``y`` rebuilt in the kernel by the forward's own device
+function (``affine``) from the same per-channel scale and shift, so no mask
+array exists and the launch counts do not change. The staged backward adds
+the ReLU as two more full-size stages (``y``, then the masked ``dy``).
+
 Block reductions use warp shuffles on a GPU and a shared-memory tree under
 Numba's CUDA simulator (which has no shuffles); :func:`_use_shuffles` is the
-one place that picks.
+one place that picks, and :func:`_build_bit_casts` the only other place where
+the simulator and the GPU run different code.
 
 Settings (module attributes, read at every call)
 ------------------------------------------------
@@ -81,13 +106,13 @@ import numpy as np
 
 try:
     from numba import cuda
-    from numba import float32, float64
+    from numba import float32, float64, int32, int64
     from numba.core import config as _numba_config
 
     _IMPORT_ERROR = ""
 except Exception as import_error:  # ImportError, CudaSupportError, ...
     cuda = None
-    float32 = float64 = None
+    float32 = float64 = int32 = int64 = None
     _numba_config = None
     _IMPORT_ERROR = f"{type(import_error).__name__}: {import_error}"
 
@@ -406,37 +431,143 @@ def _build_block_sums(threads):
     return block_sum, column_sum
 
 
-def _build_reduction(term, shift_of, block_sum, column_sum):
+def _build_bit_casts():
+    """Device functions between a float32 and its bit pattern.
+
+    Returns
+    -------
+    float_bits : device function ``float32 -> int64`` in ``[0, 2**32)``
+    bits_float : device function ``int64`` bit pattern ``-> float32``
+
+    On a GPU these are libdevice's ``__nv_float_as_int`` and
+    ``__nv_int_as_float`` (one register move each); the simulator, which has
+    no libdevice, reinterprets through NumPy. This and :func:`_use_shuffles`
+    are the only places where the two paths differ.
+    """
+    if _SIMULATOR:
+        @cuda.jit(device=True)
+        def float_bits(value):
+            return int(np.float32(value).view(np.uint32))
+
+        @cuda.jit(device=True)
+        def bits_float(bits):
+            return np.uint32(int(bits) & 0xFFFFFFFF).view(np.float32)
+
+        return float_bits, bits_float
+
+    from numba.cuda import libdevice
+
+    @cuda.jit(device=True)
+    def float_bits(value):
+        return int64(libdevice.float_as_int(float32(value))) & 0xFFFFFFFF
+
+    @cuda.jit(device=True)
+    def bits_float(bits):
+        return libdevice.int_as_float(int32(bits))
+
+    return float_bits, bits_float
+
+
+def _build_storage():
+    """Loads and stores of each storage kind (see :func:`_kind`).
+
+    Returns
+    -------
+    load : dict kind -> device function ``(array, i) -> float64``
+    store : dict kind -> device function ``(array, i, float64 value)``
+
+    ``"f"``: float16, float32 and float64 arrays, converted by the hardware
+    (a store rounds to nearest even once, float64 -> float16 included).
+    ``"b"``: bfloat16 held as uint16 bit patterns: a load is a 16-bit shift
+    into a float32; a store rounds the float64 value once to bfloat16,
+    nearest even, by rounding to float32 *to odd* (exact when it can be,
+    else the float32 toward zero with its last bit set) and then to
+    bfloat16 to nearest even with integer operations; NaN stays a quiet
+    NaN, overflow gives infinity.
+    """
+    float_bits, bits_float = _build_bit_casts()
+
+    @cuda.jit(device=True)
+    def load_float(array, i):
+        return float64(array[i])
+
+    @cuda.jit(device=True)
+    def store_float(array, i, value):
+        array[i] = value
+
+    @cuda.jit(device=True)
+    def load_bfloat16(array, i):
+        return float64(bits_float(int64(array[i]) << 16))
+
+    @cuda.jit(device=True)
+    def bfloat16_bits(value):
+        single = float32(value)
+        bits = float_bits(single)
+        if (bits & 0x7FFFFFFF) > 0x7F800000:          # NaN
+            return (bits >> 16) | 0x40
+        wide = float64(single)
+        if wide != value:                              # inexact: round to odd
+            if abs(wide) > abs(value):
+                bits -= 1
+            bits |= 1
+        return (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+
+    @cuda.jit(device=True)
+    def store_bfloat16(array, i, value):
+        array[i] = bfloat16_bits(value)
+
+    return ({"f": load_float, "b": load_bfloat16},
+            {"f": store_float, "b": store_bfloat16})
+
+
+def _build_reduction(term, shift_of, load_u, load_v, block_sum, column_sum):
     """The first level of a per-channel two-sum reduction, in both layouts.
 
     Parameters
     ----------
-    term : device function ``(u, v, shift) -> (t1, t2)``
-        The two float64 terms of element ``(u, v)`` of a channel.
-    shift_of : device function ``(u_flat, p, c, extent_b) -> float64``
-        The per-channel value ``term`` receives.
+    term : device function ``(u, v, s0, s1, s2) -> (t1, t2)``
+        The two float64 terms of element ``(u, v)`` (float64 values) of a
+        channel.
+    shift_of : device function ``(u, mean, invstd, gamma, beta, flags, c,
+            extent_b) -> (s0, s1, s2)``
+        The per-channel values ``term`` receives.
+    load_u, load_v : device functions ``(array, i) -> float64``
 
     Returns
     -------
     rows, columns : kernels
-        ``rows[(C, nchunks), (bx, by)](u, v, p, extent_c, extent_b,
-        rows_per_chunk, partial)`` writes ``partial[:, chunk, c]``;
-        ``columns[(ceil(J / bx), nchunks), (bx, by)](u, v, p, columns_total,
+        ``rows[(C, nchunks), (bx, by)](u, v, mean, invstd, gamma, beta,
+        flags, extent_c, extent_b, rows_per_chunk, partial)`` writes
+        ``partial[:, chunk, c]``; ``columns[(ceil(J / bx), nchunks), (bx,
+        by)](u, v, mean, invstd, gamma, beta, flags, columns_total,
         extent_b, rows_per_chunk, partial)`` writes ``partial[:, chunk, j]``
         for each column ``j = c * B + b`` of the ``(A, J)`` matrix.
     """
 
     @cuda.jit(device=True)
-    def four_terms(u, v, i, step, shift):
+    def one_term(u, v, i, s0, s1, s2):
+        return term(load_u(u, i), load_v(v, i), s0, s1, s2)
+
+    @cuda.jit(device=True)
+    def four_terms(u, v, i, step, s0, s1, s2):
         # elements i, i + step, i + 2 step, i + 3 step: four loads in flight
-        s1, s2 = term(u[i], v[i], shift)
-        t1, t2 = term(u[i + step], v[i + step], shift)
-        r1, r2 = term(u[i + 2 * step], v[i + 2 * step], shift)
-        q1, q2 = term(u[i + 3 * step], v[i + 3 * step], shift)
-        return (s1 + t1) + (r1 + q1), (s2 + t2) + (r2 + q2)
+        a0 = load_u(u, i)
+        a1 = load_u(u, i + step)
+        a2 = load_u(u, i + 2 * step)
+        a3 = load_u(u, i + 3 * step)
+        b0 = load_v(v, i)
+        b1 = load_v(v, i + step)
+        b2 = load_v(v, i + 2 * step)
+        b3 = load_v(v, i + 3 * step)
+        s1_, s2_ = term(a0, b0, s0, s1, s2)
+        t1, t2 = term(a1, b1, s0, s1, s2)
+        r1, r2 = term(a2, b2, s0, s1, s2)
+        q1, q2 = term(a3, b3, s0, s1, s2)
+        return (s1_ + t1) + (r1 + q1), (s2_ + t2) + (r2 + q2)
 
     @cuda.jit
-    def rows(u, v, p, extent_c, extent_b, rows_per_chunk, partial):
+    def rows(u, v, mean, invstd, gamma, beta, flags, extent_c, extent_b, rows_per_chunk,
+             partial):
         c = cuda.blockIdx.x
         chunk = cuda.blockIdx.y
         tx = cuda.threadIdx.x
@@ -444,7 +575,7 @@ def _build_reduction(term, shift_of, block_sum, column_sum):
         width = cuda.blockDim.x
         height = cuda.blockDim.y
         extent_a = u.shape[0] // (extent_c * extent_b)
-        shift = shift_of(u, p, c, extent_b)
+        s0, s1, s2 = shift_of(u, mean, invstd, gamma, beta, flags, c, extent_b)
         a = chunk * rows_per_chunk + ty
         a_end = min(chunk * rows_per_chunk + rows_per_chunk, extent_a)
         sum1 = 0.0
@@ -454,14 +585,14 @@ def _build_reduction(term, shift_of, block_sum, column_sum):
             b = tx
             # four loads in flight per thread, then the remainder
             while b + 3 * width < extent_b:
-                s1, s2 = four_terms(u, v, row + b, width, shift)
-                sum1 += s1
-                sum2 += s2
+                t1, t2 = four_terms(u, v, row + b, width, s0, s1, s2)
+                sum1 += t1
+                sum2 += t2
                 b += 4 * width
             while b < extent_b:
-                s1, s2 = term(u[row + b], v[row + b], shift)
-                sum1 += s1
-                sum2 += s2
+                t1, t2 = one_term(u, v, row + b, s0, s1, s2)
+                sum1 += t1
+                sum2 += t2
                 b += width
             a += height
         total1, total2 = block_sum(sum1, sum2, ty * width + tx)
@@ -470,7 +601,8 @@ def _build_reduction(term, shift_of, block_sum, column_sum):
             partial[1, chunk, c] = total2
 
     @cuda.jit
-    def columns(u, v, p, columns_total, extent_b, rows_per_chunk, partial):
+    def columns(u, v, mean, invstd, gamma, beta, flags, columns_total, extent_b,
+                rows_per_chunk, partial):
         tx = cuda.threadIdx.x
         ty = cuda.threadIdx.y
         width = cuda.blockDim.x
@@ -482,21 +614,21 @@ def _build_reduction(term, shift_of, block_sum, column_sum):
         sum2 = 0.0
         if j < columns_total:
             c = j // extent_b          # once per thread
-            shift = shift_of(u, p, c, extent_b)
+            s0, s1, s2 = shift_of(u, mean, invstd, gamma, beta, flags, c, extent_b)
             a = chunk * rows_per_chunk + ty
             a_end = min(chunk * rows_per_chunk + rows_per_chunk, extent_a)
             step = height * columns_total
             i = a * columns_total + j
             end = a_end * columns_total + j
             while i + 3 * step < end:
-                s1, s2 = four_terms(u, v, i, step, shift)
-                sum1 += s1
-                sum2 += s2
+                t1, t2 = four_terms(u, v, i, step, s0, s1, s2)
+                sum1 += t1
+                sum2 += t2
                 i += 4 * step
             while i < end:
-                s1, s2 = term(u[i], v[i], shift)
-                sum1 += s1
-                sum2 += s2
+                t1, t2 = one_term(u, v, i, s0, s1, s2)
+                sum1 += t1
+                sum2 += t2
                 i += step
         total1, total2 = column_sum(sum1, sum2, tx, ty, width, height)
         if ty == 0 and j < columns_total:
@@ -506,10 +638,11 @@ def _build_reduction(term, shift_of, block_sum, column_sum):
     return rows, columns
 
 
-def _build_elementwise(op):
-    """An elementwise pass ``out = op(u, v, p0, p1, p2, p3)`` in both layouts.
+def _build_elementwise(op, load_u, load_v, store):
+    """An elementwise pass ``out = op(u, v, p0, p1, p2, p3, p4)`` in both layouts.
 
-    ``p0..p3`` are ``coef[0..3, c]``, read once per thread.
+    ``p0..p4`` are ``coef[0..4, c]``, read once per thread; ``load_u``,
+    ``load_v`` and ``store`` convert from and to each array's storage.
 
     Returns
     -------
@@ -520,20 +653,24 @@ def _build_elementwise(op):
     """
 
     @cuda.jit(device=True)
-    def four(u, v, out, i, step, p0, p1, p2, p3):
+    def one(u, v, out, i, p0, p1, p2, p3, p4):
+        store(out, i, op(load_u(u, i), load_v(v, i), p0, p1, p2, p3, p4))
+
+    @cuda.jit(device=True)
+    def four(u, v, out, i, step, p0, p1, p2, p3, p4):
         # elements i, i + step, i + 2 step, i + 3 step: four loads in flight
-        u0 = u[i]
-        u1 = u[i + step]
-        u2 = u[i + 2 * step]
-        u3 = u[i + 3 * step]
-        v0 = v[i]
-        v1 = v[i + step]
-        v2 = v[i + 2 * step]
-        v3 = v[i + 3 * step]
-        out[i] = op(u0, v0, p0, p1, p2, p3)
-        out[i + step] = op(u1, v1, p0, p1, p2, p3)
-        out[i + 2 * step] = op(u2, v2, p0, p1, p2, p3)
-        out[i + 3 * step] = op(u3, v3, p0, p1, p2, p3)
+        u0 = load_u(u, i)
+        u1 = load_u(u, i + step)
+        u2 = load_u(u, i + 2 * step)
+        u3 = load_u(u, i + 3 * step)
+        v0 = load_v(v, i)
+        v1 = load_v(v, i + step)
+        v2 = load_v(v, i + 2 * step)
+        v3 = load_v(v, i + 3 * step)
+        store(out, i, op(u0, v0, p0, p1, p2, p3, p4))
+        store(out, i + step, op(u1, v1, p0, p1, p2, p3, p4))
+        store(out, i + 2 * step, op(u2, v2, p0, p1, p2, p3, p4))
+        store(out, i + 3 * step, op(u3, v3, p0, p1, p2, p3, p4))
 
     @cuda.jit
     def rows(u, v, coef, extent_c, extent_b, out):
@@ -546,15 +683,16 @@ def _build_elementwise(op):
         p1 = coef[1, c]
         p2 = coef[2, c]
         p3 = coef[3, c]
+        p4 = coef[4, c]
         a = cuda.blockIdx.y * height + cuda.threadIdx.y
         while a < extent_a:
             row = (a * extent_c + c) * extent_b
             b = tx
             while b + 3 * width < extent_b:
-                four(u, v, out, row + b, width, p0, p1, p2, p3)
+                four(u, v, out, row + b, width, p0, p1, p2, p3, p4)
                 b += 4 * width
             while b < extent_b:
-                out[row + b] = op(u[row + b], v[row + b], p0, p1, p2, p3)
+                one(u, v, out, row + b, p0, p1, p2, p3, p4)
                 b += width
             a += cuda.gridDim.y * height
 
@@ -570,94 +708,183 @@ def _build_elementwise(op):
         p1 = coef[1, c]
         p2 = coef[2, c]
         p3 = coef[3, c]
+        p4 = coef[4, c]
         step = cuda.gridDim.y * height * columns_total
         i = (cuda.blockIdx.y * height + cuda.threadIdx.y) * columns_total + j
         end = u.shape[0]
         while i + 3 * step < end:
-            four(u, v, out, i, step, p0, p1, p2, p3)
+            four(u, v, out, i, step, p0, p1, p2, p3, p4)
             i += 4 * step
         while i < end:
-            out[i] = op(u[i], v[i], p0, p1, p2, p3)
+            one(u, v, out, i, p0, p1, p2, p3, p4)
             i += step
 
     return rows, columns
 
 
+# Coefficient rows of the elementwise passes (coef[k, c] = pk):
+#   normalize, eval backward:  [mean, scale, shift, -, -], scale = gamma * invstd
+#   simplified backward:       [mean, scale, centred_scale, offset, shift]
+# ``shift`` (beta) is what a fused ReLU needs to rebuild y = (x - mean) * scale + shift.
+COEF_ROWS = 5
+
+
 def _build_kernels(threads):
-    """Every kernel of the backend for ``threads`` threads per block."""
+    """Every kernel of the backend for ``threads`` threads per block.
+
+    The per-channel (finishing) kernels are built here; the passes over the
+    full arrays are built per storage kind of their arrays, on first use
+    (see :meth:`_Kernels.reduction` and :meth:`_Kernels.elementwise`).
+    """
     block_sum, column_sum = _build_block_sums(threads)
+    load, store = _build_storage()
 
-    # -- what the reductions sum ------------------------------------------
-
-    @cuda.jit(device=True)
-    def first_value(u, p, c, extent_b):
-        # K_c = x[0, c, 0], the shift of the statistics' sums
-        return float64(u[c * extent_b])
+    # -- per-channel parameters, shared by every kernel that needs them ------
 
     @cuda.jit(device=True)
-    def channel_value(u, p, c, extent_b):
-        return p[c]
+    def as_param_dtype(value, single):
+        # gamma and beta take the values of the parameter dtype: float32
+        # for float32 and 16-bit storage (flag bit 0), float64 otherwise
+        if single:
+            return float64(float32(value))
+        return float64(value)
 
     @cuda.jit(device=True)
-    def term_shifted_squares(x, unused, shift):
-        centred = float64(x) - shift
+    def channel_scale(c, invstd, gamma, flags):
+        # gamma * invstd (invstd when gamma is None)
+        if (flags & 2):
+            return as_param_dtype(gamma[c], (flags & 1)) * invstd
+        return invstd
+
+    @cuda.jit(device=True)
+    def channel_shift(c, beta, flags):
+        # beta (0 when beta is None)
+        if (flags & 4):
+            return as_param_dtype(beta[c], (flags & 1))
+        return 0.0
+
+    @cuda.jit(device=True)
+    def affine(x, mean, scale, shift):
+        # y = (x - mean) * (gamma * invstd) + beta: the forward's arithmetic,
+        # also what a fused ReLU's backward rebuilds for its mask
+        return (x - mean) * scale + shift
+
+    # -- what the reductions sum (terms get float64 values) ------------------
+
+    def first_value_of(load_u):
+        @cuda.jit(device=True)
+        def first_value(u, mean, invstd, gamma, beta, flags, c, extent_b):
+            # K_c = x[0, c, 0], the shift of the statistics' sums
+            return load_u(u, c * extent_b), 0.0, 0.0
+        return first_value
+
+    @cuda.jit(device=True)
+    def channel_mean(u, mean, invstd, gamma, beta, flags, c, extent_b):
+        return mean[c], 0.0, 0.0
+
+    @cuda.jit(device=True)
+    def channel_affine(u, mean, invstd, gamma, beta, flags, c, extent_b):
+        # what y = affine(x, ...) needs, computed as the forward computes it
+        return (mean[c], channel_scale(c, invstd[c], gamma, flags),
+                channel_shift(c, beta, flags))
+
+    @cuda.jit(device=True)
+    def term_shifted_squares(x, unused, shift, unused_s1, unused_s2):
+        centred = x - shift
         return centred, centred * centred
 
     @cuda.jit(device=True)
-    def term_dy_and_dy_centred(dy, x, mean):
+    def term_dy_and_dy_centred(dy, x, mean, unused_s1, unused_s2):
         # (dy, dy * (x - mean)); invstd is applied once per channel
-        grad = float64(dy)
-        return grad, grad * (float64(x) - mean)
+        return dy, dy * (x - mean)
 
     @cuda.jit(device=True)
-    def term_value(u, unused, unused_shift):
-        return float64(u), 0.0
+    def term_relu(dy, x, mean, scale, shift):
+        # the same with dy masked by y > 0 (fused ReLU)
+        grad = dy if affine(x, mean, scale, shift) > 0.0 else 0.0
+        return grad, grad * (x - mean)
 
     @cuda.jit(device=True)
-    def term_product(u, v, unused_shift):
-        return float64(u) * float64(v), 0.0
-
-    # -- what the elementwise passes compute (p0..p3 = coef[0..3, c]) -------
+    def term_value(u, unused, unused_s0, unused_s1, unused_s2):
+        return u, 0.0
 
     @cuda.jit(device=True)
-    def op_normalize(x, unused, mean, scale, shift, unused_p3):
+    def term_product(u, v, unused_s0, unused_s1, unused_s2):
+        return u * v, 0.0
+
+    # -- what the elementwise passes compute (p0..p4 = coef[0..4, c]) --------
+
+    @cuda.jit(device=True)
+    def op_normalize(x, unused, mean, scale, shift, unused_p3, unused_p4):
         # out = (x - mean) * (gamma * invstd) + beta
-        return (float64(x) - mean) * scale + shift
+        return affine(x, mean, scale, shift)
 
     @cuda.jit(device=True)
-    def op_backward(dy, x, mean, k, centred_scale, shift):
+    def op_normalize_relu(x, unused, mean, scale, shift, unused_p3, unused_p4):
+        # out = max(y, 0); NaN stays NaN
+        y = affine(x, mean, scale, shift)
+        if y <= 0.0:
+            return 0.0
+        return y
+
+    @cuda.jit(device=True)
+    def op_backward(dy, x, mean, k, centred_scale, offset, unused_shift):
         # dx = k * dy - (x - mean) * (k * invstd * sum_dy_xhat / M) - k * sum_dy / M,
         # with k = gamma * invstd: the closed form
         # gamma * invstd * (dy - sum_dy / M - xhat * sum_dy_xhat / M)
-        return k * float64(dy) - (float64(x) - mean) * centred_scale + shift
+        return k * dy - (x - mean) * centred_scale + offset
 
     @cuda.jit(device=True)
-    def op_subtract_p0(u, unused, p0, p1, p2, p3):
-        return float64(u) - p0
+    def op_backward_relu(dy, x, mean, k, centred_scale, offset, shift):
+        # the same with dy masked by y > 0, y = affine(x, mean, k, shift)
+        grad = dy if affine(x, mean, k, shift) > 0.0 else 0.0
+        return k * grad - (x - mean) * centred_scale + offset
 
     @cuda.jit(device=True)
-    def op_multiply_p1(u, unused, p0, p1, p2, p3):
-        return float64(u) * p1
+    def op_eval(dy, unused, mean, scale, shift, unused_p3, unused_p4):
+        # dx = dy * gamma * invstd
+        return dy * scale
 
     @cuda.jit(device=True)
-    def op_multiply_p2(u, unused, p0, p1, p2, p3):
-        return float64(u) * p2
+    def op_eval_relu(dy, x, mean, scale, shift, unused_p3, unused_p4):
+        # dx = dy * gamma * invstd where y > 0, else 0
+        grad = dy if affine(x, mean, scale, shift) > 0.0 else 0.0
+        return grad * scale
 
     @cuda.jit(device=True)
-    def op_broadcast_p3(unused_u, unused_v, p0, p1, p2, p3):
+    def op_mask_positive(u, v, p0, p1, p2, p3, p4):
+        # u where v > 0, else 0 (the staged graph's ReLU node)
+        if v > 0.0:
+            return u
+        return 0.0
+
+    @cuda.jit(device=True)
+    def op_subtract_p0(u, unused, p0, p1, p2, p3, p4):
+        return u - p0
+
+    @cuda.jit(device=True)
+    def op_multiply_p1(u, unused, p0, p1, p2, p3, p4):
+        return u * p1
+
+    @cuda.jit(device=True)
+    def op_multiply_p2(u, unused, p0, p1, p2, p3, p4):
+        return u * p2
+
+    @cuda.jit(device=True)
+    def op_broadcast_p3(unused_u, unused_v, p0, p1, p2, p3, p4):
         return p3
 
     @cuda.jit(device=True)
-    def op_twice_product(u, v, p0, p1, p2, p3):
-        return 2.0 * float64(u) * float64(v)
+    def op_twice_product(u, v, p0, p1, p2, p3, p4):
+        return 2.0 * u * v
 
     @cuda.jit(device=True)
-    def op_add(u, v, p0, p1, p2, p3):
-        return float64(u) + float64(v)
+    def op_add(u, v, p0, p1, p2, p3, p4):
+        return u + v
 
     @cuda.jit(device=True)
-    def op_add_p3(u, unused, p0, p1, p2, p3):
-        return float64(u) + p3
+    def op_add_p3(u, unused, p0, p1, p2, p3, p4):
+        return u + p3
 
     # -- finishing kernels: one thread per channel --------------------------
 
@@ -671,77 +898,74 @@ def _build_kernels(threads):
                 total += partial[which, chunk, base + b]
         return total
 
-    @cuda.jit(device=True)
-    def mean_var(partial, width, x, extent_b, count, c):
-        # mean = K + S1 / M, var = (S2 - S1**2 / M) / M (>= 0; NaN stays)
-        sum1 = sum_partials(partial, 0, c, width)
-        sum2 = sum_partials(partial, 1, c, width)
-        mean = float64(x[c * extent_b]) + sum1 / count
-        var = (sum2 - sum1 * (sum1 / count)) / count
-        if var < 0.0:
-            var = 0.0
-        return mean, var
-
-    @cuda.jit(device=True)
-    def as_input_dtype(value, single):
-        # gamma and beta take the values of x.dtype
-        if single:
-            return float64(float32(value))
-        return float64(value)
+    def mean_var_of(load_x):
+        @cuda.jit(device=True)
+        def mean_var(partial, width, x, extent_b, count, c):
+            # mean = K + S1 / M, var = (S2 - S1**2 / M) / M (>= 0; NaN stays)
+            sum1 = sum_partials(partial, 0, c, width)
+            sum2 = sum_partials(partial, 1, c, width)
+            mean = load_x(x, c * extent_b) + sum1 / count
+            var = (sum2 - sum1 * (sum1 / count)) / count
+            if var < 0.0:
+                var = 0.0
+            return mean, var
+        return mean_var
 
     @cuda.jit(device=True)
     def set_normalize_coef(c, mean, invstd, gamma, beta, flags, coef):
         # coef = [mean, gamma * invstd, beta]; flag bits as in _param_flags
-        scale = invstd
-        if (flags & 2):
-            scale = as_input_dtype(gamma[c], (flags & 1)) * invstd
-        offset = 0.0
-        if (flags & 4):
-            offset = as_input_dtype(beta[c], (flags & 1))
         coef[0, c] = mean
-        coef[1, c] = scale
-        coef[2, c] = offset
+        coef[1, c] = channel_scale(c, invstd, gamma, flags)
+        coef[2, c] = channel_shift(c, beta, flags)
 
     @cuda.jit(device=True)
-    def set_backward_coef(c, count, mean, invstd, gamma, flags, sum_dy, sum_dy_xhat,
+    def set_backward_coef(c, count, mean, invstd, gamma, beta, flags, sum_dy, sum_dy_xhat,
                           coef):
-        # dx = k * dy - (x - mean) * (k * invstd * sum_dy_xhat / M) - k * sum_dy / M
-        k = invstd
-        if (flags & 2):
-            k = as_input_dtype(gamma[c], (flags & 1)) * invstd
+        # dx = k * dy - (x - mean) * (k * invstd * sum_dy_xhat / M) - k * sum_dy / M;
+        # coef[4] = beta, for a fused ReLU's mask
+        k = channel_scale(c, invstd, gamma, flags)
         coef[0, c] = mean
         coef[1, c] = k
         coef[2, c] = k * invstd * (sum_dy_xhat / count)
         coef[3, c] = -k * (sum_dy / count)
+        coef[4, c] = channel_shift(c, beta, flags)
 
-    @cuda.jit
-    def finish_stats(partial, width, x, extent_b, count, mean_var_out):
-        c = cuda.grid(1)
-        if c < mean_var_out.shape[1]:
+    def finish_stats_of(load_x):
+        mean_var = mean_var_of(load_x)
+
+        @cuda.jit
+        def finish_stats(partial, width, x, extent_b, count, mean_var_out):
+            c = cuda.grid(1)
+            if c < mean_var_out.shape[1]:
+                mean, var = mean_var(partial, width, x, extent_b, count, c)
+                mean_var_out[0, c] = mean
+                mean_var_out[1, c] = var
+        return finish_stats
+
+    def finish_forward_of(load_x):
+        mean_var = mean_var_of(load_x)
+
+        @cuda.jit
+        def finish_forward(partial, width, x, extent_b, count, eps, gamma, beta,
+                           flags, momentum, running_mean, running_var, stats, coef):
+            # flags: bit 0 float32 parameters, bit 1 gamma given, bit 2 beta
+            # given, bit 3 running statistics given
+            c = cuda.grid(1)
+            if c >= stats.shape[1]:
+                return
             mean, var = mean_var(partial, width, x, extent_b, count, c)
-            mean_var_out[0, c] = mean
-            mean_var_out[1, c] = var
-
-    @cuda.jit
-    def finish_forward(partial, width, x, extent_b, count, eps, gamma, beta,
-                       flags, momentum, running_mean, running_var, stats, coef):
-        # flags: bit 0 x is float32, bit 1 gamma given, bit 2 beta given,
-        # bit 3 running statistics given
-        c = cuda.grid(1)
-        if c >= stats.shape[1]:
-            return
-        mean, var = mean_var(partial, width, x, extent_b, count, c)
-        invstd = 1.0 / math.sqrt(var + eps)
-        stats[0, c] = mean
-        stats[1, c] = invstd
-        set_normalize_coef(c, mean, invstd, gamma, beta, flags, coef)
-        if (flags & 8):
-            # PyTorch: momentum weighs the batch; the running variance takes
-            # the unbiased batch variance var * M / (M - 1)
-            keep = 1.0 - momentum
-            running_mean[c] = keep * float64(running_mean[c]) + momentum * mean
-            running_var[c] = (keep * float64(running_var[c])
-                              + momentum * (var * (count / (count - 1.0))))
+            invstd = 1.0 / math.sqrt(var + eps)
+            stats[0, c] = mean
+            stats[1, c] = invstd
+            set_normalize_coef(c, mean, invstd, gamma, beta, flags, coef)
+            if (flags & 8):
+                # PyTorch: momentum weighs the batch; the running variance takes
+                # the unbiased batch variance var * M / (M - 1)
+                keep = 1.0 - momentum
+                running_mean[c] = keep * float64(running_mean[c]) + momentum * mean
+                running_var[c] = (keep * float64(running_var[c])
+                                  + momentum * (var * (count / (count - 1.0))))
+        return finish_forward
 
     @cuda.jit
     def finish_eval_forward(running_mean, running_var, eps, gamma, beta, flags,
@@ -769,17 +993,18 @@ def _build_kernels(threads):
             sums[1, c] = sum_partials(partial, 1, c, width) * invstd[c]
 
     @cuda.jit
-    def elemt_coefficients(count, mean, invstd, gamma, flags, sum_dy, sum_dy_xhat, coef):
+    def elemt_coefficients(count, mean, invstd, gamma, beta, flags, sum_dy, sum_dy_xhat,
+                           coef):
         c = cuda.grid(1)
         if c < coef.shape[1]:
-            set_backward_coef(c, count, mean[c], invstd[c], gamma, flags, sum_dy[c],
+            set_backward_coef(c, count, mean[c], invstd[c], gamma, beta, flags, sum_dy[c],
                               sum_dy_xhat[c], coef)
 
     @cuda.jit
-    def finish_backward(partial, width, count, mean, invstd, gamma, flags, grads,
+    def finish_backward(partial, width, count, mean, invstd, gamma, beta, flags, grads,
                         coef):
         # grads[0] = dgamma = sum(dy * xhat), grads[1] = dbeta = sum(dy), in
-        # x.dtype; flag bit 3: training (else dx = dy * gamma * invstd)
+        # the parameter dtype; flag bit 3: training (else dx = dy * gamma * invstd)
         c = cuda.grid(1)
         if c >= grads.shape[1]:
             return
@@ -788,22 +1013,23 @@ def _build_kernels(threads):
         grads[0, c] = sum_dy_xhat
         grads[1, c] = sum_dy
         if (flags & 8):
-            set_backward_coef(c, count, mean[c], invstd[c], gamma, flags, sum_dy,
+            set_backward_coef(c, count, mean[c], invstd[c], gamma, beta, flags, sum_dy,
                               sum_dy_xhat, coef)
         else:
-            set_normalize_coef(c, 0.0, invstd[c], gamma, gamma, flags, coef)
+            set_normalize_coef(c, mean[c], invstd[c], gamma, beta, flags, coef)
 
     @cuda.jit
     def staged_channels(mean, invstd, gamma, flags, coef):
-        # coef = [mean, invstd, gamma, 0] for the stages of the graph
+        # coef = [mean, invstd, gamma, 0, 0] for the stages of the graph
         c = cuda.grid(1)
         if c < coef.shape[1]:
             coef[0, c] = mean[c]
             coef[1, c] = invstd[c]
             coef[2, c] = 1.0
             if (flags & 2):
-                coef[2, c] = as_input_dtype(gamma[c], (flags & 1))
+                coef[2, c] = as_param_dtype(gamma[c], (flags & 1))
             coef[3, c] = 0.0
+            coef[4, c] = 0.0
 
     @cuda.jit
     def staged_sum(partial, width, sums, row):
@@ -826,33 +1052,42 @@ def _build_kernels(threads):
     @cuda.jit
     def staged_dmu(count, sums, coef, grads):
         # step 2: dmu = -sum(dx1) (sums[3]); steps 1 and 0 add dmu / M.
-        # grads = [dgamma, dbeta] = [sums[1], sums[0]] in x.dtype
+        # grads = [dgamma, dbeta] = [sums[1], sums[0]] in the parameter dtype
         c = cuda.grid(1)
         if c < coef.shape[1]:
             coef[3, c] = -sums[3, c] / count
             grads[0, c] = sums[1, c]
             grads[1, c] = sums[0, c]
 
-    def reduction(term, shift_of):
-        return _build_reduction(term, shift_of, block_sum, column_sum)
+    reductions = {
+        "stats": lambda kind: (term_shifted_squares, first_value_of(load[kind])),
+        "backward": lambda kind: (term_dy_and_dy_centred, channel_mean),
+        "backward_relu": lambda kind: (term_relu, channel_affine),
+        "sum": lambda kind: (term_value, channel_mean),
+        "sum_of_product": lambda kind: (term_product, channel_mean),
+    }
+    operations = {
+        "normalize": op_normalize, "normalize_relu": op_normalize_relu,
+        "backward": op_backward, "backward_relu": op_backward_relu,
+        "eval": op_eval, "eval_relu": op_eval_relu, "mask_positive": op_mask_positive,
+        "subtract_p0": op_subtract_p0, "multiply_p1": op_multiply_p1,
+        "multiply_p2": op_multiply_p2, "broadcast_p3": op_broadcast_p3,
+        "twice_product": op_twice_product, "add": op_add, "add_p3": op_add_p3,
+    }
 
-    return SimpleNamespace(
-        threads=threads,
-        stats=reduction(term_shifted_squares, first_value),
-        backward=reduction(term_dy_and_dy_centred, channel_value),
-        sum=reduction(term_value, channel_value),
-        sum_of_product=reduction(term_product, channel_value),
-        normalize=_build_elementwise(op_normalize),
-        backward_elemt=_build_elementwise(op_backward),
-        subtract_p0=_build_elementwise(op_subtract_p0),
-        multiply_p1=_build_elementwise(op_multiply_p1),
-        multiply_p2=_build_elementwise(op_multiply_p2),
-        broadcast_p3=_build_elementwise(op_broadcast_p3),
-        twice_product=_build_elementwise(op_twice_product),
-        add=_build_elementwise(op_add),
-        add_p3=_build_elementwise(op_add_p3),
-        finish_stats=finish_stats,
-        finish_forward=finish_forward,
+    def build_reduction(name, kind_u, kind_v):
+        term, shift_of = reductions[name](kind_u)
+        return _build_reduction(term, shift_of, load[kind_u], load[kind_v], block_sum,
+                                column_sum)
+
+    def build_elementwise(name, kind_u, kind_v, kind_out):
+        return _build_elementwise(operations[name], load[kind_u], load[kind_v],
+                                  store[kind_out])
+
+    return _Kernels(
+        threads, build_reduction, build_elementwise,
+        finish_stats={kind: finish_stats_of(load[kind]) for kind in load},
+        finish_forward={kind: finish_forward_of(load[kind]) for kind in load},
         finish_eval_forward=finish_eval_forward,
         normalize_coefficients=normalize_coefficients,
         finish_reduce=finish_reduce,
@@ -863,6 +1098,45 @@ def _build_kernels(threads):
         staged_dsq=staged_dsq,
         staged_dmu=staged_dmu,
     )
+
+
+class _Kernels:
+    """The kernels of one threads-per-block value.
+
+    Per-channel kernels are attributes. Passes over the full arrays depend on
+    the storage of their arrays and are built on first use:
+    ``reduction(name, u, v)`` and ``elementwise(name, u, v, out)`` take the
+    flat arrays the kernel will get and return its ``(rows, columns)`` pair.
+    """
+
+    def __init__(self, threads, build_reduction, build_elementwise, **per_channel):
+        self.threads = threads
+        self._build_reduction = build_reduction
+        self._build_elementwise = build_elementwise
+        self._passes = {}
+        self.__dict__.update(per_channel)
+
+    def _get(self, key, build):
+        kernels = self._passes.get(key)
+        if kernels is None:
+            with _BUILD_LOCK:
+                kernels = self._passes.get(key)
+                if kernels is None:
+                    kernels = self._passes[key] = build(*key[1:])
+        return kernels
+
+    def reduction(self, name, u, v):
+        return self._get(("reduction", name, _kind(u), _kind(v)), self._build_reduction)
+
+    def elementwise(self, name, u, v, out):
+        return self._get(("elementwise", name, _kind(u), _kind(v), _kind(out)),
+                         self._build_elementwise)
+
+
+def _kind(flat):
+    """The storage kind of a flat device array a kernel gets: ``"b"`` for
+    bfloat16 bit patterns (see :func:`_flat`), ``"f"`` for float arrays."""
+    return "b" if flat.dtype == np.uint16 else "f"
 
 
 def _kernels():
@@ -977,31 +1251,65 @@ def _scratch_array(name, shape):
 
 
 def _flat(arr):
-    """A 1-D view of a C-contiguous device array."""
+    """The 1-D view a kernel gets of a C-contiguous device array.
+
+    float16, float32 and float64 arrays are viewed as they are; a bfloat16
+    array as uint16 bit patterns (the kernels convert them, see
+    :func:`_build_storage`). Any other dtype is a TypeError: an integer
+    array is never taken for bfloat16 bits.
+    """
+    dtype = np.dtype(arr.dtype)
+    if dtype.name == "bfloat16":
+        if _SIMULATOR:
+            return arr.reshape(arr.size).view(np.uint16)
+        # Built from the array's memory directly (a reshape and a view cost
+        # about 25 us each on the host).
+        from numba.cuda.cudadrv.devicearray import DeviceNDArray
+        return DeviceNDArray((arr.size,), (2,), np.dtype(np.uint16), gpu_data=arr.gpu_data)
+    if dtype.kind != "f" or dtype.itemsize not in (2, 4, 8):
+        raise TypeError(f"the cuda kernels take float16, bfloat16, float32 or float64 "
+                        f"arrays, got dtype {dtype}")
     return arr.reshape(arr.size)
+
+
+def _param_dtype(dtype):
+    """gamma/beta/dgamma/dbeta dtype: float32 for 16-bit storage, else ``dtype``.
+
+    It is also the compute dtype of the staged backward's intermediates.
+    """
+    dtype = np.dtype(dtype)
+    return np.dtype(np.float32) if dtype.itemsize == 2 else dtype
 
 
 def _channel_blocks(channels, threads):
     return max(1, _ceil_div(channels, threads))
 
 
-def _reduce(reduction, layout, u, v, p, shape):
-    """Launch the first level of a reduction; return its partials."""
+def _reduce(kernels, name, layout, u, v, shape, params=None):
+    """Launch the first level of reduction ``name`` over flat ``u``, ``v``;
+    return its partials.
+
+    ``params``: ``(mean, invstd, gamma, beta, flags)`` for the reductions
+    that read them (``None``: the statistics, which read none).
+    """
     partial = _scratch_array("partial", layout.partial_shape)
-    rows, columns = reduction
+    rows, columns = kernels.reduction(name, u, v)
+    if params is None:
+        dummy = _scratch_array("dummy", (1,))
+        params = (dummy, dummy, dummy, dummy, 0)
     _, channels, extent_b = shape
     if layout.rows:
         _launch(rows, layout.reduce_grid, layout.block,
-                u, v, p, channels, extent_b, layout.rows_per_chunk, partial)
+                u, v, *params, channels, extent_b, layout.rows_per_chunk, partial)
     else:
         _launch(columns, layout.reduce_grid, layout.block,
-                u, v, p, channels * extent_b, extent_b, layout.rows_per_chunk, partial)
+                u, v, *params, channels * extent_b, extent_b, layout.rows_per_chunk, partial)
     return partial
 
 
-def _elementwise(pass_kernels, layout, u, v, coef, shape, out):
-    """Launch an elementwise pass over flat views."""
-    rows, columns = pass_kernels
+def _elementwise(kernels, name, layout, u, v, coef, shape, out):
+    """Launch elementwise pass ``name`` over flat views."""
+    rows, columns = kernels.elementwise(name, u, v, out)
     _, channels, extent_b = shape
     if layout.rows:
         _launch(rows, layout.elementwise_grid, layout.block,
@@ -1119,11 +1427,15 @@ def _per_channel(kernels, kernel, channels, *args):
 
 
 def _param_flags(dtype, gamma, beta=None, last=False):
-    """The flags of a finishing kernel, one int: bit 0 x is float32, bit 1
-    gamma given, bit 2 beta given, bit 3 ``last`` (running statistics given,
-    or training)."""
-    return (int(np.dtype(dtype) == np.float32) | 2 * (gamma is not None)
+    """The flags of a per-channel kernel, one int: bit 0 float32 parameters
+    (x float32 or 16-bit), bit 1 gamma given, bit 2 beta given, bit 3
+    ``last`` (running statistics given, or training)."""
+    return (int(np.dtype(dtype) != np.float64) | 2 * (gamma is not None)
             | 4 * (beta is not None) | 8 * bool(last))
+
+
+def _or_dummy(array):
+    return _scratch_array("dummy", (1,)) if array is None else array
 
 
 # ---------------------------------------------------------------------------
@@ -1142,15 +1454,16 @@ def stats(x):
         shape = tuple(x.shape)
         layout = _layout(shape, kernels.threads)
         x_flat = _flat(x)
-        partial = _reduce(kernels.stats, layout, x_flat, x_flat, x_flat, shape)
+        partial = _reduce(kernels, "stats", layout, x_flat, x_flat, shape)
         mean_var = cuda.device_array((2, shape[1]), dtype=np.float64)
-        _per_channel(kernels, kernels.finish_stats, shape[1], partial, layout.width,
-                     x_flat, shape[2], float(shape[0] * shape[2]), mean_var)
+        _per_channel(kernels, kernels.finish_stats[_kind(x_flat)], shape[1], partial,
+                     layout.width, x_flat, shape[2], float(shape[0] * shape[2]), mean_var)
         return _rows_of(mean_var)
 
 
-def normalize(x, mean, invstd, gamma, beta, out):
-    """``out = (x - mean) * invstd * gamma + beta`` (computed in float64).
+def normalize(x, mean, invstd, gamma, beta, out, relu=False):
+    """``out = (x - mean) * invstd * gamma + beta`` (computed in float64),
+    then ``max(out, 0)`` when ``relu``.
 
     ``gamma``/``beta``: device arrays of any real dtype, or None.
     """
@@ -1158,26 +1471,28 @@ def normalize(x, mean, invstd, gamma, beta, out):
     with _serialized():
         shape = tuple(x.shape)
         layout = _layout(shape, kernels.threads)
-        coef = _scratch_array("coef", (4, shape[1]))
-        dummy = _scratch_array("dummy", (1,))
+        coef = _scratch_array("coef", (COEF_ROWS, shape[1]))
         _per_channel(kernels, kernels.normalize_coefficients, shape[1], mean, invstd,
-                     dummy if gamma is None else gamma, dummy if beta is None else beta,
-                     _param_flags(x.dtype, gamma, beta), coef)
+                     _or_dummy(gamma), _or_dummy(beta), _param_flags(x.dtype, gamma, beta),
+                     coef)
         x_flat = _flat(x)
-        _elementwise(kernels.normalize, layout, x_flat, x_flat, coef, shape, _flat(out))
+        _elementwise(kernels, "normalize_relu" if relu else "normalize", layout, x_flat,
+                     x_flat, coef, shape, _flat(out))
 
 
 def forward_train(x, gamma, beta, eps, out, running_mean=None, running_var=None,
-                  momentum=0.1):
-    """Statistics, running statistics, normalization: three launches.
+                  momentum=0.1, relu=False):
+    """Statistics, running statistics, normalization (and ReLU): three launches.
 
     Parameters
     ----------
-    x, out : device arrays ``(A, C, B)``
+    x, out : device arrays ``(A, C, B)``, float16, bfloat16, float32 or float64
     gamma, beta : device arrays ``(C,)`` of any real dtype, or None
     eps, momentum : float
     running_mean, running_var : device arrays ``(C,)`` or None
         Updated in place, in the launch that finishes the statistics.
+    relu : bool
+        ``out = max(y, 0)``, in the normalize pass.
 
     Returns
     -------
@@ -1189,23 +1504,24 @@ def forward_train(x, gamma, beta, eps, out, running_mean=None, running_var=None,
         channels = shape[1]
         layout = _layout(shape, kernels.threads)
         x_flat = _flat(x)
-        coef = _scratch_array("coef", (4, channels))
+        coef = _scratch_array("coef", (COEF_ROWS, channels))
         dummy = _scratch_array("dummy", (1,))
         track = running_mean is not None
-        partial = _reduce(kernels.stats, layout, x_flat, x_flat, x_flat, shape)
+        partial = _reduce(kernels, "stats", layout, x_flat, x_flat, shape)
         stats_out = cuda.device_array((2, channels), dtype=np.float64)
-        _per_channel(kernels, kernels.finish_forward, channels, partial, layout.width,
-                     x_flat, shape[2], float(shape[0] * shape[2]), float(eps),
-                     dummy if gamma is None else gamma, dummy if beta is None else beta,
+        _per_channel(kernels, kernels.finish_forward[_kind(x_flat)], channels, partial,
+                     layout.width, x_flat, shape[2], float(shape[0] * shape[2]), float(eps),
+                     _or_dummy(gamma), _or_dummy(beta),
                      _param_flags(x.dtype, gamma, beta, track), float(momentum),
                      running_mean if track else dummy, running_var if track else dummy,
                      stats_out, coef)
-        _elementwise(kernels.normalize, layout, x_flat, x_flat, coef, shape, _flat(out))
+        _elementwise(kernels, "normalize_relu" if relu else "normalize", layout, x_flat,
+                     x_flat, coef, shape, _flat(out))
         return _rows_of(stats_out)
 
 
-def forward_eval(x, gamma, beta, running_mean, running_var, eps, out):
-    """Normalization with the running statistics: two launches.
+def forward_eval(x, gamma, beta, running_mean, running_var, eps, out, relu=False):
+    """Normalization with the running statistics (and ReLU): two launches.
 
     Returns
     -------
@@ -1217,20 +1533,33 @@ def forward_eval(x, gamma, beta, running_mean, running_var, eps, out):
         shape = tuple(x.shape)
         channels = shape[1]
         layout = _layout(shape, kernels.threads)
-        coef = _scratch_array("coef", (4, channels))
-        dummy = _scratch_array("dummy", (1,))
+        coef = _scratch_array("coef", (COEF_ROWS, channels))
         stats_out = cuda.device_array((2, channels), dtype=np.float64)
         _per_channel(kernels, kernels.finish_eval_forward, channels, running_mean,
-                     running_var, float(eps), dummy if gamma is None else gamma,
-                     dummy if beta is None else beta, _param_flags(x.dtype, gamma, beta),
-                     stats_out, coef)
+                     running_var, float(eps), _or_dummy(gamma), _or_dummy(beta),
+                     _param_flags(x.dtype, gamma, beta), stats_out, coef)
         x_flat = _flat(x)
-        _elementwise(kernels.normalize, layout, x_flat, x_flat, coef, shape, _flat(out))
+        _elementwise(kernels, "normalize_relu" if relu else "normalize", layout, x_flat,
+                     x_flat, coef, shape, _flat(out))
         return _rows_of(stats_out)
 
 
-def backward_reduce(dy, x, mean, invstd):
+def _reduction_of(x, mean, invstd, gamma, beta, relu):
+    """Name and parameters of the backward's reduction: with ``relu``, dy is
+    masked by ``y > 0``, ``y`` rebuilt from ``mean``, ``invstd``, ``gamma``
+    and ``beta`` in the kernel."""
+    if relu:
+        return "backward_relu", (mean, invstd, _or_dummy(gamma), _or_dummy(beta),
+                                 _param_flags(x.dtype, gamma, beta))
+    dummy = _scratch_array("dummy", (1,))
+    return "backward", (mean, dummy, dummy, dummy, 0)
+
+
+def backward_reduce(dy, x, mean, invstd, gamma=None, beta=None, relu=False):
     """Per-channel ``sum(dy)`` and ``sum(dy * (x - mean) * invstd)``.
+
+    With ``relu``, of ``dy`` masked by ``y > 0`` (``y`` rebuilt from ``x``
+    with ``gamma`` and ``beta`` as the forward computed it).
 
     Returns
     -------
@@ -1240,29 +1569,32 @@ def backward_reduce(dy, x, mean, invstd):
     with _serialized():
         shape = tuple(x.shape)
         layout = _layout(shape, kernels.threads)
-        partial = _reduce(kernels.backward, layout, _flat(dy), _flat(x), mean, shape)
+        name, params = _reduction_of(x, mean, invstd, gamma, beta, relu)
+        partial = _reduce(kernels, name, layout, _flat(dy), _flat(x), shape, params)
         sums = cuda.device_array((2, shape[1]), dtype=np.float64)
         _per_channel(kernels, kernels.finish_reduce, shape[1], partial, layout.width,
                      invstd, sums)
         return _rows_of(sums)
 
 
-def backward_elemt(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, out):
-    """``out = gamma * invstd * (dy - sum_dy / M - xhat * sum_dy_xhat / M)``."""
+def backward_elemt(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, out, beta=None,
+                   relu=False):
+    """``out = gamma * invstd * (dy - sum_dy / M - xhat * sum_dy_xhat / M)``,
+    with ``dy`` masked by ``y > 0`` when ``relu``."""
     kernels = _kernels()
     with _serialized():
         shape = tuple(x.shape)
         layout = _layout(shape, kernels.threads)
-        coef = _scratch_array("coef", (4, shape[1]))
+        coef = _scratch_array("coef", (COEF_ROWS, shape[1]))
         _per_channel(kernels, kernels.elemt_coefficients, shape[1],
-                     float(shape[0] * shape[2]), mean, invstd,
-                     _scratch_array("dummy", (1,)) if gamma is None else gamma, _param_flags(x.dtype, gamma),
-                     sum_dy, sum_dy_xhat, coef)
-        _elementwise(kernels.backward_elemt, layout, _flat(dy), _flat(x), coef, shape,
-                     _flat(out))
+                     float(shape[0] * shape[2]), mean, invstd, _or_dummy(gamma),
+                     _or_dummy(beta), _param_flags(x.dtype, gamma, beta), sum_dy,
+                     sum_dy_xhat, coef)
+        _elementwise(kernels, "backward_relu" if relu else "backward", layout, _flat(dy),
+                     _flat(x), coef, shape, _flat(out))
 
 
-def _backward(dy, x, mean, invstd, gamma, out, training):
+def _backward(dy, x, mean, invstd, gamma, out, training, beta, relu):
     """Reduce, finish (sums and coefficients), elementwise: three launches."""
     kernels = _kernels()
     with _serialized():
@@ -1270,91 +1602,115 @@ def _backward(dy, x, mean, invstd, gamma, out, training):
         channels = shape[1]
         layout = _layout(shape, kernels.threads)
         dy_flat, x_flat = _flat(dy), _flat(x)
-        coef = _scratch_array("coef", (4, channels))
-        partial = _reduce(kernels.backward, layout, dy_flat, x_flat, mean, shape)
-        grads = cuda.device_array((2, channels), dtype=x.dtype)
+        coef = _scratch_array("coef", (COEF_ROWS, channels))
+        name, params = _reduction_of(x, mean, invstd, gamma, beta, relu)
+        partial = _reduce(kernels, name, layout, dy_flat, x_flat, shape, params)
+        grads = cuda.device_array((2, channels), dtype=_param_dtype(x.dtype))
         _per_channel(kernels, kernels.finish_backward, channels, partial, layout.width,
-                     float(shape[0] * shape[2]), mean, invstd,
-                     _scratch_array("dummy", (1,)) if gamma is None else gamma,
-                     _param_flags(x.dtype, gamma, None, training), grads, coef)
+                     float(shape[0] * shape[2]), mean, invstd, _or_dummy(gamma),
+                     _or_dummy(beta), _param_flags(x.dtype, gamma, beta, training), grads,
+                     coef)
         if training:
-            _elementwise(kernels.backward_elemt, layout, dy_flat, x_flat, coef, shape,
+            _elementwise(kernels, "backward_relu" if relu else "backward", layout, dy_flat,
+                         x_flat, coef, shape, _flat(out))
+        elif relu:
+            _elementwise(kernels, "eval_relu", layout, dy_flat, x_flat, coef, shape,
                          _flat(out))
         else:
-            _elementwise(kernels.normalize, layout, dy_flat, dy_flat, coef, shape, _flat(out))
+            _elementwise(kernels, "eval", layout, dy_flat, dy_flat, coef, shape, _flat(out))
         dgamma, dbeta = _rows_of(grads)
         return dbeta, dgamma
 
 
-def backward_train(dy, x, mean, invstd, gamma, out):
+def backward_train(dy, x, mean, invstd, gamma, out, beta=None, relu=False):
     """The simplified backward: three launches.
 
+    ``beta`` (device array or None) and ``relu``: the forward's; with
+    ``relu``, ``dy`` is masked by ``y > 0`` in the reduction and in the
+    elementwise pass, ``y`` rebuilt there from ``x`` (no mask array).
+
     Returns
     -------
-    sum_dy, sum_dy_xhat : device arrays ``(C,)`` of ``x.dtype``
-        ``dbeta`` and ``dgamma``.
+    sum_dy, sum_dy_xhat : device arrays ``(C,)`` of the parameter dtype
+        ``dbeta`` and ``dgamma`` (float32 for 16-bit ``x``, else ``x.dtype``).
     """
-    return _backward(dy, x, mean, invstd, gamma, out, True)
+    return _backward(dy, x, mean, invstd, gamma, out, True, beta, relu)
 
 
-def backward_eval(dy, x, mean, invstd, gamma, out):
+def backward_eval(dy, x, mean, invstd, gamma, out, beta=None, relu=False):
     """The evaluation backward ``dx = dy * gamma * invstd``: three launches.
 
+    With ``relu``, ``dy`` is masked by ``y > 0`` first.
+
     Returns
     -------
-    sum_dy, sum_dy_xhat : device arrays ``(C,)`` of ``x.dtype``
+    sum_dy, sum_dy_xhat : device arrays ``(C,)`` of the parameter dtype
     """
-    return _backward(dy, x, mean, invstd, gamma, out, False)
+    return _backward(dy, x, mean, invstd, gamma, out, False, beta, relu)
 
 
-def backward_staged(dy, x, mean, invstd, gamma, eps, out):
+def backward_staged(dy, x, mean, invstd, gamma, eps, out, beta=None, relu=False):
     """The staged (cs231n) backward graph, one launch per stage.
 
-    Every full-size stage writes a new device array of ``x.dtype``; the
-    reductions accumulate in float64. ``eps`` is part of the contract's
-    signature; ``invstd`` already includes it.
+    Every full-size stage writes a new device array of the compute dtype
+    (``x.dtype``; float32 for 16-bit ``x``); the reductions accumulate in
+    float64; ``dx`` is rounded once into ``out``. With ``relu`` the graph
+    has one more node on top, walked back first: ``y`` rebuilt full size,
+    then ``dy = where(y > 0, dy, 0)`` full size. ``eps`` is part of the
+    contract's signature; ``invstd`` already includes it.
 
     Returns
     -------
-    dgamma, dbeta : device arrays ``(C,)`` of ``x.dtype``
+    dgamma, dbeta : device arrays ``(C,)`` of the parameter dtype
     """
     kernels = _kernels()
     with _serialized():
         shape = tuple(x.shape)
         channels = shape[1]
         count = float(shape[0] * shape[2])
-        threads = kernels.threads
-        layout = _layout(shape, threads)
+        layout = _layout(shape, kernels.threads)
+        stage_dtype = _param_dtype(x.dtype)
         dy_flat, x_flat = _flat(dy), _flat(x)
-        coef = _scratch_array("coef", (4, channels))
+        coef = _scratch_array("coef", (COEF_ROWS, channels))
         sums = _scratch_array("staged_sums", (4, channels))
-        grads = cuda.device_array((2, channels), dtype=x.dtype)
+        dummy = _scratch_array("dummy", (1,))
+        grads = cuda.device_array((2, channels), dtype=stage_dtype)
 
-        def stage(pass_kernels, u, v):
-            result = cuda.device_array(x.size, dtype=x.dtype)
-            _elementwise(pass_kernels, layout, u, v, coef, shape, result)
+        def stage(name, u, v, stage_coef=coef):
+            result = cuda.device_array(x.size, dtype=stage_dtype)
+            _elementwise(kernels, name, layout, u, v, stage_coef, shape, result)
             return result
 
-        def channel_sum(reduction, u, v, row):
-            partial = _reduce(reduction, layout, u, v, mean, shape)
+        def channel_sum(name, u, v, row):
+            partial = _reduce(kernels, name, layout, u, v, shape,
+                              (mean, dummy, dummy, dummy, 0))
             _per_channel(kernels, kernels.staged_sum, channels, partial, layout.width,
                          sums, row)
 
-        # coef = [mean, invstd, gamma, 0]
+        if relu:
+            # step 10: relu = max(y, 0); y rebuilt full size as the forward
+            # computed it, then dy = where(y > 0, dy, 0) full size
+            relu_coef = _scratch_array("relu_coef", (COEF_ROWS, channels))
+            _per_channel(kernels, kernels.normalize_coefficients, channels, mean, invstd,
+                         _or_dummy(gamma), _or_dummy(beta), _param_flags(x.dtype, gamma, beta),
+                         relu_coef)
+            y = stage("normalize", x_flat, x_flat, relu_coef)
+            dy_flat = stage("mask_positive", dy_flat, y)
+        # coef = [mean, invstd, gamma, 0, 0]
         _per_channel(kernels, kernels.staged_channels, channels, mean, invstd,
-                     _scratch_array("dummy", (1,)) if gamma is None else gamma, _param_flags(x.dtype, gamma), coef)
-        xmu = stage(kernels.subtract_p0, x_flat, x_flat)             # xmu = x - mean
-        xhat = stage(kernels.multiply_p1, xmu, xmu)                  # xhat = xmu * invstd
-        channel_sum(kernels.sum, dy_flat, dy_flat, 0)                # step 9: dbeta = sum(dy)
-        channel_sum(kernels.sum_of_product, dy_flat, xhat, 1)        # step 8: dgamma
-        dxhat = stage(kernels.multiply_p2, dy_flat, dy_flat)         # dxhat = dy * gamma
-        channel_sum(kernels.sum_of_product, dxhat, xmu, 2)           # step 7: divar
-        dxmu1 = stage(kernels.multiply_p1, dxhat, dxhat)             # dxmu1 = dxhat * invstd
+                     _or_dummy(gamma), _param_flags(x.dtype, gamma), coef)
+        xmu = stage("subtract_p0", x_flat, x_flat)                # xmu = x - mean
+        xhat = stage("multiply_p1", xmu, xmu)                     # xhat = xmu * invstd
+        channel_sum("sum", dy_flat, dy_flat, 0)                   # step 9: dbeta = sum(dy)
+        channel_sum("sum_of_product", dy_flat, xhat, 1)           # step 8: dgamma
+        dxhat = stage("multiply_p2", dy_flat, dy_flat)            # dxhat = dy * gamma
+        channel_sum("sum_of_product", dxhat, xmu, 2)              # step 7: divar
+        dxmu1 = stage("multiply_p1", dxhat, dxhat)                # dxmu1 = dxhat * invstd
         _per_channel(kernels, kernels.staged_dsq, channels, invstd, count, sums, coef)
-        dsq = stage(kernels.broadcast_p3, xmu, xmu)                  # step 4: dsq = dvar / M
-        dxmu2 = stage(kernels.twice_product, xmu, dsq)               # step 3: 2 * xmu * dsq
-        dx1 = stage(kernels.add, dxmu1, dxmu2)                       # step 2: dxmu1 + dxmu2
-        channel_sum(kernels.sum, dx1, dx1, 3)                        # step 2: sum(dx1)
+        dsq = stage("broadcast_p3", xmu, xmu)                     # step 4: dsq = dvar / M
+        dxmu2 = stage("twice_product", xmu, dsq)                  # step 3: 2 * xmu * dsq
+        dx1 = stage("add", dxmu1, dxmu2)                          # step 2: dxmu1 + dxmu2
+        channel_sum("sum", dx1, dx1, 3)                           # step 2: sum(dx1)
         _per_channel(kernels, kernels.staged_dmu, channels, count, sums, coef, grads)
-        _elementwise(kernels.add_p3, layout, dx1, dx1, coef, shape, _flat(out))  # steps 1, 0
+        _elementwise(kernels, "add_p3", layout, dx1, dx1, coef, shape, _flat(out))  # steps 1, 0
         return _rows_of(grads)
