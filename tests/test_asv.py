@@ -428,3 +428,24 @@ def test_unsupported_backend_is_skipped_with_its_reason(monkeypatch):
     with pytest.raises(NotImplementedError, match="no 16-bit kernels"):
         suite.Forward().setup("numpy", "4x3x2", "float16")
     suite.Forward().setup("numpy", "4x3x2", "float32")
+
+
+def test_half_relu_script_writes_its_report(tmp_path):
+    """benchmarks/half_relu.py: one round on a tiny shape, every section written."""
+    script = importlib.import_module(f"{PACKAGE}.half_relu")
+    path = tmp_path / "half_relu.md"
+    argv = ["--shape", "8x3x4x4", "--rounds", "1", "--storage-backends", "numpy,torch",
+            "--relu-backends", "numpy", "--out", str(path)]
+    assert script.main(argv) == 0
+    text = path.read_text()
+    for heading in ("## 16-bit storage", "## Fused batch norm + ReLU", "## Bars",
+                    "load average"):
+        assert heading in text
+    rows = [line.split("|")[1:-1] for line in text.splitlines()
+            if line.startswith("| numpy | float32 |")]
+    storage = [cells for cells in rows if len(cells) == 10]
+    relu = [cells for cells in rows if len(cells) == 14]
+    assert len(storage) == 1 and storage[0][4].strip() == "1.00 (1.00)"
+    assert len(relu) == 1
+    if bench.why_unsupported("numpy", "float32", "relu") is None:
+        assert "n/a" not in relu[0][2] and "x separate" in text
