@@ -94,8 +94,12 @@ def test_params_and_units(name_cls):
     assert cls.param_names == ["backend", "shape", "dtype"]
     if not os.environ.get("FASTBN_BENCH_BACKENDS"):
         assert {"numpy", "numba", "cython", "torch"} <= set(cls.params[0])
-    if os.environ.get("FASTBN_BENCH_PROFILE", "").strip().lower() != "tiny":
-        assert set(cls.params[2]) == {"float32", "float64", "float16", "bfloat16"}
+    common = importlib.import_module(f"{PACKAGE}.common")
+    assert set(common.DTYPES) == {"float32", "float64", "float16", "bfloat16"}
+    if cls.__name__.endswith("Large"):
+        assert cls.params[2] == common.DTYPES
+    else:
+        assert cls.params[2] == common.dtypes()
     for shape in cls.params[1]:
         assert len(shape.split("x")) >= 2
     for attr in dir(cls):
