@@ -420,3 +420,327 @@ def test_source_tree_says_why_the_extension_is_missing(tmp_path):
     assert str(tmp_path) in reason and "pip install ." in reason
     assert warned.startswith("False 1 ") and "source tree" in warned
     assert info_reason == reason
+
+
+# ---------------------------------------------------------------------------
+# 16-bit storage (float16, bfloat16) and the fused ReLU
+# ---------------------------------------------------------------------------
+
+def _bfloat16():
+    return pytest.importorskip("ml_dtypes").bfloat16
+
+
+def _ext():
+    from fastbn.backends import _cython_omp
+    return _cython_omp
+
+
+@pytest.fixture(params=["f16c", "portable"])
+def f16_path(request):
+    """Run a test with the F16C float16 conversions, then with the portable ones."""
+    ext = _ext()
+    if request.param == "f16c" and not (ext.f16c_info()["compiled"] and ext.f16c_info()["cpu"]):
+        pytest.skip("no F16C path on this build or CPU")
+    ext._use_f16c(request.param == "f16c")
+    yield request.param
+    ext._use_f16c(True)
+
+
+def _same_or_both_nan(actual, expected):
+    """Bit-equal 32-bit values, or NaN where the expected value is NaN."""
+    nan = np.isnan(expected)
+    assert np.array_equal(np.isnan(actual), nan)
+    assert np.array_equal(actual[~nan].view(np.uint32), expected[~nan].view(np.uint32))
+
+
+def _float32_rounding_cases():
+    """float32 values that exercise every float16 / bfloat16 rounding case: each
+    16-bit value, the midpoints between neighbours (ties), one float32 ulp either
+    side of them, overflow, subnormals, zeros, infinities and random bits."""
+    rng = np.random.default_rng(0)
+    halves = np.arange(0, 0x7C00, dtype=np.uint16).view(np.float16).astype(np.float64)
+    mids = (halves[:-1] + halves[1:]) / 2               # exact in float32
+    mids = np.concatenate([mids, [65504 + 8.0, 65520.0 * 2]]).astype(np.float32)
+    around = np.concatenate([mids, np.nextafter(mids, np.float32(np.inf)),
+                             np.nextafter(mids, np.float32(0))])
+    special = np.array([0.0, 2.0 ** -25, 2.0 ** -24, 3 * 2.0 ** -26, 2.0 ** -14, 65504.0,
+                        65519.99, 65520.0, 1e6, 3.4e38, np.inf, 1e-40, 2.0 ** -126],
+                       dtype=np.float32)
+    random_bits = rng.integers(0, 2 ** 32, 200_000, dtype=np.uint64).astype(np.uint32)
+    bf16_ties = (rng.integers(0, 2 ** 16, 20_000, dtype=np.uint32) << 16) | 0x8000
+    values = np.concatenate([around, special, random_bits.view(np.float32),
+                             bf16_ties.view(np.float32)])
+    return np.concatenate([values, -values])
+
+
+@needs_extension
+def test_float16_loads_every_bit_pattern_exactly(f16_path):
+    bits = np.arange(2 ** 16, dtype=np.uint32).astype(np.uint16)
+    as_float = cython_omp._ext.to_float32(bits.view(np.float16))
+    _same_or_both_nan(as_float, bits.view(np.float16).astype(np.float32))
+    # and back: every non-NaN pattern round-trips, NaN stays NaN
+    back = np.empty(bits.shape, dtype=np.float16)
+    cython_omp._ext.from_float32(as_float, back)
+    nan = np.isnan(as_float)
+    assert np.array_equal(back.view(np.uint16)[~nan], bits[~nan])
+    assert np.isnan(back[nan]).all()
+
+
+@needs_extension
+def test_float16_store_rounds_to_nearest_even(f16_path):
+    values = _float32_rounding_cases()
+    out = np.empty(values.shape, dtype=np.float16)
+    cython_omp._ext.from_float32(values, out)
+    with np.errstate(over="ignore"):
+        expected = values.astype(np.float16)            # NumPy rounds to nearest even
+    nan = np.isnan(values)
+    assert np.isnan(out[nan]).all()
+    assert np.array_equal(out.view(np.uint16)[~nan], expected.view(np.uint16)[~nan])
+
+
+@needs_extension
+def test_portable_float16_helpers_match_numpy():
+    # The portable conversions directly (without the F16C dispatch).
+    bits = np.arange(2 ** 16, dtype=np.uint32).astype(np.uint16)
+    as_float, back = _ext()._f16_soft_roundtrip(bits)
+    _same_or_both_nan(as_float, bits.view(np.float16).astype(np.float32))
+    nan = np.isnan(as_float)
+    assert np.array_equal(back[~nan], bits[~nan])
+    values = _float32_rounding_cases()
+    rounded = _ext()._f16_soft_round(values)
+    finite = ~np.isnan(values)
+    with np.errstate(over="ignore"):
+        expected = values[finite].astype(np.float16)
+    assert np.array_equal(rounded[finite], expected.view(np.uint16))
+    assert np.isnan(rounded[~finite].view(np.float16)).all()
+
+
+@needs_extension
+def test_bfloat16_loads_and_stores_match_ml_dtypes():
+    bfloat16 = _bfloat16()
+    bits = np.arange(2 ** 16, dtype=np.uint32).astype(np.uint16)
+    as_float = cython_omp._ext.to_float32(bits.view(bfloat16))
+    _same_or_both_nan(as_float, bits.view(bfloat16).astype(np.float32))
+    values = _float32_rounding_cases()
+    out = np.empty(values.shape, dtype=bfloat16)
+    cython_omp._ext.from_float32(values, out)
+    with np.errstate(over="ignore", invalid="ignore"):
+        expected = values.astype(bfloat16)              # ml_dtypes: nearest even
+    nan = np.isnan(values)
+    assert np.isnan(out[nan].astype(np.float32)).all()
+    assert np.array_equal(out.view(np.uint16)[~nan], expected.view(np.uint16)[~nan])
+
+
+def _half_dtypes():
+    return [np.float16, "bfloat16"]
+
+
+def _as_dtype(name):
+    return _bfloat16() if name == "bfloat16" else np.dtype(name).type
+
+
+def _half_case(shape, dtype, seed=0):
+    """16-bit x and dy, float32-valued gamma/beta (float64 arrays); channel 0 has
+    mean 1e3 x its std."""
+    rng = np.random.default_rng(seed)
+    channels = shape[1]
+    std = rng.uniform(0.5, 2.0, channels)
+    mean = rng.normal(0.0, 1.0, channels)
+    mean[0] = 1e3 * std[0]
+    x = (rng.standard_normal(shape) * std[None, :, None] + mean[None, :, None]).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    gamma = rng.uniform(0.5, 1.5, channels).astype(np.float32).astype(np.float64)
+    beta = rng.normal(0.0, 0.5, channels).astype(np.float32).astype(np.float64)
+    return x, dy, gamma, beta
+
+
+def _assert_within_one_ulp(actual, expected64, dtype):
+    """actual (16-bit) within 1 ulp of float64 `expected64` rounded once to dtype.
+
+    Values whose float64 result is below the float32 arithmetic's rounding of
+    its inputs (cancellation to near zero; 1e-6 of the largest magnitude) are
+    checked against that absolute bound instead.
+    """
+    rounded = expected64.astype(dtype)
+
+    def ordered(v):
+        bits = v.view(np.uint16).astype(np.int32)
+        return np.where(bits & 0x8000, -(bits & 0x7FFF), bits)
+
+    distance = np.abs(ordered(actual) - ordered(rounded))
+    near_zero = np.abs(actual.astype(np.float64) - expected64) <= 1e-6 * np.abs(expected64).max()
+    bad = (distance > 1) & ~near_zero
+    assert not bad.any(), (f"{bad.sum()} values more than 1 ulp off, e.g. "
+                           f"{actual[bad][:3]} vs {expected64[bad][:3]}")
+
+
+HALF_SHAPES = ["rows_B1_large_C", "rows_B1_fused", "rows_B1_small_C", "channels_fused",
+               "channels_split", "channels_small_B", "tiny"]
+
+
+@needs_extension
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("dtype", _half_dtypes())
+@pytest.mark.parametrize("name", HALF_SHAPES)
+def test_half_kernels_match_float64_reference(name, dtype, relu):
+    dtype = _as_dtype(dtype)
+    x, dy, gamma, beta = _half_case(SHAPES[name], dtype)
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+    ref = kernel_reference(x, gamma, beta, dy, EPS)
+    out = np.empty_like(x)
+    mean, invstd = cython_omp.forward_train(x, gamma, beta, EPS, out, relu=relu)
+    assert mean.dtype == np.float64 and invstd.dtype == np.float64
+    assert_close(mean, ref["mean"], 1e-12, 1e-9)
+    assert_close(invstd, ref["invstd"], 1e-9, 0)
+    y64 = ((x64 - mean[None, :, None]) * (invstd * gamma)[None, :, None]
+           + beta[None, :, None])
+    _assert_within_one_ulp(out, np.maximum(y64, 0) if relu else y64, dtype)
+    out_norm = np.empty_like(x)
+    cython_omp.normalize(x, mean, invstd, gamma, beta, out_norm, relu=relu)
+    assert np.array_equal(out_norm.view(np.uint16), out.view(np.uint16))
+    # backward of the masked dy; the mask is the forward's float32 y > 0
+    # (float64 y can differ in sign where |y| is below float32 rounding)
+    y32 = np.empty(x.shape, dtype=np.float32)
+    cython_omp.normalize(x.astype(np.float32), mean, invstd, gamma, beta, y32)
+    dy_used = np.where(y32 > 0, dy64, 0.0) if relu else dy64
+    count = x.shape[0] * x.shape[2]
+    xhat = (x64 - mean[None, :, None]) * invstd[None, :, None]
+    sum_dy = dy_used.sum(axis=(0, 2))
+    sum_dy_xhat = (dy_used * xhat).sum(axis=(0, 2))
+    dx64 = (gamma * invstd)[None, :, None] * (
+        dy_used - sum_dy[None, :, None] / count - xhat * sum_dy_xhat[None, :, None] / count)
+    kwargs = dict(beta=beta, relu=relu)
+    dx = np.empty_like(x)
+    sums = cython_omp.backward_train(dy, x, mean, invstd, gamma, dx, **kwargs)
+    sums_r = cython_omp.backward_reduce(dy, x, mean, invstd, gamma, beta, relu=relu)
+    dx_elemt = np.empty_like(x)
+    cython_omp.backward_elemt(dy, x, mean, invstd, gamma, *sums_r, dx_elemt, **kwargs)
+    dx_staged = np.empty_like(x)
+    dgamma, dbeta = cython_omp.backward_staged(dy, x, mean, invstd, gamma, EPS, dx_staged,
+                                               **kwargs)
+    scale = np.abs(dy_used).sum(axis=(0, 2)) + 1.0
+    # float64 sums of exact values; the staged graph sums float32 intermediates
+    for (got_dy, got_dxhat), tol in ((sums, 1e-9), (sums_r, 1e-9), ((dbeta, dgamma), 1e-6)):
+        assert_close(got_dy / scale, sum_dy / scale, 0, tol)
+        assert_close(got_dxhat / scale, sum_dy_xhat / scale, 0, tol)
+    for result in (dx, dx_elemt, dx_staged):
+        _assert_within_one_ulp(result, dx64, dtype)
+    assert np.array_equal(dx.view(np.uint16), dx_elemt.view(np.uint16))
+    dx_eval = np.empty_like(x)
+    cython_omp.backward_eval(dy, x, mean, invstd, gamma, dx_eval, **kwargs)
+    _assert_within_one_ulp(dx_eval, dy_used * (gamma * invstd)[None, :, None], dtype)
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", _half_dtypes())
+@pytest.mark.parametrize("name", ["rows_B1_fused", "channels_fused", "channels_small_B"])
+def test_half_and_relu_results_do_not_depend_on_threads_or_fusion(name, dtype):
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    dtype = _as_dtype(dtype)
+    x, dy, gamma, beta = _half_case(SHAPES[name], dtype, seed=3)
+    results = {}
+    for n in (1, 2):
+        with threadpoolctl.threadpool_limits(n, user_api="openmp"):
+            out = np.empty_like(x)
+            mean, invstd = cython_omp.forward_train(x, gamma, beta, EPS, out, relu=True)
+            dx = np.empty_like(x)
+            sums = cython_omp.backward_train(dy, x, mean, invstd, gamma, dx, beta=beta,
+                                             relu=True)
+            results[n] = (out.view(np.uint16), mean, invstd, dx.view(np.uint16), *sums)
+    for a, b in zip(results[1], results[2]):
+        assert np.array_equal(a, b)
+    # fused (forward_train / backward_train) == unfused (stats + normalize,
+    # backward_reduce + backward_elemt), bit for bit
+    mean_s, var_s = cython_omp.stats(x)
+    assert np.array_equal(mean_s, results[1][1])
+    assert np.array_equal(1.0 / np.sqrt(var_s + EPS), results[1][2])
+    sums_r = cython_omp.backward_reduce(dy, x, mean_s, results[1][2], gamma, beta, relu=True)
+    assert np.array_equal(sums_r[0], results[1][4]) and np.array_equal(sums_r[1], results[1][5])
+
+
+@needs_extension
+@pytest.mark.parametrize("name", ["rows_B1_fused", "channels_fused", "channels_small_B"])
+def test_float16_portable_path_gives_the_same_bits(name, f16_path):
+    # Both conversion paths are exact / round to nearest even: same results.
+    x, dy, gamma, beta = _half_case(SHAPES[name], np.float16, seed=4)
+    out = np.empty_like(x)
+    mean, invstd = cython_omp.forward_train(x, gamma, beta, EPS, out, relu=True)
+    dx = np.empty_like(x)
+    cython_omp.backward_train(dy, x, mean, invstd, gamma, dx, beta=beta, relu=True)
+    _ext()._use_f16c(True)
+    out_ref = np.empty_like(x)
+    cython_omp.forward_train(x, gamma, beta, EPS, out_ref, relu=True)
+    dx_ref = np.empty_like(x)
+    cython_omp.backward_train(dy, x, mean, invstd, gamma, dx_ref, beta=beta, relu=True)
+    assert np.array_equal(out.view(np.uint16), out_ref.view(np.uint16))
+    assert np.array_equal(dx.view(np.uint16), dx_ref.view(np.uint16))
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", ["rows_B1_large_C", "rows_B1_fused", "channels_fused",
+                                  "channels_split", "channels_small_B", "tiny"])
+def test_fused_relu_equals_separate_relu_bitwise(name, dtype):
+    # float32 / float64: the mask rebuilt in the backward kernels is exactly
+    # the forward's `out > 0`, so fused == BN then ReLU, and the fused backward
+    # == the plain backward of where(out > 0, dy, 0), bit for bit.
+    x, dy, gamma, beta = make_case(SHAPES[name], dtype, seed=6)
+    y = np.empty_like(x)
+    mean, invstd = cython_omp.forward_train(x, gamma, beta, EPS, y)
+    out = np.empty_like(x)
+    mean_r, invstd_r = cython_omp.forward_train(x, gamma, beta, EPS, out, relu=True)
+    assert np.array_equal(mean, mean_r) and np.array_equal(invstd, invstd_r)
+    assert np.array_equal(out, np.maximum(y, 0))
+    assert (out == 0).any() and (out > 0).any()
+    dy_masked = np.where(out > 0, dy, dtype(0))
+    for kernel in (cython_omp.backward_train, cython_omp.backward_eval):
+        dx_plain = np.empty_like(x)
+        sums_plain = kernel(dy_masked, x, mean, invstd, gamma, dx_plain)
+        dx = np.empty_like(x)
+        sums = kernel(dy, x, mean, invstd, gamma, dx, beta=beta, relu=True)
+        assert np.array_equal(dx, dx_plain), kernel.__name__
+        assert np.array_equal(sums[0], sums_plain[0]) and np.array_equal(sums[1], sums_plain[1])
+    dx_staged = np.empty_like(x)
+    dgamma, dbeta = cython_omp.backward_staged(dy, x, mean, invstd, gamma, EPS, dx_staged,
+                                               beta=beta, relu=True)
+    dx_staged_plain = np.empty_like(x)
+    dgamma_p, dbeta_p = cython_omp.backward_staged(dy_masked, x, mean, invstd, gamma, EPS,
+                                                   dx_staged_plain)
+    assert np.array_equal(dx_staged, dx_staged_plain)
+    assert np.array_equal(dgamma, dgamma_p) and np.array_equal(dbeta, dbeta_p)
+    # eval forward with the fused ReLU
+    rm, rv = mean.copy(), 1.0 / invstd ** 2 - EPS
+    out_eval = np.empty_like(x)
+    y_eval = np.empty_like(x)
+    cython_omp.forward_eval(x, gamma, beta, rm, rv, EPS, y_eval)
+    cython_omp.forward_eval(x, gamma, beta, rm, rv, EPS, out_eval, relu=True)
+    assert np.array_equal(out_eval, np.maximum(y_eval, 0))
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", _half_dtypes())
+def test_half_relu_mask_is_the_float32_normalize(dtype):
+    # 16-bit: y is rebuilt in float32 from the exact float32 values of x, as
+    # the forward computes it; so the fused backward equals the plain backward
+    # of dy masked by the float32 kernel's y > 0.
+    dtype = _as_dtype(dtype)
+    x, dy, gamma, beta = _half_case(SHAPES["channels_small_B"], dtype, seed=7)
+    out = np.empty_like(x)
+    mean, invstd = cython_omp.forward_train(x, gamma, beta, EPS, out, relu=True)
+    y32 = np.empty(x.shape, dtype=np.float32)
+    cython_omp.normalize(x.astype(np.float32), mean, invstd, gamma, beta, y32)
+    dy_masked = np.where(y32 > 0, dy, dtype(0)).astype(dtype)
+    dx_plain = np.empty_like(x)
+    sums_plain = cython_omp.backward_train(dy_masked, x, mean, invstd, gamma, dx_plain)
+    dx = np.empty_like(x)
+    sums = cython_omp.backward_train(dy, x, mean, invstd, gamma, dx, beta=beta, relu=True)
+    assert np.array_equal(dx.view(np.uint16), dx_plain.view(np.uint16))
+    assert np.array_equal(sums[0], sums_plain[0]) and np.array_equal(sums[1], sums_plain[1])
+
+
+@needs_extension
+def test_relu_backward_needs_beta():
+    x, dy, gamma, beta = make_case((4, 3, 5), np.float32)
+    mean, invstd = cython_omp.forward_train(x, gamma, beta, EPS, np.empty_like(x))
+    with pytest.raises(ValueError):
+        cython_omp.backward_train(dy, x, mean, invstd, gamma, np.empty_like(x), relu=True)
