@@ -40,7 +40,10 @@ import urllib.request
 SPEEDUP_BENCHMARK = "bench_batchnorm.BackwardStaged.track_speedup_simplified_over_staged"
 COPY_LIMIT_BENCHMARKS = ("bench_batchnorm.Forward.track_fraction_of_copy_limit",
                          "bench_batchnorm.Backward.track_fraction_of_copy_limit")
-PROFILES = ("default", "tiny", "slow")
+PROFILES = ("default", "quick", "tiny", "slow")
+# With --quick (and no --bench): the *Large classes, skipped outside the slow
+# profile, are not even started.
+NOT_LARGE = r"^(?!.*Large\.)"
 
 # Every script and stylesheet that asv's index.html loads from a CDN, and the
 # file of the npm package that holds the same library: (URL, npm package,
@@ -72,6 +75,88 @@ VENDOR_FILES = [
      "bootstrap", "3.1.1", "dist/css/bootstrap.min.css"),
 ]
 VENDOR_DIR = "vendor"
+
+# asv's bar graphs (the sidebar's x-axis set to a parameter: backend, shape,
+# dtype) are drawn by flot's categories plugin and flot-orderbars 1.0.0, which
+# places the bars of several series side by side. flot-orderbars turns its
+# border width from pixels into x units with the span of the series' raw x
+# values; on a category axis those are the labels (strings), the span is NaN,
+# and so is the x of every bar but the middle one of an odd count: two or
+# more series draw no bar, online or offline (the npm file is the CDN's, byte
+# for byte). asv 0.5 shipped its own copy of the plugin, patched for
+# non-numeric x; asv 0.6 loads the unpatched npm release. This script, loaded
+# right after the plugin, wraps the plugin's hook so that the x values it
+# reads are the category numbers while it runs. A page without the plugin is
+# left alone.
+ORDERBARS_FIX = "fastbn-orderbars-categories.js"
+ORDERBARS_FIX_JS = r"""/* Written by fastbn dashboard: flot-orderbars on a category x axis.
+   The plugin measures the x axis with the raw x values of the series, which
+   are category labels there (NaN bar positions); while its hook runs, each
+   series' x values are replaced by the category numbers. */
+(function ($) {
+  var plugin = null;
+  $.each($.plot.plugins, function (i, p) {
+    if (p.name === "orderBars") { plugin = p; }
+  });
+  if (!plugin || plugin.categoryFix) { return; }
+  plugin.categoryFix = true;
+  var init = plugin.init;
+
+  function numericX(plot) {
+    var swapped = [];
+    $.each(plot.getData(), function (i, series) {
+      if (!series.xaxis || series.xaxis.options.mode !== "categories") { return; }
+      var categories = series.xaxis.categories || {};
+      var numeric = [];
+      for (var j = 0; j < series.data.length; j++) {
+        var point = series.data[j];
+        if (point == null) { numeric.push(point); continue; }
+        point = point.slice();
+        // A label not numbered yet (a later series): its position.
+        point[0] = categories.hasOwnProperty(point[0]) ? categories[point[0]] : j;
+        numeric.push(point);
+      }
+      swapped.push([series, series.data]);
+      series.data = numeric;
+    });
+    return swapped;
+  }
+
+  function restore(swapped) {
+    $.each(swapped, function (i, pair) {
+      var series = pair[0], original = pair[1];
+      // The plugin keeps the shifted x in the point's fourth entry.
+      for (var j = 0; j < original.length; j++) {
+        if (original[j] != null && series.data[j] != null && series.data[j].length > 3) {
+          original[j][3] = series.data[j][3];
+        }
+      }
+      series.data = original;
+    });
+  }
+
+  plugin.init = function (plot) {
+    var hooks = plot.hooks.processDatapoints;
+    var first = hooks.length;
+    init(plot);
+    var added = hooks.splice(first, hooks.length - first);
+    $.each(added, function (i, hook) {
+      hooks.push(function (plot, series, datapoints) {
+        var swapped = numericX(plot);
+        try {
+          return hook(plot, series, datapoints);
+        } finally {
+          restore(swapped);
+        }
+      });
+    });
+  };
+})(jQuery);
+"""
+# The <script> tag of flot-orderbars, from the CDN or a local copy.
+ORDERBARS_TAG = re.compile(
+    r"<script\b[^>]*\bsrc=\"[^\"]*jquery\.flot\.orderBars(?:\.min)?\.js\"[^>]*>\s*</script>",
+    re.IGNORECASE)
 
 # <script src="http..."> and <link href="http..."> tags of a page.
 EXTERNAL_TAG = re.compile(
@@ -119,7 +204,10 @@ def add_arguments(parser):
     parser : argparse.ArgumentParser
     """
     parser.add_argument("--quick", action="store_true",
-                        help="run each benchmark once (asv run --quick)")
+                        help="run each benchmark once (asv run --quick) on the small shapes "
+                             "of the quick profile, float32 and float64, each in a child "
+                             "forked from one process that imported the backends (asv "
+                             "--launch-method forkserver)")
     parser.add_argument("--offline", action="store_true",
                         help="serve asv's scripts and stylesheets from local npm packages")
     parser.add_argument("--no-serve", action="store_true",
@@ -133,8 +221,9 @@ def add_arguments(parser):
     parser.add_argument("--bench", metavar="REGEX",
                         help="only the benchmarks matching REGEX (asv run -b)")
     parser.add_argument("--profile", choices=PROFILES,
-                        help="FASTBN_BENCH_PROFILE for the run: tiny shapes, the default "
-                             "shapes, or the large shape as well")
+                        help="FASTBN_BENCH_PROFILE for the run: the default shapes, the "
+                             "small ones of --quick (its default), one tiny shape, or the "
+                             "large shape as well")
     parser.add_argument("--machine", help="asv machine name (default: this host's name)")
     parser.add_argument("--skip-run", action="store_true",
                         help="publish the results already stored; run nothing")
@@ -181,8 +270,9 @@ def _run(args):
     html_dir = pathlib.Path(args.html_dir or repo / conf["html_dir"]).resolve()
     results_dir = pathlib.Path(args.results_dir or repo / conf["results_dir"]).resolve()
     env = dict(os.environ)
-    if args.profile:
-        env["FASTBN_BENCH_PROFILE"] = args.profile
+    profile = args.profile or ("quick" if args.quick else None)
+    if profile:
+        env["FASTBN_BENCH_PROFILE"] = profile
     if args.offline:
         # Fail before the run, not after it, when a package is missing.
         fetch_packages(npm_cache_dir(args.npm_cache))
@@ -203,8 +293,7 @@ def _run(args):
         if not args.skip_run:
             machine = ensure_machine(args.machine, env, common)
             machine_args = ["--machine", machine]
-            selection = (["--quick"] if args.quick else []) + (
-                ["--bench", args.bench] if args.bench else [])
+            selection = quick_arguments(args.quick, profile, args.bench)
             if args.commits:
                 print(f"fastbn dashboard: benchmarking {args.commits} in asv's environments",
                       flush=True)
@@ -234,6 +323,7 @@ def _run(args):
                 raise DashboardError(f"asv stored no results for {commit[:8]} in {results_dir}")
             print(f"fastbn dashboard: results of commit {commit} stored in {stored[0]}")
         asv(["publish", "--no-pull", "--html-dir", str(html_dir)] + common, env)
+        fix_category_bars(html_dir)
         if args.offline:
             vendored = make_offline(html_dir, npm_cache_dir(args.npm_cache))
             packages = sorted({f"{row['package']}@{row['version']}" for row in vendored})
@@ -259,6 +349,34 @@ def _run(args):
 
 
 # asv ------------------------------------------------------------------------
+
+def quick_arguments(quick, profile, bench):
+    """The ``asv run`` options that select what runs, and how.
+
+    Parameters
+    ----------
+    quick : bool
+        ``--quick``: each benchmark once, in children forked from one process
+        (``--launch-method forkserver``; ``benchmarks/preload.py`` has imported
+        the backends there), and without the ``*Large`` classes unless the
+        profile is ``slow`` or ``bench`` is given.
+    profile : str or None
+        ``FASTBN_BENCH_PROFILE`` of the run.
+    bench : str or None
+        ``--bench REGEX``.
+
+    Returns
+    -------
+    list of str
+    """
+    argv = ["--quick", "--launch-method", "forkserver"] if quick else []
+    if bench:
+        argv += ["--bench", bench]
+    elif quick and profile != "slow":
+        argv += ["--bench", NOT_LARGE]
+    return argv
+
+
 
 def find_config(path=None):
     """The asv configuration: ``path``, or ``asv.conf.json`` in a parent folder.
@@ -384,6 +502,38 @@ def stored_results(results_dir, machine, commit):
         if data.get("commit_hash") == commit and data.get("results"):
             found.append(path)
     return found
+
+
+def fix_category_bars(html_dir):
+    """Add ``ORDERBARS_FIX_JS`` after flot-orderbars in a published site's pages.
+
+    Without it, asv's bar graphs of two or more series draw no bar (see the
+    comment at ``ORDERBARS_FIX``). Running it again changes nothing.
+
+    Parameters
+    ----------
+    html_dir : path
+        The output of ``asv publish``.
+
+    Returns
+    -------
+    list of str
+        The names of the pages that load the fix.
+    """
+    html_dir = pathlib.Path(html_dir)
+    fixed = []
+    for page in sorted(html_dir.glob("*.html")):
+        text = page.read_text(encoding="utf-8")
+        if ORDERBARS_FIX not in text:
+            text = ORDERBARS_TAG.sub(
+                lambda match: f'{match.group(0)}\n    <script src="{ORDERBARS_FIX}"></script>',
+                text)
+            page.write_text(text, encoding="utf-8")
+        if ORDERBARS_FIX in text:
+            fixed.append(page.name)
+    if fixed:
+        (html_dir / ORDERBARS_FIX).write_text(ORDERBARS_FIX_JS, encoding="utf-8")
+    return fixed
 
 
 # Offline site ---------------------------------------------------------------
@@ -658,28 +808,41 @@ PAGE_STATE_JS = r"""
       return [c.r, c.g, c.b];
     });
     var series_pixels = 0;
+    var pixels_by_series = colors.map(function () { return 0; });
     for (var i = 0; i < pixels.length; i += 4) {
       if (pixels[i + 3] < 128) { continue; }
       for (var k = 0; k < colors.length; k++) {
         if (Math.abs(pixels[i] - colors[k][0]) < 24 && Math.abs(pixels[i + 1] - colors[k][1]) < 24 &&
-            Math.abs(pixels[i + 2] - colors[k][2]) < 24) { series_pixels += 1; break; }
+            Math.abs(pixels[i + 2] - colors[k][2]) < 24) {
+          series_pixels += 1;
+          pixels_by_series[k] += 1;
+          break;
+        }
       }
     }
     state.plot = {
       x_label: axes.xaxis.options.axisLabel || "",
+      x_mode: axes.xaxis.options.mode || "",
       y_label: axes.yaxis.options.axisLabel || "",
       x_ticks: axes.xaxis.ticks.map(function (t) { return t.label; }),
       series_pixels: series_pixels,
       canvas: [canvas.width, canvas.height],
-      series: series.map(function (s) {
+      series: series.map(function (s, k) {
         var finite = [], missing = 0, non_finite = 0;
         s.data.forEach(function (p) {
           if (p[1] === null || p[1] === undefined) { missing += 1; }
           else if (isFinite(p[1])) { finite.push([p[0], p[1]]); }
           else { non_finite += 1; }
         });
+        // Where flot draws the points: x after the plugins (categories,
+        // orderBars) moved it; NaN or null means the point is not drawn.
+        var drawn_x = [], ps = s.datapoints.pointsize, dp = s.datapoints.points;
+        for (var j = 0; j + 1 < dp.length; j += ps) {
+          if (dp[j + 1] !== null) { drawn_x.push(dp[j]); }
+        }
         return {label: s.label || "", color: s.color, points: finite, missing: missing,
-                non_finite: non_finite};
+                non_finite: non_finite, pixels: pixels_by_series[k],
+                drawn_x: drawn_x.map(function (x) { return isFinite(x) ? x : null; })};
       })
     };
   }

@@ -163,6 +163,30 @@ def test_offline_page_links_are_local(site):
                 f'href="{row["path"]}" integrity=' in html
     # The stylesheet's fonts came along.
     assert list((site["html"] / "vendor" / "bootstrap@3.1.1" / "dist" / "fonts").glob("*.woff"))
+    # The bar-graph fix is loaded right after flot-orderbars, once.
+    orderbars = html.index("/jquery.flot.orderBars.js")
+    fix = html.index(f'<script src="{dashboard.ORDERBARS_FIX}"></script>')
+    assert orderbars < fix and html.count(dashboard.ORDERBARS_FIX) == 1
+    assert html[orderbars:fix].count("<script") == 0
+    assert (site["html"] / dashboard.ORDERBARS_FIX).read_text() == dashboard.ORDERBARS_FIX_JS
+    assert dashboard.fix_category_bars(site["html"]) == ["index.html"]
+    assert (site["html"] / "index.html").read_text() == html, "a second pass changes nothing"
+
+
+def test_quick_run_arguments():
+    """--quick: asv's quick mode in forked children, the *Large classes left out."""
+    quick = dashboard.quick_arguments(True, "quick", None)
+    assert quick[:3] == ["--quick", "--launch-method", "forkserver"]
+    assert quick[3:] == ["--bench", dashboard.NOT_LARGE]
+    assert dashboard.quick_arguments(True, "slow", None) == quick[:3]
+    assert dashboard.quick_arguments(True, "tiny", "track_") == quick[:3] + ["--bench", "track_"]
+    assert dashboard.quick_arguments(False, None, None) == []
+    names = ["bench_batchnorm.Forward.time_forward_train",
+             "bench_batchnorm.BackwardStaged.track_speedup_simplified_over_staged",
+             "bench_batchnorm.ForwardLarge.time_forward_train",
+             "bench_batchnorm.BackwardStagedLarge.track_speedup_simplified_over_staged"]
+    assert [bool(re.search(dashboard.NOT_LARGE, name)) for name in names] == [
+        True, True, False, False]
 
 
 def test_vendor_table_matches_the_installed_asv():
@@ -282,3 +306,29 @@ def test_offline_page_draws_in_chromium(site, chromium, artifacts, name, unit, p
         assert all(y > 0 for _, y in series["points"])
     shot = (artifacts / png).read_bytes()
     assert shot[:8] == b"\x89PNG\r\n\x1a\n" and len(shot) > 10_000
+
+
+def test_category_axis_draws_bars_in_chromium(site, chromium, artifacts):
+    """x-axis = shape: one bar per backend side by side (flot categories + orderBars).
+
+    Without ``fastbn-orderbars-categories.js`` flot-orderbars puts every bar
+    of four series at x = NaN and nothing is drawn.
+    """
+    png = "dashboard-forward-copy-limit-by-shape.png"
+    with dashboard.serve(site["html"]) as url:
+        report = dashboard.render_page(f"{url}#{FORWARD_FRACTION}?x-axis=shape",
+                                       artifacts / png, chromium=chromium)
+    print(f"screenshot: {artifacts / png}")
+    assert dashboard.page_problems(report) == []
+    plot = report["state"]["plot"]
+    assert plot["x_mode"] == "categories" and plot["x_label"] == "shape"
+    assert plot["x_ticks"] == ["4x8x4x4"]
+    assert plot["y_label"] == "fraction"
+    assert set(series_by_backend(plot)) == {"numpy", "numba", "cython", "torch"}
+    positions = []
+    for series in plot["series"]:
+        assert [point[0] for point in series["points"]] == ["4x8x4x4"], series
+        assert series["drawn_x"] and None not in series["drawn_x"], series
+        assert series["pixels"] > 0, f"{series['label']}: no pixel of its colour"
+        positions += series["drawn_x"]
+    assert len(set(positions)) == len(positions), "the bars stand side by side"
