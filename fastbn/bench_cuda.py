@@ -113,8 +113,8 @@ def _calls_for(nbytes):
 
 
 def _relative_error(actual, expected):
-    actual = actual.double()
-    expected = expected.double()
+    actual = actual.detach().double()
+    expected = expected.detach().double()
     scale = float(expected.abs().max())
     return float((actual - expected).abs().max()) / (scale if scale > 0 else 1.0)
 

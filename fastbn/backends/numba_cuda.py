@@ -309,7 +309,8 @@ def to_device(obj):
     ----------
     obj : numpy.ndarray, Numba device array or ``__cuda_array_interface__``
         A NumPy array (or anything ``numpy.asarray`` accepts) is copied to a
-        new C-contiguous device array. A device object is returned as a Numba
+        new C-contiguous device array (a bfloat16 array gives a Numba device
+        array of dtype bfloat16, copied as its bits). A device object is returned as a Numba
         device array viewing the same memory: no copy, and no
         synchronization on the stream it names.
 
@@ -323,7 +324,19 @@ def to_device(obj):
     with _serialized():
         if is_device_array(obj):
             return cuda.as_cuda_array(obj, sync=False)
-        return cuda.to_device(np.ascontiguousarray(obj))
+        array = np.ascontiguousarray(obj)
+        if array.dtype.name == "bfloat16":
+            # bfloat16 has no buffer-protocol format: copy its bits
+            return _retyped(cuda.to_device(array.view(np.uint16)), array.dtype)
+        return cuda.to_device(array)
+
+
+def _retyped(array, dtype):
+    """The same device memory as ``array`` with another dtype of the same size."""
+    if _SIMULATOR:
+        return array.view(dtype)
+    from numba.cuda.cudadrv.devicearray import DeviceNDArray
+    return DeviceNDArray(array.shape, array.strides, np.dtype(dtype), gpu_data=array.gpu_data)
 
 
 def empty(shape, dtype):
@@ -334,13 +347,20 @@ def empty(shape, dtype):
 
 
 def to_host(arr):
-    """A NumPy copy of a device array (a NumPy array is returned as is)."""
+    """A NumPy copy of a device array (a NumPy array is returned as is).
+
+    A bfloat16 device array comes back as a bfloat16 NumPy array.
+    """
     if not is_device_array(arr):
         return np.asarray(arr)
     _require()
     with _serialized():
         if not _is_numba_device_array(arr):
             arr = cuda.as_cuda_array(arr)
+        dtype = np.dtype(arr.dtype)
+        if dtype.name == "bfloat16":
+            # bfloat16 has no buffer-protocol format: copy its bits
+            return _retyped(arr, np.uint16).copy_to_host().view(dtype)
         return arr.copy_to_host()
 
 
