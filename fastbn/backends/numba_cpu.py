@@ -1,10 +1,48 @@
 """Numba CPU backend: ``@njit(parallel=True, cache=True)`` loops on ``(A, C, B)``.
 
 The kernels follow the contract in :mod:`fastbn.backends`. They are compiled
-for float32 and float64 inputs with ``error_model='numpy'``,
-``boundscheck=False`` and ``fastmath={'reassoc', 'contract'}``; statistics,
-reductions and the centring ``x - mean`` are computed in float64 (float32
-data is converted element by element before anything else).
+with ``error_model='numpy'``, ``boundscheck=False`` and
+``fastmath={'reassoc', 'contract'}``.
+
+Storage and compute types
+-------------------------
+Each kernel is written once; what it loads, stores and computes in is chosen
+at compile time by the dtype of its arrays, through small overloaded helpers
+(``_ld`` loads an element in the compute type, ``_st`` rounds a result once
+into the storage type, ``_ct`` casts a float64 per-channel scalar to the
+compute type, ``_center`` forms ``x - mean``):
+
+* float32 and float64 storage compute in float64 (float32 data is converted
+  element by element before anything else);
+* float16 and bfloat16 storage compute in float32. Numba cannot type those
+  dtypes, so the Python wrappers view them, without a copy, as ``uint16``
+  (float16) and ``int16`` (bfloat16) bit patterns, and the helpers convert:
+  float16 with LLVM's ``half`` type (``fpext``/``fptrunc``, i.e.
+  ``vcvtph2ps``/``vcvtps2ph``, vectorized) when the CPU numba compiles for
+  has F16C, else with branch-free integer code; bfloat16 with integer code
+  (the upper half of a float32; stores round to nearest even, NaN stays a
+  quiet NaN). ``x - mean`` uses a split ``mean = hi + lo`` in float32, so a
+  channel whose mean is far larger than its spread keeps its precision.
+  Sums run in float32 over blocks of ``SUM_BLOCK`` elements (vectorized
+  partial sums of at most a few dozen terms each) merged in float64; the
+  staged backward's full-size intermediates are float32.
+
+Numba's on-disk cache is keyed on the CPU name and features, and the F16C
+choice follows the same features, so a cache never mixes the two paths.
+
+Fused ReLU
+----------
+With ``relu`` the forward kernels store ``max(y, 0)`` (``lo = 0``; ``lo =
+NaN`` means no bound, ``y < NaN`` being false) in the normalize pass. The
+backward kernels mask ``dy`` in every pass that reads it: ``y = (x - mean) *
+(invstd * gamma) + beta`` is recomputed with the forward's arithmetic and
+``dy`` kept where ``not (y <= floor)``. ``floor`` is 0 (float64 and 16-bit
+storage) or ``2**-150`` (float32 storage, whose forward computes ``y`` in
+float64 and stores ``float32(y)``, positive exactly when ``y > 2**-150``),
+so the mask is the forward's ``out > 0``; ``floor = NaN`` keeps every
+element (no ReLU). A NaN ``y`` keeps its ``dy``, as in PyTorch's
+``threshold_backward``. The staged backward rebuilds ``y`` and the masked
+``dy`` as two more full-size stages.
 
 fastmath choice
 ---------------
@@ -92,7 +130,10 @@ from . import _host
 try:
     import numpy as np
     import numba
+    from llvmlite import ir as llvm_ir
     from numba import njit, prange
+    from numba.core import types as nbtypes
+    from numba.extending import intrinsic, overload
     _IMPORT_ERROR = ""
 except ImportError as exc:  # numba (or numpy) missing: the module still imports
     numba = None
@@ -117,6 +158,7 @@ FUSED_COLS = True           # (N, D) with one row block: fused per block of chan
 FUSED_COLS_BYTES = 1024 * 1024  # ... whose rows fill about this much of x (L2); a channel's
                                 # sums do not depend on the block width
 SERIAL_BELOW = 32768        # arrays with fewer elements run serial kernels (no parallel region)
+SUM_BLOCK = 1024            # elements per block of the rows-shape sums (compute type, then float64)
 
 _PRIORITY = ["omp", "tbb", "workqueue"]
 
@@ -188,6 +230,22 @@ def _guard():
     if _layer_initialized():
         _GUARD.append(guard)
     return guard
+
+
+def _has_f16c():
+    """Whether the CPU numba compiles for has F16C (half <-> float conversions).
+
+    Read from the features of numba's CPU code generator, the same features
+    that key its on-disk cache (``NUMBA_CPU_NAME``/``NUMBA_CPU_FEATURES``
+    included): a generic target has no explicit ``+f16c`` and gets the
+    integer conversions.
+    """
+    try:
+        from numba.core.registry import cpu_target
+        features = cpu_target.target_context.codegen()._tm_features
+    except Exception:   # a numba without this attribute: the portable path
+        return False
+    return "+f16c" in str(features).split(",")
 
 
 def availability():
@@ -304,33 +362,273 @@ if numba is not None:
     _FASTMATH = {"reassoc", "contract"}
     _JIT = dict(cache=True, fastmath=_FASTMATH, error_model="numpy", boundscheck=False, nogil=True)
     _PJIT = dict(_JIT, parallel=True)
+    _F16C = _has_f16c()
+
+    # -----------------------------------------------------------------------
+    # Storage: loads, stores and the compute type, chosen by the array's
+    # dtype at compile time. float32 and float64 arrays compute in float64;
+    # float16 (viewed as uint16) and bfloat16 (viewed as int16) in float32.
+    # The overloads below have no fastmath flags of their own, so LLVM never
+    # reassociates the split centring (x - hi) - lo.
+    # -----------------------------------------------------------------------
+
+    @intrinsic
+    def _f32_from_bits(typingctx, bits):
+        """The float32 whose bit pattern is the low 32 bits of an integer."""
+        if not isinstance(bits, nbtypes.Integer):
+            return None
+
+        def codegen(context, builder, signature, args):
+            value = args[0]
+            if bits.bitwidth > 32:
+                value = builder.trunc(value, llvm_ir.IntType(32))
+            elif bits.bitwidth < 32:
+                value = builder.zext(value, llvm_ir.IntType(32))
+            return builder.bitcast(value, llvm_ir.FloatType())
+        return nbtypes.float32(bits), codegen
+
+    @intrinsic
+    def _f32_bits(typingctx, value):
+        """The bit pattern of a float32, as uint32."""
+        if value != nbtypes.float32:
+            return None
+
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], llvm_ir.IntType(32))
+        return nbtypes.uint32(value), codegen
+
+    @intrinsic
+    def _half_to_f32_f16c(typingctx, bits):
+        """IEEE binary16 bits -> float32 (LLVM fpext: vcvtph2ps with F16C)."""
+        if bits != nbtypes.uint16:
+            return None
+
+        def codegen(context, builder, signature, args):
+            half = builder.bitcast(args[0], llvm_ir.HalfType())
+            return builder.fpext(half, llvm_ir.FloatType())
+        return nbtypes.float32(bits), codegen
+
+    @intrinsic
+    def _f32_to_half_f16c(typingctx, value):
+        """float32 -> IEEE binary16 bits, round to nearest even (LLVM fptrunc:
+        vcvtps2ph with F16C)."""
+        if value != nbtypes.float32:
+            return None
+
+        def codegen(context, builder, signature, args):
+            half = builder.fptrunc(args[0], llvm_ir.HalfType())
+            return builder.bitcast(half, llvm_ir.IntType(16))
+        return nbtypes.uint16(value), codegen
+
+    @njit(**_JIT)
+    def _half_to_f32_soft(bits):
+        """IEEE binary16 bits -> float32, integer code (no F16C needed)."""
+        h = np.int64(bits) & 0xFFFF
+        sign = (h & 0x8000) << 16
+        em = h & 0x7FFF
+        out = (em << 13) + 0x38000000                   # normal: rebias 15 -> 127
+        if em >= 0x7C00:
+            out = (em << 13) | 0x7F800000               # inf, NaN (payload kept)
+        if em < 0x400:                                  # zero, subnormal: em * 2**-24
+            out = np.int64(_f32_bits(np.float32(em) * np.float32(5.960464477539063e-08)))
+        return _f32_from_bits(out | sign)
+
+    @njit(**_JIT)
+    def _f32_to_half_soft(value):
+        """float32 -> IEEE binary16 bits, round to nearest even, integer code."""
+        b = np.int64(_f32_bits(value))
+        sign = (b >> 16) & 0x8000
+        a = b & 0x7FFFFFFF
+        # normal: rebias 127 -> 15, add half an ulp (minus one when the kept lsb is even)
+        out = (a - 0x38000000 + 0xFFF + ((a >> 13) & 1)) >> 13
+        if a < 0x38800000:
+            # |value| < 2**-14: adding 0.5 puts binary16's subnormal ulp (2**-24)
+            # in float32's last place, so the FPU rounds to nearest even
+            out = np.int64(_f32_bits(_f32_from_bits(a) + np.float32(0.5))) - 0x3F000000
+        if a >= 0x47800000:                             # |value| >= 65536: inf
+            out = 0x7C00
+        if a > 0x7F800000:                              # NaN: quiet, top of the payload
+            out = 0x7E00 | ((a >> 13) & 0x3FF)
+        return np.uint16(out | sign)
+
+    @intrinsic
+    def _bf16_to_f32(typingctx, bits):
+        """bfloat16 bits (int16) -> float32: the upper half of the float32."""
+        if bits != nbtypes.int16:
+            return None
+
+        def codegen(context, builder, signature, args):
+            i32 = llvm_ir.IntType(32)
+            wide = builder.shl(builder.zext(args[0], i32), i32(16))
+            return builder.bitcast(wide, llvm_ir.FloatType())
+        return nbtypes.float32(bits), codegen
+
+    @intrinsic
+    def _f32_to_bf16(typingctx, value):
+        """float32 -> bfloat16 bits (int16), round to nearest even; NaN stays a
+        quiet NaN. 32-bit integer IR, so that it vectorizes 8 or 16 wide."""
+        if value != nbtypes.float32:
+            return None
+
+        def codegen(context, builder, signature, args):
+            i32 = llvm_ir.IntType(32)
+            bits = builder.bitcast(args[0], i32)
+            upper = builder.lshr(bits, i32(16))
+            # + 0x7fff + lsb of the kept half: ties go to the even neighbour
+            rounded = builder.add(builder.add(bits, i32(0x7FFF)),
+                                  builder.and_(upper, i32(1)))
+            result = builder.lshr(rounded, i32(16))
+            quiet_nan = builder.or_(upper, i32(0x40))
+            is_nan = builder.fcmp_unordered("uno", args[0], args[0])
+            result = builder.select(is_nan, quiet_nan, result)
+            return builder.trunc(result, llvm_ir.IntType(16))
+        return nbtypes.int16(value), codegen
+
+    if _F16C:
+        _half_to_f32 = _half_to_f32_f16c
+        _f32_to_half = _f32_to_half_f16c
+    else:
+        _half_to_f32 = _half_to_f32_soft
+        _f32_to_half = _f32_to_half_soft
+
+    def _ld(value):
+        """A stored element in the compute type."""
+
+    def _st(arr, index, value):
+        """arr[index] = value, rounded once to the storage type."""
+
+    def _ct(value, arr):
+        """A float64 scalar in the compute type of ``arr``'s storage."""
+
+    def _cz(arr):
+        """Zero in the compute type of ``arr``'s storage."""
+
+    def _center(value, p):
+        """``value - p`` (value in the compute type, p float64), accurate."""
+
+    def _zero(value):
+        """Zero of a scalar's own type."""
+
+    def _is16(dtype):
+        return dtype in (nbtypes.uint16, nbtypes.int16)
+
+    @overload(_ld)
+    def _ld_impl(value):
+        if value == nbtypes.uint16:
+            return lambda value: _half_to_f32(value)
+        if value == nbtypes.int16:
+            return lambda value: _bf16_to_f32(value)
+        if value == nbtypes.float32:
+            return lambda value: np.float64(value)
+        if value == nbtypes.float64:
+            return lambda value: value
+        return None
+
+    @overload(_st)
+    def _st_impl(arr, index, value):
+        if arr.dtype == nbtypes.uint16:
+            def store(arr, index, value):
+                arr[index] = _f32_to_half(np.float32(value))
+        elif arr.dtype == nbtypes.int16:
+            def store(arr, index, value):
+                arr[index] = _f32_to_bf16(np.float32(value))
+        else:
+            def store(arr, index, value):
+                arr[index] = value
+        return store
+
+    @overload(_ct)
+    def _ct_impl(value, arr):
+        if _is16(arr.dtype):
+            return lambda value, arr: np.float32(value)
+        return lambda value, arr: np.float64(value)
+
+    @overload(_cz)
+    def _cz_impl(arr):
+        if _is16(arr.dtype):
+            return lambda arr: np.float32(0.0)
+        return lambda arr: 0.0
+
+    @overload(_zero)
+    def _zero_impl(value):
+        if value == nbtypes.float32:
+            return lambda value: np.float32(0.0)
+        return lambda value: 0.0
+
+    @overload(_center)
+    def _center_impl(value, p):
+        if value == nbtypes.float32:
+            def center(value, p):
+                # split p = hi + lo in float32: x - hi is exact when x is near
+                # hi (a channel whose mean is far larger than its spread)
+                hi = np.float32(p)
+                lo = np.float32(p - np.float64(hi))
+                return (value - hi) - lo
+            return center
+        return lambda value, p: value - p
+
+    @njit(**_JIT)
+    def _gate(u, dv, gq, gr, floor):
+        """The ReLU mask: u where y = dv * gq + gr (the forward's arithmetic) is
+        not <= floor, else 0. floor = NaN: no mask."""
+        return u if not (dv * gq + gr <= floor) else _zero(u)
 
     # -----------------------------------------------------------------------
     # Serial helpers on contiguous 1-D segments (called inside parallel
     # loops). Segment views (``row[lo:hi]``) let LLVM see unit stride, so
-    # the loops vectorize.
+    # the loops vectorize. Sums run over blocks of SUM_BLOCK elements in the
+    # compute type (several vector partial sums each), merged in float64.
     # -----------------------------------------------------------------------
 
     @njit(**_JIT)
-    def _shifted_sums(seg, shift):
-        """sum(d), sum(d*d) with d = seg - shift, in float64."""
-        s1 = 0.0
-        s2 = 0.0
+    def _block_sums(seg, shift):
+        """sum(d), sum(d*d) with d = seg - shift, in the compute type."""
+        s1 = _cz(seg)
+        s2 = _cz(seg)
         for j in range(seg.shape[0]):
-            d = np.float64(seg[j]) - shift
+            d = _ld(seg[j]) - shift
             s1 += d
             s2 += d * d
         return s1, s2
 
     @njit(**_JIT)
-    def _product_sums(useg, su, vseg, sv):
-        """sum(du), sum(du*dv) with du = useg - su, dv = vseg - sv, in float64."""
+    def _shifted_sums(seg, shift):
+        """sum(d), sum(d*d) with d = seg - shift (shift in the compute type), in float64."""
         s1 = 0.0
         s2 = 0.0
+        n = seg.shape[0]
+        for lo in range(0, n, SUM_BLOCK):
+            r1, r2 = _block_sums(seg[lo:min(n, lo + SUM_BLOCK)], shift)
+            s1 += r1
+            s2 += r2
+        return s1, s2
+
+    @njit(**_JIT)
+    def _block_products(useg, vseg, sv, gq, gr, floor):
+        """sum(du), sum(du*dv), dv = vseg - sv, du = useg masked by dv*gq + gr."""
+        s1 = _cz(useg)
+        s2 = _cz(useg) * _cz(vseg)
+        gqc = _ct(gq, vseg)
+        grc = _ct(gr, vseg)
+        floorc = _ct(floor, vseg)
         for j in range(useg.shape[0]):
-            du = np.float64(useg[j]) - su
+            dv = _center(_ld(vseg[j]), sv)
+            du = _gate(_ld(useg[j]), dv, gqc, grc, floorc)
             s1 += du
-            s2 += du * (np.float64(vseg[j]) - sv)
+            s2 += du * dv
+        return s1, s2
+
+    @njit(**_JIT)
+    def _product_sums(useg, vseg, sv, gq, gr, floor):
+        """sum(du), sum(du*dv) (see ``_block_products``), in float64."""
+        s1 = 0.0
+        s2 = 0.0
+        n = useg.shape[0]
+        for lo in range(0, n, SUM_BLOCK):
+            hi = min(n, lo + SUM_BLOCK)
+            r1, r2 = _block_products(useg[lo:hi], vseg[lo:hi], sv, gq, gr, floor)
+            s1 += r1
+            s2 += r2
         return s1, s2
 
     @njit(**_JIT)
@@ -343,16 +641,40 @@ if numba is not None:
         return mean, var
 
     @njit(**_JIT)
-    def _affine_seg(useg, p, q, r, oseg):
-        """oseg = (useg - p) * q + r, scalars p, q, r."""
+    def _affine_seg(useg, p, q, r, lo, oseg):
+        """oseg = max((useg - p) * q + r, lo), scalars p, q, r, lo (lo = NaN: no max)."""
+        qc = _ct(q, useg)
+        rc = _ct(r, useg)
+        loc = _ct(lo, useg)
         for j in range(useg.shape[0]):
-            oseg[j] = (np.float64(useg[j]) - p) * q + r
+            y = _center(_ld(useg[j]), p) * qc + rc
+            _st(oseg, j, loc if y < loc else y)
 
     @njit(**_JIT)
-    def _combine_seg(useg, q, vseg, s, t, r, oseg):
-        """oseg = useg * q + (vseg - s) * t + r, scalar parameters."""
+    def _combine_seg(useg, q, vseg, s, t, r, gq, gr, floor, oseg):
+        """oseg = du * q + dv * t + r, dv = vseg - s, du = useg masked by
+        dv * gq + gr (``_gate``), scalar parameters."""
+        qc = _ct(q, useg)
+        tc = _ct(t, vseg)
+        rc = _ct(r, useg)
+        gqc = _ct(gq, vseg)
+        grc = _ct(gr, vseg)
+        floorc = _ct(floor, vseg)
         for j in range(useg.shape[0]):
-            oseg[j] = np.float64(useg[j]) * q + (np.float64(vseg[j]) - s) * t + r
+            dv = _center(_ld(vseg[j]), s)
+            du = _gate(_ld(useg[j]), dv, gqc, grc, floorc)
+            _st(oseg, j, du * qc + dv * tc + rc)
+
+    @njit(**_JIT)
+    def _gated_scale_seg(useg, q, vseg, s, gq, gr, floor, oseg):
+        """oseg = du * q, du = useg masked by (vseg - s) * gq + gr."""
+        qc = _ct(q, useg)
+        gqc = _ct(gq, vseg)
+        grc = _ct(gr, vseg)
+        floorc = _ct(floor, vseg)
+        for j in range(useg.shape[0]):
+            dv = _center(_ld(vseg[j]), s)
+            _st(oseg, j, _gate(_ld(useg[j]), dv, gqc, grc, floorc) * qc)
 
     @njit(**_JIT)
     def _per_column(values, B):
@@ -380,7 +702,7 @@ if numba is not None:
         for item in prange(C * n_split):
             c = item // n_split
             k = item - c * n_split
-            shift = np.float64(x[0, c, 0])
+            shift = _ld(x[0, c, 0])
             m_lo = k * n // n_split
             m_hi = (k + 1) * n // n_split
             s1 = 0.0
@@ -399,11 +721,12 @@ if numba is not None:
             for k in range(n_split):
                 s1 += part1[c, k]
                 s2 += part2[c, k]
-            mean[c], var[c] = _mean_var(np.float64(x[0, c, 0]), s1, s2, n)
+            mean[c], var[c] = _mean_var(np.float64(_ld(x[0, c, 0])), s1, s2, n)
 
     @njit(**_PJIT)
-    def _sums_rows(u, su, v, sv, n_split, sum1, sum2):
-        """sum1[c] = sum(u - su[c]), sum2[c] = sum((u - su[c]) * (v - sv[c]))."""
+    def _sums_rows(u, v, sv, gq, gr, floor, n_split, sum1, sum2):
+        """sum1[c] = sum(du), sum2[c] = sum(du * (v - sv[c])), du = u masked by
+        (v - sv[c]) * gq[c] + gr[c] (floor NaN: no mask)."""
         A, C, B = u.shape
         n = A * B
         part1 = np.empty((C, n_split))
@@ -418,7 +741,8 @@ if numba is not None:
             for a in range(m_lo // B, (m_hi - 1) // B + 1):
                 b_lo = max(m_lo - a * B, 0)
                 b_hi = min(m_hi - a * B, B)
-                r1, r2 = _product_sums(u[a, c, b_lo:b_hi], su[c], v[a, c, b_lo:b_hi], sv[c])
+                r1, r2 = _product_sums(u[a, c, b_lo:b_hi], v[a, c, b_lo:b_hi], sv[c],
+                                       gq[c], gr[c], floor)
                 s1 += r1
                 s2 += r2
             part1[c, k] = s1
@@ -433,22 +757,33 @@ if numba is not None:
             sum2[c] = s2
 
     @njit(**_PJIT)
-    def _affine_rows(u, p, q, r, out):
-        """out = (u - p[c]) * q[c] + r[c]."""
+    def _affine_rows(u, p, q, r, lo, out):
+        """out = max((u - p[c]) * q[c] + r[c], lo)."""
         A, C, B = u.shape
         for item in prange(A * C):
             a = item // C
             c = item - a * C
-            _affine_seg(u[a, c, :], p[c], q[c], r[c], out[a, c, :])
+            _affine_seg(u[a, c, :], p[c], q[c], r[c], lo, out[a, c, :])
 
     @njit(**_PJIT)
-    def _combine_rows(u, q, v, s, t, r, out):
-        """out = u * q[c] + (v - s[c]) * t[c] + r[c]."""
+    def _combine_rows(u, q, v, s, t, r, gq, gr, floor, out):
+        """out = du * q[c] + (v - s[c]) * t[c] + r[c] (du: u masked, see ``_combine_seg``)."""
         A, C, B = u.shape
         for item in prange(A * C):
             a = item // C
             c = item - a * C
-            _combine_seg(u[a, c, :], q[c], v[a, c, :], s[c], t[c], r[c], out[a, c, :])
+            _combine_seg(u[a, c, :], q[c], v[a, c, :], s[c], t[c], r[c], gq[c], gr[c], floor,
+                         out[a, c, :])
+
+    @njit(**_PJIT)
+    def _gated_scale_rows(u, q, v, s, gq, gr, floor, out):
+        """out = du * q[c], du = u masked by (v - s[c]) * gq[c] + gr[c]."""
+        A, C, B = u.shape
+        for item in prange(A * C):
+            a = item // C
+            c = item - a * C
+            _gated_scale_seg(u[a, c, :], q[c], v[a, c, :], s[c], gq[c], gr[c], floor,
+                             out[a, c, :])
 
     @njit(**_PJIT)
     def _product_rows(u, v, w, out):
@@ -460,9 +795,9 @@ if numba is not None:
             useg = u[a, c, :]
             vseg = v[a, c, :]
             oseg = out[a, c, :]
-            wc = w[c]
+            wc = _ct(w[c], useg)
             for b in range(B):
-                oseg[b] = wc * np.float64(useg[b]) * np.float64(vseg[b])
+                _st(oseg, b, wc * _ld(useg[b]) * _ld(vseg[b]))
 
     @njit(**_PJIT)
     def _fill_rows(r, out):
@@ -474,15 +809,16 @@ if numba is not None:
             oseg = out[a, c, :]
             rc = r[c]
             for b in range(B):
-                oseg[b] = rc
+                _st(oseg, b, rc)
 
     @njit(**_PJIT)
-    def _forward_rows_fused(x, gamma, beta, eps, block, out, mean, var):
+    def _forward_rows_fused(x, gamma, beta, eps, lo, block, out, mean, var):
         """Work item = ``block`` consecutive channels: their shifted sums, then
         normalize the same channels while they are still in cache,
-        out = (x - mean) * (invstd * gamma) + beta. Rows are visited a-major, so
-        reads and writes are runs of block*B contiguous elements. Each channel's
-        sums are formed in the same order as in ``_stats_rows`` (one chunk)."""
+        out = max((x - mean) * (invstd * gamma) + beta, lo). Rows are visited
+        a-major, so reads and writes are runs of block*B contiguous elements.
+        Each channel's sums are formed in the same order as in ``_stats_rows``
+        (one chunk)."""
         A, C, B = x.shape
         n = A * B
         n_blocks = (C + block - 1) // block
@@ -493,24 +829,27 @@ if numba is not None:
             acc2 = np.zeros(c_hi - c_lo)
             for a in range(A):
                 for c in range(c_lo, c_hi):
-                    r1, r2 = _shifted_sums(x[a, c, :], np.float64(x[0, c, 0]))
+                    r1, r2 = _shifted_sums(x[a, c, :], _ld(x[0, c, 0]))
                     acc1[c - c_lo] += r1
                     acc2[c - c_lo] += r2
             scale = np.empty(c_hi - c_lo)
             for c in range(c_lo, c_hi):
-                mean_c, var_c = _mean_var(np.float64(x[0, c, 0]), acc1[c - c_lo], acc2[c - c_lo], n)
+                mean_c, var_c = _mean_var(np.float64(_ld(x[0, c, 0])), acc1[c - c_lo],
+                                          acc2[c - c_lo], n)
                 mean[c] = mean_c
                 var[c] = var_c
-                scale[c - c_lo] = gamma[c] / np.sqrt(var_c + eps)
+                # gamma * invstd, exactly as _finish_stats and normalize form it
+                scale[c - c_lo] = gamma[c] * (1.0 / np.sqrt(var_c + eps))
             for a in range(A):
                 for c in range(c_lo, c_hi):
-                    _affine_seg(x[a, c, :], mean[c], scale[c - c_lo], beta[c], out[a, c, :])
+                    _affine_seg(x[a, c, :], mean[c], scale[c - c_lo], beta[c], lo, out[a, c, :])
 
     @njit(**_PJIT)
-    def _backward_rows_fused(dy, x, mean, invstd, gamma, block, out, sum_dy, sum_dy_xhat):
-        """Work item = ``block`` consecutive channels: sum(dy), sum(dy * (x - mean)),
-        then on the cached channels
-        dx = gamma*invstd*(dy - sum_dy/M - xhat*sum_dy_xhat/M)."""
+    def _backward_rows_fused(dy, x, mean, invstd, gamma, gr, floor, block, out,
+                             sum_dy, sum_dy_xhat):
+        """Work item = ``block`` consecutive channels: sum(dy), sum(dy * (x - mean))
+        (dy masked by the ReLU when floor is not NaN, gr = beta), then on the
+        cached channels dx = gamma*invstd*(dy - sum_dy/M - xhat*sum_dy_xhat/M)."""
         A, C, B = x.shape
         n = A * B
         n_blocks = (C + block - 1) // block
@@ -521,7 +860,8 @@ if numba is not None:
             acc2 = np.zeros(c_hi - c_lo)
             for a in range(A):
                 for c in range(c_lo, c_hi):
-                    r1, r2 = _product_sums(dy[a, c, :], 0.0, x[a, c, :], mean[c])
+                    r1, r2 = _product_sums(dy[a, c, :], x[a, c, :], mean[c],
+                                           invstd[c] * gamma[c], gr[c], floor)
                     acc1[c - c_lo] += r1
                     acc2[c - c_lo] += r2
             k = np.empty(c_hi - c_lo)
@@ -539,7 +879,8 @@ if numba is not None:
             for a in range(A):
                 for c in range(c_lo, c_hi):
                     _combine_seg(dy[a, c, :], k[c - c_lo], x[a, c, :], mean[c],
-                                 kx[c - c_lo], k0[c - c_lo], out[a, c, :])
+                                 kx[c - c_lo], k0[c - c_lo], invstd[c] * gamma[c], gr[c],
+                                 floor, out[a, c, :])
 
     # -----------------------------------------------------------------------
     # Columns loop shape: (A, J) with J = C*B (B small: (N, D), channels-last,
@@ -554,7 +895,8 @@ if numba is not None:
     @njit(**_JIT)
     def _partials_same(u, su, a_lo, a_hi, j_lo, j_hi, p1, p2):
         """p1[j] += d, p2[j] += d*d, d = u[a, j] - su[j], over rows [a_lo, a_hi);
-        four rows per pass, so that p1/p2 are loaded and stored once per four rows."""
+        four rows per pass (summed in the compute type), so that p1/p2 are
+        loaded and stored once per four rows."""
         su_seg = su[j_lo:j_hi]
         a = a_lo
         while a + 4 <= a_hi:
@@ -563,26 +905,29 @@ if numba is not None:
             u2 = u[a + 2, j_lo:j_hi]
             u3 = u[a + 3, j_lo:j_hi]
             for j in range(su_seg.shape[0]):
-                d0 = np.float64(u0[j]) - su_seg[j]
-                d1 = np.float64(u1[j]) - su_seg[j]
-                d2 = np.float64(u2[j]) - su_seg[j]
-                d3 = np.float64(u3[j]) - su_seg[j]
+                s = _ct(su_seg[j], u)
+                d0 = _ld(u0[j]) - s
+                d1 = _ld(u1[j]) - s
+                d2 = _ld(u2[j]) - s
+                d3 = _ld(u3[j]) - s
                 p1[j] += (d0 + d1) + (d2 + d3)
                 p2[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
             a += 4
         for a in range(a, a_hi):
             u0 = u[a, j_lo:j_hi]
             for j in range(su_seg.shape[0]):
-                d0 = np.float64(u0[j]) - su_seg[j]
+                d0 = _ld(u0[j]) - _ct(su_seg[j], u)
                 p1[j] += d0
                 p2[j] += d0 * d0
 
     @njit(**_JIT)
-    def _partials_products(u, su, v, sv, a_lo, a_hi, j_lo, j_hi, p1, p2):
-        """p1[j] += du, p2[j] += du*dv, du = u[a, j] - su[j], dv = v[a, j] - sv[j],
-        over rows [a_lo, a_hi), four rows per pass."""
-        su_seg = su[j_lo:j_hi]
+    def _partials_products(u, v, sv, gq, gr, floor, a_lo, a_hi, j_lo, j_hi, p1, p2):
+        """p1[j] += du, p2[j] += du*dv, dv = v[a, j] - sv[j], du = u[a, j] masked
+        by dv * gq[j] + gr[j], over rows [a_lo, a_hi), four rows per pass."""
         sv_seg = sv[j_lo:j_hi]
+        gq_seg = gq[j_lo:j_hi]
+        gr_seg = gr[j_lo:j_hi]
+        floorc = _ct(floor, v)
         a = a_lo
         while a + 4 <= a_hi:
             u0 = u[a, j_lo:j_hi]
@@ -593,28 +938,36 @@ if numba is not None:
             v1 = v[a + 1, j_lo:j_hi]
             v2 = v[a + 2, j_lo:j_hi]
             v3 = v[a + 3, j_lo:j_hi]
-            for j in range(su_seg.shape[0]):
-                du0 = np.float64(u0[j]) - su_seg[j]
-                du1 = np.float64(u1[j]) - su_seg[j]
-                du2 = np.float64(u2[j]) - su_seg[j]
-                du3 = np.float64(u3[j]) - su_seg[j]
+            for j in range(sv_seg.shape[0]):
+                s = sv_seg[j]
+                gqc = _ct(gq_seg[j], v)
+                grc = _ct(gr_seg[j], v)
+                dv0 = _center(_ld(v0[j]), s)
+                dv1 = _center(_ld(v1[j]), s)
+                dv2 = _center(_ld(v2[j]), s)
+                dv3 = _center(_ld(v3[j]), s)
+                du0 = _gate(_ld(u0[j]), dv0, gqc, grc, floorc)
+                du1 = _gate(_ld(u1[j]), dv1, gqc, grc, floorc)
+                du2 = _gate(_ld(u2[j]), dv2, gqc, grc, floorc)
+                du3 = _gate(_ld(u3[j]), dv3, gqc, grc, floorc)
                 p1[j] += (du0 + du1) + (du2 + du3)
-                p2[j] += ((du0 * (np.float64(v0[j]) - sv_seg[j]) + du1 * (np.float64(v1[j]) - sv_seg[j]))
-                          + (du2 * (np.float64(v2[j]) - sv_seg[j]) + du3 * (np.float64(v3[j]) - sv_seg[j])))
+                p2[j] += (du0 * dv0 + du1 * dv1) + (du2 * dv2 + du3 * dv3)
             a += 4
         for a in range(a, a_hi):
             u0 = u[a, j_lo:j_hi]
             v0 = v[a, j_lo:j_hi]
-            for j in range(su_seg.shape[0]):
-                du0 = np.float64(u0[j]) - su_seg[j]
+            for j in range(sv_seg.shape[0]):
+                dv0 = _center(_ld(v0[j]), sv_seg[j])
+                du0 = _gate(_ld(u0[j]), dv0, _ct(gq_seg[j], v), _ct(gr_seg[j], v), floorc)
                 p1[j] += du0
-                p2[j] += du0 * (np.float64(v0[j]) - sv_seg[j])
+                p2[j] += du0 * dv0
 
     @njit(**_PJIT)
-    def _sums_cols(u, su, v, sv, same, n_row_blocks, B, sum1, sum2):
-        """sum1[c] = sum(u - su[j]), sum2[c] = sum((u - su[j]) * (v - sv[j])) over
-        the rows and the B columns j of channel c. ``same``: v is u and sv is su
-        (sum2 is then the sum of squares, read from u alone)."""
+    def _sums_cols(u, su, v, sv, gq, gr, floor, same, n_row_blocks, B, sum1, sum2):
+        """Over the rows and the B columns j of channel c: ``same`` (v is u, sv
+        is su): sum1[c] = sum(u - su[j]), sum2[c] = sum((u - su[j])**2);
+        otherwise sum1[c] = sum(du), sum2[c] = sum(du * (v - sv[j])) with du = u
+        masked by (v - sv[j]) * gq[j] + gr[j] (floor NaN: no mask)."""
         A, J = u.shape
         n_col_blocks = (J + COLUMN_BLOCK - 1) // COLUMN_BLOCK
         part1 = np.zeros((n_row_blocks, J))
@@ -627,9 +980,10 @@ if numba is not None:
             j_lo = jb * COLUMN_BLOCK
             j_hi = min(J, j_lo + COLUMN_BLOCK)
             if same:
-                _partials_same(u, su, a_lo, a_hi, j_lo, j_hi, part1[k, j_lo:j_hi], part2[k, j_lo:j_hi])
+                _partials_same(u, su, a_lo, a_hi, j_lo, j_hi, part1[k, j_lo:j_hi],
+                               part2[k, j_lo:j_hi])
             else:
-                _partials_products(u, su, v, sv, a_lo, a_hi, j_lo, j_hi,
+                _partials_products(u, v, sv, gq, gr, floor, a_lo, a_hi, j_lo, j_hi,
                                    part1[k, j_lo:j_hi], part2[k, j_lo:j_hi])
         C = J // B
         for c in prange(C):
@@ -643,12 +997,13 @@ if numba is not None:
             sum2[c] = s2
 
     @njit(**_PJIT)
-    def _affine_cols(u, p, q, r, out):
-        """out = (u - p[j]) * q[j] + r[j]. Item = (ELEMENT_ROWS rows, COLUMN_BLOCK
-        columns); two rows per pass share the loads of the parameters."""
+    def _affine_cols(u, p, q, r, lo, out):
+        """out = max((u - p[j]) * q[j] + r[j], lo). Item = (ELEMENT_ROWS rows,
+        COLUMN_BLOCK columns); two rows per pass share the loads of the parameters."""
         A, J = u.shape
         n_col_blocks = (J + COLUMN_BLOCK - 1) // COLUMN_BLOCK
         n_row_blocks = (A + ELEMENT_ROWS - 1) // ELEMENT_ROWS
+        loc = _ct(lo, u)
         for item in prange(n_row_blocks * n_col_blocks):
             k = item // n_col_blocks
             j_lo = (item - k * n_col_blocks) * COLUMN_BLOCK
@@ -664,21 +1019,28 @@ if numba is not None:
                 o0 = out[a, j_lo:j_hi]
                 o1 = out[a + 1, j_lo:j_hi]
                 for j in range(pseg.shape[0]):
-                    o0[j] = (np.float64(u0[j]) - pseg[j]) * qseg[j] + rseg[j]
-                    o1[j] = (np.float64(u1[j]) - pseg[j]) * qseg[j] + rseg[j]
+                    qc = _ct(qseg[j], u)
+                    rc = _ct(rseg[j], u)
+                    y0 = _center(_ld(u0[j]), pseg[j]) * qc + rc
+                    y1 = _center(_ld(u1[j]), pseg[j]) * qc + rc
+                    _st(o0, j, loc if y0 < loc else y0)
+                    _st(o1, j, loc if y1 < loc else y1)
                 a += 2
             if a < a_hi:
                 u0 = u[a, j_lo:j_hi]
                 o0 = out[a, j_lo:j_hi]
                 for j in range(pseg.shape[0]):
-                    o0[j] = (np.float64(u0[j]) - pseg[j]) * qseg[j] + rseg[j]
+                    y0 = _center(_ld(u0[j]), pseg[j]) * _ct(qseg[j], u) + _ct(rseg[j], u)
+                    _st(o0, j, loc if y0 < loc else y0)
 
     @njit(**_PJIT)
-    def _combine_cols(u, q, v, s, t, r, out):
-        """out = u * q[j] + (v - s[j]) * t[j] + r[j] (items as in ``_affine_cols``)."""
+    def _combine_cols(u, q, v, s, t, r, gq, gr, floor, out):
+        """out = du * q[j] + dv * t[j] + r[j], dv = v - s[j], du = u masked by
+        dv * gq[j] + gr[j] (items as in ``_affine_cols``)."""
         A, J = u.shape
         n_col_blocks = (J + COLUMN_BLOCK - 1) // COLUMN_BLOCK
         n_row_blocks = (A + ELEMENT_ROWS - 1) // ELEMENT_ROWS
+        floorc = _ct(floor, v)
         for item in prange(n_row_blocks * n_col_blocks):
             k = item // n_col_blocks
             j_lo = (item - k * n_col_blocks) * COLUMN_BLOCK
@@ -687,6 +1049,8 @@ if numba is not None:
             sseg = s[j_lo:j_hi]
             tseg = t[j_lo:j_hi]
             rseg = r[j_lo:j_hi]
+            gq_seg = gq[j_lo:j_hi]
+            gr_seg = gr[j_lo:j_hi]
             a = k * ELEMENT_ROWS
             a_hi = min(A, a + ELEMENT_ROWS)
             while a + 2 <= a_hi:
@@ -697,15 +1061,48 @@ if numba is not None:
                 o0 = out[a, j_lo:j_hi]
                 o1 = out[a + 1, j_lo:j_hi]
                 for j in range(qseg.shape[0]):
-                    o0[j] = np.float64(u0[j]) * qseg[j] + (np.float64(v0[j]) - sseg[j]) * tseg[j] + rseg[j]
-                    o1[j] = np.float64(u1[j]) * qseg[j] + (np.float64(v1[j]) - sseg[j]) * tseg[j] + rseg[j]
+                    qc = _ct(qseg[j], u)
+                    tc = _ct(tseg[j], v)
+                    rc = _ct(rseg[j], u)
+                    gqc = _ct(gq_seg[j], v)
+                    grc = _ct(gr_seg[j], v)
+                    dv0 = _center(_ld(v0[j]), sseg[j])
+                    dv1 = _center(_ld(v1[j]), sseg[j])
+                    du0 = _gate(_ld(u0[j]), dv0, gqc, grc, floorc)
+                    du1 = _gate(_ld(u1[j]), dv1, gqc, grc, floorc)
+                    _st(o0, j, du0 * qc + dv0 * tc + rc)
+                    _st(o1, j, du1 * qc + dv1 * tc + rc)
                 a += 2
             if a < a_hi:
                 u0 = u[a, j_lo:j_hi]
                 v0 = v[a, j_lo:j_hi]
                 o0 = out[a, j_lo:j_hi]
                 for j in range(qseg.shape[0]):
-                    o0[j] = np.float64(u0[j]) * qseg[j] + (np.float64(v0[j]) - sseg[j]) * tseg[j] + rseg[j]
+                    dv0 = _center(_ld(v0[j]), sseg[j])
+                    du0 = _gate(_ld(u0[j]), dv0, _ct(gq_seg[j], v), _ct(gr_seg[j], v), floorc)
+                    _st(o0, j, du0 * _ct(qseg[j], u) + dv0 * _ct(tseg[j], v) + _ct(rseg[j], u))
+
+    @njit(**_PJIT)
+    def _gated_scale_cols(u, q, v, s, gq, gr, floor, out):
+        """out = du * q[j], du = u masked by (v - s[j]) * gq[j] + gr[j]."""
+        A, J = u.shape
+        n_col_blocks = (J + COLUMN_BLOCK - 1) // COLUMN_BLOCK
+        floorc = _ct(floor, v)
+        for item in prange(A * n_col_blocks):
+            a = item // n_col_blocks
+            j_lo = (item - a * n_col_blocks) * COLUMN_BLOCK
+            j_hi = min(J, j_lo + COLUMN_BLOCK)
+            u0 = u[a, j_lo:j_hi]
+            v0 = v[a, j_lo:j_hi]
+            o0 = out[a, j_lo:j_hi]
+            qseg = q[j_lo:j_hi]
+            sseg = s[j_lo:j_hi]
+            gq_seg = gq[j_lo:j_hi]
+            gr_seg = gr[j_lo:j_hi]
+            for j in range(u0.shape[0]):
+                dv0 = _center(_ld(v0[j]), sseg[j])
+                du0 = _gate(_ld(u0[j]), dv0, _ct(gq_seg[j], v), _ct(gr_seg[j], v), floorc)
+                _st(o0, j, du0 * _ct(qseg[j], u))
 
     @njit(**_PJIT)
     def _product_cols(u, v, w, out):
@@ -721,7 +1118,7 @@ if numba is not None:
             oseg = out[a, j_lo:j_hi]
             wseg = w[j_lo:j_hi]
             for j in range(useg.shape[0]):
-                oseg[j] = wseg[j] * np.float64(useg[j]) * np.float64(vseg[j])
+                _st(oseg, j, _ct(wseg[j], u) * _ld(useg[j]) * _ld(vseg[j]))
 
     @njit(**_PJIT)
     def _fill_cols(r, out):
@@ -735,7 +1132,7 @@ if numba is not None:
             oseg = out[a, j_lo:j_hi]
             rseg = r[j_lo:j_hi]
             for j in range(oseg.shape[0]):
-                oseg[j] = rseg[j]
+                _st(oseg, j, rseg[j])
 
     @njit(**_JIT)
     def _stats_cols(x, B, n_row_blocks, mean, var):
@@ -744,11 +1141,12 @@ if numba is not None:
         C = J // B
         shift = np.empty(C)
         for c in range(C):
-            shift[c] = x[0, c * B]
+            shift[c] = _ld(x[0, c * B])
         shift_col = _per_column(shift, B)
         s1 = np.empty(C)
         s2 = np.empty(C)
-        _sums_cols(x, shift_col, x, shift_col, True, n_row_blocks, B, s1, s2)
+        _sums_cols(x, shift_col, x, shift_col, shift_col, shift_col, np.nan, True,
+                   n_row_blocks, B, s1, s2)
         for c in range(C):
             mean[c], var[c] = _mean_var(shift[c], s1[c], s2[c], A * B)
 
@@ -762,19 +1160,23 @@ if numba is not None:
         return k, kx, k0
 
     @njit(**_JIT)
-    def _backward_cols(dy, x, B, mean, invstd, gamma, n_row_blocks, out, sum_dy, sum_dy_xhat):
-        """Columns shape: sum(dy), sum(dy * xhat), then dx."""
+    def _backward_cols(dy, x, B, mean, invstd, gamma, gq, gr, floor, n_row_blocks, out,
+                       sum_dy, sum_dy_xhat):
+        """Columns shape: sum(dy), sum(dy * xhat), then dx (dy masked by the
+        ReLU when floor is not NaN)."""
         A, J = x.shape
         C = J // B
         mean_col = _per_column(mean, B)
-        zeros_col = np.zeros(J)
+        gq_col = _per_column(gq, B)
+        gr_col = _per_column(gr, B)
         sum_dy_xmu = np.empty(C)
-        _sums_cols(dy, zeros_col, x, mean_col, False, n_row_blocks, B, sum_dy, sum_dy_xmu)
+        _sums_cols(dy, mean_col, x, mean_col, gq_col, gr_col, floor, False, n_row_blocks, B,
+                   sum_dy, sum_dy_xmu)
         for c in range(C):
             sum_dy_xhat[c] = sum_dy_xmu[c] * invstd[c]
         k, kx, k0 = _dx_coefficients(A * B, invstd, gamma, sum_dy, sum_dy_xhat)
         _combine_cols(dy, _per_column(k, B), x, mean_col, _per_column(kx, B),
-                      _per_column(k0, B), out)
+                      _per_column(k0, B), gq_col, gr_col, floor, out)
 
     # -----------------------------------------------------------------------
     # Per-channel finishing work, inside the compiled drivers: invstd, the
@@ -797,19 +1199,20 @@ if numba is not None:
                 rv[c] = keep * np.float64(rv[c]) + momentum * (var[c] * unbias)
 
     @njit(**_JIT)
-    def _forward_cols_train(x, B, gamma, beta, eps, n_row_blocks, out, mean, invstd,
+    def _forward_cols_train(x, B, gamma, beta, eps, lo, n_row_blocks, out, mean, invstd,
                             rm, rv, momentum, update):
-        """Columns shape: statistics, finish, out = (x - mean) * scale + beta."""
+        """Columns shape: statistics, finish, out = max((x - mean) * scale + beta, lo)."""
         A, J = x.shape
         C = mean.shape[0]
         var = np.empty(C)
         scale = np.empty(C)
         _stats_cols(x, B, n_row_blocks, mean, var)
         _finish_stats(mean, var, A * B, eps, gamma, invstd, scale, rm, rv, momentum, update)
-        _affine_cols(x, _per_column(mean, B), _per_column(scale, B), _per_column(beta, B), out)
+        _affine_cols(x, _per_column(mean, B), _per_column(scale, B), _per_column(beta, B), lo,
+                     out)
 
     @njit(**_JIT)
-    def _forward_rows_train(x, n_split, gamma, beta, eps, out, mean, invstd,
+    def _forward_rows_train(x, n_split, gamma, beta, eps, lo, out, mean, invstd,
                             rm, rv, momentum, update):
         """Rows shape, two passes: statistics, finish, normalize."""
         A, C, B = x.shape
@@ -817,20 +1220,20 @@ if numba is not None:
         scale = np.empty(C)
         _stats_rows(x, n_split, mean, var)
         _finish_stats(mean, var, A * B, eps, gamma, invstd, scale, rm, rv, momentum, update)
-        _affine_rows(x, mean, scale, beta, out)
+        _affine_rows(x, mean, scale, beta, lo, out)
 
     @njit(**_JIT)
-    def _forward_fused_train(x, gamma, beta, eps, block, out, mean, invstd,
+    def _forward_fused_train(x, gamma, beta, eps, lo, block, out, mean, invstd,
                              rm, rv, momentum, update):
         """Rows shape, fused per block of channels, then the finishing work."""
         A, C, B = x.shape
         var = np.empty(C)
         scale = np.empty(C)
-        _forward_rows_fused(x, gamma, beta, eps, block, out, mean, var)
+        _forward_rows_fused(x, gamma, beta, eps, lo, block, out, mean, var)
         _finish_stats(mean, var, A * B, eps, gamma, invstd, scale, rm, rv, momentum, update)
 
     @njit(**_PJIT)
-    def _forward_cols_fused(x, gamma, beta, eps, width, out, mean, var, invstd):
+    def _forward_cols_fused(x, gamma, beta, eps, lo, width, out, mean, var, invstd):
         """(N, D) with one row block: work item = a block of COLUMN_BLOCK channels,
         whose sums over all rows (``_partials_same``, as in ``_sums_cols``) and
         normalize pass run back to back, so the second read comes from L2.
@@ -839,7 +1242,8 @@ if numba is not None:
         n_col_blocks = (J + width - 1) // width
         shift = np.empty(J)
         for j in range(J):
-            shift[j] = x[0, j]
+            shift[j] = _ld(x[0, j])
+        loc = _ct(lo, x)
         for jb in prange(n_col_blocks):
             j_lo = jb * width
             j_hi = min(J, j_lo + width)
@@ -859,24 +1263,26 @@ if numba is not None:
                 u0 = x[a, j_lo:j_hi]
                 o0 = out[a, j_lo:j_hi]
                 for j in range(scale.shape[0]):
-                    o0[j] = (np.float64(u0[j]) - mseg[j]) * scale[j] + bseg[j]
+                    y = _center(_ld(u0[j]), mseg[j]) * _ct(scale[j], x) + _ct(bseg[j], x)
+                    _st(o0, j, loc if y < loc else y)
 
     @njit(**_PJIT)
-    def _backward_cols_fused(dy, x, mean, invstd, gamma, width, out, sum_dy, sum_dy_xhat):
+    def _backward_cols_fused(dy, x, mean, invstd, gamma, gq, gr, floor, width, out,
+                             sum_dy, sum_dy_xhat):
         """(N, D) with one row block: work item = a block of COLUMN_BLOCK channels:
         sum(dy), sum(dy * (x - mean)) over all rows (``_partials_products``, as in
         ``_sums_cols``), then dx = k*dy + kx*(x - mean) + k0 while the block is
-        in L2."""
+        in L2 (dy masked by the ReLU when floor is not NaN)."""
         A, J = x.shape
         n_col_blocks = (J + width - 1) // width
-        zeros = np.zeros(J)
+        floorc = _ct(floor, x)
         for jb in prange(n_col_blocks):
             j_lo = jb * width
             j_hi = min(J, j_lo + width)
             n = j_hi - j_lo
             p1 = np.zeros(n)
             p2 = np.zeros(n)
-            _partials_products(dy, zeros, x, mean, 0, A, j_lo, j_hi, p1, p2)
+            _partials_products(dy, x, mean, gq, gr, floor, 0, A, j_lo, j_hi, p1, p2)
             k = np.empty(n)
             kx = np.empty(n)
             k0 = np.empty(n)
@@ -889,21 +1295,25 @@ if numba is not None:
                 kx[j - j_lo] = -k[j - j_lo] * invstd[j] * (s_dy_xhat / A)
                 k0[j - j_lo] = -k[j - j_lo] * (s_dy / A)
             mseg = mean[j_lo:j_hi]
+            gq_seg = gq[j_lo:j_hi]
+            gr_seg = gr[j_lo:j_hi]
             for a in range(A):
                 d0 = dy[a, j_lo:j_hi]
                 u0 = x[a, j_lo:j_hi]
                 o0 = out[a, j_lo:j_hi]
                 for j in range(n):
-                    o0[j] = np.float64(d0[j]) * k[j] + (np.float64(u0[j]) - mseg[j]) * kx[j] + k0[j]
+                    dv = _center(_ld(u0[j]), mseg[j])
+                    du = _gate(_ld(d0[j]), dv, _ct(gq_seg[j], x), _ct(gr_seg[j], x), floorc)
+                    _st(o0, j, du * _ct(k[j], dy) + dv * _ct(kx[j], x) + _ct(k0[j], dy))
 
     @njit(**_JIT)
-    def _forward_cols_fused_train(x, gamma, beta, eps, width, out, mean, invstd, rm, rv,
+    def _forward_cols_fused_train(x, gamma, beta, eps, lo, width, out, mean, invstd, rm, rv,
                                   momentum, update):
         """``_forward_cols_fused``, then the running statistics."""
         A, J = x.shape
         var = np.empty(J)
         scale = np.empty(J)
-        _forward_cols_fused(x, gamma, beta, eps, width, out, mean, var, invstd)
+        _forward_cols_fused(x, gamma, beta, eps, lo, width, out, mean, var, invstd)
         _finish_stats(mean, var, A, eps, gamma, invstd, scale, rm, rv, momentum, update)
 
     # -----------------------------------------------------------------------
@@ -915,29 +1325,34 @@ if numba is not None:
     # -----------------------------------------------------------------------
 
     @njit(**_JIT)
-    def _serial_sums(u, su, v, sv, same, sum1, sum2):
-        """sum1[c] = sum(u - su[c]), sum2[c] = sum((u - su[c]) * (v - sv[c]))
-        (``same``: v is u, sv is su)."""
+    def _serial_sums(u, su, v, sv, gq, gr, floor, same, sum1, sum2):
+        """``same`` (v is u, sv is su): sum1[c] = sum(u - su[c]),
+        sum2[c] = sum((u - su[c])**2); otherwise sum1[c] = sum(du),
+        sum2[c] = sum(du * (v - sv[c])), du = u masked by (v - sv[c]) * gq[c] + gr[c]."""
         A, C, B = u.shape
+        floorc = _ct(floor, v)
         for c in range(C):
             sum1[c] = 0.0
             sum2[c] = 0.0
         for a in range(A):
             for c in range(C):
-                s = su[c]
-                t = sv[c]
                 s1 = 0.0
                 s2 = 0.0
                 if same:
+                    s = _ct(su[c], u)
                     for b in range(B):
-                        d = np.float64(u[a, c, b]) - s
+                        d = _ld(u[a, c, b]) - s
                         s1 += d
                         s2 += d * d
                 else:
+                    t = sv[c]
+                    gqc = _ct(gq[c], v)
+                    grc = _ct(gr[c], v)
                     for b in range(B):
-                        d = np.float64(u[a, c, b]) - s
-                        s1 += d
-                        s2 += d * (np.float64(v[a, c, b]) - t)
+                        dv = _center(_ld(v[a, c, b]), t)
+                        du = _gate(_ld(u[a, c, b]), dv, gqc, grc, floorc)
+                        s1 += du
+                        s2 += du * dv
                 sum1[c] += s1
                 sum2[c] += s2
 
@@ -947,48 +1362,71 @@ if numba is not None:
         A, C, B = x.shape
         shift = np.empty(C)
         for c in range(C):
-            shift[c] = x[0, c, 0]
+            shift[c] = _ld(x[0, c, 0])
         s1 = np.empty(C)
         s2 = np.empty(C)
-        _serial_sums(x, shift, x, shift, True, s1, s2)
+        _serial_sums(x, shift, x, shift, shift, shift, np.nan, True, s1, s2)
         for c in range(C):
             mean[c], var[c] = _mean_var(shift[c], s1[c], s2[c], A * B)
 
     @njit(**_JIT)
-    def _serial_affine(u, p, q, r, out):
-        """out = (u - p[c]) * q[c] + r[c]."""
+    def _serial_affine(u, p, q, r, lo, out):
+        """out = max((u - p[c]) * q[c] + r[c], lo)."""
         A, C, B = u.shape
+        loc = _ct(lo, u)
         for a in range(A):
             for c in range(C):
                 pc = p[c]
-                qc = q[c]
-                rc = r[c]
+                qc = _ct(q[c], u)
+                rc = _ct(r[c], u)
                 for b in range(B):
-                    out[a, c, b] = (np.float64(u[a, c, b]) - pc) * qc + rc
+                    y = _center(_ld(u[a, c, b]), pc) * qc + rc
+                    _st(out, (a, c, b), loc if y < loc else y)
 
     @njit(**_JIT)
-    def _serial_combine(u, q, v, s, t, r, out):
-        """out = u * q[c] + (v - s[c]) * t[c] + r[c]."""
+    def _serial_combine(u, q, v, s, t, r, gq, gr, floor, out):
+        """out = du * q[c] + (v - s[c]) * t[c] + r[c], du = u masked by
+        (v - s[c]) * gq[c] + gr[c]."""
         A, C, B = u.shape
+        floorc = _ct(floor, v)
         for a in range(A):
             for c in range(C):
-                qc = q[c]
+                qc = _ct(q[c], u)
                 sc = s[c]
-                tc = t[c]
-                rc = r[c]
+                tc = _ct(t[c], v)
+                rc = _ct(r[c], u)
+                gqc = _ct(gq[c], v)
+                grc = _ct(gr[c], v)
                 for b in range(B):
-                    out[a, c, b] = (np.float64(u[a, c, b]) * qc
-                                    + (np.float64(v[a, c, b]) - sc) * tc + rc)
+                    dv = _center(_ld(v[a, c, b]), sc)
+                    du = _gate(_ld(u[a, c, b]), dv, gqc, grc, floorc)
+                    _st(out, (a, c, b), du * qc + dv * tc + rc)
 
     @njit(**_JIT)
-    def _serial_forward_train(x, gamma, beta, eps, out, mean, invstd, rm, rv, momentum, update):
+    def _serial_gated_scale(u, q, v, s, gq, gr, floor, out):
+        """out = du * q[c], du = u masked by (v - s[c]) * gq[c] + gr[c]."""
+        A, C, B = u.shape
+        floorc = _ct(floor, v)
+        for a in range(A):
+            for c in range(C):
+                qc = _ct(q[c], u)
+                sc = s[c]
+                gqc = _ct(gq[c], v)
+                grc = _ct(gr[c], v)
+                for b in range(B):
+                    dv = _center(_ld(v[a, c, b]), sc)
+                    _st(out, (a, c, b), _gate(_ld(u[a, c, b]), dv, gqc, grc, floorc) * qc)
+
+    @njit(**_JIT)
+    def _serial_forward_train(x, gamma, beta, eps, lo, out, mean, invstd, rm, rv, momentum,
+                              update):
         """Statistics, finish (running statistics included), normalize."""
         A, C, B = x.shape
         var = np.empty(C)
         scale = np.empty(C)
         _serial_stats(x, mean, var)
         _finish_stats(mean, var, A * B, eps, gamma, invstd, scale, rm, rv, momentum, update)
-        _serial_affine(x, mean, scale, beta, out)
+        _serial_affine(x, mean, scale, beta, lo, out)
 
     @njit(**_JIT)
     def _eval_coefficients(rm, rv, eps, gamma, mean, invstd, scale):
@@ -999,74 +1437,127 @@ if numba is not None:
             scale[c] = gamma[c] * invstd[c]
 
     @njit(**_JIT)
-    def _serial_forward_eval(x, gamma, beta, rm, rv, eps, out, mean, invstd):
+    def _serial_forward_eval(x, gamma, beta, rm, rv, eps, lo, out, mean, invstd):
         scale = np.empty(mean.shape[0])
         _eval_coefficients(rm, rv, eps, gamma, mean, invstd, scale)
-        _serial_affine(x, mean, scale, beta, out)
+        _serial_affine(x, mean, scale, beta, lo, out)
 
     @njit(**_JIT)
-    def _serial_backward_reduce(dy, x, mean, invstd, sum_dy, sum_dy_xhat):
-        """sum(dy), invstd * sum(dy * (x - mean))."""
-        zeros = np.zeros(mean.shape[0])
-        _serial_sums(dy, zeros, x, mean, False, sum_dy, sum_dy_xhat)
+    def _serial_backward_reduce(dy, x, mean, invstd, gq, gr, floor, sum_dy, sum_dy_xhat):
+        """sum(dy), invstd * sum(dy * (x - mean)) (dy masked when floor is not NaN)."""
+        _serial_sums(dy, mean, x, mean, gq, gr, floor, False, sum_dy, sum_dy_xhat)
         for c in range(mean.shape[0]):
             sum_dy_xhat[c] *= invstd[c]
 
     @njit(**_JIT)
-    def _serial_backward_train(dy, x, mean, invstd, gamma, out, sum_dy, sum_dy_xhat):
-        """Sums, then dx = k*dy + kx*(x - mean) + k0."""
+    def _serial_backward_train(dy, x, mean, invstd, gamma, gq, gr, floor, out,
+                               sum_dy, sum_dy_xhat):
+        """Sums, then dx = k*du + kx*(x - mean) + k0."""
         A, C, B = x.shape
-        _serial_backward_reduce(dy, x, mean, invstd, sum_dy, sum_dy_xhat)
+        _serial_backward_reduce(dy, x, mean, invstd, gq, gr, floor, sum_dy, sum_dy_xhat)
         k, kx, k0 = _dx_coefficients(A * B, invstd, gamma, sum_dy, sum_dy_xhat)
-        _serial_combine(dy, k, x, mean, kx, k0, out)
+        _serial_combine(dy, k, x, mean, kx, k0, gq, gr, floor, out)
 
     @njit(**_JIT)
-    def _serial_backward_eval(dy, x, mean, invstd, gamma, out, sum_dy, sum_dy_xhat):
-        """Sums, then dx = dy * gamma * invstd (mean and invstd are constants)."""
-        _serial_backward_reduce(dy, x, mean, invstd, sum_dy, sum_dy_xhat)
-        zeros = np.zeros(mean.shape[0])
-        _serial_affine(dy, zeros, gamma * invstd, zeros, out)
+    def _serial_backward_eval(dy, x, mean, invstd, gamma, gq, gr, floor, out,
+                              sum_dy, sum_dy_xhat):
+        """Sums, then dx = du * gamma * invstd (mean and invstd are constants)."""
+        _serial_backward_reduce(dy, x, mean, invstd, gq, gr, floor, sum_dy, sum_dy_xhat)
+        _serial_gated_scale(dy, gamma * invstd, x, mean, gq, gr, floor, out)
 
 # ---------------------------------------------------------------------------
 # Shape dispatch (Python level).
 # ---------------------------------------------------------------------------
+
+def _storage(arr):
+    """A view numba can type: float16 as uint16, bfloat16 as int16 bit
+    patterns (zero-copy); float32/float64 arrays as they are."""
+    if arr.dtype.itemsize == 2:
+        return arr.view(np.uint16 if arr.dtype == np.float16 else np.int16)
+    return arr
+
+
+def _compute_dtype(x):
+    """The dtype of the staged backward's full-size intermediates: float32 for
+    16-bit storage, x.dtype otherwise (x as returned by ``_storage``)."""
+    return np.dtype(np.float32) if x.dtype.itemsize == 2 else x.dtype
+
+
+def _relu_floor(x):
+    """The ReLU mask keeps ``dy`` where the recomputed ``y > floor``. float32
+    storage computes ``y`` in float64 and stores ``float32(y)``, which is
+    positive exactly when ``y > 2**-150``; so the mask is the forward's
+    ``out > 0``. 16-bit storage computes ``y`` in float32, float64 in float64."""
+    return 2.0 ** -150 if x.dtype == np.float32 else 0.0
+
+
+def _gate_params(x, invstd, gamma, beta, relu):
+    """(gq, gr, floor) of the ReLU mask ``y = (x - mean) * gq + gr > floor``;
+    without ReLU, floor = NaN (``not (y <= NaN)`` keeps every element)."""
+    if not relu:
+        zeros = np.zeros(x.shape[1])
+        return zeros, zeros, np.nan
+    return invstd * gamma, np.ascontiguousarray(beta, dtype=np.float64), _relu_floor(x)
+
+
+def _lo(relu):
+    """The forward's lower bound: 0 for a fused ReLU, NaN (no bound) otherwise."""
+    return 0.0 if relu else np.nan
+
 
 def _as_cols(arr):
     A, C, B = arr.shape
     return arr.reshape(A, C * B)
 
 
-def _channel_sums(u, su, v, sv):
-    """sum(u - su[c]) and sum((u - su[c]) * (v - sv[c])) per channel, float64."""
+def _channel_sums(u, v, sv, gq=None, gr=None, floor=np.nan):
+    """sum(du) and sum(du * (v - sv[c])) per channel, float64; du = u masked by
+    (v - sv[c]) * gq[c] + gr[c] > floor (floor NaN: no mask)."""
     A, C, B = u.shape
+    if gq is None:
+        gq = gr = np.zeros(C)
     sum1 = np.empty(C)
     sum2 = np.empty(C)
     if _reduces_by_rows(u.shape):
-        _sums_rows(u, su, v, sv, _chunks_per_channel(u.shape), sum1, sum2)
+        _sums_rows(u, v, sv, gq, gr, floor, _chunks_per_channel(u.shape), sum1, sum2)
     else:
-        _sums_cols(_as_cols(u), _per_column(su, B), _as_cols(v), _per_column(sv, B), False,
-                   _row_blocks(A, C * B), B, sum1, sum2)
+        sv_col = _per_column(sv, B)
+        _sums_cols(_as_cols(u), sv_col, _as_cols(v), sv_col, _per_column(gq, B),
+                   _per_column(gr, B), floor, False, _row_blocks(A, C * B), B, sum1, sum2)
     return sum1, sum2
 
 
-def _affine(u, p, q, r, out):
-    """out = (u - p[c]) * q[c] + r[c]."""
+def _affine(u, p, q, r, out, lo=np.nan):
+    """out = max((u - p[c]) * q[c] + r[c], lo) (lo NaN: no max)."""
     B = u.shape[2]
     if _uses_rows(u.shape):
-        _affine_rows(u, p, q, r, out)
+        _affine_rows(u, p, q, r, lo, out)
     else:
-        _affine_cols(_as_cols(u), _per_column(p, B), _per_column(q, B), _per_column(r, B),
+        _affine_cols(_as_cols(u), _per_column(p, B), _per_column(q, B), _per_column(r, B), lo,
                      _as_cols(out))
 
 
-def _combine(u, q, v, s, t, r, out):
-    """out = u * q[c] + (v - s[c]) * t[c] + r[c]."""
+def _combine(u, q, v, s, t, r, out, gq=None, gr=None, floor=np.nan):
+    """out = du * q[c] + (v - s[c]) * t[c] + r[c], du = u masked (floor NaN: du = u)."""
     B = u.shape[2]
+    if gq is None:
+        gq = gr = np.zeros(u.shape[1])
     if _uses_rows(u.shape):
-        _combine_rows(u, q, v, s, t, r, out)
+        _combine_rows(u, q, v, s, t, r, gq, gr, floor, out)
     else:
         _combine_cols(_as_cols(u), _per_column(q, B), _as_cols(v), _per_column(s, B),
-                      _per_column(t, B), _per_column(r, B), _as_cols(out))
+                      _per_column(t, B), _per_column(r, B), _per_column(gq, B),
+                      _per_column(gr, B), floor, _as_cols(out))
+
+
+def _gated_scale(u, q, v, s, gq, gr, floor, out):
+    """out = du * q[c], du = u where (v - s[c]) * gq[c] + gr[c] > floor, else 0."""
+    B = u.shape[2]
+    if _uses_rows(u.shape):
+        _gated_scale_rows(u, q, v, s, gq, gr, floor, out)
+    else:
+        _gated_scale_cols(_as_cols(u), _per_column(q, B), _as_cols(v), _per_column(s, B),
+                          _per_column(gq, B), _per_column(gr, B), floor, _as_cols(out))
 
 
 def _product(u, v, w, out):
@@ -1096,18 +1587,18 @@ def _stats_unlocked(x):
     return mean, var
 
 
-def _backward_reduce_unlocked(dy, x, mean, invstd):
-    zeros = np.zeros(x.shape[1])
-    sum_dy, sum_dy_xmu = _channel_sums(dy, zeros, x, mean)
+def _backward_reduce_unlocked(dy, x, mean, invstd, gq, gr, floor):
+    sum_dy, sum_dy_xmu = _channel_sums(dy, x, mean, gq, gr, floor)
     return sum_dy, sum_dy_xmu * invstd
 
 
-def _backward_elemt_unlocked(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, out):
-    # dx = gamma*invstd*(dy - sum_dy/M - (x - mean)*invstd*sum_dy_xhat/M)
-    #    = k*dy + kx*(x - mean) + k0
+def _backward_elemt_unlocked(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, out,
+                             gq, gr, floor):
+    # dx = gamma*invstd*(du - sum_dy/M - (x - mean)*invstd*sum_dy_xhat/M)
+    #    = k*du + kx*(x - mean) + k0, du = dy masked by the ReLU
     n = x.shape[0] * x.shape[2]
     k, kx, k0 = _dx_coefficients(n, invstd, gamma, sum_dy, sum_dy_xhat)
-    _combine(dy, k, x, mean, kx, k0, out)
+    _combine(dy, k, x, mean, kx, k0, out, gq, gr, floor)
 
 
 # ---------------------------------------------------------------------------
@@ -1119,14 +1610,16 @@ def stats(x):
 
     Parameters
     ----------
-    x : ndarray, (A, C, B), float32 or float64, C-contiguous
+    x : ndarray, (A, C, B), float16, bfloat16, float32 or float64, C-contiguous
 
     Returns
     -------
     mean, var : ndarray, (C,), float64
-        Shifted float64 sums: ``d = x - x[0, c, 0]``,
-        ``mean = x[0, c, 0] + sum(d)/M``, ``var = (sum(d*d) - sum(d)**2/M)/M``.
+        Shifted sums: ``d = x - x[0, c, 0]``, ``mean = x[0, c, 0] + sum(d)/M``,
+        ``var = (sum(d*d) - sum(d)**2/M)/M``, accumulated in float64 (16-bit
+        storage: float32 blocks of SUM_BLOCK elements merged in float64).
     """
+    x = _storage(x)
     if _serial(x):
         mean = np.empty(x.shape[1])
         var = np.empty(x.shape[1])
@@ -1136,22 +1629,29 @@ def stats(x):
         return _stats_unlocked(x)
 
 
-def normalize(x, mean, invstd, gamma, beta, out):
-    """``out = (x - mean) * invstd * gamma + beta``, computed in float64.
+def normalize(x, mean, invstd, gamma, beta, out, relu=False):
+    """``out = (x - mean) * invstd * gamma + beta``, then ``max(out, 0)`` when ``relu``.
+
+    Computed in float64 for float32/float64 storage, in float32 (split mean)
+    for 16-bit storage, rounded once into ``out``.
 
     Parameters
     ----------
     x, out : ndarray, (A, C, B), same dtype
     mean, invstd, gamma, beta : ndarray, (C,), float64
+    relu : bool
     """
+    x = _storage(x)
+    out = _storage(out)
     if _serial(x):
-        _serial_affine(x, mean, invstd * gamma, beta, out)
+        _serial_affine(x, mean, invstd * gamma, beta, _lo(relu), out)
         return
     with _guard():
-        _affine(x, mean, invstd * gamma, beta, out)
+        _affine(x, mean, invstd * gamma, beta, out, _lo(relu))
 
 
-def forward_train(x, gamma, beta, eps, out, running_mean=None, running_var=None, momentum=0.1):
+def forward_train(x, gamma, beta, eps, out, running_mean=None, running_var=None, momentum=0.1,
+                  relu=False):
     """Training forward: statistics, normalize into ``out``, running statistics.
 
     The compiled driver of each loop shape also computes ``invstd`` and
@@ -1165,34 +1665,40 @@ def forward_train(x, gamma, beta, eps, out, running_mean=None, running_var=None,
     eps : float
     running_mean, running_var : ndarray, (C,), or None
     momentum : float
+    relu : bool
+        Write ``max(y, 0)`` (in the same pass).
 
     Returns
     -------
     mean, invstd : ndarray, (C,), float64
     """
+    x = _storage(x)
+    out = _storage(out)
     C = x.shape[1]
     mean = np.empty(C)
     invstd = np.empty(C)
     rm, rv, update = _host.running_arrays(running_mean, running_var, mean, invstd)
     eps = float(eps)
     momentum = float(momentum)
+    lo = _lo(relu)
     if _serial(x):
-        _serial_forward_train(x, gamma, beta, eps, out, mean, invstd, rm, rv, momentum, update)
+        _serial_forward_train(x, gamma, beta, eps, lo, out, mean, invstd, rm, rv, momentum,
+                              update)
     else:
         with _guard():
             A, C, B = x.shape
             if _fuses(x, 2):
-                _forward_fused_train(x, gamma, beta, eps, _fused_block(x.shape, x.itemsize),
+                _forward_fused_train(x, gamma, beta, eps, lo, _fused_block(x.shape, x.itemsize),
                                      out, mean, invstd, rm, rv, momentum, update)
             elif _fuses_cols(x.shape):
-                _forward_cols_fused_train(_as_cols(x), gamma, beta, eps, _fused_cols_width(x),
-                                          _as_cols(out), mean, invstd, rm, rv, momentum,
-                                          update)
+                _forward_cols_fused_train(_as_cols(x), gamma, beta, eps, lo,
+                                          _fused_cols_width(x), _as_cols(out), mean, invstd,
+                                          rm, rv, momentum, update)
             elif not _uses_rows(x.shape):
-                _forward_cols_train(_as_cols(x), B, gamma, beta, eps, _row_blocks(A, C * B),
+                _forward_cols_train(_as_cols(x), B, gamma, beta, eps, lo, _row_blocks(A, C * B),
                                     _as_cols(out), mean, invstd, rm, rv, momentum, update)
             elif _reduces_by_rows(x.shape):
-                _forward_rows_train(x, _chunks_per_channel(x.shape), gamma, beta, eps, out,
+                _forward_rows_train(x, _chunks_per_channel(x.shape), gamma, beta, eps, lo, out,
                                     mean, invstd, rm, rv, momentum, update)
             else:
                 var = np.empty(C)
@@ -1200,167 +1706,208 @@ def forward_train(x, gamma, beta, eps, out, running_mean=None, running_var=None,
                 scale = np.empty(C)
                 _finish_stats(mean, var, A * B, eps, gamma, invstd, scale, rm, rv, momentum,
                               update)
-                _affine_rows(x, mean, scale, beta, out)
+                _affine_rows(x, mean, scale, beta, lo, out)
     if update:
         _host.write_back(running_mean, running_var, rm, rv)
     return mean, invstd
 
 
-def forward_eval(x, gamma, beta, running_mean, running_var, eps, out):
-    """Evaluation forward: normalize with the running statistics.
+def forward_eval(x, gamma, beta, running_mean, running_var, eps, out, relu=False):
+    """Evaluation forward: normalize with the running statistics (then ``max(y, 0)``
+    when ``relu``).
 
     Returns
     -------
     mean, invstd : ndarray, (C,), float64
         ``running_mean`` and ``1 / sqrt(running_var + eps)``.
     """
+    x = _storage(x)
+    out = _storage(out)
     C = x.shape[1]
     mean = np.empty(C)
     invstd = np.empty(C)
     rm, rv = _host.readable_running(running_mean, running_var)
     if _serial(x):
-        _serial_forward_eval(x, gamma, beta, rm, rv, float(eps), out, mean, invstd)
+        _serial_forward_eval(x, gamma, beta, rm, rv, float(eps), _lo(relu), out, mean, invstd)
         return mean, invstd
     scale = np.empty(C)
     _eval_coefficients(rm, rv, float(eps), gamma, mean, invstd, scale)
     with _guard():
-        _affine(x, mean, scale, beta, out)
+        _affine(x, mean, scale, beta, out, _lo(relu))
     return mean, invstd
 
 
-def backward_eval(dy, x, mean, invstd, gamma, out):
+def backward_eval(dy, x, mean, invstd, gamma, out, beta=None, relu=False):
     """Evaluation backward ``dx = dy * gamma * invstd``, and the two sums.
+
+    With ``relu``, ``dy`` is first masked by ``y > 0``, ``y`` recomputed from
+    ``x`` as the forward computes it.
 
     Returns
     -------
     sum_dy, sum_dy_xhat : ndarray, (C,), float64
     """
+    dy, x, out = _storage(dy), _storage(x), _storage(out)
+    gq, gr, floor = _gate_params(x, invstd, gamma, beta, relu)
     if _serial(x):
         C = x.shape[1]
         sum_dy = np.empty(C)
         sum_dy_xhat = np.empty(C)
-        _serial_backward_eval(dy, x, mean, invstd, gamma, out, sum_dy, sum_dy_xhat)
+        _serial_backward_eval(dy, x, mean, invstd, gamma, gq, gr, floor, out, sum_dy,
+                              sum_dy_xhat)
         return sum_dy, sum_dy_xhat
     with _guard():
-        sum_dy, sum_dy_xhat = _backward_reduce_unlocked(dy, x, mean, invstd)
-        zeros = np.zeros(x.shape[1])
-        _affine(dy, zeros, gamma * invstd, zeros, out)
+        sum_dy, sum_dy_xhat = _backward_reduce_unlocked(dy, x, mean, invstd, gq, gr, floor)
+        if relu:
+            _gated_scale(dy, gamma * invstd, x, mean, gq, gr, floor, out)
+        else:
+            zeros = np.zeros(x.shape[1])
+            _affine(dy, zeros, gamma * invstd, zeros, out)
     return sum_dy, sum_dy_xhat
 
 
-def backward_reduce(dy, x, mean, invstd):
+def backward_reduce(dy, x, mean, invstd, gamma=None, beta=None, relu=False):
     """Per-channel ``sum(dy)`` and ``sum(dy * (x - mean) * invstd)``.
 
     Parameters
     ----------
     dy, x : ndarray, (A, C, B), same dtype
     mean, invstd : ndarray, (C,), float64
+    gamma, beta : ndarray, (C,), float64, or None
+        Read only with ``relu``: ``dy`` is masked by ``y > 0`` first.
+    relu : bool
 
     Returns
     -------
     sum_dy, sum_dy_xhat : ndarray, (C,), float64
     """
+    dy, x = _storage(dy), _storage(x)
+    gq, gr, floor = _gate_params(x, invstd, gamma, beta, relu)
     if _serial(x):
         C = x.shape[1]
         sum_dy = np.empty(C)
         sum_dy_xhat = np.empty(C)
-        _serial_backward_reduce(dy, x, mean, invstd, sum_dy, sum_dy_xhat)
+        _serial_backward_reduce(dy, x, mean, invstd, gq, gr, floor, sum_dy, sum_dy_xhat)
         return sum_dy, sum_dy_xhat
     with _guard():
-        return _backward_reduce_unlocked(dy, x, mean, invstd)
+        return _backward_reduce_unlocked(dy, x, mean, invstd, gq, gr, floor)
 
 
-def backward_elemt(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, out):
+def backward_elemt(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, out, beta=None,
+                   relu=False):
     """``out = gamma * invstd * (dy - sum_dy/M - xhat * sum_dy_xhat/M)``.
 
     Parameters
     ----------
     dy, x, out : ndarray, (A, C, B), same dtype
     mean, invstd, gamma, sum_dy, sum_dy_xhat : ndarray, (C,), float64
+    beta : ndarray, (C,), float64, or None
+        Read only with ``relu``: ``dy`` is masked by ``y > 0`` first.
+    relu : bool
     """
+    dy, x, out = _storage(dy), _storage(x), _storage(out)
+    gq, gr, floor = _gate_params(x, invstd, gamma, beta, relu)
     if _serial(x):
         k, kx, k0 = _dx_coefficients(x.shape[0] * x.shape[2], invstd, gamma, sum_dy,
                                      sum_dy_xhat)
-        _serial_combine(dy, k, x, mean, kx, k0, out)
+        _serial_combine(dy, k, x, mean, kx, k0, gq, gr, floor, out)
         return
     with _guard():
-        _backward_elemt_unlocked(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, out)
+        _backward_elemt_unlocked(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, out,
+                                 gq, gr, floor)
 
 
-def backward_train(dy, x, mean, invstd, gamma, out):
+def backward_train(dy, x, mean, invstd, gamma, out, beta=None, relu=False):
     """Simplified backward: ``backward_reduce`` then ``backward_elemt``.
 
     With the rows loop shape and enough channels, both passes run per channel
     back to back (the second read of ``dy`` and ``x`` comes from cache);
-    small arrays run one serial compiled kernel.
+    small arrays run one serial compiled kernel. With ``relu``, ``dy`` is
+    masked by ``y > 0`` in both passes (``y`` recomputed from ``x``).
 
     Returns
     -------
     sum_dy, sum_dy_xhat : ndarray, (C,), float64
         ``dbeta`` and ``dgamma``.
     """
+    dy, x, out = _storage(dy), _storage(x), _storage(out)
+    gq, gr, floor = _gate_params(x, invstd, gamma, beta, relu)
     C = x.shape[1]
     sum_dy = np.empty(C)
     sum_dy_xhat = np.empty(C)
     if _serial(x):
-        _serial_backward_train(dy, x, mean, invstd, gamma, out, sum_dy, sum_dy_xhat)
+        _serial_backward_train(dy, x, mean, invstd, gamma, gq, gr, floor, out, sum_dy,
+                               sum_dy_xhat)
         return sum_dy, sum_dy_xhat
     with _guard():
         if _fuses(x, 3):
-            _backward_rows_fused(dy, x, mean, invstd, gamma, _fused_block(x.shape, x.itemsize),
-                                 out, sum_dy, sum_dy_xhat)
+            _backward_rows_fused(dy, x, mean, invstd, gamma, gr, floor,
+                                 _fused_block(x.shape, x.itemsize), out, sum_dy, sum_dy_xhat)
         elif _fuses_cols(x.shape):
-            _backward_cols_fused(_as_cols(dy), _as_cols(x), mean, invstd, gamma,
+            _backward_cols_fused(_as_cols(dy), _as_cols(x), mean, invstd, gamma, gq, gr, floor,
                                  _fused_cols_width(x), _as_cols(out), sum_dy, sum_dy_xhat)
         elif not _uses_rows(x.shape):
             A, C, B = x.shape
-            _backward_cols(_as_cols(dy), _as_cols(x), B, mean, invstd, gamma,
+            _backward_cols(_as_cols(dy), _as_cols(x), B, mean, invstd, gamma, gq, gr, floor,
                            _row_blocks(A, C * B), _as_cols(out), sum_dy, sum_dy_xhat)
         else:
-            sum_dy, sum_dy_xhat = _backward_reduce_unlocked(dy, x, mean, invstd)
-            _backward_elemt_unlocked(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, out)
+            sum_dy, sum_dy_xhat = _backward_reduce_unlocked(dy, x, mean, invstd, gq, gr, floor)
+            _backward_elemt_unlocked(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, out,
+                                     gq, gr, floor)
         return sum_dy, sum_dy_xhat
 
 
-def backward_staged(dy, x, mean, invstd, gamma, eps, out):
+def backward_staged(dy, x, mean, invstd, gamma, eps, out, beta=None, relu=False):
     """The cs231n computational graph, one pass per stage.
 
-    Every full-size stage is its own parallel loop writing a new array of
-    ``x.dtype``; reductions accumulate in float64.
+    Every full-size stage is its own parallel loop writing a new array of the
+    compute dtype (float32 for 16-bit storage, else ``x.dtype``); reductions
+    accumulate in float64; ``dx`` is rounded once into ``out``. With ``relu``
+    the graph has one more node on top, walked back first: ``y`` rebuilt full
+    size, then ``dy = where(y > 0, dy, 0)`` full size.
 
     Returns
     -------
     dgamma, dbeta : ndarray, (C,), float64
     """
+    dy, x, out = _storage(dy), _storage(x), _storage(out)
+    work = _compute_dtype(x)
     with _guard():
         A, C, B = x.shape
         n = A * B
         zeros = np.zeros(C)
         ones = np.ones(C)
-        xmu = np.empty_like(x)
+        if relu:
+            y = np.empty(x.shape, work)
+            _affine(x, mean, invstd * gamma, beta, y)       # step 10: y = xhat * gamma + beta
+            dy_relu = np.empty(x.shape, work)
+            _gated_scale(dy, ones, y, zeros, ones, zeros, _relu_floor(x), dy_relu)
+            dy = dy_relu                                    # dy = where(y > 0, dy, 0)
+            del y
+        xmu = np.empty(x.shape, work)
         _affine(x, mean, ones, zeros, xmu)                  # xmu = x - mean
-        xhat = np.empty_like(x)
+        xhat = np.empty(x.shape, work)
         _affine(xmu, zeros, invstd, zeros, xhat)            # xhat = xmu * invstd
-        dbeta, _ = _channel_sums(dy, zeros, dy, zeros)      # step 9: sum(dy)
-        _, dgamma = _channel_sums(dy, zeros, xhat, zeros)   # step 8: sum(dy * xhat)
+        dbeta, _ = _channel_sums(dy, dy, zeros)             # step 9: sum(dy)
+        _, dgamma = _channel_sums(dy, xhat, zeros)          # step 8: sum(dy * xhat)
         del xhat
-        dxhat = np.empty_like(x)
+        dxhat = np.empty(x.shape, work)
         _affine(dy, zeros, gamma, zeros, dxhat)             # dxhat = dy * gamma
-        _, divar = _channel_sums(dxhat, zeros, xmu, zeros)  # step 7: sum(dxhat * xmu)
-        dxmu1 = np.empty_like(x)
+        _, divar = _channel_sums(dxhat, xmu, zeros)         # step 7: sum(dxhat * xmu)
+        dxmu1 = np.empty(x.shape, work)
         _affine(dxhat, zeros, invstd, zeros, dxmu1)         # dxmu1 = dxhat * invstd
         del dxhat
         dsqrtvar = -invstd * invstd * divar                 # step 6
         dvar = 0.5 * invstd * dsqrtvar                      # step 5
-        dsq = np.empty_like(x)
+        dsq = np.empty(x.shape, work)
         _fill(dvar / n, dsq)                                # step 4: dsq = dvar / M
-        dxmu2 = np.empty_like(x)
+        dxmu2 = np.empty(x.shape, work)
         _product(xmu, dsq, 2.0 * ones, dxmu2)               # step 3: 2 * xmu * dsq
         del xmu, dsq
-        dx1 = np.empty_like(x)
+        dx1 = np.empty(x.shape, work)
         _combine(dxmu1, ones, dxmu2, zeros, ones, zeros, dx1)  # step 2: dxmu1 + dxmu2
         del dxmu1, dxmu2
-        dmu_sum, _ = _channel_sums(dx1, zeros, dx1, zeros)
+        dmu_sum, _ = _channel_sums(dx1, dx1, zeros)
         dmu = -dmu_sum                                      # step 2: dmu = -sum(dx1)
         _affine(dx1, zeros, ones, dmu / n, out)             # steps 1, 0: dx1 + dmu / M
         return dgamma, dbeta
