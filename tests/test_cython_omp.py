@@ -590,8 +590,10 @@ def test_half_kernels_match_float64_reference(name, dtype, relu):
     out = np.empty_like(x)
     mean, invstd = cython_omp.forward_train(x, gamma, beta, EPS, out, relu=relu)
     assert mean.dtype == np.float64 and invstd.dtype == np.float64
-    assert_close(mean, ref["mean"], 1e-12, 1e-9)
-    assert_close(invstd, ref["invstd"], 1e-9, 0)
+    # 16-bit data are summed in float32 blocks merged in float64: float32 accuracy
+    std = np.sqrt(ref["var"])
+    assert np.all(np.abs(mean - ref["mean"]) <= 1e-6 * std + 1e-12 * np.abs(ref["mean"]))
+    assert_close(invstd, ref["invstd"], 1e-6, 0)
     y64 = ((x64 - mean[None, :, None]) * (invstd * gamma)[None, :, None]
            + beta[None, :, None])
     _assert_within_one_ulp(out, np.maximum(y64, 0) if relu else y64, dtype)
@@ -618,11 +620,12 @@ def test_half_kernels_match_float64_reference(name, dtype, relu):
     dx_staged = np.empty_like(x)
     dgamma, dbeta = cython_omp.backward_staged(dy, x, mean, invstd, gamma, EPS, dx_staged,
                                                **kwargs)
-    scale = np.abs(dy_used).sum(axis=(0, 2)) + 1.0
-    # float64 sums of exact values; the staged graph sums float32 intermediates
-    for (got_dy, got_dxhat), tol in ((sums, 1e-9), (sums_r, 1e-9), ((dbeta, dgamma), 1e-6)):
-        assert_close(got_dy / scale, sum_dy / scale, 0, tol)
-        assert_close(got_dxhat / scale, sum_dy_xhat / scale, 0, tol)
+    # float32 accuracy of the float64 sums: within 1e-6 of the sum of |terms|
+    scale_dy = np.abs(dy_used).sum(axis=(0, 2)) + 1e-30
+    scale_dxhat = np.abs(dy_used * xhat).sum(axis=(0, 2)) + 1e-30
+    for got_dy, got_dxhat in (sums, sums_r, (dbeta, dgamma)):
+        assert_close(got_dy / scale_dy, sum_dy / scale_dy, 0, 1e-6)
+        assert_close(got_dxhat / scale_dxhat, sum_dy_xhat / scale_dxhat, 0, 1e-6)
     for result in (dx, dx_elemt, dx_staged):
         _assert_within_one_ulp(result, dx64, dtype)
     assert np.array_equal(dx.view(np.uint16), dx_elemt.view(np.uint16))
