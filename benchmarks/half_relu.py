@@ -49,7 +49,9 @@ SHAPE = "64x256x56x56"
 DTYPES = ("float32", "float16", "bfloat16")
 STORAGE_BACKENDS = ("numba", "cython", "numpy", "torch")
 RELU_BACKENDS = ("numba", "cython")
-ROUNDS = 7
+ROUNDS = 5
+# The NumPy reference backend is slow in 16 bits (seconds per call): fewer rounds.
+NUMPY_ROUNDS = 3
 HALF_BAR = 1.6
 LIMIT_BAR = 0.7
 SEPARATE_BAR = 1.6
@@ -105,7 +107,32 @@ def _summary(seconds):
             "rounds": len(seconds)}
 
 
-def measure_storage(shape, backends, dtypes, rounds):
+def make_all_data(shape, dtypes):
+    """The inputs of every dtype, shared by both parts (None where it cannot be made)."""
+    from fastbn.bench import DtypeUnavailable, make_data
+
+    data = {}
+    for dtype in dtypes:
+        try:
+            data[dtype] = make_data(shape, dtype)
+        except DtypeUnavailable:
+            data[dtype] = None
+    return data
+
+
+def _share_buffers(kernels, first):
+    """Let ``kernels`` write its dx into ``first``'s and drop its own copy target.
+
+    Only one copy is timed per group, and the fastbn backward writes into
+    ``self.dx`` at call time: sharing keeps the large shape's memory down.
+    PyTorch's tensors are bound at setup and keep their own.
+    """
+    kernels.copy_dst = None
+    if kernels.backend != "torch" and first.backend != "torch":
+        kernels.dx = first.dx
+
+
+def measure_storage(data, backends, dtypes, rounds, numpy_rounds=NUMPY_ROUNDS):
     """Part 1: forward and simplified backward per backend and dtype.
 
     Returns
@@ -114,13 +141,9 @@ def measure_storage(shape, backends, dtypes, rounds):
         ``rows``: one per backend and dtype (``skipped`` = why, or the
         figures); ``copy``: the copy timing per dtype; ``load``.
     """
-    from fastbn.bench import Kernels, make_data, why_unsupported
+    from fastbn.bench import Kernels, why_unsupported
 
     result = {"rows": [], "copy": {}, "load": [_loadavg()]}
-    data = {}
-    for dtype in dtypes:
-        reason = why_unsupported("numpy", dtype)
-        data[dtype] = None if reason and "ml_dtypes" in reason else make_data(shape, dtype)
     for backend in backends:
         funcs = {}
         for dtype in dtypes:
@@ -136,7 +159,7 @@ def measure_storage(shape, backends, dtypes, rounds):
             continue
         print(f"  {backend}: {', '.join(sorted({k.split()[0] for k in funcs}))}",
               file=sys.stderr, flush=True)
-        samples = interleaved(funcs, rounds)
+        samples = interleaved(funcs, numpy_rounds if backend == "numpy" else rounds)
         for dtype in dtypes:
             if f"{dtype} forward" not in samples:
                 continue
@@ -155,7 +178,7 @@ def measure_storage(shape, backends, dtypes, rounds):
     return result
 
 
-def measure_relu(shape, backends, dtypes, rounds, with_torch=True):
+def measure_relu(data, backends, dtypes, rounds, with_torch=True):
     """Part 2: fused batch norm + ReLU, the separate passes and PyTorch's, per dtype.
 
     Returns
@@ -164,7 +187,7 @@ def measure_relu(shape, backends, dtypes, rounds, with_torch=True):
         ``rows``: one per backend, dtype and kind (``fused``, ``separate``,
         ``torch``), with ``skipped`` = why or the figures; ``copy``; ``load``.
     """
-    from fastbn.bench import Kernels, make_data, why_unsupported
+    from fastbn.bench import Kernels, why_unsupported
 
     result = {"rows": [], "copy": {}, "load": [_loadavg()]}
     kinds = [(backend, "fused", "relu") for backend in backends]
@@ -172,22 +195,25 @@ def measure_relu(shape, backends, dtypes, rounds, with_torch=True):
     if with_torch:
         kinds.append(("torch", "torch", "relu"))
     for dtype in dtypes:
-        if "ml_dtypes" in (why_unsupported("numpy", dtype) or ""):
+        if data[dtype] is None:  # bfloat16 without ml_dtypes
             for backend, kind, activation in kinds:
                 result["rows"].append({"backend": backend, "dtype": dtype, "kind": kind,
-                                       "skipped": why_unsupported("numpy", dtype)})
+                                       "skipped": why_unsupported(backend, dtype)})
             continue
-        data = make_data(shape, dtype)
         funcs = {}
+        first = None
         for backend, kind, activation in kinds:
             reason = why_unsupported(backend, dtype, activation)
             if reason is not None:
                 result["rows"].append({"backend": backend, "dtype": dtype, "kind": kind,
                                        "skipped": reason})
                 continue
-            kernels = Kernels(backend, data, activation=activation)
-            if not any(name.endswith(" copy") for name in funcs):
+            kernels = Kernels(backend, data[dtype], activation=activation)
+            if first is None:
+                first = kernels
                 funcs["- copy"] = kernels.copy
+            else:
+                _share_buffers(kernels, first)
             funcs[f"{backend} {kind} forward"] = kernels.forward
             funcs[f"{backend} {kind} backward"] = kernels.simplified
         if not funcs:
@@ -203,7 +229,7 @@ def measure_relu(shape, backends, dtypes, rounds, with_torch=True):
                 "forward": _summary(samples[f"{backend} {kind} forward"]),
                 "backward": _summary(samples[f"{backend} {kind} backward"]),
             })
-        del funcs, samples, data
+        del funcs, samples, first
     result["load"].append(_loadavg())
     return result
 
@@ -413,7 +439,9 @@ def report(storage, relu, args, elapsed, command):
         f"- machine: {_machine()}",
         f"- {_versions()}",
         f"- threads: {_threads(args.storage_backends)}",
-        f"- rounds: {args.rounds} interleaved rounds per part, one call per kernel per round; "
+        f"- rounds: {args.rounds} interleaved rounds per part "
+        f"({min(args.rounds, NUMPY_ROUNDS)} for the NumPy backend's 16-bit-slow group), "
+        "one call per kernel per round after one untimed call; "
         "times are best / median of the rounds, ratios from the best times "
         "(in parentheses: from the medians)",
         f"- load average (1 min) before/after: storage part {storage['load'][0]} / "
@@ -473,13 +501,15 @@ def main(argv=None):
     relu_backends = [b for b in args.relu_backends.split(",") if b in available and b != "torch"]
     args.dtype_list = dtypes
     args.relu_backend_list = relu_backends
-    command = "python benchmarks/half_relu.py" + ("" if argv is None and len(sys.argv) == 1
-                                                  else " " + " ".join(sys.argv[1:]))
+    given = sys.argv[1:] if argv is None else list(argv)
+    command = " ".join(["python benchmarks/half_relu.py"] + given)
     start = time.perf_counter()
     print("storage part", file=sys.stderr, flush=True)
-    storage = measure_storage(shape, args.storage_backends, dtypes, args.rounds)
+    data = make_all_data(shape, dtypes)
+    storage = measure_storage(data, args.storage_backends, dtypes, args.rounds,
+                              min(args.rounds, NUMPY_ROUNDS))
     print("relu part", file=sys.stderr, flush=True)
-    relu = measure_relu(shape, relu_backends, dtypes, args.rounds,
+    relu = measure_relu(data, relu_backends, dtypes, args.rounds,
                         with_torch="torch" in available)
     text = report(storage, relu, args, time.perf_counter() - start, command)
     print(text)
