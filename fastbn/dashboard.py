@@ -794,6 +794,20 @@ PAGE_STATE_JS = r"""
     bootstrap_css: !!$ && $(".navbar").length > 0 && $(".navbar").css("position") === "fixed",
     asv: !!($ && $.asv && $.asv.main_json)
   };
+  // A table sorted by stupidtable (asv marks the sorted column asc/desc):
+  // the column, the direction, and its sort values in row order.
+  state.sorted_table = null;
+  var th = $ ? $("thead th.asc, thead th.desc").first() : [];
+  if (th.length) {
+    var column = th.index();
+    var values = [];
+    th.closest("table").find("tbody tr").each(function () {
+      var value = $(this).children().eq(column).attr("data-sort-value");
+      values.push(value === undefined ? null : parseFloat(value));
+    });
+    state.sorted_table = {column: th.text().trim(),
+                          direction: th.hasClass("desc") ? "desc" : "asc", values: values};
+  }
   var plot = $ ? $("#main-graph").data("plot") : null;
   state.plot = null;
   if (plot) {
@@ -856,8 +870,8 @@ def render_page(url, screenshot=None, chromium=None, timeout=60.0, size=(1400, 9
 
     Chromium runs with a fresh profile and is driven over the Chrome DevTools
     protocol (``websocket-client``). The page counts as rendered once asv's
-    graph exists and pixels of its series' colours are on the canvas (or at
-    ``timeout``).
+    graph exists and pixels of its series' colours are on the canvas, or a
+    table of the page is sorted (or at ``timeout``).
 
     Parameters
     ----------
@@ -985,7 +999,8 @@ def _drive_page(devtools, url, screenshot, timeout, size):
         state = json.loads(value)
         if "error.html" in state["href"]:
             break
-        if state["plot"] and state["plot"]["series_pixels"] > 0:
+        table = state.get("sorted_table")
+        if (state["plot"] and state["plot"]["series_pixels"] > 0) or (table and table["values"]):
             # Let the overview and the tick labels settle before the picture.
             drawn_since = drawn_since or time.monotonic()
             if time.monotonic() - drawn_since > 1.0:

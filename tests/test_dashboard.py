@@ -332,3 +332,23 @@ def test_category_axis_draws_bars_in_chromium(site, chromium, artifacts):
         assert series["pixels"] > 0, f"{series['label']}: no pixel of its colour"
         positions += series["drawn_x"]
     assert len(set(positions)) == len(positions), "the bars stand side by side"
+
+
+def test_benchmark_list_sorts_in_chromium(site, chromium, artifacts):
+    """asv's benchmark list sorted by value, descending, by the substitute stupidtable.
+
+    asv names stupidtable 1.0.1, never published to npm; the offline site
+    carries stupid-table-plugin 1.1.3, whose stupidtable/stupidsort asv calls.
+    """
+    png = "dashboard-benchmark-list.png"
+    with dashboard.serve(site["html"]) as url:
+        report = dashboard.render_page(f"{url}#summarylist?sort=1&dir=desc",
+                                       artifacts / png, chromium=chromium)
+    assert report["failed_requests"] == [] and report["exceptions"] == []
+    assert report["console_errors"] == []
+    assert report["state"]["libraries"]["stupidtable"]
+    table = report["state"]["sorted_table"]
+    assert table and table["column"] == "Value" and table["direction"] == "desc"
+    values = table["values"]
+    assert len(values) >= 3 and None not in values
+    assert values == sorted(values, reverse=True)
