@@ -356,8 +356,9 @@ def time_spread(func, repeat, warmup=True):
     """Best and median wall time of ``func``, timed more when they disagree.
 
     ``repeat`` samples are timed (garbage collector off, after one warm-up
-    call; a sample is the mean of enough calls to last SAMPLE_SECONDS); while ``(median - best) / best`` exceeds :data:`AGREE` and fewer
-    than ``MAX_REPEAT_FACTOR * repeat`` calls were timed, ``repeat`` more are.
+    call; a sample is the mean of enough calls to last SAMPLE_SECONDS);
+    while ``(median - best) / best`` exceeds :data:`AGREE` and fewer than
+    ``MAX_REPEAT_FACTOR * repeat`` calls were timed, ``repeat`` more are.
 
     Parameters
     ----------
