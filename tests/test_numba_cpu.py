@@ -359,3 +359,344 @@ def test_fused_columns_width_changes_no_result(monkeypatch):
     assert nb._fuses_cols(x.shape)
     for a, b in zip(*results):
         np.testing.assert_array_equal(a, b)
+
+
+# ---------------------------------------------------------------------------
+# 16-bit storage: conversion helpers, kernels, fused ReLU
+# ---------------------------------------------------------------------------
+
+ml_dtypes = pytest.importorskip("ml_dtypes")
+
+ALL_BITS = np.arange(65536, dtype=np.uint32).astype(np.uint16)
+
+
+def _float32_probes():
+    """float32 values that exercise a 16-bit store: every float16/bfloat16 value,
+    the midpoints between neighbours (ties), a hair either side of them,
+    overflow, subnormals, and random bit patterns (NaN included)."""
+    rng = np.random.default_rng(20)
+    f16 = ALL_BITS.view(np.float16).astype(np.float32)
+    bf16 = (ALL_BITS.astype(np.uint32) << 16).view(np.float32)
+    parts = [f16, bf16, rng.integers(0, 2**32, 200000, dtype=np.uint64).astype(np.uint32).view(np.float32)]
+    for grid in (f16, bf16):
+        finite = np.sort(np.unique(grid[np.isfinite(grid)]))
+        mid = ((finite[:-1].astype(np.float64) + finite[1:]) / 2).astype(np.float32)
+        parts += [mid, np.nextafter(mid, np.float32(np.inf)), np.nextafter(mid, np.float32(-np.inf))]
+    parts.append(np.array([65504, 65519.99, 65520, 65536, 1e30, -65520, 2.0**-25, 2.0**-26,
+                           3 * 2.0**-26, 1e-45, -1e-45, np.inf, -np.inf], dtype=np.float32))
+    return np.concatenate(parts)
+
+
+def _elementwise(convert):
+    """A compiled loop applying one of the module's scalar conversions."""
+    @numba.njit
+    def run(values, out):
+        for i in range(values.shape[0]):
+            out[i] = convert(values[i])
+    return run
+
+
+def _load_all(convert, bits, out):
+    _elementwise(convert)(bits, out)
+
+
+_store_all = _load_all
+
+
+def _assert_same_floats(got, want):
+    """Bit-identical except that a NaN need only be a NaN."""
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(got), nan)
+    assert np.array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
+
+
+def _assert_same_bits(got, want, dtype):
+    nan = np.isnan(want.view(dtype).astype(np.float32))
+    assert np.all(np.isnan(got[nan].view(dtype).astype(np.float32)))
+    assert np.array_equal(got[~nan], want[~nan])
+
+
+@pytest.mark.parametrize("path", ["f16c", "soft"])
+def test_float16_load_is_exact_for_every_bit_pattern(path):
+    if path == "f16c" and not nb._F16C:
+        pytest.skip("numba compiles for a CPU without F16C here")
+    convert = nb._half_to_f32_f16c if path == "f16c" else nb._half_to_f32_soft
+    out = np.empty(65536, np.float32)
+    _load_all(convert, ALL_BITS, out)
+    _assert_same_floats(out, ALL_BITS.view(np.float16).astype(np.float32))
+
+
+@pytest.mark.parametrize("path", ["f16c", "soft"])
+def test_float16_store_rounds_to_nearest_even_like_numpy(path):
+    if path == "f16c" and not nb._F16C:
+        pytest.skip("numba compiles for a CPU without F16C here")
+    convert = nb._f32_to_half_f16c if path == "f16c" else nb._f32_to_half_soft
+    values = _float32_probes()
+    out = np.empty(values.shape[0], np.uint16)
+    _store_all(convert, values, out)
+    with np.errstate(over="ignore"):
+        want = values.astype(np.float16).view(np.uint16)
+    _assert_same_bits(out, want, np.float16)
+
+
+def test_bfloat16_load_and_store_match_ml_dtypes():
+    out = np.empty(65536, np.float32)
+    _load_all(nb._bf16_to_f32, ALL_BITS.view(np.int16), out)
+    _assert_same_floats(out, ALL_BITS.view(ml_dtypes.bfloat16).astype(np.float32))
+    values = _float32_probes()
+    stored = np.empty(values.shape[0], np.int16)
+    _store_all(nb._f32_to_bf16, values, stored)
+    with np.errstate(invalid="ignore", over="ignore"):
+        want = values.astype(ml_dtypes.bfloat16).view(np.uint16)
+    _assert_same_bits(stored.view(np.uint16), want, ml_dtypes.bfloat16)
+
+
+def test_storage_views_are_zero_copy():
+    x16 = np.zeros((2, 3, 4), np.float16)
+    xb = np.zeros((2, 3, 4), ml_dtypes.bfloat16)
+    assert nb._storage(x16).dtype == np.uint16 and np.shares_memory(nb._storage(x16), x16)
+    assert nb._storage(xb).dtype == np.int16 and np.shares_memory(nb._storage(xb), xb)
+    x32 = np.zeros((2, 3, 4), np.float32)
+    assert nb._storage(x32) is x32
+
+
+HALF_DTYPES = [np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)]
+
+
+def _ordinal(values16):
+    """16-bit values as integers in their order (+0 and -0 both 0)."""
+    bits = np.ascontiguousarray(values16).view(np.uint16).astype(np.int64)
+    return np.where(bits & 0x8000, -(bits & 0x7FFF), bits & 0x7FFF)
+
+
+def _round_once(want, dtype):
+    """float64 -> the nearest value of the 16-bit dtype (a cast through float32
+    may round twice: the nearer of the cast and its two neighbours)."""
+    cast = np.ascontiguousarray(want.astype(dtype))
+    bits = cast.view(np.uint16).astype(np.int64)
+    candidates = [cast]
+    for step in (-1, 1):
+        # the neighbour in value order (sign-magnitude bits)
+        neighbour = np.where((bits & 0x8000) == 0, bits + step, bits - step)
+        neighbour = np.where(bits == 0x8000, 1 if step > 0 else 0x8001, neighbour)
+        neighbour = np.where(bits == 0, 1 if step > 0 else 0x8001, neighbour)
+        candidates.append((neighbour & 0xFFFF).astype(np.uint16).view(dtype))
+    errors = [np.abs(c.astype(np.float64) - want) for c in candidates]
+    best = np.argmin(np.stack(errors), axis=0)
+    return np.choose(best, candidates)
+
+
+def _ulps(got, want, dtype, scale):
+    """Ulp distance of ``got`` from ``want`` rounded once to the 16-bit dtype;
+    0 where the error is within a few float32 roundings of ``scale`` (the
+    magnitude of the terms: a result much smaller than its terms is only as
+    accurate as the float32 compute type)."""
+    ulps = np.abs(_ordinal(got) - _ordinal(_round_once(want, dtype)))
+    allowance = 4 * np.finfo(np.float32).eps * scale
+    return np.where(np.abs(got.astype(np.float64) - want) <= allowance, 0, ulps)
+
+
+def _half_case(shape, dtype, seed):
+    rng = np.random.default_rng(seed)
+    x = (3 * rng.standard_normal(shape) + 5)
+    x[:, 0, :] = 1e3 + 0.5 * rng.standard_normal((shape[0], shape[2]))  # mean 2e3 x std
+    x = x.astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    C = shape[1]
+    gamma = rng.standard_normal(C).astype(np.float32).astype(np.float64)
+    beta = rng.standard_normal(C).astype(np.float32).astype(np.float64)
+    return x, dy, gamma, beta
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=lambda d: d.name)
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_half_kernels_within_one_ulp_of_float64(name, dtype, fused):
+    """Every kernel on 16-bit storage, in every loop shape and work split: the
+    result is the float64 reference (from the same 16-bit inputs, float32
+    gamma/beta) rounded to the 16-bit dtype, within 1 ulp; the sums to float32
+    accuracy. Channel 0 has a mean 2000 times its spread."""
+    x, dy, gamma, beta = _half_case(SHAPES[name], dtype, seed=30)
+    ref = reference(x.astype(np.float64), gamma, beta, dy.astype(np.float64))
+    out = np.empty_like(x)
+    mean, invstd = nb.forward_train(x, gamma, beta, EPS, out)
+    assert out.dtype == dtype
+    assert rel_max(mean, ref["mean"]) < 1e-9 and rel_max(invstd, ref["invstd"]) < 1e-6
+    xhat = (x.astype(np.float64) - ref["mean"][:, None]) * ref["invstd"][:, None]
+    y_scale = np.abs(xhat * gamma[:, None]) + np.abs(beta[:, None])
+    assert np.max(_ulps(out, ref["y"], dtype, y_scale)) <= 1
+    out_relu = np.empty_like(x)
+    nb.forward_train(x, gamma, beta, EPS, out_relu, relu=True)
+    np.testing.assert_array_equal(out_relu.astype(np.float32),
+                                  np.maximum(out.astype(np.float32), 0))
+    for method in ("train", "staged", "reduce+elemt"):
+        dx = np.empty_like(x)
+        if method == "train":
+            sums = nb.backward_train(dy, x, ref["mean"], ref["invstd"], gamma, dx)
+        elif method == "staged":
+            sums = nb.backward_staged(dy, x, ref["mean"], ref["invstd"], gamma, EPS, dx)[::-1]
+        else:
+            sums = nb.backward_reduce(dy, x, ref["mean"], ref["invstd"])
+            nb.backward_elemt(dy, x, ref["mean"], ref["invstd"], gamma, *sums, dx)
+        assert dx.dtype == dtype
+        M = x.shape[0] * x.shape[2]
+        dx_scale = np.abs(gamma * ref["invstd"])[:, None] * (
+            np.abs(dy.astype(np.float64)) + np.abs(ref["sum_dy"][:, None] / M)
+            + np.abs(xhat * ref["sum_dy_xhat"][:, None] / M))
+        assert np.max(_ulps(dx, ref["dx"], dtype, dx_scale)) <= 1, method
+        assert rel_max(sums[0], ref["sum_dy"]) < 1e-6
+        assert rel_max(sums[1], ref["sum_dy_xhat"]) < 1e-6
+
+
+def _masked_reference(x, dy, gamma, beta, mean, invstd, out):
+    """dy * (forward out > 0), the unfused ReLU backward's input."""
+    return np.where(out.astype(np.float32) > 0, dy, np.zeros((), dy.dtype))
+
+
+@pytest.mark.parametrize("dtype", [np.dtype(np.float32), np.dtype(np.float64)] + HALF_DTYPES,
+                         ids=lambda d: d.name)
+@pytest.mark.parametrize("name", ["cols_B1", "cols_fused", "cols_smallB", "mixed_B49",
+                                  "rows_largeC", "rows_smallC"])
+def test_fused_relu_equals_separate_passes(name, dtype, fused):
+    """Forward with relu == max(plain forward, 0), bit for bit; every backward
+    kernel with relu == the same kernel on dy * (forward out > 0), bit for bit
+    (the mask is recomputed with the forward's arithmetic; the sums run in the
+    same order)."""
+    x, dy, gamma, beta = make(SHAPES[name], np.float32, seed=31)
+    x, dy = x.astype(dtype), dy.astype(dtype)
+    out = np.empty_like(x)
+    mean, invstd = nb.forward_train(x, gamma, beta, EPS, out)
+    out_relu = np.empty_like(x)
+    mean_r, invstd_r = nb.forward_train(x, gamma, beta, EPS, out_relu, relu=True)
+    np.testing.assert_array_equal(mean_r, mean)
+    relu_ref = np.maximum(out.astype(np.float64), 0).astype(dtype)
+    np.testing.assert_array_equal(out_relu, relu_ref)
+    assert 0.2 < np.mean(out_relu.astype(np.float64) > 0) < 0.8
+    out_eval = np.empty_like(x)
+    nb.forward_eval(x, gamma, beta, mean, 1 / invstd**2 - EPS, EPS, out_eval, relu=True)
+    out_eval_plain = np.empty_like(x)
+    nb.forward_eval(x, gamma, beta, mean, 1 / invstd**2 - EPS, EPS, out_eval_plain)
+    np.testing.assert_array_equal(out_eval, np.maximum(out_eval_plain.astype(np.float64), 0)
+                                  .astype(dtype))
+
+    dym = _masked_reference(x, dy, gamma, beta, mean, invstd, out)
+    for kernel in ("backward_train", "backward_eval"):
+        dx = np.empty_like(x)
+        got = getattr(nb, kernel)(dy, x, mean, invstd, gamma, dx, beta=beta, relu=True)
+        dx_ref = np.empty_like(x)
+        want = getattr(nb, kernel)(dym, x, mean, invstd, gamma, dx_ref)
+        for g, w in zip((*got, dx), (*want, dx_ref)):
+            np.testing.assert_array_equal(g, w, err_msg=kernel)
+    got = nb.backward_reduce(dy, x, mean, invstd, gamma, beta, relu=True)
+    want = nb.backward_reduce(dym, x, mean, invstd)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+    dx = np.empty_like(x)
+    nb.backward_elemt(dy, x, mean, invstd, gamma, *want, dx, beta=beta, relu=True)
+    dx_ref = np.empty_like(x)
+    nb.backward_elemt(dym, x, mean, invstd, gamma, *want, dx_ref)
+    np.testing.assert_array_equal(dx, dx_ref)
+    dx = np.empty_like(x)
+    got = nb.backward_staged(dy, x, mean, invstd, gamma, EPS, dx, beta=beta, relu=True)
+    dx_ref = np.empty_like(x)
+    want = nb.backward_staged(dym, x, mean, invstd, gamma, EPS, dx_ref)
+    if dtype.itemsize == 2:
+        # the ReLU stage stores the masked dy in float32 (the compute dtype), whose
+        # sums accumulate in float64, not in float32 blocks as over 16-bit dy
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6 * np.max(np.abs(w)))
+        assert np.max(np.abs(_ordinal(dx) - _ordinal(dx_ref))) <= 1
+    else:
+        for g, w in zip((*got, dx), (*want, dx_ref)):
+            np.testing.assert_array_equal(g, w)
+
+
+def test_relu_mask_is_forward_out_positive_for_tiny_float32_outputs(fused):
+    """float32 storage computes y in float64: a y of 2**-151 is stored as 0 and
+    the backward's mask drops it; a y of 2**-149 is stored as the smallest
+    subnormal and the mask keeps it."""
+    x = np.array([1.0, 2.0, 3.0, 4.5, 5.0, 6.0, 7.0, 8.0], np.float32).reshape(2, 1, 4)
+    mean, invstd, gamma = np.array([4.5]), np.array([1.0]), np.array([1.0])
+    for beta_value, stored in ((2.0**-151, 0.0), (2.0**-149, 2.0**-149)):
+        beta = np.array([beta_value])           # y = (x - 4.5) + beta: exactly beta at x = 4.5
+        out = np.empty_like(x)
+        nb.normalize(x, mean, invstd, gamma, beta, out, relu=True)
+        assert out[0, 0, 3] == np.float32(stored)
+        dy = np.ones_like(x)
+        for kernel in ("backward_eval", "backward_train"):
+            dx = np.empty_like(x)
+            sums = getattr(nb, kernel)(dy, x, mean, invstd, gamma, dx, beta=beta, relu=True)
+            assert sums[0][0] == np.count_nonzero(out > 0), kernel
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs 2 numba threads")
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=lambda d: d.name)
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_thread_count_invariance_half(name, dtype, fused):
+    x, dy, gamma, beta = make(SHAPES[name], np.float32, seed=32)
+    x, dy = x.astype(dtype), dy.astype(dtype)
+    before = numba.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            numba.set_num_threads(threads)
+            out = np.empty_like(x)
+            mean, invstd = nb.forward_train(x, gamma, beta, EPS, out, relu=True)
+            dx = np.empty_like(x)
+            sums = nb.backward_train(dy, x, mean, invstd, gamma, dx, beta=beta, relu=True)
+            results.append([mean, invstd, out.view(np.uint16), dx.view(np.uint16), *sums])
+    finally:
+        numba.set_num_threads(before)
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
+
+
+_GENERIC_CPU_SCRIPT = r"""
+import numpy as np
+from fastbn.backends import numba_cpu as nb
+assert not nb._F16C
+rng = np.random.default_rng(0)
+x = (3 * rng.standard_normal((6, 5, 40)) + 1).astype(np.float16)
+dy = rng.standard_normal((6, 5, 40)).astype(np.float16)
+g, b = np.ones(5), np.full(5, 0.25)
+out = np.empty_like(x)
+mean, invstd = nb.forward_train(x, g, b, 1e-5, out, relu=True)
+dx = np.empty_like(x)
+sums = nb.backward_train(dy, x, mean, invstd, g, dx, beta=b, relu=True)
+np.save(OUT, np.concatenate([out.view(np.uint16).ravel().astype(np.float64),
+                             dx.view(np.uint16).ravel().astype(np.float64), mean, invstd, *sums]))
+"""
+
+
+def test_float16_without_f16c_compiles_the_integer_conversions(tmp_path):
+    """numba compiling for a generic x86-64 (no F16C: LLVM would call a runtime
+    library for half conversions) takes the integer path, in its own cache, and
+    gives the results of the F16C path (within one rounding: no FMA there)."""
+    import os
+    import platform
+    import subprocess
+    import sys
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86-64 only")
+    path = tmp_path / "generic.npy"
+    env = dict(os.environ, NUMBA_CPU_NAME="generic", NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    script = f"OUT = {str(path)!r}\n" + _GENERIC_CPU_SCRIPT
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    generic = np.load(path)
+    rng = np.random.default_rng(0)
+    x = (3 * rng.standard_normal((6, 5, 40)) + 1).astype(np.float16)
+    dy = rng.standard_normal((6, 5, 40)).astype(np.float16)
+    g, b = np.ones(5), np.full(5, 0.25)
+    out = np.empty_like(x)
+    mean, invstd = nb.forward_train(x, g, b, 1e-5, out, relu=True)
+    dx = np.empty_like(x)
+    sums = nb.backward_train(dy, x, mean, invstd, g, dx, beta=b, relu=True)
+    n = x.size
+    got_out = generic[:n].astype(np.uint16).view(np.float16).astype(np.float64)
+    got_dx = generic[n:2 * n].astype(np.uint16).view(np.float16).astype(np.float64)
+    assert nb._serial(x)
+    np.testing.assert_allclose(generic[2 * n:], np.concatenate([mean, invstd, *sums]),
+                               rtol=1e-6, atol=1e-6)
+    assert np.max(np.abs(_ordinal(got_out.astype(np.float16)) - _ordinal(out.ravel()))) <= 1
+    assert np.max(np.abs(_ordinal(got_dx.astype(np.float16)) - _ordinal(dx.ravel()))) <= 1
