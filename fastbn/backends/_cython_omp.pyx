@@ -425,21 +425,21 @@ cdef inline void _split(double v, float* hi, float* lo) noexcept nogil:
     lo[0] = <float>(v - <double>hi[0])
 
 
-cdef inline void _mask_f32(float* dy, const float* x, Py_ssize_t n, float mean_hi,
-                           float mean_lo, float k1, float k2) noexcept nogil:
-    # Fused ReLU backward, one channel: dy = 0 where the forward's float32
-    # y = ((x - mean_hi) - mean_lo) * k1 + k2 is not > 0.
+cdef inline void _mask_f32(float* dst, const float* dy, const float* x, Py_ssize_t n,
+                           float mean_hi, float mean_lo, float k1, float k2) noexcept nogil:
+    # Fused ReLU backward, one channel: dst = dy, or 0 where the forward's
+    # float32 y = ((x - mean_hi) - mean_lo) * k1 + k2 is not > 0 (dst may be dy).
     cdef Py_ssize_t i
     for i in range(n):
-        dy[i] = dy[i] if ((x[i] - mean_hi) - mean_lo) * k1 + k2 > 0 else 0.0
+        dst[i] = dy[i] if ((x[i] - mean_hi) - mean_lo) * k1 + k2 > 0 else 0.0
 
 
-cdef inline void _mask_f64(double* dy, const double* x, Py_ssize_t n, double mean,
-                           double scale, double offset) noexcept nogil:
+cdef inline void _mask_f64(double* dst, const double* dy, const double* x, Py_ssize_t n,
+                           double mean, double scale, double offset) noexcept nogil:
     # As _mask_f32 for float64 data: y = (x - mean) * scale + offset.
     cdef Py_ssize_t i
     for i in range(n):
-        dy[i] = dy[i] if (x[i] - mean) * scale + offset > 0 else 0.0
+        dst[i] = dy[i] if (x[i] - mean) * scale + offset > 0 else 0.0
 
 
 cdef inline void _lane_sums(const floating* a, const floating* b, Py_ssize_t m, double ka,
@@ -579,16 +579,13 @@ cdef inline void _sums2(const storage* a, const storage* b, Py_ssize_t n,
             if relu == NULL:
                 _lanes(a + start, b + start, m, ka, kb, acc_u, acc_uv)
             else:
-                for j in range(m):
-                    buf_d[j] = a[start + j]
-                _mask_f64(buf_d, b + start, m, kb, relu[0], relu[1])
+                _mask_f64(buf_d, a + start, b + start, m, kb, relu[0], relu[1])
                 _lanes(<const double*>buf_d, b + start, m, ka, kb, acc_u, acc_uv)
         elif storage is float:
             if relu == NULL:
                 _lanes(a + start, b + start, m, ka, kb, acc_u, acc_uv)
             else:
-                _load(a + start, buf_a, m)
-                _mask_f32(buf_a, b + start, m, mean_hi, mean_lo, k1, k2)
+                _mask_f32(buf_a, a + start, b + start, m, mean_hi, mean_lo, k1, k2)
                 _lanes(<const float*>buf_a, b + start, m, ka, kb, acc_u, acc_uv)
         else:
             _load(a + start, buf_a, m)
@@ -597,7 +594,7 @@ cdef inline void _sums2(const storage* a, const storage* b, Py_ssize_t n,
             else:
                 _load(b + start, buf_b, m)
                 if relu != NULL:
-                    _mask_f32(buf_a, buf_b, m, mean_hi, mean_lo, k1, k2)
+                    _mask_f32(buf_a, buf_a, buf_b, m, mean_hi, mean_lo, k1, k2)
                 _lanes_f32(buf_a, buf_b, m, ka, kb, acc_u, acc_uv, False)
         start += m
 

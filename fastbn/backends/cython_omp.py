@@ -6,6 +6,12 @@ under the names of the kernel contract (see :mod:`fastbn.backends`). Importing
 it never raises: when the extension is missing or broken,
 :func:`availability` returns ``(False, "extension not built: <reason>")`` and
 every kernel raises :class:`RuntimeError`.
+
+Storage dtypes: float32, float64, float16 and bfloat16 (``ml_dtypes``); 16-bit
+arrays are read as uint16 bit patterns and converted in the kernels (exact
+loads, round-to-nearest-even stores; float16 through the x86-64 F16C
+instructions where the CPU has them). Every kernel takes the fused ReLU
+(``relu=True``; the backward kernels also take the forward's ``beta``).
 """
 
 import os
