@@ -50,8 +50,11 @@ DTYPES = ("float32", "float16", "bfloat16")
 STORAGE_BACKENDS = ("numba", "cython", "numpy", "torch")
 RELU_BACKENDS = ("numba", "cython")
 ROUNDS = 5
-# The NumPy reference backend is slow in 16 bits (seconds per call): fewer rounds.
-NUMPY_ROUNDS = 3
+# A group whose round is slow (the NumPy backend and NumPy's ReLU passes in 16
+# bits take seconds per call) gets fewer rounds, never fewer than MIN_ROUNDS:
+# as many as fit in GROUP_SECONDS, judged from the untimed first calls.
+MIN_ROUNDS = 3
+GROUP_SECONDS = 12.0
 HALF_BAR = 1.6
 LIMIT_BAR = 0.7
 SEPARATE_BAR = 1.6
@@ -67,16 +70,21 @@ def _loadavg():
         return None
 
 
-def interleaved(funcs, rounds):
+def interleaved(funcs, rounds, min_rounds=MIN_ROUNDS, group_seconds=GROUP_SECONDS):
     """Wall times of zero-argument callables, timed in interleaved rounds.
 
     Each callable is called once untimed first (JIT compilation, page
     faults). Round ``r`` starts with the ``r``-th callable (rotating).
+    After ``min(rounds, min_rounds)`` rounds, a further round is timed only
+    if it would end within ``group_seconds`` of the first one's start (at
+    the pace of the last round), up to ``rounds`` in all.
 
     Parameters
     ----------
     funcs : dict of str to callable
     rounds : int
+    min_rounds : int, optional
+    group_seconds : float, optional
 
     Returns
     -------
@@ -90,12 +98,19 @@ def interleaved(funcs, rounds):
     was_enabled = gc.isenabled()
     gc.disable()
     try:
+        group_start = time.perf_counter()
+        last_round = 0.0
         for r in range(rounds):
+            elapsed = time.perf_counter() - group_start
+            if r >= min(rounds, min_rounds) and elapsed + last_round > group_seconds:
+                break
+            round_start = time.perf_counter()
             start_at = r % len(names)
             for name in names[start_at:] + names[:start_at]:
                 start = time.perf_counter()
                 funcs[name]()
                 samples[name].append(time.perf_counter() - start)
+            last_round = time.perf_counter() - round_start
     finally:
         if was_enabled:
             gc.enable()
@@ -132,7 +147,7 @@ def _share_buffers(kernels, first):
         kernels.dx = first.dx
 
 
-def measure_storage(data, backends, dtypes, rounds, numpy_rounds=NUMPY_ROUNDS):
+def measure_storage(data, backends, dtypes, rounds):
     """Part 1: forward and simplified backward per backend and dtype.
 
     Returns
@@ -159,7 +174,7 @@ def measure_storage(data, backends, dtypes, rounds, numpy_rounds=NUMPY_ROUNDS):
             continue
         print(f"  {backend}: {', '.join(sorted({k.split()[0] for k in funcs}))}",
               file=sys.stderr, flush=True)
-        samples = interleaved(funcs, numpy_rounds if backend == "numpy" else rounds)
+        samples = interleaved(funcs, rounds)
         for dtype in dtypes:
             if f"{dtype} forward" not in samples:
                 continue
@@ -273,8 +288,8 @@ def storage_table(part, elements, backends, dtypes):
     lines = [
         "| backend | dtype | fwd ms best / median | bwd ms best / median "
         "| fwd vs own f32 | bwd vs own f32 | fwd limit | bwd limit "
-        "| fwd limit @f32 | bwd limit @f32 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| fwd limit @f32 | bwd limit @f32 | r |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     checks = []
     rows = _order(part["rows"], backends, dtypes)
@@ -284,7 +299,7 @@ def storage_table(part, elements, backends, dtypes):
     for row in rows:
         backend, dtype = row["backend"], row["dtype"]
         if "skipped" in row:
-            lines.append(f"| {backend} | {dtype} | n/a | n/a | | | | | | |")
+            lines.append(f"| {backend} | {dtype} | n/a | n/a | | | | | | | |")
             continue
         copy = part["copy"][dtype]
         size = ITEMSIZE[dtype]
@@ -300,7 +315,7 @@ def storage_table(part, elements, backends, dtypes):
             fwd32 = bwd32 = "-"
         lines.append(f"| {backend} | {dtype} | {_ms(row['forward'])} | {_ms(row['backward'])} "
                      f"| {vs_fwd} | {vs_bwd} | {fwd_limit:.2f} | {bwd_limit:.2f} "
-                     f"| {fwd32} | {bwd32} |")
+                     f"| {fwd32} | {bwd32} | {row['forward']['rounds']} |")
         if backend in RELU_BACKENDS and dtype == "float16" and base:
             for name, key, limit in (("forward", "forward", fwd_limit),
                                      ("simplified backward", "backward", bwd_limit)):
@@ -327,8 +342,8 @@ def relu_table(part, backends, dtypes):
         "| backend | dtype | fused fwd ms | separate fwd ms | torch fwd ms "
         "| fused bwd ms | separate bwd ms | torch bwd ms "
         "| fwd vs separate | bwd vs separate | fwd vs torch | bwd vs torch "
-        "| fused fwd limit | fused bwd limit |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| fused fwd limit | fused bwd limit | r |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     checks = []
     found = {(row["backend"], row["dtype"], row["kind"]): row for row in part["rows"]
@@ -358,6 +373,8 @@ def relu_table(part, backends, dtypes):
                      ms(fused, "backward"), ms(separate, "backward"), ms(peer, "backward"),
                      vs(separate, "forward"), vs(separate, "backward"),
                      vs(peer, "forward"), vs(peer, "backward")] + limits
+            some = fused or separate or peer
+            cells.append(str(some["forward"]["rounds"]))
             lines.append("| " + " | ".join(cells) + " |")
             if fused is None:
                 continue
@@ -439,16 +456,27 @@ def report(storage, relu, args, elapsed, command):
         f"- machine: {_machine()}",
         f"- {_versions()}",
         f"- threads: {_threads(args.storage_backends)}",
-        f"- rounds: {args.rounds} interleaved rounds per part "
-        f"({min(args.rounds, NUMPY_ROUNDS)} for the NumPy backend's 16-bit-slow group), "
-        "one call per kernel per round after one untimed call; "
-        "times are best / median of the rounds, ratios from the best times "
+        f"- rounds: up to {args.rounds} interleaved rounds per group (one backend's dtypes "
+        "in the storage part, one dtype in the ReLU part), one call per kernel per round "
+        f"after one untimed call; a slow group stops after {min(args.rounds, MIN_ROUNDS)} "
+        f"rounds once the next would end more than {GROUP_SECONDS:.0f} s after its start "
+        "(column *r*); times are best / median of the rounds, ratios from the best times "
         "(in parentheses: from the medians)",
         f"- load average (1 min) before/after: storage part {storage['load'][0]} / "
         f"{storage['load'][1]}, ReLU part {relu['load'][0]} / {relu['load'][1]} "
         f"({os.cpu_count()} cores; above the core count other processes took CPU time)",
         f"- `np.copyto` (one thread) best: {'; '.join(copies)}",
         "",
+    ]
+    loads = [value for value in storage["load"] + relu["load"] if value is not None]
+    if loads and max(loads) > (os.cpu_count() or 1):
+        out += [
+            f"**The load average reached {max(loads)} on {os.cpu_count()} cores: other "
+            "processes held CPU time during the run, so times are long and ratios "
+            "uncertain. Re-run on a quiet machine before reading the bars.**",
+            "",
+        ]
+    out += [
         "## 16-bit storage: forward and simplified backward",
         "",
         "x, dout, out and dx in the row's dtype; gamma, beta and the running statistics "
@@ -467,7 +495,11 @@ def report(storage, relu, args, elapsed, command):
         "`np.maximum(out, 0, out=out)`, backward `dout * (out > 0)` into a buffer, then the "
         "backward; *torch*: `native_batch_norm` + `relu_`, backward `threshold_backward` + "
         "`native_batch_norm_backward`. *vs*: the other's time / the fused time. *limit*: as "
-        "above, 2 and 3 item sizes per element.",
+        "above, 2 and 3 item sizes per element. NumPy's float16 and bfloat16 ufuncs "
+        "(`np.maximum`, `np.greater`, `np.multiply`) convert element by element, far slower "
+        "per byte than their float32 loops, so the 16-bit *separate* rows measure those "
+        "loops more than memory traffic; the float32 rows show the traffic argument "
+        "(2 and 3 item sizes fused against 4 and 6 with a separate pass).",
         "",
     ] + r_lines + ([""] + r_reasons if r_reasons else [])
     out += ["", "## Bars", ""]
@@ -506,8 +538,7 @@ def main(argv=None):
     start = time.perf_counter()
     print("storage part", file=sys.stderr, flush=True)
     data = make_all_data(shape, dtypes)
-    storage = measure_storage(data, args.storage_backends, dtypes, args.rounds,
-                              min(args.rounds, NUMPY_ROUNDS))
+    storage = measure_storage(data, args.storage_backends, dtypes, args.rounds)
     print("relu part", file=sys.stderr, flush=True)
     relu = measure_relu(data, relu_backends, dtypes, args.rounds,
                         with_torch="torch" in available)

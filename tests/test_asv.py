@@ -447,8 +447,8 @@ def test_half_relu_script_writes_its_report(tmp_path):
         assert heading in text
     rows = [line.split("|")[1:-1] for line in text.splitlines()
             if line.startswith("| numpy | float32 |")]
-    storage = [cells for cells in rows if len(cells) == 10]
-    relu = [cells for cells in rows if len(cells) == 14]
+    storage = [cells for cells in rows if len(cells) == 11]
+    relu = [cells for cells in rows if len(cells) == 15]
     assert len(storage) == 1 and storage[0][4].strip() == "1.00 (1.00)"
     assert len(relu) == 1
     if bench.why_unsupported("numpy", "float32", "relu") is None:
