@@ -32,16 +32,17 @@ choice follows the same features, so a cache never mixes the two paths.
 
 Fused ReLU
 ----------
-With ``relu`` the forward kernels store ``max(y, 0)`` (``lo = 0``; ``lo =
-NaN`` means no bound, ``y < NaN`` being false) in the normalize pass. The
+With ``relu`` the forward kernels store ``max(y, 0)`` (``lo = 0``) in the
+normalize pass; a NaN ``y`` stays NaN. The
 backward kernels mask ``dy`` in every pass that reads it: ``y = (x - mean) *
 (invstd * gamma) + beta`` is recomputed with the forward's arithmetic and
 ``dy`` kept where ``not (y <= floor)``. ``floor`` is 0 (float64 and 16-bit
 storage) or ``2**-150`` (float32 storage, whose forward computes ``y`` in
 float64 and stores ``float32(y)``, positive exactly when ``y > 2**-150``),
-so the mask is the forward's ``out > 0``; ``floor = NaN`` keeps every
-element (no ReLU). A NaN ``y`` keeps its ``dy``, as in PyTorch's
-``threshold_backward``. The staged backward rebuilds ``y`` and the masked
+so the mask is the forward's ``out > 0``. A NaN ``y`` keeps its ``dy``, as
+in PyTorch's ``threshold_backward``. Without ReLU, ``lo`` and ``floor`` are
+``None``: numba compiles those kernels apart, with no bound and no mask, so
+the plain kernels do not pay for the ReLU. The staged backward rebuilds ``y`` and the masked
 ``dy`` as two more full-size stages.
 
 fastmath choice
@@ -539,6 +540,8 @@ if numba is not None:
 
     @overload(_ct)
     def _ct_impl(value, arr):
+        if isinstance(value, nbtypes.NoneType):
+            return lambda value, arr: None
         if _is16(arr.dtype):
             return lambda value, arr: np.float32(value)
         return lambda value, arr: np.float64(value)
@@ -567,11 +570,27 @@ if numba is not None:
             return center
         return lambda value, p: value - p
 
-    @njit(**_JIT)
     def _gate(u, dv, gq, gr, floor):
         """The ReLU mask: u where y = dv * gq + gr (the forward's arithmetic) is
-        not <= floor, else 0. floor = NaN: no mask."""
-        return u if not (dv * gq + gr <= floor) else _zero(u)
+        not <= floor, else 0; floor None (no ReLU): u, nothing computed."""
+
+    def _relu(y, lo):
+        """max(y, lo), NaN kept; lo None (no ReLU): y."""
+
+    @overload(_gate, jit_options=dict(fastmath=_FASTMATH))
+    def _gate_impl(u, dv, gq, gr, floor):
+        if isinstance(floor, nbtypes.NoneType):
+            return lambda u, dv, gq, gr, floor: u
+
+        def gate(u, dv, gq, gr, floor):
+            return u if not (dv * gq + gr <= floor) else _zero(u)
+        return gate
+
+    @overload(_relu)
+    def _relu_impl(y, lo):
+        if isinstance(lo, nbtypes.NoneType):
+            return lambda y, lo: y
+        return lambda y, lo: lo if y < lo else y
 
     # -----------------------------------------------------------------------
     # Serial helpers on contiguous 1-D segments (called inside parallel
@@ -642,13 +661,13 @@ if numba is not None:
 
     @njit(**_JIT)
     def _affine_seg(useg, p, q, r, lo, oseg):
-        """oseg = max((useg - p) * q + r, lo), scalars p, q, r, lo (lo = NaN: no max)."""
+        """oseg = max((useg - p) * q + r, lo), scalars p, q, r, lo (lo None: no max)."""
         qc = _ct(q, useg)
         rc = _ct(r, useg)
         loc = _ct(lo, useg)
         for j in range(useg.shape[0]):
             y = _center(_ld(useg[j]), p) * qc + rc
-            _st(oseg, j, loc if y < loc else y)
+            _st(oseg, j, _relu(y, loc))
 
     @njit(**_JIT)
     def _combine_seg(useg, q, vseg, s, t, r, gq, gr, floor, oseg):
@@ -726,7 +745,7 @@ if numba is not None:
     @njit(**_PJIT)
     def _sums_rows(u, v, sv, gq, gr, floor, n_split, sum1, sum2):
         """sum1[c] = sum(du), sum2[c] = sum(du * (v - sv[c])), du = u masked by
-        (v - sv[c]) * gq[c] + gr[c] (floor NaN: no mask)."""
+        (v - sv[c]) * gq[c] + gr[c] (floor None: no mask)."""
         A, C, B = u.shape
         n = A * B
         part1 = np.empty((C, n_split))
@@ -848,7 +867,7 @@ if numba is not None:
     def _backward_rows_fused(dy, x, mean, invstd, gamma, gr, floor, block, out,
                              sum_dy, sum_dy_xhat):
         """Work item = ``block`` consecutive channels: sum(dy), sum(dy * (x - mean))
-        (dy masked by the ReLU when floor is not NaN, gr = beta), then on the
+        (dy masked by the ReLU when floor is not None, gr = beta), then on the
         cached channels dx = gamma*invstd*(dy - sum_dy/M - xhat*sum_dy_xhat/M)."""
         A, C, B = x.shape
         n = A * B
@@ -967,7 +986,7 @@ if numba is not None:
         """Over the rows and the B columns j of channel c: ``same`` (v is u, sv
         is su): sum1[c] = sum(u - su[j]), sum2[c] = sum((u - su[j])**2);
         otherwise sum1[c] = sum(du), sum2[c] = sum(du * (v - sv[j])) with du = u
-        masked by (v - sv[j]) * gq[j] + gr[j] (floor NaN: no mask)."""
+        masked by (v - sv[j]) * gq[j] + gr[j] (floor None: no mask)."""
         A, J = u.shape
         n_col_blocks = (J + COLUMN_BLOCK - 1) // COLUMN_BLOCK
         part1 = np.zeros((n_row_blocks, J))
@@ -1023,15 +1042,15 @@ if numba is not None:
                     rc = _ct(rseg[j], u)
                     y0 = _center(_ld(u0[j]), pseg[j]) * qc + rc
                     y1 = _center(_ld(u1[j]), pseg[j]) * qc + rc
-                    _st(o0, j, loc if y0 < loc else y0)
-                    _st(o1, j, loc if y1 < loc else y1)
+                    _st(o0, j, _relu(y0, loc))
+                    _st(o1, j, _relu(y1, loc))
                 a += 2
             if a < a_hi:
                 u0 = u[a, j_lo:j_hi]
                 o0 = out[a, j_lo:j_hi]
                 for j in range(pseg.shape[0]):
                     y0 = _center(_ld(u0[j]), pseg[j]) * _ct(qseg[j], u) + _ct(rseg[j], u)
-                    _st(o0, j, loc if y0 < loc else y0)
+                    _st(o0, j, _relu(y0, loc))
 
     @njit(**_PJIT)
     def _combine_cols(u, q, v, s, t, r, gq, gr, floor, out):
@@ -1145,7 +1164,7 @@ if numba is not None:
         shift_col = _per_column(shift, B)
         s1 = np.empty(C)
         s2 = np.empty(C)
-        _sums_cols(x, shift_col, x, shift_col, shift_col, shift_col, np.nan, True,
+        _sums_cols(x, shift_col, x, shift_col, shift_col, shift_col, None, True,
                    n_row_blocks, B, s1, s2)
         for c in range(C):
             mean[c], var[c] = _mean_var(shift[c], s1[c], s2[c], A * B)
@@ -1163,7 +1182,7 @@ if numba is not None:
     def _backward_cols(dy, x, B, mean, invstd, gamma, gq, gr, floor, n_row_blocks, out,
                        sum_dy, sum_dy_xhat):
         """Columns shape: sum(dy), sum(dy * xhat), then dx (dy masked by the
-        ReLU when floor is not NaN)."""
+        ReLU when floor is not None)."""
         A, J = x.shape
         C = J // B
         mean_col = _per_column(mean, B)
@@ -1264,7 +1283,7 @@ if numba is not None:
                 o0 = out[a, j_lo:j_hi]
                 for j in range(scale.shape[0]):
                     y = _center(_ld(u0[j]), mseg[j]) * _ct(scale[j], x) + _ct(bseg[j], x)
-                    _st(o0, j, loc if y < loc else y)
+                    _st(o0, j, _relu(y, loc))
 
     @njit(**_PJIT)
     def _backward_cols_fused(dy, x, mean, invstd, gamma, gq, gr, floor, width, out,
@@ -1272,7 +1291,7 @@ if numba is not None:
         """(N, D) with one row block: work item = a block of COLUMN_BLOCK channels:
         sum(dy), sum(dy * (x - mean)) over all rows (``_partials_products``, as in
         ``_sums_cols``), then dx = k*dy + kx*(x - mean) + k0 while the block is
-        in L2 (dy masked by the ReLU when floor is not NaN)."""
+        in L2 (dy masked by the ReLU when floor is not None)."""
         A, J = x.shape
         n_col_blocks = (J + width - 1) // width
         floorc = _ct(floor, x)
@@ -1365,7 +1384,7 @@ if numba is not None:
             shift[c] = _ld(x[0, c, 0])
         s1 = np.empty(C)
         s2 = np.empty(C)
-        _serial_sums(x, shift, x, shift, shift, shift, np.nan, True, s1, s2)
+        _serial_sums(x, shift, x, shift, shift, shift, None, True, s1, s2)
         for c in range(C):
             mean[c], var[c] = _mean_var(shift[c], s1[c], s2[c], A * B)
 
@@ -1381,7 +1400,7 @@ if numba is not None:
                 rc = _ct(r[c], u)
                 for b in range(B):
                     y = _center(_ld(u[a, c, b]), pc) * qc + rc
-                    _st(out, (a, c, b), loc if y < loc else y)
+                    _st(out, (a, c, b), _relu(y, loc))
 
     @njit(**_JIT)
     def _serial_combine(u, q, v, s, t, r, gq, gr, floor, out):
@@ -1444,7 +1463,7 @@ if numba is not None:
 
     @njit(**_JIT)
     def _serial_backward_reduce(dy, x, mean, invstd, gq, gr, floor, sum_dy, sum_dy_xhat):
-        """sum(dy), invstd * sum(dy * (x - mean)) (dy masked when floor is not NaN)."""
+        """sum(dy), invstd * sum(dy * (x - mean)) (dy masked when floor is not None)."""
         _serial_sums(dy, mean, x, mean, gq, gr, floor, False, sum_dy, sum_dy_xhat)
         for c in range(mean.shape[0]):
             sum_dy_xhat[c] *= invstd[c]
@@ -1493,16 +1512,16 @@ def _relu_floor(x):
 
 def _gate_params(x, invstd, gamma, beta, relu):
     """(gq, gr, floor) of the ReLU mask ``y = (x - mean) * gq + gr > floor``;
-    without ReLU, floor = NaN (``not (y <= NaN)`` keeps every element)."""
+    without ReLU, floor = None (the kernels are compiled without a mask)."""
     if not relu:
         zeros = np.zeros(x.shape[1])
-        return zeros, zeros, np.nan
+        return zeros, zeros, None
     return invstd * gamma, np.ascontiguousarray(beta, dtype=np.float64), _relu_floor(x)
 
 
 def _lo(relu):
-    """The forward's lower bound: 0 for a fused ReLU, NaN (no bound) otherwise."""
-    return 0.0 if relu else np.nan
+    """The forward's lower bound: 0 for a fused ReLU, None (no bound) otherwise."""
+    return 0.0 if relu else None
 
 
 def _as_cols(arr):
@@ -1510,9 +1529,9 @@ def _as_cols(arr):
     return arr.reshape(A, C * B)
 
 
-def _channel_sums(u, v, sv, gq=None, gr=None, floor=np.nan):
+def _channel_sums(u, v, sv, gq=None, gr=None, floor=None):
     """sum(du) and sum(du * (v - sv[c])) per channel, float64; du = u masked by
-    (v - sv[c]) * gq[c] + gr[c] > floor (floor NaN: no mask)."""
+    (v - sv[c]) * gq[c] + gr[c] > floor (floor None: no mask)."""
     A, C, B = u.shape
     if gq is None:
         gq = gr = np.zeros(C)
@@ -1527,8 +1546,8 @@ def _channel_sums(u, v, sv, gq=None, gr=None, floor=np.nan):
     return sum1, sum2
 
 
-def _affine(u, p, q, r, out, lo=np.nan):
-    """out = max((u - p[c]) * q[c] + r[c], lo) (lo NaN: no max)."""
+def _affine(u, p, q, r, out, lo=None):
+    """out = max((u - p[c]) * q[c] + r[c], lo) (lo None: no max)."""
     B = u.shape[2]
     if _uses_rows(u.shape):
         _affine_rows(u, p, q, r, lo, out)
@@ -1537,8 +1556,8 @@ def _affine(u, p, q, r, out, lo=np.nan):
                      _as_cols(out))
 
 
-def _combine(u, q, v, s, t, r, out, gq=None, gr=None, floor=np.nan):
-    """out = du * q[c] + (v - s[c]) * t[c] + r[c], du = u masked (floor NaN: du = u)."""
+def _combine(u, q, v, s, t, r, out, gq=None, gr=None, floor=None):
+    """out = du * q[c] + (v - s[c]) * t[c] + r[c], du = u masked (floor None: du = u)."""
     B = u.shape[2]
     if gq is None:
         gq = gr = np.zeros(u.shape[1])
