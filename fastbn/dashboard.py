@@ -13,6 +13,9 @@ clone of the repository (it reads ``asv.conf.json`` and ``benchmarks/``):
    (``npm pack``, cached outside the repository) and the links rewritten;
 6. ``asv preview`` on that directory, unless ``--no-serve``.
 
+After ``asv publish`` a small script is added to the site so that asv's bar
+graphs (x axis = backend, shape or dtype) draw; see ``ORDERBARS_FIX``.
+
 ``--screenshot PATH`` opens the published page in headless Chromium (the
 Chrome DevTools protocol over ``websocket-client``), checks that every
 script loaded and the graph was drawn, and saves a PNG.
@@ -234,6 +237,10 @@ def add_arguments(parser):
     parser.add_argument("--screenshot", metavar="PNG",
                         help="open the published speedup graph in headless Chromium, check "
                              "that it was drawn, and save a screenshot")
+    parser.add_argument("--screenshot-page", metavar="FRAGMENT", default=SPEEDUP_BENCHMARK,
+                        help="the page of --screenshot, as the part of asv's URL after '#' "
+                             "(e.g. BENCHMARK?x-axis=backend for bars per backend) "
+                             "[the speedup graph]")
     parser.add_argument("--config", help="asv.conf.json (default: found from the current folder)")
 
 
@@ -331,7 +338,7 @@ def _run(args):
         print(f"fastbn dashboard: published {html_dir}")
         if args.screenshot:
             with serve(html_dir) as url:
-                page = f"{url}#{SPEEDUP_BENCHMARK}"
+                page = f"{url}#{args.screenshot_page}"
                 report = render_page(page, args.screenshot)
             problems = page_problems(report)
             if problems:
