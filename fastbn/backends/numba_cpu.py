@@ -133,6 +133,7 @@ try:
     import numba
     from llvmlite import ir as llvm_ir
     from numba import njit, prange
+    from numba.core import cgutils
     from numba.core import types as nbtypes
     from numba.extending import intrinsic, overload
     _IMPORT_ERROR = ""
@@ -592,6 +593,38 @@ if numba is not None:
             return lambda y, lo: y
         return lambda y, lo: lo if y < lo else y
 
+    # A read-only prefetch of the next row a kernel will stream from memory:
+    # the fused kernels visit a channel's rows (a, c), (a + 1, c), ... which lie
+    # C*B elements apart, and the hardware prefetcher stops at page boundaries.
+    _PTR_SUFFIX = "p0" if str(llvm_ir.IntType(8).as_pointer()) == "ptr" else "p0i8"
+
+    @intrinsic
+    def _prefetch(typingctx, arr, index):
+        """llvm.prefetch (read, keep in all cache levels) of &arr[index]."""
+        if not (isinstance(arr, nbtypes.Array) and arr.ndim == 1
+                and isinstance(index, nbtypes.Integer)):
+            return None
+
+        def codegen(context, builder, signature, args):
+            array = context.make_array(signature.args[0])(context, builder, args[0])
+            ptr = cgutils.get_item_pointer(context, builder, signature.args[0], array,
+                                           [args[1]], wraparound=False)
+            i8p = llvm_ir.IntType(8).as_pointer()
+            i32 = llvm_ir.IntType(32)
+            fnty = llvm_ir.FunctionType(llvm_ir.VoidType(), [i8p, i32, i32, i32])
+            fn = cgutils.get_or_insert_function(builder.module, fnty,
+                                                "llvm.prefetch." + _PTR_SUFFIX)
+            builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(3), i32(1)])
+            return context.get_dummy_value()
+        return nbtypes.none(arr, index), codegen
+
+    @njit(**_JIT)
+    def _prefetch_seg(seg):
+        """Prefetch every cache line of a contiguous segment."""
+        step = max(1, 64 // seg.itemsize)
+        for j in range(0, seg.shape[0], step):
+            _prefetch(seg, j)
+
     # -----------------------------------------------------------------------
     # Serial helpers on contiguous 1-D segments (called inside parallel
     # loops). Segment views (``row[lo:hi]``) let LLVM see unit stride, so
@@ -848,6 +881,10 @@ if numba is not None:
             acc2 = np.zeros(c_hi - c_lo)
             for a in range(A):
                 for c in range(c_lo, c_hi):
+                    if c + 1 < c_hi:
+                        _prefetch_seg(x[a, c + 1, :])
+                    elif a + 1 < A:
+                        _prefetch_seg(x[a + 1, c_lo, :])
                     r1, r2 = _shifted_sums(x[a, c, :], _ld(x[0, c, 0]))
                     acc1[c - c_lo] += r1
                     acc2[c - c_lo] += r2
@@ -879,6 +916,12 @@ if numba is not None:
             acc2 = np.zeros(c_hi - c_lo)
             for a in range(A):
                 for c in range(c_lo, c_hi):
+                    if c + 1 < c_hi:
+                        _prefetch_seg(dy[a, c + 1, :])
+                        _prefetch_seg(x[a, c + 1, :])
+                    elif a + 1 < A:
+                        _prefetch_seg(dy[a + 1, c_lo, :])
+                        _prefetch_seg(x[a + 1, c_lo, :])
                     r1, r2 = _product_sums(dy[a, c, :], x[a, c, :], mean[c],
                                            invstd[c] * gamma[c], gr[c], floor)
                     acc1[c - c_lo] += r1
