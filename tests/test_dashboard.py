@@ -29,7 +29,8 @@ import pytest
 
 from fastbn import dashboard
 
-# About a minute (an asv run); runs once in .ci/run, not again in its "not slow" pass.
+# An asv run (8-55 s on a shared 2-core machine); runs once in .ci/run, not again in its
+# "not slow" pass.
 pytestmark = pytest.mark.slow
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
