@@ -161,6 +161,7 @@ FUSED_COLS_BYTES = 1024 * 1024  # ... whose rows fill about this much of x (L2);
                                 # sums do not depend on the block width
 SERIAL_BELOW = 32768        # arrays with fewer elements run serial kernels (no parallel region)
 SUM_BLOCK = 1024            # elements per block of the rows-shape sums (compute type, then float64)
+PREFETCH_ROWS_AHEAD = 2     # the fused forward prefetches the row it will read this many rows later
 
 _PRIORITY = ["omp", "tbb", "workqueue"]
 
@@ -593,7 +594,7 @@ if numba is not None:
             return lambda y, lo: y
         return lambda y, lo: lo if y < lo else y
 
-    # A read-only prefetch of the next row a kernel will stream from memory:
+    # A read-only prefetch of a row a kernel will stream from memory soon:
     # the fused forward visits a channel's rows (a, c), (a + 1, c), ... which
     # lie C*B elements apart, and the hardware prefetcher stops at page
     # boundaries. (The fused backward, which streams dy and x, measured no
@@ -881,12 +882,12 @@ if numba is not None:
             c_hi = min(C, c_lo + block)
             acc1 = np.zeros(c_hi - c_lo)
             acc2 = np.zeros(c_hi - c_lo)
+            width = c_hi - c_lo
             for a in range(A):
                 for c in range(c_lo, c_hi):
-                    if c + 1 < c_hi:
-                        _prefetch_seg(x[a, c + 1, :])
-                    elif a + 1 < A:
-                        _prefetch_seg(x[a + 1, c_lo, :])
+                    ahead = a * width + (c - c_lo) + PREFETCH_ROWS_AHEAD
+                    if ahead < A * width:
+                        _prefetch_seg(x[ahead // width, c_lo + ahead % width, :])
                     r1, r2 = _shifted_sums(x[a, c, :], _ld(x[0, c, 0]))
                     acc1[c - c_lo] += r1
                     acc2[c - c_lo] += r2
