@@ -82,7 +82,11 @@ last-level cache (``FUSED_MIN_BYTES``), rows are long (``FUSED_MIN_B``) and
 there are enough channels, a work item is a block of consecutive channels
 (about ``FUSED_SLAB_BYTES``), whose statistics (or backward sums) and
 elementwise pass run back to back, so the second read comes from L2/L3 and
-only the compulsory bytes cross the memory bus. ``(N, D)`` arrays whose
+only the compulsory bytes cross the memory bus. The fused forward's
+statistics pass visits a channel's rows ``(a, c)``, ``(a + 1, c)``, ... one
+channel-row apart; it prefetches the row it will read
+``PREFETCH_ROWS_AHEAD`` rows later (``llvm.prefetch``), since the hardware
+prefetcher stops at each page boundary. ``(N, D)`` arrays whose
 reduction has a single row block (``_fuses_cols``, e.g. (256, 4096)) run
 fused per block of ``COLUMN_BLOCK`` channels: all rows of the block are
 summed, then normalized while the block is in L2. Other arrays use two
