@@ -320,6 +320,33 @@ def test_relu_beta_none_means_zero(backend, rng):
             np.testing.assert_array_equal(u, v)
 
 
+@pytest.mark.parametrize("method", ["simplified", "staged"])
+def test_nan_y_masks_its_gradient(backend, method):
+    """Evaluation mode, one NaN in x: its output is NaN (max(NaN, 0) stays
+    NaN), the ReLU mask drops its dout (NaN is not > 0) on every backend, and
+    the rest of the channel is untouched: dbeta is finite and every other dx is
+    the masked dout times gamma * invstd."""
+    x = np.linspace(-2.0, 2.0, 24).reshape(6, 4) * np.array([1.0, -1.0, 0.5, 2.0])
+    x[2, 1] = np.nan
+    gamma, beta = np.array([1.0, 2.0, 0.5, 1.5]), np.array([0.1, -0.2, 0.0, 0.3])
+    running_mean, running_var = np.array([0.1, -0.1, 0.2, 0.0]), np.array([1.0, 2.0, 0.5, 1.5])
+    dout = np.arange(1.0, 25.0).reshape(6, 4)
+    out, cache = fastbn.batchnorm_forward(x, gamma, beta, training=False,
+                                          running_mean=running_mean, running_var=running_var,
+                                          backend=backend, activation="relu")
+    assert np.isnan(out[2, 1]) and np.isnan(out).sum() == 1
+    dx, dgamma, dbeta = fastbn.batchnorm_backward(dout, cache, method=method)
+    kept = out > 0  # False at the NaN
+    np.testing.assert_allclose(dbeta, np.where(kept, dout, 0.0).sum(axis=0), rtol=1e-13)
+    scale = gamma / np.sqrt(running_var + EPS)
+    others = np.ones(x.shape, dtype=bool)
+    others[2, 1] = False
+    np.testing.assert_allclose(dx[others], (np.where(kept, dout, 0.0) * scale)[others],
+                               rtol=1e-13, atol=1e-13)
+    # The NaN element's own dx is 0 (masked) or NaN (its centred x is NaN).
+    assert dx[2, 1] == 0 or np.isnan(dx[2, 1])
+
+
 # ---------------------------------------------------------------------------
 # the staged backward stays staged, with the ReLU as one more stage
 # ---------------------------------------------------------------------------

@@ -36,11 +36,11 @@ With ``relu`` the forward kernels store ``max(y, 0)`` (``lo = 0``) in the
 normalize pass; a NaN ``y`` stays NaN. The
 backward kernels mask ``dy`` in every pass that reads it: ``y = (x - mean) *
 (invstd * gamma) + beta`` is recomputed with the forward's arithmetic and
-``dy`` kept where ``not (y <= floor)``. ``floor`` is 0 (float64 and 16-bit
+``dy`` kept where ``y > floor``. ``floor`` is 0 (float64 and 16-bit
 storage) or ``2**-150`` (float32 storage, whose forward computes ``y`` in
 float64 and stores ``float32(y)``, positive exactly when ``y > 2**-150``),
-so the mask is the forward's ``out > 0``. A NaN ``y`` keeps its ``dy``, as
-in PyTorch's ``threshold_backward``. Without ReLU, ``lo`` and ``floor`` are
+so the mask is the forward's ``out > 0``. A NaN ``y`` masks its ``dy``, as
+in every backend. Without ReLU, ``lo`` and ``floor`` are
 ``None``: numba compiles those kernels apart, with no bound and no mask, so
 the plain kernels do not pay for the ReLU. The staged backward rebuilds ``y`` and the masked
 ``dy`` as two more full-size stages.
@@ -578,7 +578,7 @@ if numba is not None:
 
     def _gate(u, dv, gq, gr, floor):
         """The ReLU mask: u where y = dv * gq + gr (the forward's arithmetic) is
-        not <= floor, else 0; floor None (no ReLU): u, nothing computed."""
+        > floor, else 0 (NaN y: 0); floor None (no ReLU): u, nothing computed."""
 
     def _relu(y, lo):
         """max(y, lo), NaN kept; lo None (no ReLU): y."""
@@ -589,7 +589,7 @@ if numba is not None:
             return lambda u, dv, gq, gr, floor: u
 
         def gate(u, dv, gq, gr, floor):
-            return u if not (dv * gq + gr <= floor) else _zero(u)
+            return u if dv * gq + gr > floor else _zero(u)
         return gate
 
     @overload(_relu)
