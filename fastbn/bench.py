@@ -742,7 +742,9 @@ def why_unsupported(backend, dtype, activation=None):
 
     Builds the data (bfloat16 needs ``ml_dtypes``) and runs the training
     forward and the simplified backward once on a tiny array; the first
-    error, type and message, is the reason. The answer is kept per process.
+    ``TypeError``, ``ValueError``, ``RuntimeError``, ``NotImplementedError``
+    or ``ImportError``, type and message, is the reason (any other error
+    propagates). The answer is kept per process.
 
     Parameters
     ----------
@@ -765,7 +767,9 @@ def why_unsupported(backend, dtype, activation=None):
             kernels.backward("simplified")
         except DtypeUnavailable as exc:
             _UNSUPPORTED[key] = str(exc)
-        except Exception as exc:  # the backend's own words, whatever they are
+        except (TypeError, ValueError, RuntimeError, NotImplementedError, ImportError) as exc:
+            # What "cannot run this dtype here" raises (the backend's own
+            # words); any other error is a bug and propagates.
             lines = str(exc).strip().splitlines()
             message = lines[0] if lines else ""
             if len(message) > 160:
