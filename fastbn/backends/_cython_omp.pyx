@@ -1392,8 +1392,10 @@ cdef void _fused_forward_channels(const storage* x, storage* out, Py_ssize_t A,
                                 shift[c], shift[c], part + 2 * k, NULL, NULL)
         _forward_coefs(c, _merge(part, n_chunk, 2), _merge(part + 1, n_chunk, 2), shift[c],
                        <double>M, eps, gamma, beta, mean, var, scale, offset)
+        # No write prefetch of the next output row here: measured at
+        # (64, 256, 56, 56), 2 threads, the float32 forward is ~10% faster
+        # without it (float16 ~4%).
         for row in range(A):
-            _prefetch_row_for_write(out, row, A, C, B, c)
             _apply(OP_NORMALIZE, x + (row * C + c) * B, x, out + (row * C + c) * B, B,
                    mean + c, scale + c, offset + c, offset + c, False, relu, NULL, NULL)
 
