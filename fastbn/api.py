@@ -86,13 +86,13 @@ def _check_activation(activation):
     return activation
 
 
-def _channel_axis(axis, shape):
+def _channel_axis(axis, shape, what="input"):
     if type(axis) is not int and (isinstance(axis, (bool, np.bool_))
                                   or not isinstance(axis, numbers.Integral)):
         raise ValueError(f"axis must be an integer, got {axis!r}")
     ndim = len(shape)
     if not -ndim <= axis < ndim:
-        raise ValueError(f"axis {axis} is out of range for input of shape {tuple(shape)}")
+        raise ValueError(f"axis {axis} is out of range for {what} of shape {tuple(shape)}")
     return int(axis) % ndim
 
 

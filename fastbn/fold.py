@@ -1,7 +1,9 @@
 """Folding an evaluation-mode batch norm into the layer before it."""
-import numbers
+import math
 
 import numpy as np
+
+from .api import _channel_axis, _check_scalar
 
 
 def fold_batchnorm(weight, bias, running_mean, running_var, gamma=None, beta=None,
@@ -59,13 +61,8 @@ def fold_batchnorm(weight, bias, running_mean, running_var, gamma=None, beta=Non
         raise TypeError(f"weight must have dtype float32 or float64, got dtype {weight.dtype}")
     if weight.ndim < 1:
         raise ValueError(f"weight must have at least 1 dimension, got shape {weight.shape}")
-    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral):
-        raise ValueError(f"axis must be an integer, got {axis!r}")
-    if not -weight.ndim <= axis < weight.ndim:
-        raise ValueError(f"axis {axis} is out of range for weight of shape {weight.shape}")
-    axis = int(axis) % weight.ndim
-    if isinstance(eps, (bool, np.bool_)) or not isinstance(eps, numbers.Real) or not eps >= 0:
-        raise ValueError(f"eps must be a real number >= 0, got {eps!r}")
+    axis = _channel_axis(axis, weight.shape, "weight")
+    eps = _check_scalar(eps, "eps", 0.0, math.inf)
     channels = weight.shape[axis]
 
     def per_channel(value, name, fill):
@@ -88,7 +85,7 @@ def fold_batchnorm(weight, bias, running_mean, running_var, gamma=None, beta=Non
     beta = per_channel(beta, "beta", 0.0)
     bias = per_channel(bias, "bias", 0.0)
 
-    scale = gamma / np.sqrt(running_var + float(eps))
+    scale = gamma / np.sqrt(running_var + eps)
     broadcast = [1] * weight.ndim
     broadcast[axis] = channels
     folded_weight = (weight.astype(np.float64) * scale.reshape(broadcast)).astype(weight.dtype)

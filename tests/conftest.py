@@ -207,6 +207,35 @@ def assert_close(actual, expected, tol, what=""):
 
 
 # Normwise tolerances by dtype of the computation under test.
+def to_float64(a):
+    """The exact float64 values of an array (bfloat16 through its bits: the
+    upper half of a float32)."""
+    a = np.asarray(a)
+    if a.dtype.name == "bfloat16":
+        bits = np.array(a, order="C").view(np.uint16).astype(np.uint32) << 16
+        return bits.view(np.float32).astype(np.float64)
+    return a.astype(np.float64)
+
+
+def ulp_distance(a, b):
+    """Elementwise number of 16-bit values between ``a`` and ``b`` (0: equal, +0 == -0)."""
+    def ordered(array):
+        bits = np.array(array, order="C").view(np.uint16).astype(np.int64)
+        magnitude = bits & 0x7FFF
+        return np.where(bits & 0x8000, -magnitude, magnitude)
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.dtype == b.dtype and a.shape == b.shape, (a.dtype, b.dtype, a.shape, b.shape)
+    assert not np.any(np.isnan(to_float64(a))), "NaN in the result"
+    return np.abs(ordered(a) - ordered(b))
+
+
+def host(array):
+    """A NumPy copy of a per-channel result (cuda keeps device arrays in the
+    cache); None stays None."""
+    return None if array is None else np.asarray(
+        array if isinstance(array, np.ndarray) else array.copy_to_host())
+
+
 TOL = {np.dtype(np.float64): 1e-11, np.dtype(np.float32): 2e-5}
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import fastbn
-from conftest import CUDASIM, Snapshot, record_ulps
+from conftest import CUDASIM, Snapshot, host, record_ulps, to_float64, ulp_distance
 
 try:
     import torch
@@ -59,17 +59,6 @@ def storage_dtype(name):
     return np.dtype(np.float16) if name == "float16" else np.dtype(ml_dtypes.bfloat16)
 
 
-def to_float64(a):
-    """The exact float64 values of a float16 or bfloat16 array."""
-    a = np.asarray(a)
-    if a.dtype == np.float16:
-        return a.astype(np.float64)
-    assert a.dtype.name == "bfloat16", a.dtype
-    # bfloat16 is the upper half of a float32
-    bits = np.array(a, order="C").view(np.uint16).astype(np.uint32) << 16
-    return bits.view(np.float32).astype(np.float64)
-
-
 def round_once(values, name):
     """float64 ``values`` rounded once (to nearest, ties to even) to the 16-bit type.
 
@@ -87,18 +76,6 @@ def round_once(values, name):
     result = rounded.astype(np.float32).astype(dtype)   # exact: rounded is representable
     assert np.array_equal(to_float64(result), rounded, equal_nan=False), "overflow"
     return result
-
-
-def ulp_distance(a, b):
-    """Elementwise number of 16-bit values between ``a`` and ``b`` (0: equal, +0 == -0)."""
-    def ordered(array):
-        bits = np.array(array, order="C").view(np.uint16).astype(np.int64)
-        magnitude = bits & 0x7FFF
-        return np.where(bits & 0x8000, -magnitude, magnitude)
-    a, b = np.asarray(a), np.asarray(b)
-    assert a.dtype == b.dtype and a.shape == b.shape, (a.dtype, b.dtype, a.shape, b.shape)
-    assert not np.any(np.isnan(to_float64(a))), "NaN in the result"
-    return np.abs(ordered(a) - ordered(b))
 
 
 # Results far smaller than the terms they are computed from (y = xhat*gamma
@@ -135,11 +112,6 @@ def assert_within_one_ulp(got, reference64, scale, name, what, dtype):
             f"magnitude {scale[at]:.3g}); {int(np.sum(beyond > 1))} of {ulps.size} elements "
             f"beyond 1 ulp")
     return beyond
-
-
-def host(array):
-    """A NumPy copy of a per-channel result (cuda returns device arrays for the cache)."""
-    return np.asarray(array if isinstance(array, np.ndarray) else array.copy_to_host())
 
 
 # ---------------------------------------------------------------------------

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 import fastbn
-from conftest import CUDASIM, Snapshot, assert_close, make_params, normwise_error
+from conftest import (CUDASIM, Snapshot, assert_close, host, make_params, normwise_error,
+                      to_float64, ulp_distance)
 from fastbn.gradcheck import eval_numerical_gradient_array, rel_error
 
 try:
@@ -48,14 +49,6 @@ def as_dtype(dtype):
     return np.dtype(ml_dtypes.bfloat16) if dtype == BF16 else np.dtype(dtype)
 
 
-def to_float64(a):
-    a = np.asarray(a)
-    if a.dtype.name == "bfloat16":
-        bits = np.array(a, order="C").view(np.uint16).astype(np.uint32) << 16
-        return bits.view(np.float32).astype(np.float64)
-    return a.astype(np.float64)
-
-
 def param_dtype(dtype):
     """float32 gamma/beta for 16-bit storage, x's dtype otherwise."""
     return np.dtype(np.float32) if dtype.itemsize == 2 else dtype
@@ -85,19 +78,6 @@ def make_case(rng, shape, axis, dtype):
     return (x.astype(dtype), dout.astype(dtype),
             gamma.astype(pdt),
             beta.astype(pdt), rm.astype(pdt), rv.astype(pdt))
-
-
-def ulp_distance(a, b):
-    """Elementwise ulp distance of two 16-bit arrays (+0 == -0)."""
-    def ordered(array):
-        bits = np.array(array, order="C").view(np.uint16).astype(np.int64)
-        return np.where(bits & 0x8000, -(bits & 0x7FFF), bits & 0x7FFF)
-    return np.abs(ordered(a) - ordered(b))
-
-
-def host(array):
-    return None if array is None else np.asarray(
-        array if isinstance(array, np.ndarray) else array.copy_to_host())
 
 
 # ---------------------------------------------------------------------------
