@@ -16,7 +16,7 @@ With the ``spawn`` launch method (asv's default) every benchmark runs in a
 fresh process that imports only its own module, so this one changes nothing
 there.
 """
-from .common import backends
+from .common import params
 
 try:
     import fastbn
@@ -31,7 +31,7 @@ else:
         # Serial, not cached: sets up the compiler, starts no thread.
         numba.njit(cache=False)(lambda values: values.sum())(np.ones(2))
 
-if "torch" in backends():
+if "torch" in params()[0]:
     try:
         import torch  # noqa: F401
     except ImportError:  # PyTorch rows are skipped in setup

@@ -21,11 +21,12 @@ import pytest
 
 pytest.importorskip("pytest_benchmark")
 
-from fastbn import bench  # noqa: E402
+from fastbn.bench import kernels as bench  # noqa: E402
+from fastbn.bench.suites.default import DEFAULT_SHAPES, LARGE_SHAPES  # noqa: E402
 
-SHAPES = list(bench.DEFAULT_SHAPES)
+SHAPES = list(DEFAULT_SHAPES)
 if os.environ.get("FASTBN_BENCH_PROFILE", "").lower() == "slow":
-    SHAPES += list(bench.LARGE_SHAPES)
+    SHAPES += list(LARGE_SHAPES)
 DTYPES = list(bench.DTYPES)
 BACKENDS = bench.default_backends()
 

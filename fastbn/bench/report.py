@@ -1,0 +1,148 @@
+"""A suite's report: a Markdown page (``benchmarks/results/*.md``) and JSON.
+
+A page begins with the command that made it, the date, the processor
+(:func:`fastbn.machine.summary`), the core count, the load average before
+and after, and the versions; then which bars are met, the tables, and the
+warnings of the timing core.
+"""
+import datetime
+import json
+import platform
+import time
+from importlib import metadata
+
+from .. import machine
+
+PACKAGES = ("fastbn", "numpy", "numba", "torch", "ml_dtypes", "threadpoolctl", "mpi4py",
+            "numba-cuda")
+
+
+def versions():
+    """``name -> version`` of Python and the installed packages that matter."""
+    found = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def cell(value, digits=2, suffix=""):
+    """A table cell: ``-`` for None, else the number with ``digits`` decimals."""
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        return value
+    return f"{value:.{digits}f}{suffix}"
+
+
+class Report:
+    """What one suite run found.
+
+    Parameters
+    ----------
+    title : str
+    command : str
+        The command that makes the page, as a user types it.
+    """
+
+    def __init__(self, title, command):
+        self.title = title
+        self.command = command
+        self.started = time.time()
+        self.date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        self.machine = machine.describe()
+        self.versions = versions()
+        self.load_before = machine.load_average()
+        self.load_after = None
+        self.seconds = None
+        self.facts = []       # "- name: value" lines under the header
+        self.bars = []        # (description, met, detail)
+        self.sections = []    # (heading, text, columns, rows)
+        self.warnings = []
+        self.data = {}        # raw figures for --json
+
+    def add_fact(self, text):
+        self.facts.append(text)
+
+    def add_bar(self, description, met, detail=""):
+        """A bar of an issue or of the README: ``met`` True, False or None (not measured)."""
+        self.bars.append((description, met, detail))
+
+    def add_table(self, heading, columns, rows, text=""):
+        """A Markdown table; ``rows`` are lists of cells (str)."""
+        self.sections.append((heading, text, list(columns), [list(r) for r in rows]))
+
+    def add_warnings(self, lines):
+        for line in lines:
+            if line not in self.warnings:
+                self.warnings.append(line)
+
+    def finish(self):
+        """Record the load average and the wall time at the end."""
+        self.load_after = machine.load_average()
+        self.seconds = time.time() - self.started
+        return self
+
+    def to_markdown(self):
+        """The page, as text."""
+        loads = " / ".join(cell(v, 2) for v in (self.load_before, self.load_after))
+        version_text = ", ".join(f"{k} {v}" for k, v in self.versions.items())
+        lines = [f"# {self.title}", "",
+                 f"Made by `{self.command}` on {self.date} ({cell(self.seconds, 0)} s).", "",
+                 f"- processor: {machine.summary()}",
+                 f"- cores: {self.machine['cores']}; load average (1 min) before / after: "
+                 f"{loads}",
+                 f"- versions: {version_text}"]
+        lines += [f"- {fact}" for fact in self.facts]
+        if self.bars:
+            lines += ["", "## Bars", ""]
+            for description, met, detail in self.bars:
+                verdict = {True: "met", False: "**missed**", None: "not measured"}[met]
+                lines.append(f"- {verdict}: {description}" + (f" ({detail})" if detail else ""))
+        for heading, text, columns, rows in self.sections:
+            lines += ["", f"## {heading}", ""]
+            if text:
+                lines += [text, ""]
+            lines.append("| " + " | ".join(columns) + " |")
+            lines.append("|" + "---|" * len(columns))
+            lines += ["| " + " | ".join(row) + " |" for row in rows]
+        if self.warnings:
+            lines += ["", "## Warnings", ""] + [f"- {w}" for w in self.warnings]
+        return "\n".join(lines) + "\n"
+
+    def to_json(self):
+        """The figures and the header as a JSON text."""
+        return json.dumps({
+            "title": self.title, "command": self.command, "date": self.date,
+            "seconds": self.seconds, "machine": self.machine, "versions": self.versions,
+            "load_before": self.load_before, "load_after": self.load_after,
+            "bars": [{"bar": b, "met": m, "detail": d} for b, m, d in self.bars],
+            "tables": {h: [dict(zip(c, r)) for r in rows] for h, _, c, rows in self.sections},
+            "warnings": self.warnings, "data": self.data}, indent=1, default=str)
+
+
+def parse_tables(markdown):
+    """The tables of a page: ``heading -> list of dict`` (column -> cell text)."""
+    tables = {}
+    heading = None
+    columns = None
+    for line in markdown.splitlines():
+        if line.startswith("## "):
+            heading, columns = line[3:].strip(), None
+        elif line.startswith("|") and heading is not None:
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if columns is None:
+                columns = cells
+                tables[heading] = []
+            elif set("".join(cells)) <= set("-: "):
+                continue
+            else:
+                if len(cells) != len(columns):
+                    raise ValueError(f"row of {len(cells)} cells under {len(columns)} "
+                                     f"columns in {heading!r}: {line}")
+                tables[heading].append(dict(zip(columns, cells)))
+        else:
+            columns = None if not line.startswith("|") else columns
+    return tables

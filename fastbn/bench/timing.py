@@ -1,0 +1,309 @@
+"""The timing core of every fastbn benchmark: interleaved rounds.
+
+Kernels that are compared are timed in the same rounds: each round calls
+every kernel once (a *sample*: enough back-to-back calls to last
+``min_seconds``, their mean time per call), the starting kernel rotating
+from round to round, so that load from other processes falls on all of
+them alike. The figures of a kernel are the best (minimum) and the median
+of its samples, and its spread ``(median - best) / best``. While a spread
+exceeds :data:`UNSTABLE` more rounds are timed (up to ``max_rounds``); a
+figure still above it is flagged. The copy limit (``np.copyto`` of the same
+bytes) is one more kernel of the same rounds. The 1-minute load average is
+read before and after.
+
+Variants: ``synchronize`` (a device: called after each sample, inside the
+timed interval, e.g. ``cuda.synchronize``) and ``barrier`` (MPI: called
+before each sample, outside it; see :func:`per_rank`). The core knows no
+suite, no kernel and no report format.
+"""
+import gc
+import time
+
+import numpy as np
+
+from .. import machine
+
+ROUNDS = 5
+MIN_SECONDS = 2e-3
+UNSTABLE = 0.25
+COPY = "copy"
+# Compulsory memory traffic per element, in item sizes: a copy reads and
+# writes (2), the training forward reads x and writes y (2), the simplified
+# backward reads dy and x and writes dx (3). A fused ReLU adds nothing.
+BYTES_PER_ELEMENT = {"copy": 2, "forward": 2, "backward": 3}
+
+
+class KernelTiming:
+    """The samples of one kernel and what they give.
+
+    Attributes
+    ----------
+    name : str
+    samples : list of float
+        Seconds per call, one per round.
+    calls : int
+        Calls per sample.
+    error : str or None
+        ``"Type: message"`` of the exception that stopped this kernel.
+    """
+
+    def __init__(self, name):
+        self.name = name
+        self.samples = []
+        self.calls = 1
+        self.error = None
+
+    @property
+    def best(self):
+        """Fastest sample in seconds (None without samples)."""
+        return min(self.samples) if self.samples else None
+
+    @property
+    def median(self):
+        """Median sample in seconds (None without samples)."""
+        return float(np.median(self.samples)) if self.samples else None
+
+    @property
+    def spread(self):
+        """``(median - best) / best``, 0 for a single sample."""
+        if not self.samples or self.best <= 0:
+            return 0.0
+        return (self.median - self.best) / self.best
+
+    @property
+    def unstable(self):
+        return self.spread > UNSTABLE
+
+    def as_dict(self):
+        return {"best_s": self.best, "median_s": self.median, "spread": self.spread,
+                "samples": len(self.samples), "calls": self.calls,
+                "unstable": self.unstable, "error": self.error}
+
+
+class Timings(dict):
+    """``name -> KernelTiming`` of one group, with the load around it.
+
+    Attributes
+    ----------
+    rounds : int
+    load_before, load_after : float or None
+        1-minute load average.
+    seconds : float
+        Wall time of the group.
+    """
+
+    rounds = 0
+    load_before = None
+    load_after = None
+    seconds = 0.0
+
+    def ratio(self, numerator, denominator, statistic="best"):
+        """``numerator``'s time / ``denominator``'s, or None if either has none."""
+        top = getattr(self[numerator], statistic) if numerator in self else None
+        bottom = getattr(self[denominator], statistic) if denominator in self else None
+        if top is None or not bottom:
+            return None
+        return top / bottom
+
+    def warnings(self, label=""):
+        """Lines for errors, unstable figures and a load above the core count."""
+        notes = []
+        prefix = f"{label}: " if label else ""
+        for timing in self.values():
+            if timing.error:
+                notes.append(f"{prefix}{timing.name} failed: {timing.error}")
+            elif timing.unstable:
+                notes.append(f"{prefix}{timing.name} unstable: median {timing.spread:.0%} "
+                             f"above best over {len(timing.samples)} rounds")
+        note = load_warning(self.load_before, self.load_after)
+        if note:
+            notes.append(prefix + note)
+        return notes
+
+
+def load_warning(before, after, cores=None):
+    """A warning when the load average exceeded the core count, else None."""
+    cores = cores or machine.cpu_count()
+    load = max(before or 0.0, after or 0.0)
+    if load <= cores:
+        return None
+    return (f"load average {load:.1f} above the {cores} cores: other processes took "
+            "CPU time, figures may be slow (ratios within a round still hold)")
+
+
+def copy_kernel(array):
+    """``np.copyto`` of ``array`` into a filled buffer: the bandwidth reference.
+
+    Returns
+    -------
+    callable
+    """
+    target = np.full(array.shape, 0, dtype=array.dtype)
+
+    def copy():
+        np.copyto(target, array)
+
+    return copy
+
+
+def fraction_of_copy_limit(kernel, seconds, copy_seconds, itemsize=1, copy_itemsize=None):
+    """Limit time / kernel time; 1.0 means the kernel runs at copy speed.
+
+    The limit is the kernel's compulsory bytes (``BYTES_PER_ELEMENT[kernel]
+    * itemsize`` per element) at the bandwidth of a copy that moved ``2 *
+    copy_itemsize`` bytes per element (default: the kernel's own item size).
+
+    Parameters
+    ----------
+    kernel : {"forward", "backward"}
+    seconds, copy_seconds : float
+        Times of the kernel and of the copy of as many elements.
+    itemsize, copy_itemsize : int, optional
+
+    Returns
+    -------
+    float or None
+        None when either time is missing.
+    """
+    if not seconds or copy_seconds is None:
+        return None
+    copy_itemsize = itemsize if copy_itemsize is None else copy_itemsize
+    limit = (copy_seconds * BYTES_PER_ELEMENT[kernel] * itemsize
+             / (BYTES_PER_ELEMENT["copy"] * copy_itemsize))
+    return limit / seconds
+
+
+def _describe_error(exc):
+    lines = str(exc).strip().splitlines()
+    message = lines[0][:160] if lines else ""
+    return f"{type(exc).__name__}: {message}".rstrip(": ")
+
+
+def interleaved(kernels, rounds=ROUNDS, *, copy_of=None, max_rounds=None,
+                min_seconds=MIN_SECONDS, calls=None, budget_seconds=None,
+                synchronize=None, barrier=None, clock=time.perf_counter):
+    """Time ``kernels`` in interleaved rounds.
+
+    Parameters
+    ----------
+    kernels : dict
+        ``name -> callable`` with no arguments, in the order of the first round.
+    rounds : int, optional
+        Rounds to time; more, up to ``max_rounds`` (default ``2 * rounds``),
+        while a figure is unstable.
+    copy_of : ndarray, optional
+        Adds the kernel :data:`COPY`, ``np.copyto`` of this array.
+    min_seconds : float, optional
+        A sample lasts at least this long (calls per sample from one
+        untimed warm-up call).
+    calls : int, optional
+        Fixed calls per sample (the same on every MPI rank).
+    budget_seconds : float, optional
+        Stop after 3 rounds once the group has run this long.
+    synchronize : callable, optional
+        Called at the end of each sample, inside the timed interval.
+    barrier : callable, optional
+        Called before each sample, outside the timed interval.
+    clock : callable, optional
+        Seconds (tests pass a fake one).
+
+    Returns
+    -------
+    Timings
+        A kernel that raised keeps its samples so far, has ``error`` set
+        and is left out of later rounds.
+    """
+    kernels = dict(kernels)
+    if copy_of is not None:
+        kernels[COPY] = copy_kernel(copy_of)
+    sync = synchronize or (lambda: None)
+    result = Timings((name, KernelTiming(name)) for name in kernels)
+    result.load_before = machine.load_average()
+    max_rounds = max(rounds, max_rounds or 2 * rounds)
+    started = clock()
+    for name, function in kernels.items():   # warm-up, and calls per sample
+        timing = result[name]
+        try:
+            if barrier:
+                barrier()
+            function()   # compiles, touches pages, starts thread pools
+            sync()
+            if barrier:
+                barrier()
+            start = clock()
+            function()
+            sync()
+            once = clock() - start
+        except Exception as exc:
+            timing.error = _describe_error(exc)
+            continue
+        timing.calls = calls or (max(1, int(min_seconds / once)) if once > 0 else 1)
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        while result.rounds < max_rounds:
+            live = [name for name in kernels if result[name].error is None]
+            if not live:
+                break
+            first = result.rounds % len(live)
+            for name in live[first:] + live[:first]:
+                timing = result[name]
+                if barrier:
+                    barrier()
+                try:
+                    start = clock()
+                    for _ in range(timing.calls):
+                        kernels[name]()
+                    sync()
+                    timing.samples.append((clock() - start) / timing.calls)
+                except Exception as exc:
+                    timing.error = _describe_error(exc)
+            result.rounds += 1
+            if barrier is not None:
+                continue   # every rank must time the same rounds
+            if (budget_seconds is not None and result.rounds >= min(3, rounds)
+                    and clock() - started > budget_seconds):
+                break
+            if result.rounds >= rounds and not any(result[n].unstable for n in live):
+                break
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    result.seconds = clock() - started
+    result.load_after = machine.load_average()
+    return result
+
+
+def per_rank(kernels, comm, rounds=ROUNDS):
+    """The MPI variant: every rank times the same rounds, one call per sample.
+
+    Each sample starts after ``comm.Barrier()``; a round's figure of a kernel
+    is the slowest rank's sample.
+
+    Parameters
+    ----------
+    kernels : dict
+        ``name -> callable``; each rank passes its own (e.g. its slice).
+    comm : mpi4py.MPI.Comm
+    rounds : int, optional
+
+    Returns
+    -------
+    Timings
+        The slowest rank's samples, the same on every rank; ``per_rank``
+        attribute: each rank's own Timings as dicts.
+    """
+    own = interleaved(kernels, rounds, max_rounds=rounds, calls=1, barrier=comm.Barrier)
+    gathered = comm.allgather({name: t.samples for name, t in own.items()})
+    slowest = Timings((name, KernelTiming(name)) for name in own)
+    for name, timing in slowest.items():
+        timing.error = own[name].error
+        counts = [len(rank[name]) for rank in gathered]
+        timing.samples = [max(rank[name][i] for rank in gathered) for i in range(min(counts))]
+    slowest.rounds = own.rounds
+    slowest.load_before, slowest.load_after = own.load_before, own.load_after
+    slowest.seconds = own.seconds
+    slowest.per_rank = [{name: {"best_s": min(s) if s else None,
+                                "median_s": float(np.median(s)) if s else None}
+                         for name, s in rank.items()} for rank in gathered]
+    return slowest
