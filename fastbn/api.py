@@ -102,9 +102,10 @@ def _check_input(x, axis, what="x"):
     shape = tuple(x.shape)
     if len(shape) < 2:
         raise ValueError(f"{what} must have at least 2 dimensions (N, C, ...), got shape {shape}")
-    if 0 in shape:
-        raise ValueError(f"{what} is empty: shape {shape}")
     axis = _channel_axis(axis, shape)
+    if shape[axis] == 0:
+        raise ValueError(f"{what} has no channels: shape {shape}")
+    # An empty batch (C > 0, no values per channel) is not an error: PyTorch's rule.
     return axis, math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1:])
 
 
@@ -188,6 +189,17 @@ def _check_out(out, shape, dtype, module, inputs):
             isinstance(a, np.ndarray) and np.may_share_memory(out, a) for a in inputs):
         raise ValueError("out must not overlap the inputs")
     return out
+
+
+def _empty_batch_channels(channels, dtype, module, on_device):
+    """Two per-channel zero arrays for an empty batch: its ``mean``/``invstd``
+    (never read: an empty batch has no element to normalize) or its
+    ``dgamma``/``dbeta``. On the device they are copied over from the host:
+    ``2 * C`` values, the one host-to-device copy of such a call."""
+    zeros = (np.zeros(channels, dtype=dtype), np.zeros(channels, dtype=dtype))
+    if on_device:
+        return tuple(module.to_device(array) for array in zeros)
+    return zeros
 
 
 def _view3(array, A, C, B):
@@ -290,8 +302,9 @@ def batchnorm_forward(x, gamma=None, beta=None, *, training=True,
         with the unbiased batch variance for ``running_var``.
     momentum : float in [0, 1], default 0.1
         Weight of the new batch in the running statistics.
-    eps : float >= 0, default 1e-5
-        Added to the variance inside the square root.
+    eps : float, default 1e-5
+        Added to the variance inside the square root: ``> 0`` in training
+        mode, ``>= 0`` in evaluation mode (PyTorch's rule).
     axis : int, default 1
         The channel axis.
     backend : str, optional
@@ -307,7 +320,9 @@ def batchnorm_forward(x, gamma=None, beta=None, *, training=True,
     Returns
     -------
     out : ndarray
-        The normalized output, ``x.dtype``, ``x.shape``.
+        The normalized output, ``x.dtype``, ``x.shape``. An empty batch
+        (``C > 0`` channels with no value each, e.g. ``(0, C, L)``) gives an
+        empty output and leaves the running statistics unchanged.
     cache : BatchNormCache
         What :func:`batchnorm_backward` needs.
 
@@ -331,7 +346,9 @@ def batchnorm_forward(x, gamma=None, beta=None, *, training=True,
     eps = _check_scalar(eps, "eps", 0.0, math.inf)
     momentum = _check_scalar(momentum, "momentum", 0.0, 1.0)
     training = bool(training)
-    if training and A * B < 2:
+    if training and eps == 0.0:
+        raise ValueError(f"eps must be positive in training mode, got {eps}")
+    if training and A * B == 1:
         raise ValueError("Expected more than 1 value per channel when training, "
                          f"got input of shape {tuple(x_array.shape)}")
     if training:
@@ -366,7 +383,10 @@ def batchnorm_forward(x, gamma=None, beta=None, *, training=True,
     # The activation is passed only when there is one, so the plain call
     # stays as cheap as it was.
     fused = {"relu": True} if relu else {}
-    if training:
+    if A * B == 0:
+        # An empty batch: nothing to normalize, running statistics unchanged.
+        mean, invstd = _empty_batch_channels(C, np.float64, module, on_device)
+    elif training:
         mean, invstd = module.forward_train(x3, gamma_arg, beta_arg, eps, out3,
                                             running_mean, running_var, momentum, **fused)
     else:
@@ -407,7 +427,7 @@ def batchnorm_backward(dout, cache, *, method="simplified", out=None):
         Gradient with respect to ``x``.
     dgamma, dbeta : ndarray of shape (C,)
         Gradients with respect to ``gamma`` and ``beta``: ``x.dtype``, or
-        float32 for 16-bit ``x``.
+        float32 for 16-bit ``x``; zeros for an empty batch.
 
     Raises
     ------
@@ -447,6 +467,12 @@ def batchnorm_backward(dout, cache, *, method="simplified", out=None):
         dx3 = result.reshape(A, C, B)
 
     fused = {"beta": cache.beta, "relu": True} if cache.activation == "relu" else {}
+    if A * B == 0:
+        # An empty batch: empty dx, zero dgamma and dbeta.
+        if on_device:
+            device.finish()
+        return (result,) + _empty_batch_channels(C, _param_dtype(dtype), module,
+                                                 on_device and not _is_host(dout))
     if not cache.training:
         dbeta, dgamma = module.backward_eval(dy3, x3, cache.mean, cache.invstd, cache.gamma, dx3,
                                              **fused)

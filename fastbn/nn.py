@@ -72,11 +72,16 @@ class BatchNorm:
         Dtype of ``gamma``, ``beta`` and the running statistics.
     backend : str, optional
         Backend for every call (default: the process default at call time).
+    bias : bool, default True
+        With ``affine``, also learn the shift ``beta``; ``bias=False`` keeps
+        the scale only (``beta`` is None and the state dict has no
+        ``bias`` key), as ``torch.nn.BatchNorm*d(..., bias=False)``.
 
     Attributes
     ----------
     gamma, beta : ndarray of shape (C,) or None
-        Scale and shift (None when ``affine=False``).
+        Scale and shift (None when ``affine=False``; ``beta`` also when
+        ``bias=False``).
     running_mean, running_var : ndarray of shape (C,) or None
         Running statistics, zeros and ones at first (None when
         ``track_running_stats=False``).
@@ -86,7 +91,16 @@ class BatchNorm:
         The mode; set by :meth:`train` and :meth:`eval`.
     grad_gamma, grad_beta : ndarray of shape (C,) or None
         Gradients from the last :meth:`backward` (None when ``affine=False``
-        or before the first backward).
+        or before the first backward; ``grad_beta`` also when ``bias=False``).
+
+    Notes
+    -----
+    ``eps`` must be ``>= 0`` when the layer is made, and ``> 0`` for a
+    forward in training mode (PyTorch 2.13's rule; ``eps = 0`` works in
+    evaluation mode). An empty batch (e.g. shape ``(0, C, L)``) gives an
+    empty output, leaves the running statistics unchanged and still counts
+    in ``num_batches_tracked``; its backward gives an empty ``dx`` and
+    zero parameter gradients.
 
     Examples
     --------
@@ -101,11 +115,13 @@ class BatchNorm:
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, axis=1, dtype=np.float32, backend=None):
+                 track_running_stats=True, axis=1, dtype=np.float32, backend=None, *,
+                 bias=True):
         self.num_features = _check_positive_int(num_features, "num_features")
         self.eps = _check_scalar(eps, "eps", 0.0, math.inf)
         self.momentum = None if momentum is None else _check_scalar(momentum, "momentum", 0.0, 1.0)
         self.affine = bool(affine)
+        self.bias = bool(bias)
         self.track_running_stats = bool(track_running_stats)
         if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral):
             raise ValueError(f"axis must be an integer, got {axis!r}")
@@ -118,7 +134,7 @@ class BatchNorm:
         channels = self.num_features
         if self.affine:
             self.gamma = np.ones(channels, dtype=self.dtype)
-            self.beta = np.zeros(channels, dtype=self.dtype)
+            self.beta = np.zeros(channels, dtype=self.dtype) if self.bias else None
         else:
             self.gamma = None
             self.beta = None
@@ -221,7 +237,7 @@ class BatchNorm:
         dx, dgamma, dbeta = self._backward_fn(dout, self._cache, method)
         if self.affine:
             self.grad_gamma = dgamma
-            self.grad_beta = dbeta
+            self.grad_beta = dbeta if self.beta is not None else None
         return dx
 
     # ------------------------------------------------------------------
@@ -237,14 +253,16 @@ class BatchNorm:
     def state_dict(self):
         """The layer's state under PyTorch's key names (copies).
 
-        Keys: ``weight`` and ``bias`` (when ``affine``), ``running_mean``,
+        Keys: ``weight`` and ``bias`` (when ``affine``; no ``bias`` when
+        ``bias=False``), ``running_mean``,
         ``running_var`` and ``num_batches_tracked`` (a 0-d int64 array; when
         ``track_running_stats``).
         """
         state = {}
         if self.affine:
             state["weight"] = self.gamma.copy()
-            state["bias"] = self.beta.copy()
+            if self.beta is not None:
+                state["bias"] = self.beta.copy()
         if self.track_running_stats:
             state["running_mean"] = self.running_mean.copy()
             state["running_var"] = self.running_var.copy()
@@ -295,7 +313,7 @@ class BatchNorm:
 
     def __repr__(self):
         return (f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-                f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
+                f"affine={self.affine}, bias={self.beta is not None}, track_running_stats={self.track_running_stats}, "
                 f"axis={self.axis}, dtype={self.dtype.name}, backend={self.backend!r})")
 
 
@@ -313,7 +331,7 @@ class SyncBatchNorm(BatchNorm):
 
     Parameters
     ----------
-    num_features, eps, momentum, affine, track_running_stats, axis, dtype, backend
+    num_features, eps, momentum, affine, track_running_stats, axis, dtype, backend, bias
         As for :class:`BatchNorm` (``backend``: a CPU backend).
     comm : mpi4py.MPI.Intracomm, optional
         The ranks that share the batch; default ``MPI.COMM_WORLD``.
@@ -342,11 +360,11 @@ class SyncBatchNorm(BatchNorm):
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, axis=1, dtype=np.float32, backend=None,
-                 comm=None):
+                 comm=None, *, bias=True):
         from . import distributed  # needs mpi4py: imported for this layer only
         super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
                          track_running_stats=track_running_stats, axis=axis, dtype=dtype,
-                         backend=backend)
+                         backend=backend, bias=bias)
         self._distributed = distributed
         self.comm = distributed._check_comm(comm)
 

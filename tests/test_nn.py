@@ -212,7 +212,7 @@ def test_unavailable_backend_is_a_runtime_error():
     (np.ones((4, 3), dtype=np.int64), TypeError, "int64"),
     (np.ones((4, 3), dtype=np.complex128), TypeError, "complex128"),
     (np.ones(3), ValueError, "at least 2 dimensions"),
-    (np.ones((0, 3)), ValueError, "empty"),
+    (np.ones((4, 0)), ValueError, "expected 3 channels"),
     (np.ones((4, 5)), ValueError, "expected 3 channels"),
     (np.ones((1, 3)), ValueError, "Expected more than 1 value per channel when training"),
 ])
@@ -259,3 +259,72 @@ def test_load_state_dict_errors_change_nothing():
     partial = BatchNorm(3)
     partial.load_state_dict({"running_mean": np.full(3, 2.0)}, strict=False)
     np.testing.assert_array_equal(partial.running_mean, 2.0)
+
+
+# ---------------------------------------------------------------------------
+# Where PyTorch 2.13's BatchNorm*d differs from the layer's first version:
+# bias=False, an empty batch, eps <= 0 in training.
+# ---------------------------------------------------------------------------
+def test_bias_false_is_a_scale_without_shift(backend):
+    rng = np.random.default_rng(7)
+    layer = BatchNorm(4, bias=False, dtype=np.float64, backend=backend)
+    reference = torch.nn.BatchNorm1d(4, bias=False, dtype=torch.float64)
+    assert layer.beta is None and reference.bias is None
+    assert list(layer.state_dict()) == list(reference.state_dict())
+    assert "bias=False" in repr(layer)
+    layer.gamma[...] = rng.uniform(0.5, 2.0, 4)
+    with torch.no_grad():
+        reference.weight.copy_(torch.from_numpy(layer.gamma))
+    x, dout = rng.standard_normal((6, 4, 5)), rng.standard_normal((6, 4, 5))
+    out = layer.forward(x)
+    dx = layer.backward(dout)
+    xt = torch.from_numpy(x).requires_grad_(True)
+    out_t = reference(xt)
+    out_t.backward(torch.from_numpy(dout))
+    assert _close(out, out_t)
+    assert _close(dx, xt.grad)
+    assert _close(layer.grad_gamma, reference.weight.grad)
+    assert layer.grad_beta is None
+    assert _close(layer.running_mean, reference.running_mean)
+    assert _close(layer.running_var, reference.running_var)
+    state = reference.state_dict()
+    fresh = BatchNorm(4, bias=False, dtype=np.float64)
+    fresh.load_state_dict(state)
+    np.testing.assert_array_equal(fresh.gamma, state["weight"].numpy())
+    with pytest.raises(KeyError, match="bias"):
+        fresh.load_state_dict({**state, "bias": torch.zeros(4, dtype=torch.float64)})
+
+
+@pytest.mark.parametrize("shape", [(0, 5, 9), (0, 5), (3, 5, 0)])
+@pytest.mark.parametrize("training", [True, False])
+def test_empty_batch(backend, shape, training):
+    """PyTorch's rule: empty output and input gradient, zero parameter
+    gradients, running statistics unchanged, the batch still counted."""
+    rng = np.random.default_rng(8)
+    layer = BatchNorm(5, momentum=0.3, dtype=np.float64, backend=backend).train(training)
+    layer.running_mean[...] = rng.standard_normal(5)
+    layer.running_var[...] = rng.uniform(0.5, 2.0, 5)
+    before = layer.state_dict()
+    out = layer.forward(np.empty(shape))
+    dx = layer.backward(np.empty(shape))
+    assert out.shape == shape and dx.shape == shape
+    np.testing.assert_array_equal(layer.grad_gamma, np.zeros(5))
+    np.testing.assert_array_equal(layer.grad_beta, np.zeros(5))
+    np.testing.assert_array_equal(layer.running_mean, before["running_mean"])
+    np.testing.assert_array_equal(layer.running_var, before["running_var"])
+    assert layer.num_batches_tracked == (1 if training else 0)
+
+
+@pytest.mark.parametrize("eps", [0.0, 5e-324])
+def test_eps_positive_in_training_zero_allowed_in_eval(eps):
+    layer = BatchNorm(3, eps=eps, dtype=np.float64)
+    x = np.random.default_rng(9).standard_normal((4, 3))
+    if eps == 0.0:
+        with pytest.raises(ValueError, match="eps must be positive"):
+            layer.forward(x)
+        assert layer.num_batches_tracked == 0
+    else:
+        layer.forward(x)
+    out = layer.eval().forward(x)
+    np.testing.assert_allclose(out, (x - layer.running_mean) / np.sqrt(layer.running_var + eps),
+                               rtol=1e-14)

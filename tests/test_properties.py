@@ -8,6 +8,10 @@ from hypothesis import strategies as st
 import fastbn
 from conftest import CUDASIM, normwise_error, ref_backward, ref_forward
 
+# Training needs eps > 0 (PyTorch's rule). The smallest positive float64 is
+# eps "in effect 0": var + EPS_TINY rounds back to var for every var >= 2**-1021.
+EPS_TINY = 5e-324
+
 SETTINGS = settings(max_examples=10 if CUDASIM else 40, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture,
                                            HealthCheck.too_slow])
@@ -106,7 +110,8 @@ def test_training_invariants(backend, p):
     x = x.astype(np.float64)
     gamma, beta, dout = (a.astype(np.float64) for a in (gamma, beta, dout))
     C = x.shape[axis]
-    out, cache = fastbn.batchnorm_forward(x, gamma, beta, eps=0.0, axis=axis, backend=backend)
+    out, cache = fastbn.batchnorm_forward(x, gamma, beta, eps=EPS_TINY, axis=axis,
+                                          backend=backend)
     o = np.moveaxis(out, axis, -1).reshape(-1, C)
     xc = np.moveaxis(x, axis, -1).reshape(-1, C)
     ok = xc.std(axis=0) > 1e-6 * np.abs(xc).max(axis=0)  # channels that are not constant
@@ -124,7 +129,7 @@ def test_training_invariants(backend, p):
 @SETTINGS
 @given(p=problems(), c=st.floats(-100, 100), k=st.floats(0.1, 10))
 def test_shift_and_scale_invariance(backend, p, c, k):
-    """With eps=0, normalizing a*x + c (a > 0) gives the same output, float64."""
+    """With eps in effect 0, normalizing a*x + c (a > 0) gives the same output, float64."""
     x, gamma, beta, _, axis = p
     x = x.astype(np.float64)
     C = x.shape[axis]
@@ -132,8 +137,8 @@ def test_shift_and_scale_invariance(backend, p, c, k):
     if np.any(xc.std(axis=0) < 1e-3 * (np.abs(xc).max(axis=0) + 1e-300)):
         return  # ill-conditioned channel: invariance holds only loosely
     s = float(np.max(np.abs(x))) or 1.0
-    out1, _ = fastbn.batchnorm_forward(x, gamma, beta, eps=0.0, axis=axis, backend=backend)
-    out2, _ = fastbn.batchnorm_forward(k * x + c * s, gamma, beta, eps=0.0, axis=axis,
+    out1, _ = fastbn.batchnorm_forward(x, gamma, beta, eps=EPS_TINY, axis=axis, backend=backend)
+    out2, _ = fastbn.batchnorm_forward(k * x + c * s, gamma, beta, eps=EPS_TINY, axis=axis,
                                        backend=backend)
     assert normwise_error(out2, out1) < 1e-7
 

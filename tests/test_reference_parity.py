@@ -138,7 +138,8 @@ def test_eps_default_and_zero(backend, rng):
     x = make_input(rng, (12, 3))
     out, _ = fastbn.batchnorm_forward(x, backend=backend)
     assert_close(out, ref_forward(x, eps=1e-5)["out"], 1e-12, "default eps")
-    out0, _ = fastbn.batchnorm_forward(x, eps=0.0, backend=backend)
+    # eps must be positive in training: the smallest float64 leaves var + eps == var
+    out0, _ = fastbn.batchnorm_forward(x, eps=5e-324, backend=backend)
     np.testing.assert_allclose(out0.std(axis=0), 1.0, rtol=1e-12)
     out1, _ = fastbn.batchnorm_forward(x, eps=1.0, backend=backend)
     assert_close(out1, ref_forward(x, eps=1.0)["out"], 1e-12, "eps=1")
