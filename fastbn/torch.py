@@ -1,0 +1,560 @@
+"""fastbn inside PyTorch models: a custom op with autograd, and drop-in modules.
+
+``import fastbn.torch`` registers two operators with ``torch.library``,
+``fastbn::batch_norm`` (the forward, with an autograd formula) and
+``fastbn::batch_norm_backward``, each with a fake implementation, so that
+``torch.compile`` traces a model through them without a graph break.
+``torch.library`` gives autograd formulas to functional operators only, so
+the forward does not update the running statistics in its arguments: it
+returns the updated statistics (computed by fastbn's kernels, in a copy of
+the ``C`` values), and :func:`batch_norm` writes them into the caller's
+tensors with ``copy_``, which ``torch.compile`` records as the mutation of
+those buffers. On top of them:
+
+- :func:`batch_norm`, with the signature and meaning of
+  ``torch.nn.functional.batch_norm``;
+- :class:`BatchNorm1d`, :class:`BatchNorm2d`, :class:`BatchNorm3d`,
+  subclasses of PyTorch's with the same parameters, buffers, state dict and
+  repr, whose ``forward`` runs fastbn;
+- :func:`convert_batchnorm` / :func:`revert_batchnorm`, which switch every
+  ``torch.nn.BatchNorm1d/2d/3d`` of a model to fastbn and back, in place.
+
+How tensors reach the kernels
+-----------------------------
+A contiguous CPU tensor is passed as a NumPy view of its own memory
+(``Tensor.numpy()``), a ``channels_last`` (or ``channels_last_3d``) tensor
+as the view of its memory order with the channel axis last (``axis=-1``):
+no copy either way, and the output is written straight into the result
+tensor. float16 tensors are NumPy float16 views; bfloat16 tensors are viewed
+through their bits as ``ml_dtypes.bfloat16`` (no copy); both use fastbn's
+16-bit storage (float32 arithmetic, float64 accumulation). Any other
+strided CPU tensor is copied once into the contiguous layout. Per-channel
+tensors (weight, bias, running statistics) are used in place when they are
+contiguous float16/32/64 CPU tensors, else through a float32 copy of their
+``C`` values (the running statistics are written back).
+
+CUDA tensors go to the ``cuda`` backend through ``__cuda_array_interface__``,
+with no copy. That backend launches its kernels on the legacy default
+stream. When PyTorch's current stream is that stream, the work is ordered
+with the caller's by the stream itself, and nothing is synchronized. When
+it is another stream, the call first waits for that stream
+(``torch.cuda.current_stream().synchronize()``) and, before returning,
+for the device (``torch.cuda.synchronize()``): correct, at the price of two
+host synchronizations per call, until the backend can launch on a given
+stream.
+"""
+import numpy as np
+import torch
+
+from . import api, registry
+from .api import batchnorm_backward, batchnorm_forward
+from .cache import BatchNormCache
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "batch_norm",
+           "convert_batchnorm", "revert_batchnorm"]
+
+# NumPy can view these tensor dtypes without a copy (bfloat16 through its bits).
+_KERNEL_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+# Per-channel tensors the host functions can use as they are.
+_CHANNEL_DTYPES = (torch.float64, torch.float32, torch.float16)
+
+
+# --------------------------------------------------------------------------
+# Tensors as arrays
+# --------------------------------------------------------------------------
+
+def _kernel_layout(tensor):
+    """(the tensor the kernels read, its permutation to memory order, channel axis).
+
+    A contiguous tensor is read as it is (axis 1); a channels-last one as
+    its memory order, channels last (axis -1); anything else is copied once
+    into the contiguous layout. Works on fake tensors too (metadata only).
+    """
+    if tensor.is_contiguous():
+        return tensor, None, 1
+    if tensor.dim() == 4 and tensor.is_contiguous(memory_format=torch.channels_last):
+        return tensor, (0, 2, 3, 1), -1
+    if tensor.dim() == 5 and tensor.is_contiguous(memory_format=torch.channels_last_3d):
+        return tensor, (0, 2, 3, 4, 1), -1
+    return tensor.contiguous(), None, 1
+
+
+def _like_layout(tensor, permutation):
+    """``tensor`` with the memory layout that ``permutation`` stands for (a copy if needed)."""
+    if permutation is None:
+        return tensor.contiguous()
+    if len(permutation) == 4:
+        return tensor.contiguous(memory_format=torch.channels_last)
+    return tensor.contiguous(memory_format=torch.channels_last_3d)
+
+
+def _array(tensor, permutation=None):
+    """The array the kernels get for a full-size tensor, viewing its memory.
+
+    A CPU tensor gives a NumPy view (bfloat16: ``ml_dtypes.bfloat16`` over
+    the same bits), a CUDA tensor the tensor itself (read through
+    ``__cuda_array_interface__``), permuted to memory order.
+    """
+    if permutation is not None:
+        tensor = tensor.permute(permutation)
+    tensor = tensor.detach()
+    if tensor.device.type == "cuda":
+        if tensor.dtype == torch.bfloat16:
+            raise TypeError("bfloat16 CUDA tensors are not supported "
+                            "(__cuda_array_interface__ has no bfloat16); use float16")
+        return tensor
+    if tensor.dtype == torch.bfloat16:
+        import ml_dtypes  # the bfloat16 extra; imported only for bfloat16 tensors
+        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.numpy()
+
+
+def _check_tensor(input):
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    if input.device.type not in ("cpu", "cuda", "meta"):
+        raise ValueError(f"fastbn.torch runs on CPU and CUDA tensors, got a tensor on "
+                         f"{input.device}; move it with .cpu() or .cuda()")
+    if input.dtype not in _KERNEL_DTYPES:
+        raise TypeError(f"input must be float16, bfloat16, float32 or float64, "
+                        f"got dtype {input.dtype}")
+
+
+def _channel_array(tensor):
+    """A per-channel tensor as the functions take it (None stays None)."""
+    if tensor is None:
+        return None
+    tensor = tensor.detach()
+    if tensor.device.type == "cuda":
+        return tensor
+    if tensor.dtype not in _CHANNEL_DTYPES:
+        tensor = tensor.to(torch.float32)
+    return tensor.numpy()
+
+
+def _updated_running(tensor, input):
+    """(a copy of a running statistic for the kernels to update, its array).
+
+    ``None`` gives an empty tensor (the operator's outputs are tensors) and
+    no array. The copy has the statistic's dtype, float32 for bfloat16.
+    """
+    if tensor is None:
+        return input.new_empty((0,)), None
+    dtype = tensor.dtype if tensor.dtype in _CHANNEL_DTYPES else torch.float32
+    copy = tensor.detach().to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
+    return copy, _channel_array(copy)
+
+
+def _backend_name(backend, input):
+    """The backend a call runs on: ``backend``, else ``cuda`` for CUDA tensors,
+    else the process default at the time of the call."""
+    if backend:
+        return backend
+    return "cuda" if input.device.type == "cuda" else registry.default_backend()
+
+
+def _param_dtype(input):
+    return torch.float32 if input.element_size() == 2 else input.dtype
+
+
+class _CudaOrder:
+    """Orders the cuda backend's work (legacy default stream) with PyTorch's current stream.
+
+    On the legacy default stream nothing needs doing. On another stream, wait
+    for it before the call and for the device after it (see the module notes).
+    """
+
+    def __init__(self, tensor):
+        self.stream = None
+        if tensor.device.type == "cuda":
+            stream = torch.cuda.current_stream(tensor.device)
+            if stream.cuda_stream != 0:
+                self.stream = stream
+
+    def __enter__(self):
+        if self.stream is not None:
+            self.stream.synchronize()
+        return self
+
+    def __exit__(self, *exc_info):
+        if self.stream is not None:
+            torch.cuda.synchronize(self.stream.device)
+
+
+def _as_tensor(array, device):
+    """A tensor owning ``array``'s values (a CPU copy, or a view of a device array)."""
+    if device.type == "cuda":
+        return torch.as_tensor(array, device=device)
+    return torch.from_numpy(np.array(array, dtype=np.float64, copy=True))
+
+
+# --------------------------------------------------------------------------
+# The operators
+# --------------------------------------------------------------------------
+
+@torch.library.custom_op("fastbn::batch_norm", mutates_args=())
+def _batch_norm_op(input: torch.Tensor, running_mean: torch.Tensor | None,
+                   running_var: torch.Tensor | None, weight: torch.Tensor | None,
+                   bias: torch.Tensor | None, training: bool, momentum: float, eps: float,
+                   activation: str, backend: str
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward: ``(output, mean, invstd, new_running_mean, new_running_var)``.
+
+    ``mean``/``invstd`` (float64, ``(C,)``) are what the backward needs (the
+    batch statistics in training mode). The new running statistics are
+    updated copies in training mode, unchanged copies in evaluation mode,
+    empty tensors where none were given.
+    """
+    source, permutation, axis = _kernel_layout(input)
+    output = torch.empty_like(source)
+    new_mean, mean_array = _updated_running(running_mean, input)
+    new_var, var_array = _updated_running(running_var, input)
+    with _CudaOrder(input):
+        _, cache = batchnorm_forward(
+            _array(source, permutation), _channel_array(weight), _channel_array(bias),
+            training=training, running_mean=mean_array, running_var=var_array,
+            momentum=momentum, eps=eps, axis=axis, backend=_backend_name(backend, input),
+            out=_array(output, permutation), activation=activation or None)
+    return (output, _as_tensor(cache.mean, input.device), _as_tensor(cache.invstd, input.device),
+            new_mean, new_var)
+
+
+@_batch_norm_op.register_fake
+def _batch_norm_fake(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                     activation, backend):
+    source, _, _ = _kernel_layout(input)
+    channels = input.shape[1]
+    new_running = []
+    for tensor in (running_mean, running_var):
+        if tensor is None:
+            new_running.append(input.new_empty((0,)))
+        else:
+            dtype = tensor.dtype if tensor.dtype in _CHANNEL_DTYPES else torch.float32
+            new_running.append(tensor.new_empty((channels,), dtype=dtype))
+    return (torch.empty_like(source), input.new_empty((channels,), dtype=torch.float64),
+            input.new_empty((channels,), dtype=torch.float64), *new_running)
+
+
+@torch.library.custom_op("fastbn::batch_norm_backward", mutates_args=())
+def _batch_norm_backward_op(grad_output: torch.Tensor, input: torch.Tensor,
+                            weight: torch.Tensor | None, bias: torch.Tensor | None,
+                            mean: torch.Tensor, invstd: torch.Tensor, training: bool,
+                            eps: float, activation: str, backend: str
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward: ``(grad_input, grad_weight, grad_bias)``; the parameter
+    gradients in float32 for 16-bit input, else in the input's dtype."""
+    source, permutation, axis = _kernel_layout(input)
+    grad = _like_layout(grad_output, permutation)
+    grad_input = torch.empty_like(source)
+    name = _backend_name(backend, input)
+    x = _array(source, permutation)
+    channels = input.shape[1]
+    if input.device.type == "cuda":
+        module = registry.get_backend(name)
+        gamma = None if weight is None else module.to_device(weight.detach())
+        beta = None if bias is None else module.to_device(bias.detach())
+        mean_arg, invstd_arg = module.to_device(mean.detach()), module.to_device(invstd.detach())
+    else:
+        param_dtype = api._param_dtype(np.dtype(x.dtype))
+        gamma = api._channel_param(_channel_array(weight), channels, param_dtype, "gamma", 1.0)
+        beta = api._channel_param(_channel_array(bias), channels, param_dtype, "beta", 0.0)
+        mean_arg, invstd_arg = mean.numpy(), invstd.numpy()
+    cache = BatchNormCache(x, mean_arg, invstd_arg, gamma, eps, axis % input.dim(), training,
+                           name, beta=beta, activation=activation or None)
+    with _CudaOrder(input):
+        _, grad_gamma, grad_beta = batchnorm_backward(
+            _array(grad, permutation), cache, out=_array(grad_input, permutation))
+    return (grad_input, _as_param_tensor(grad_gamma, input), _as_param_tensor(grad_beta, input))
+
+
+def _as_param_tensor(array, input):
+    if input.device.type == "cuda":
+        return torch.as_tensor(array, device=input.device).to(_param_dtype(input))
+    return torch.from_numpy(np.asarray(array)).to(_param_dtype(input))
+
+
+@_batch_norm_backward_op.register_fake
+def _batch_norm_backward_fake(grad_output, input, weight, bias, mean, invstd, training, eps,
+                              activation, backend):
+    source, _, _ = _kernel_layout(input)
+    channels = input.shape[1]
+    param_dtype = _param_dtype(input)
+    return (torch.empty_like(source), input.new_empty((channels,), dtype=param_dtype),
+            input.new_empty((channels,), dtype=param_dtype))
+
+
+def _setup_context(ctx, inputs, output):
+    input, _, _, weight, bias, training, _, eps, activation, backend = inputs
+    _, mean, invstd, _, _ = output
+    ctx.save_for_backward(input, weight, bias, mean, invstd)
+    ctx.training, ctx.eps, ctx.activation, ctx.backend = training, eps, activation, backend
+
+
+def _backward(ctx, grad_output, *grad_statistics):
+    input, weight, bias, mean, invstd = ctx.saved_tensors
+    grad_input, grad_weight, grad_bias = _batch_norm_backward_op(
+        grad_output, input, weight, bias, mean, invstd, ctx.training, ctx.eps,
+        ctx.activation, ctx.backend)
+    needs = ctx.needs_input_grad
+    return (grad_input if needs[0] else None, None, None,
+            grad_weight.to(weight.dtype) if weight is not None and needs[3] else None,
+            grad_bias.to(bias.dtype) if bias is not None and needs[4] else None,
+            None, None, None, None, None)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("fastbn.torch.batch_norm has no double backward (a gradient of its "
+                       "gradient); use torch.nn.functional.batch_norm where one is needed")
+
+
+_batch_norm_op.register_autograd(_backward, setup_context=_setup_context)
+_batch_norm_backward_op.register_autograd(_no_double_backward)
+
+
+# --------------------------------------------------------------------------
+# The function
+# --------------------------------------------------------------------------
+
+def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
+               momentum=0.1, eps=1e-5, *, backend=None, activation=None):
+    """Batch normalization of a tensor: ``torch.nn.functional.batch_norm`` on fastbn.
+
+    Parameters
+    ----------
+    input : torch.Tensor, ``(N, C, ...)``
+        float16, bfloat16, float32 or float64, on the CPU or a CUDA device;
+        any memory layout (contiguous and channels-last are read in place).
+    running_mean, running_var : torch.Tensor of shape (C,) or None
+        Updated in place in training mode when given; required when
+        ``training`` is False.
+    weight, bias : torch.Tensor of shape (C,), optional
+        Scale and shift (None: ones / zeros); gradients flow to them.
+    training : bool, default False
+        Normalize with the batch statistics (and update the running ones).
+    momentum : float, default 0.1
+        Weight of the batch in the running statistics.
+    eps : float, default 1e-5
+        Added to the variance: ``> 0`` in training, ``>= 0`` in evaluation.
+    backend : str, optional
+        A fastbn backend; default ``cuda`` for CUDA tensors, else the
+        process default at the time of each call.
+    activation : {None, "relu"}, default None
+        ``"relu"`` returns ``relu(batch_norm(...))`` from one fused pass.
+
+    Returns
+    -------
+    torch.Tensor
+        Of ``input``'s shape, dtype and memory layout (contiguous for an
+        input that was neither contiguous nor channels-last).
+
+    Raises
+    ------
+    ValueError
+        As ``torch.nn.functional.batch_norm`` (``eps``, one value per channel
+        in training, missing running statistics in evaluation), plus those
+        of :func:`fastbn.batchnorm_forward`.
+    TypeError
+        An unsupported dtype.
+
+    Notes
+    -----
+    Autograd gives gradients for ``input``, ``weight`` and ``bias`` (first
+    order only: a double backward raises ``RuntimeError``).
+    """
+    _check_tensor(input)
+    if input.dim() < 2:
+        raise ValueError(f"input must have at least 2 dimensions (N, C, ...), "
+                         f"got shape {tuple(input.shape)}")
+    eps = float(eps)
+    if training and not eps > 0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if not eps >= 0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    if training and input.numel() == input.shape[1]:
+        raise ValueError("Expected more than 1 value per channel when training, "
+                         f"got input size {tuple(input.shape)}")
+    if not training and (running_mean is None or running_var is None):
+        raise ValueError("batch_norm needs running_mean and running_var when training is False")
+    if activation not in (None, "relu"):
+        raise ValueError(f"activation must be None or 'relu', got {activation!r}")
+    output, _, _, new_mean, new_var = _batch_norm_op(
+        input, running_mean, running_var, weight, bias, bool(training), float(momentum), eps,
+        activation or "", backend or "")
+    if training and running_mean is not None:
+        with torch.no_grad():
+            running_mean.copy_(new_mean)
+            running_var.copy_(new_var)
+    return output
+
+
+# --------------------------------------------------------------------------
+# Modules
+# --------------------------------------------------------------------------
+
+def _check_backend(backend):
+    if backend is None:
+        return None
+    from .nn import _check_backend_name
+    return _check_backend_name(backend)
+
+
+class _FastbnForward:
+    """The forward of fastbn's BatchNorm modules: PyTorch's, on :func:`batch_norm`.
+
+    Attributes set on the module: ``backend`` (a name or None) and
+    ``activation`` (None or ``"relu"``).
+    """
+
+    def forward(self, input):
+        self._check_input_dim(input)
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative average: the k-th batch weighs 1/k
+                momentum = 1.0 / float(self.num_batches_tracked)
+        use_batch_stats = self.training or (self.running_mean is None
+                                            and self.running_var is None)
+        pass_running = not self.training or self.track_running_stats
+        return batch_norm(input, self.running_mean if pass_running else None,
+                          self.running_var if pass_running else None, self.weight, self.bias,
+                          use_batch_stats, momentum, self.eps, backend=self.backend,
+                          activation=self.activation)
+
+    def extra_repr(self):
+        text = super().extra_repr()
+        return text if self.activation is None else f"{text}, activation={self.activation!r}"
+
+
+class BatchNorm1d(_FastbnForward, torch.nn.BatchNorm1d):
+    """``torch.nn.BatchNorm1d`` whose forward runs fastbn.
+
+    Parameters are PyTorch's, plus ``backend`` (a fastbn backend name; None:
+    the default at each call) and ``activation`` (None, or ``"relu"`` for
+    ``relu(bn(x))`` in one fused pass). Parameters, buffers, state dict and
+    repr (with no activation) are those of ``torch.nn.BatchNorm1d``.
+    """
+
+    def __init__(self, *args, backend=None, activation=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backend = _check_backend(backend)
+        self.activation = _check_activation(activation)
+
+
+class BatchNorm2d(_FastbnForward, torch.nn.BatchNorm2d):
+    """``torch.nn.BatchNorm2d`` whose forward runs fastbn (see :class:`BatchNorm1d`)."""
+
+    def __init__(self, *args, backend=None, activation=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backend = _check_backend(backend)
+        self.activation = _check_activation(activation)
+
+
+class BatchNorm3d(_FastbnForward, torch.nn.BatchNorm3d):
+    """``torch.nn.BatchNorm3d`` whose forward runs fastbn (see :class:`BatchNorm1d`)."""
+
+    def __init__(self, *args, backend=None, activation=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backend = _check_backend(backend)
+        self.activation = _check_activation(activation)
+
+
+def _check_activation(activation):
+    if activation not in (None, "relu"):
+        raise ValueError(f"activation must be None or 'relu', got {activation!r}")
+    return activation
+
+
+_TO_FASTBN = {torch.nn.BatchNorm1d: BatchNorm1d, torch.nn.BatchNorm2d: BatchNorm2d,
+              torch.nn.BatchNorm3d: BatchNorm3d}
+_TO_TORCH = {fast: stock for stock, fast in _TO_FASTBN.items()}
+
+
+class FusedReLU(torch.nn.Identity):
+    """Stands where a ``torch.nn.ReLU`` was, once its batch norm computes the ReLU.
+
+    :func:`revert_batchnorm` puts a ``torch.nn.ReLU(inplace)`` back.
+    """
+
+    def __init__(self, inplace=False):
+        super().__init__()
+        self.inplace = inplace
+
+    def extra_repr(self):
+        return "inplace=True" if self.inplace else ""
+
+
+def _switch_class(module, new_class, backend=None, activation=None):
+    """Change a batch-norm module's class in place: its parameters, buffers,
+    hooks and mode stay the very same objects."""
+    module.__class__ = new_class
+    if new_class in _TO_TORCH:
+        module.backend = backend
+        module.activation = activation
+    else:
+        del module.backend, module.activation
+
+
+def convert_batchnorm(module, backend=None, *, fuse_relu=False):
+    """Make every ``torch.nn.BatchNorm1d/2d/3d`` of ``module`` run fastbn, in place.
+
+    Each batch norm becomes the matching :class:`BatchNorm1d`/``2d``/``3d``:
+    the same object, with the same parameters, buffers (running statistics,
+    ``num_batches_tracked``), hooks and mode, so the state dict, an optimizer
+    built on the model, and saved checkpoints stay valid. Subclasses of
+    PyTorch's batch norms (``SyncBatchNorm``, lazy ones, your own) are left
+    as they are.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        A model (or one batch-norm module).
+    backend : str, optional
+        fastbn backend for every converted module (None: the default at
+        each call).
+    fuse_relu : bool, default False
+        Where a batch norm is followed directly by a ``torch.nn.ReLU`` in a
+        ``torch.nn.Sequential``, compute the ReLU in the batch norm's pass
+        (``activation="relu"``) and put a :class:`FusedReLU` (an identity)
+        in the ReLU's place. ReLUs called from a ``forward`` method (as in
+        torchvision's ResNet blocks) are not seen, and stay.
+
+    Returns
+    -------
+    torch.nn.Module
+        ``module`` itself.
+
+    Examples
+    --------
+    >>> model = fastbn.torch.convert_batchnorm(torchvision.models.resnet50())  # doctest: +SKIP
+    """
+    backend = _check_backend(backend)
+    for submodule in list(module.modules()):
+        if type(submodule) in _TO_FASTBN:
+            _switch_class(submodule, _TO_FASTBN[type(submodule)], backend)
+    for submodule in list(module.modules()):
+        if fuse_relu and isinstance(submodule, torch.nn.Sequential):
+            children = list(submodule.named_children())
+            for (_, first), (name, second) in zip(children, children[1:]):
+                if (type(first) in _TO_TORCH and first.activation is None
+                        and type(second) is torch.nn.ReLU):
+                    first.activation = "relu"
+                    setattr(submodule, name, FusedReLU(second.inplace))
+    return module
+
+
+def revert_batchnorm(module):
+    """Undo :func:`convert_batchnorm` in place: PyTorch batch norms again, and
+    ``torch.nn.ReLU`` where a :class:`FusedReLU` stands.
+
+    Returns
+    -------
+    torch.nn.Module
+        ``module`` itself.
+    """
+    for submodule in list(module.modules()):
+        if type(submodule) in _TO_TORCH:
+            _switch_class(submodule, _TO_TORCH[type(submodule)])
+        for name, child in list(submodule.named_children()):
+            if type(child) is FusedReLU:
+                setattr(submodule, name, torch.nn.ReLU(child.inplace))
+    return module
