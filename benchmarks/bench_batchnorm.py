@@ -12,7 +12,8 @@ medians: ``track_speedup_simplified_over_staged`` (unit ``x``: staged /
 simplified), ``track_fraction_of_copy_limit`` (unit ``fraction``: the
 compulsory bytes at ``np.copyto``'s bandwidth / the kernel's time), and
 ``track_*_speedup_fused_over_separate`` (unit ``x``: batch norm then a
-NumPy ReLU pass / the fused batch norm + ReLU).
+NumPy ReLU pass / the fused batch norm + ReLU). Peak memory is tracked for
+the staged backward, the one kernel that allocates full-size intermediates.
 """
 from .common import PARAM_NAMES, Case, fraction_of_copy_limit, params, profile, ratio
 
@@ -46,9 +47,6 @@ class Forward(_Benchmark):
     def time_forward_eval(self, backend, shape, dtype):
         self.case.forward_eval()
 
-    def peakmem_forward(self, backend, shape, dtype):
-        self.case.forward()
-
     def track_fraction_of_copy_limit(self, backend, shape, dtype):
         return fraction_of_copy_limit(self.case, "forward", self.case.forward,
                                       self.interleaved_rounds)
@@ -64,9 +62,6 @@ class Backward(_Benchmark):
         self.case.simplified()
 
     def time_backward_simplified(self, backend, shape, dtype):
-        self.case.simplified()
-
-    def peakmem_backward(self, backend, shape, dtype):
         self.case.simplified()
 
     def track_fraction_of_copy_limit(self, backend, shape, dtype):

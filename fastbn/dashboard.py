@@ -44,9 +44,6 @@ SPEEDUP_BENCHMARK = "bench_batchnorm.BackwardStaged.track_speedup_simplified_ove
 COPY_LIMIT_BENCHMARKS = ("bench_batchnorm.Forward.track_fraction_of_copy_limit",
                          "bench_batchnorm.Backward.track_fraction_of_copy_limit")
 PROFILES = ("default", "quick", "tiny", "slow")
-# With --quick (and no --bench): the *Large classes, skipped outside the slow
-# profile, are not even started.
-NOT_LARGE = r"^(?!.*Large\.)"
 
 # Every script and stylesheet that asv's index.html loads from a CDN, and the
 # file of the npm package that holds the same library: (URL, npm package,
@@ -365,8 +362,7 @@ def quick_arguments(quick, profile, bench):
     quick : bool
         ``--quick``: each benchmark once, in children forked from one process
         (``--launch-method forkserver``; ``benchmarks/preload.py`` has imported
-        the backends there), and without the ``*Large`` classes unless the
-        profile is ``slow`` or ``bench`` is given.
+        the backends there).
     profile : str or None
         ``FASTBN_BENCH_PROFILE`` of the run.
     bench : str or None
@@ -379,8 +375,6 @@ def quick_arguments(quick, profile, bench):
     argv = ["--quick", "--launch-method", "forkserver"] if quick else []
     if bench:
         argv += ["--bench", bench]
-    elif quick and profile != "slow":
-        argv += ["--bench", NOT_LARGE]
     return argv
 
 

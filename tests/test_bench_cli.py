@@ -1,257 +1,186 @@
-"""The ``bench`` job's options: spread of each timing and its warnings, thread
-scaling, and the hand-over of ``--device cuda`` to ``fastbn.bench_cuda``."""
-import argparse
+"""The timing core (on a fake clock), the reports, ``fastbn bench`` and each suite
+in its tiny profile (seconds), writing a report whose tables parse."""
 import json
-import sys
-import types
+import shutil
 
-import numpy as np
 import pytest
 
-from fastbn import bench
-
-TINY_ARGS = ["--shapes", "6x5", "--dtype", "float32", "--repeat", "2", "--no-progress"]
-
-
-def parse(argv):
-    parser = argparse.ArgumentParser()
-    bench.add_arguments(parser)
-    return parser.parse_args(argv)
+from fastbn import machine
+from fastbn.__main__ import main
+from fastbn.bench import report, suites, timing
 
 
 class FakeClock:
-    """``time.perf_counter`` stand-in: each call of :meth:`work` lasts the
-    next of the given durations."""
+    """A clock that only kernels move: each call adds its own duration."""
 
-    def __init__(self, durations):
+    def __init__(self):
         self.now = 0.0
-        self.durations = list(durations)
-        self.calls = 0
+        self.calls = []
 
-    def perf_counter(self):
+    def __call__(self):
         return self.now
 
-    def work(self):
-        self.now += self.durations[min(self.calls, len(self.durations) - 1)]
-        self.calls += 1
+    def kernel(self, name, durations):
+        """A kernel taking ``durations[i]`` seconds on its i-th call (the last repeats)."""
+        def run():
+            i = sum(1 for c in self.calls if c == name)
+            self.calls.append(name)
+            self.now += durations[min(i, len(durations) - 1)]
+        return run
 
 
-def test_time_spread_stable(monkeypatch):
-    clock = FakeClock([1.0] * 50)
-    monkeypatch.setattr(bench.time, "perf_counter", clock.perf_counter)
-    result = bench.time_spread(clock.work, 5)
-    assert result["best"] == 1.0 and result["median"] == 1.0
-    assert result["calls"] == 5 and not result["unstable"]
+def test_rounds_are_interleaved_and_rotate():
+    clock = FakeClock()
+    kernels = {n: clock.kernel(n, [1.0]) for n in "abc"}
+    got = timing.interleaved(kernels, rounds=3, max_rounds=3, min_seconds=0, clock=clock)
+    timed = clock.calls[6:]   # two untimed calls each: warm-up and calibration
+    assert clock.calls[:6] == ["a", "a", "b", "b", "c", "c"]
+    assert timed == list("abc" "bca" "cab")
+    assert got.rounds == 3 and all(len(t.samples) == 3 for t in got.values())
 
 
-def test_time_spread_times_more_then_flags_unstable(monkeypatch):
-    # warm-up, then samples alternating 1 s and 3 s: the median stays far
-    # above the best, so the kernel is timed MAX_REPEAT_FACTOR times as often.
-    clock = FakeClock([1.0] + [1.0, 3.0, 3.0] * 100)
-    monkeypatch.setattr(bench.time, "perf_counter", clock.perf_counter)
-    result = bench.time_spread(clock.work, 3)
-    assert result["calls"] == bench.MAX_REPEAT_FACTOR * 3
-    assert result["best"] == 1.0 and result["median"] == 3.0
-    assert result["spread"] == pytest.approx(2.0) and result["unstable"]
+def test_statistics_on_a_fake_clock():
+    clock = FakeClock()
+    # warm-up, calibration, then samples 1, 3, 2, 10, 2 (seconds)
+    slow = clock.kernel("k", [9.0, 9.0, 1.0, 3.0, 2.0, 10.0, 2.0])
+    got = timing.interleaved({"k": slow}, rounds=5, max_rounds=5, min_seconds=0, clock=clock)
+    k = got["k"]
+    assert k.samples == [1.0, 3.0, 2.0, 10.0, 2.0]
+    assert k.best == 1.0 and k.median == 2.0 and k.spread == pytest.approx(1.0)
+    assert k.unstable and "unstable" in got.warnings()[0]
+    assert k.calls == 1
 
 
-def test_time_spread_stops_once_samples_agree(monkeypatch):
-    # One slow first batch, then steady: more samples pull the median down.
-    clock = FakeClock([1.0, 1.0, 5.0, 5.0] + [1.0] * 100)
-    monkeypatch.setattr(bench.time, "perf_counter", clock.perf_counter)
-    result = bench.time_spread(clock.work, 3)
-    assert 3 < result["calls"] < bench.MAX_REPEAT_FACTOR * 3
-    assert result["median"] == 1.0 and not result["unstable"]
+def test_calls_per_sample_and_ratio(monkeypatch):
+    monkeypatch.setattr(machine, "load_average", lambda: 0.0)
+    clock = FakeClock()
+    kernels = {"fast": clock.kernel("fast", [0.001]), "slow": clock.kernel("slow", [0.004])}
+    got = timing.interleaved(kernels, rounds=2, min_seconds=0.01, clock=clock)
+    assert got["fast"].calls == 10 and got["slow"].calls == 2
+    assert got["fast"].best == pytest.approx(0.001)
+    assert got.ratio("slow", "fast", "median") == pytest.approx(4.0)
+    assert got.rounds == 2 and not got.warnings()
 
 
-def test_short_calls_are_timed_in_loops(monkeypatch):
-    clock = FakeClock([bench.SAMPLE_SECONDS / 10] * 1000)
-    monkeypatch.setattr(bench.time, "perf_counter", clock.perf_counter)
-    result = bench.time_spread(clock.work, 2)
-    assert clock.calls == 1 + 2 * 10
-    assert result["best"] == pytest.approx(bench.SAMPLE_SECONDS / 10)
+def test_unstable_figures_are_timed_again():
+    clock = FakeClock()
+    noisy = clock.kernel("n", [1.0, 1.0, 1.0, 5.0, 1.0, 1.0, 1.0, 1.0])
+    got = timing.interleaved({"n": noisy}, rounds=2, max_rounds=6, min_seconds=0, clock=clock)
+    assert got.rounds == 3   # [1, 5] is unstable; a third round settles it
+    assert not got["n"].unstable
 
 
-def test_stability_warnings():
-    row = {"backend": "torch", "shape": [256, 4096], "dtype": "float32", "threads": 2,
-           "forward_ms": 0.5, "forward_median_ms": 91.0, "calls": {"forward": 28},
-           "unstable": ["forward"]}
-    warnings = bench.stability_warnings([row], 0.5, 0.7)
-    assert len(warnings) == 1
-    assert "torch 256x4096 float32" in warnings[0] and "unstable" in warnings[0]
-    assert "91.000 ms" in warnings[0]
-    busy = bench.stability_warnings([], 0.5, 1000.0)
-    assert len(busy) == 1 and "load average" in busy[0]
+def test_a_kernel_that_raises_is_reported():
+    clock = FakeClock()
+    calls = []
+
+    def broken():
+        calls.append(1)
+        if len(calls) > 3:
+            raise ZeroDivisionError("boom")
+        clock.now += 1.0
+
+    got = timing.interleaved({"ok": clock.kernel("ok", [1.0]), "broken": broken},
+                             rounds=4, max_rounds=4, min_seconds=0, clock=clock)
+    assert got["broken"].error == "ZeroDivisionError: boom"
+    assert len(got["broken"].samples) == 1 and len(got["ok"].samples) == 4
+    assert any("broken failed: ZeroDivisionError: boom" in w for w in got.warnings())
 
 
-def test_bench_prints_spread_and_writes_medians(tmp_path, capsys):
-    path = tmp_path / "bench.json"
-    status = bench.run(parse(TINY_ARGS + ["--backends", "numpy", "--json", str(path)]))
-    out = capsys.readouterr().out
+def test_load_warning(monkeypatch):
+    assert timing.load_warning(0.5, 1.0, cores=2) is None
+    assert "load average 3.5 above the 2 cores" in timing.load_warning(0.5, 3.5, cores=2)
+    loads = iter([9.0, 9.5])
+    monkeypatch.setattr(machine, "load_average", lambda: next(loads))
+    got = timing.interleaved({"a": lambda: None}, rounds=1, min_seconds=0)
+    assert (got.load_before, got.load_after) == (9.0, 9.5)
+    assert any("load average 9.5" in w for w in got.warnings())
+
+
+def test_copy_limit_in_the_same_rounds():
+    import numpy as np
+    x = np.ones(1000)
+    got = timing.interleaved({"a": lambda: None}, rounds=2, copy_of=x, min_seconds=0)
+    assert got[timing.COPY].samples and got[timing.COPY].error is None
+    assert timing.fraction_of_copy_limit("forward", 2.0, 1.0) == pytest.approx(0.5)
+    assert timing.fraction_of_copy_limit("backward", 3.0, 2.0) == pytest.approx(1.0)
+    assert timing.fraction_of_copy_limit("forward", 1.0, 1.0, 2, 4) == pytest.approx(0.5)
+    assert timing.fraction_of_copy_limit("forward", None, 1.0) is None
+
+
+def test_report_header_and_tables_parse():
+    page = report.Report("Title", "fastbn bench --suite x")
+    page.add_bar("a bar", True, "1.5x")
+    page.add_bar("another", False)
+    page.add_table("T", ["a", "b"], [["1", "2"], ["3", "4"]], "text")
+    text = page.finish().to_markdown()
+    assert text.startswith("# Title\n\nMade by `fastbn bench --suite x` on ")
+    assert machine.summary() in text and "- versions: python" in text
+    assert "- met: a bar (1.5x)" in text and "- **missed**: another" in text
+    assert report.parse_tables(text)["T"] == [{"a": "1", "b": "2"}, {"a": "3", "b": "4"}]
+    assert json.loads(page.to_json())["tables"]["T"][1]["b"] == "4"
+
+
+def run_suite(tmp_path, capsys, name, *extra):
+    path = tmp_path / f"{name}.md"
+    status = main(["bench", "--suite", name, "--profile", "tiny", "--no-progress",
+                   "--report", str(path), "--json", str(tmp_path / "r.json"), *extra])
+    capsys.readouterr()
     assert status == 0
-    assert "%)" in out.splitlines()[2]          # "0.012 (+3%)" cells
-    data = json.loads(path.read_text())
-    row = data["results"][0]
-    for kernel in ("forward", "simplified", "staged", "copy"):
-        assert row[f"{kernel}_median_ms"] >= row[f"{kernel}_ms"] > 0
-    assert isinstance(row["unstable"], list) and row["calls"]["forward"] >= 2
-    assert isinstance(data["meta"]["warnings"], list)
+    text = path.read_text()
+    assert f"Made by `fastbn bench --suite {name} --profile tiny" in text
+    assert machine.summary() in text
+    tables = report.parse_tables(text)
+    assert tables and all(rows for rows in tables.values())
+    return tables
 
 
-def test_bench_thread_scaling_table(capsys):
-    pytest.importorskip("numba")
-    status = bench.run(parse(TINY_ARGS + ["--backends", "numba,numpy", "--threads", "1,2"]))
-    out = capsys.readouterr().out
-    assert status == 0
-    assert "Thread scaling" in out
-    table = out[out.index("Thread scaling"):].splitlines()
-    assert "fwd x1->2" in table[1] and "bwd x1->2" in table[1]
-    assert any(line.startswith("numba ") and "x" in line.split()[-1] for line in table[3:])
+def test_default_suite(tmp_path, capsys):
+    tables = run_suite(tmp_path, capsys, "default", "--backends", "numpy,numba")
+    rows = tables["Times and ratios"]
+    assert [r["backend"] for r in rows] == ["numpy", "numba"]
+    assert all(float(r["staged/simplified"]) > 0 for r in rows)
 
 
-@pytest.mark.parametrize("threads", ["0", "1,x", ","])
-def test_bench_bad_thread_lists(threads, capsys):
-    assert bench.run(parse(TINY_ARGS + ["--threads", threads])) == 2
-    assert "error" in capsys.readouterr().err
+def test_small_suite(tmp_path, capsys):
+    run_suite(tmp_path, capsys, "small", "--backends", "numpy,numba")
 
 
-@pytest.mark.parametrize("argv", [["--device", "cuda"], ["--backends", "cuda"]])
-def test_cuda_is_handed_to_bench_cuda(argv, monkeypatch):
-    seen = []
-    fake = types.ModuleType("fastbn.bench_cuda")
-    fake.run = lambda args: seen.append(args) or 7
-    monkeypatch.setitem(sys.modules, "fastbn.bench_cuda", fake)
-    import fastbn
-    monkeypatch.setattr(fastbn, "bench_cuda", fake, raising=False)
-    args = parse(TINY_ARGS + argv)
-    assert bench.run(args) == 7
-    assert seen == [args]
-    assert seen[0].shapes == "6x5" and seen[0].dtype == "float32" and seen[0].repeat == 2
+def test_threads_suite(tmp_path, capsys):
+    tables = run_suite(tmp_path, capsys, "threads", "--backends", "numba", "--threads", "1,2")
+    assert "fwd x1->2" in tables["Times per thread count and scaling"][0]
 
 
-def test_device_default_is_cpu():
-    assert parse([]).device == "cpu"
+def test_half_relu_suite(tmp_path, capsys):
+    tables = run_suite(tmp_path, capsys, "half-relu", "--backends", "numba,numpy")
+    storage = tables["16-bit storage: forward and simplified backward"]
+    assert {r["dtype"] for r in storage} >= {"float32", "float16"}
 
 
-def test_bench_warns_once_about_a_source_tree(monkeypatch, capsys):
-    from fastbn import registry
-    reason = "extension not built: this fastbn is imported from a source tree at /x"
-    monkeypatch.setattr(registry, "source_tree_reasons", lambda: {"cython": reason})
-    assert bench.run(parse(TINY_ARGS + ["--backends", "numpy"])) == 0
-    err = capsys.readouterr().err
-    assert err.count("source tree") == 1 and "'cython' is not timed" in err
+def test_mpi_suite(tmp_path, capsys):
+    pytest.importorskip("mpi4py")
+    if not shutil.which("mpiexec"):
+        pytest.skip("no mpiexec")
+    tables = run_suite(tmp_path, capsys, "mpi")
+    assert [r["ranks"] for r in tables["Time per step (forward + backward)"]] == ["1", "2"]
 
 
-# --dtype lists, 16-bit rows, --activation ------------------------------------
-
-def test_parse_dtypes():
-    assert bench.parse_dtypes("float16,bfloat16") == ["float16", "bfloat16"]
-    assert bench.parse_dtypes("both") == ["float32", "float64"]
-    assert bench.parse_dtypes(" Float32 ,both,float16") == ["float32", "float64", "float16"]
-    for bad in ("float8", "float32,half", " , "):
-        with pytest.raises(ValueError):
-            bench.parse_dtypes(bad)
+def test_cuda_suite_without_a_gpu_says_why(capsys):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the suite runs on the device check")
+    assert main(["bench", "--suite", "cuda", "--profile", "tiny", "--no-progress"]) == 2
+    assert "cuda suite needs" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("dtype", ["float8", "float32,int8", ","])
-def test_bench_bad_dtypes(dtype, capsys):
-    assert bench.run(parse(["--shapes", "6x5", "--dtype", dtype, "--no-progress"])) == 2
-    assert "dtype" in capsys.readouterr().err
+@pytest.mark.parametrize("argv", [["--backends", "nosuch"], ["--shapes", "4xq"],
+                                  ["--threads", "0"], ["--dtype", "int8"]])
+def test_bad_options(argv, capsys):
+    assert main(["bench", "--profile", "tiny", *argv]) == 2
+    assert "fastbn bench:" in capsys.readouterr().err
 
 
-def test_bench_half_rows_count_16bit_bytes(tmp_path, capsys):
-    pytest.importorskip("ml_dtypes")
-    path = tmp_path / "bench.json"
-    argv = ["--shapes", "6x5", "--dtype", "float16,bfloat16", "--repeat", "1",
-            "--no-progress", "--backends", "numpy", "--json", str(path)]
-    status = bench.run(parse(argv))
-    out = capsys.readouterr().out
-    assert status == 0
-    rows = json.loads(path.read_text())["results"]
-    assert [row["dtype"] for row in rows] == ["float16", "bfloat16"]
-    for row in rows:
-        if row.get("skipped"):
-            assert "n/a" in out and row["skipped"] in out
-            continue
-        assert row["itemsize"] == 2
-        # the copy moved 2 x 2 bytes per element of the 16-bit array
-        assert row["copy_gb_per_s"] == pytest.approx(2 * 2 * 30 / (row["copy_ms"] * 1e-3) / 1e9)
-        assert row["forward_fraction_of_copy_limit"] == pytest.approx(
-            row["copy_ms"] / row["forward_ms"])
-        assert row["backward_fraction_of_copy_limit"] == pytest.approx(
-            1.5 * row["copy_ms"] / row["simplified_ms"])
-        assert f"6x5    {row['dtype']}" in out
-
-
-def test_bench_bfloat16_without_ml_dtypes_says_why(monkeypatch, tmp_path, capsys):
-    monkeypatch.setitem(sys.modules, "ml_dtypes", None)
-    monkeypatch.setattr(bench, "_UNSUPPORTED", {})
-    path = tmp_path / "bench.json"
-    argv = ["--shapes", "6x5", "--dtype", "float32,bfloat16", "--repeat", "1",
-            "--no-progress", "--backends", "numpy", "--json", str(path)]
-    assert bench.run(parse(argv)) == 0
-    out = capsys.readouterr().out
-    rows = json.loads(path.read_text())["results"]
-    assert [row.get("skipped") is None for row in rows] == [True, False]
-    assert "ml_dtypes" in rows[1]["skipped"]
-    line = next(line for line in out.splitlines() if "bfloat16" in line and "n/a" in line)
-    assert line.startswith("numpy")
-    assert "numpy bfloat16: bfloat16 needs ml_dtypes" in out
-
-
-def test_bench_backend_without_a_dtype_says_why(monkeypatch, capsys):
-    original = bench.Kernels.forward
-
-    def forward(self):
-        if self.backend == "numpy" and self.dtype == np.float16:
-            raise TypeError("no 16-bit kernels in this backend")
-        return original(self)
-
-    monkeypatch.setattr(bench.Kernels, "forward", forward)
-    monkeypatch.setattr(bench, "_UNSUPPORTED", {})
-    argv = ["--shapes", "6x5", "--dtype", "float16", "--repeat", "1", "--no-progress",
-            "--backends", "numpy"]
-    assert bench.run(parse(argv)) == 0
-    out = capsys.readouterr().out
-    assert "numpy float16: TypeError: no 16-bit kernels in this backend" in out
-
-
-def test_bench_activation_rows(tmp_path, capsys):
-    if bench.why_unsupported("numpy", "float32", "relu") is not None:
-        pytest.skip("numpy backend without the fused ReLU")
-    path = tmp_path / "bench.json"
-    backends = "numpy,torch" if bench._torch_installed() else "numpy"
-    argv = ["--shapes", "6x5", "--dtype", "float32", "--repeat", "1", "--no-progress",
-            "--backends", backends, "--activation", "both", "--json", str(path)]
-    assert bench.run(parse(argv)) == 0
-    out = capsys.readouterr().out
-    header = out.splitlines()[0].split()
-    assert header[:4] == ["backend", "shape", "dtype", "act"]
-    assert "sep" in header
-    rows = {(r["backend"], r["activation"]): r for r in json.loads(path.read_text())["results"]}
-    expected = {("numpy", None), ("numpy", "relu"), ("numpy", "relu_separate")}
-    if "torch" in backends:
-        expected |= {("torch", None), ("torch", "relu")}
-    assert set(rows) == expected
-    fused, separate = rows["numpy", "relu"], rows["numpy", "relu_separate"]
-    assert fused["forward_ratio_to_separate"] == pytest.approx(
-        separate["forward_ms"] / fused["forward_ms"])
-    assert fused["backward_ratio_to_separate"] == pytest.approx(
-        separate["simplified_ms"] / fused["simplified_ms"])
-    assert separate["forward_ratio_to_separate"] is None
-    assert rows["numpy", None]["forward_ratio_to_separate"] is None
-    if "torch" in backends:
-        peer = rows["torch", "relu"]
-        assert fused["forward_ratio_to_torch"] == pytest.approx(
-            peer["forward_ms"] / fused["forward_ms"])
-        assert rows["numpy", None]["forward_ratio_to_torch"] == pytest.approx(
-            rows["torch", None]["forward_ms"] / rows["numpy", None]["forward_ms"])
-        assert peer["staged_ms"] is None
-    assert any(line.startswith("numpy") and " relu sep " in line for line in out.splitlines())
-    assert "batch_norm then relu_" in out
-
-
-def test_bench_without_activation_has_no_activation_columns(capsys):
-    assert bench.run(parse(TINY_ARGS + ["--backends", "numpy"])) == 0
-    header = capsys.readouterr().out.splitlines()[0]
-    assert "act" not in header.split() and "sep" not in header
+def test_every_suite_is_registered():
+    assert set(suites.SUITES) == {"default", "small", "half-relu", "threads", "mpi", "cuda"}
+    with pytest.raises(ValueError, match="unknown suite"):
+        suites.run("nosuch", suites.Options())

@@ -175,19 +175,11 @@ def test_offline_page_links_are_local(site):
 
 
 def test_quick_run_arguments():
-    """--quick: asv's quick mode in forked children, the *Large classes left out."""
+    """--quick: asv's quick mode in forked children."""
     quick = dashboard.quick_arguments(True, "quick", None)
-    assert quick[:3] == ["--quick", "--launch-method", "forkserver"]
-    assert quick[3:] == ["--bench", dashboard.NOT_LARGE]
-    assert dashboard.quick_arguments(True, "slow", None) == quick[:3]
-    assert dashboard.quick_arguments(True, "tiny", "track_") == quick[:3] + ["--bench", "track_"]
+    assert quick == ["--quick", "--launch-method", "forkserver"]
+    assert dashboard.quick_arguments(True, "tiny", "track_") == quick + ["--bench", "track_"]
     assert dashboard.quick_arguments(False, None, None) == []
-    names = ["bench_batchnorm.Forward.time_forward_train",
-             "bench_batchnorm.BackwardStaged.track_speedup_simplified_over_staged",
-             "bench_batchnorm.ForwardLarge.time_forward_train",
-             "bench_batchnorm.BackwardStagedLarge.track_speedup_simplified_over_staged"]
-    assert [bool(re.search(dashboard.NOT_LARGE, name)) for name in names] == [
-        True, True, False, False]
 
 
 def test_vendor_table_matches_the_installed_asv():
