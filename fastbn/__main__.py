@@ -9,7 +9,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="fastbn", description="Fast batch-normalization kernels.")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("info", help="show the backends and their threads")
+    commands.add_parser("info", help="show the processor, the backends, their threads and tuning")
     check = commands.add_parser(
         "check", help="gradient and parity checks on every available backend")
     check.add_argument("--backends", help="comma-separated backend names (default: all available)")
@@ -30,8 +30,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     if args.command == "info":
-        from . import registry
-        print(json.dumps(registry.backend_info(), indent=2))
+        from . import machine, registry
+        # the processor (model, features, caches) and, per backend, the
+        # constants it chose for it (its "tuning" entry)
+        print(json.dumps({"machine": machine.describe(), "backends": registry.backend_info()},
+                         indent=2))
         return 0
     if args.command == "check":
         from . import check as check_module

@@ -16,7 +16,20 @@ instructions where the CPU has them). Every kernel takes the fused ReLU
 
 import os
 
+from .. import machine as _machine
+
 ON_DEVICE = False
+
+# Cache-dependent block sizes, from this machine's caches (set in the
+# extension at import): a fused block of channels (all rows, every array it
+# touches) within half of L2, so its second read comes from L2; the channel
+# path fuses arrays of at least half the last-level share that
+# numba_cpu.FUSED_MIN_BYTES counts on (all of L3, or 16 L2s where it is
+# shared by more cores than that). Smaller arrays stay in the last-level
+# cache between two plain passes, which are then faster.
+CACHES = _machine.cache_sizes()
+ROW_FUSE_BYTES = CACHES["l2"] // 2
+FUSE_MIN_BYTES = min(CACHES["l3"], 16 * CACHES["l2"]) // 2
 
 
 def _source_tree_root():
@@ -50,6 +63,7 @@ except Exception as exc:  # ImportError, or a broken build (missing symbol)
         _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 else:
     _IMPORT_ERROR = ""
+    _ext.set_cache_tuning(ROW_FUSE_BYTES, FUSE_MIN_BYTES)
 
 
 def availability():
@@ -75,12 +89,17 @@ def info():
         ``threads``: threads a kernel started now would use
         (``omp_get_max_threads()``, read at every call, so ``OMP_NUM_THREADS``
         and ``threadpoolctl`` limits show); ``openmp``: whether the extension
-        was built with OpenMP; ``device``: ``"cpu"``.
+        was built with OpenMP; ``device``: ``"cpu"``; ``tuning``: the
+        vector width the extension was compiled for (``vector_bytes``: 64
+        with AVX-512, 32 with AVX, 16 otherwise) and the cache-dependent
+        block sizes in use, with the cache sizes they come from.
     """
     if _ext is None:
         return {"threads": 0, "openmp": False, "device": "cpu"}
+    tuning = {"vector_bytes": int(_ext.VECTOR_BYTES), **_ext.cache_tuning(),
+              "caches": dict(CACHES)}
     return {"threads": int(_ext.max_threads()), "openmp": bool(_ext.OPENMP_ENABLED),
-            "device": "cpu"}
+            "device": "cpu", "tuning": tuning}
 
 
 def _missing(*args, **kwargs):

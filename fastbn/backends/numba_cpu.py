@@ -103,6 +103,21 @@ sum(d*d)`` (a constant channel gives exactly 0; no raw ``E[x^2] - E[x]^2``).
 The simplified backward writes ``dx = k*dy + kx*(x - mean) + k0`` with
 ``k = gamma*invstd``, ``kx = -k*invstd*sum(dy*xhat)/M``, ``k0 = -k*sum(dy)/M``.
 
+Sizes
+-----
+Any array NumPy can hold, of any shape (more than 2**31 elements in one
+array, in one channel, or in ``A``): extents, indices, loop bounds
+(``prange`` included) and products of extents are Numba's ``intp``
+(int64), and Numba widens integer arithmetic on smaller types to ``intp``;
+the uint16/int16 views are only ever element values, never indices. The
+work-split helpers (``_chunks_per_channel``, ``_row_blocks``,
+``_fused_block``, ``_fused_cols_width``) are plain Python on Python ints.
+The staged backward allocates its full-size intermediates (at most four of
+the compute dtype at once, five with the ReLU) only after checking that
+they fit in the memory available; otherwise it raises ``MemoryError``
+(:mod:`fastbn.backends._memory`). The other kernels allocate nothing of the
+array's size.
+
 Determinism across thread counts
 --------------------------------
 How the work is split into items depends on the shape only, never on the
@@ -130,7 +145,8 @@ layer. Note: GNU OpenMP is not fork-safe after a parallel region has run
 import os
 import threading
 
-from . import _host
+from .. import machine as _machine
+from . import _host, _memory
 
 try:
     import numpy as np
@@ -147,8 +163,9 @@ except ImportError as exc:  # numba (or numpy) missing: the module still imports
 
 ON_DEVICE = False
 
-# Loop-shape and work-splitting constants. They depend on nothing but the
-# shape, so that results do not depend on the thread count.
+# Loop-shape and work-splitting constants. They depend on the shape and on
+# this machine (its caches and vector width, read once at import), never on
+# the thread count, so that results do not depend on the thread count.
 ROWS_MIN_B = 16             # B at or above which elementwise passes use the rows loop shape
 REDUCE_ROWS_MIN_B = 256     # B at or above which reductions use the rows loop shape
 FUSED_MIN_CHANNELS = 64     # channels needed to make one channel one work item
@@ -157,15 +174,24 @@ MIN_ITEM_ELEMENTS = 16384   # smallest work item when splitting
 COLUMN_BLOCK = 256          # columns per work item in the columns loop shape
 COLUMN_ITEMS = 16           # reduction items aimed at in the columns shape (few: small partials)
 ELEMENT_ROWS = 16           # rows per elementwise work item in the columns loop shape
-FUSED_SLAB_BYTES = 512 * 1024  # channels per fused work item: a slab of about this size
-FUSED_MIN_BYTES = 32 * 1024 * 1024  # fuse only working sets larger than the last-level cache
-FUSED_MIN_B = 256           # ... and rows long enough for the channel-by-channel order
-FUSED_COLS = True           # (N, D) with one row block: fused per block of channels ...
-FUSED_COLS_BYTES = 1024 * 1024  # ... whose rows fill about this much of x (L2); a channel's
-                                # sums do not depend on the block width
+FUSED_MIN_B = 256           # rows at least this long for the fused channel-by-channel order
+FUSED_COLS = True           # (N, D) with one row block: fused per block of channels
 SERIAL_BELOW = 32768        # arrays with fewer elements run serial kernels (no parallel region)
-SUM_BLOCK = 1024            # elements per block of the rows-shape sums (compute type, then float64)
 PREFETCH_ROWS_AHEAD = 2     # the fused forward prefetches the row it will read this many rows later
+
+# From the machine (see tuning()): the cache sizes of fastbn.machine and the
+# vector width of the CPU numba compiles for.
+CACHES = _machine.cache_sizes()
+# channels per fused work item: a slab of about a quarter of L2 (read twice,
+# with its output, while it stays in L2)
+FUSED_SLAB_BYTES = CACHES["l2"] // 4
+# fused (N, D) kernels: a block of channels whose rows fill about half of L2;
+# a channel's sums do not depend on the block width
+FUSED_COLS_BYTES = CACHES["l2"] // 2
+# fuse only working sets larger than the share of the last-level cache this
+# process can count on: all of it, or 16 L2s' worth where it is shared by
+# more cores (or, on a virtual machine, other guests) than that
+FUSED_MIN_BYTES = min(CACHES["l3"], 16 * CACHES["l2"])
 
 _PRIORITY = ["omp", "tbb", "workqueue"]
 
@@ -247,12 +273,51 @@ def _has_f16c():
     included): a generic target has no explicit ``+f16c`` and gets the
     integer conversions.
     """
+    return "+f16c" in _target_features()
+
+
+def _target_features():
+    """The features of numba's CPU code generator (``NUMBA_CPU_NAME`` /
+    ``NUMBA_CPU_FEATURES`` included), e.g. ``{"+avx2", "+fma", ...}``; empty
+    when numba is missing or does not say."""
     try:
         from numba.core.registry import cpu_target
         features = cpu_target.target_context.codegen()._tm_features
     except Exception:   # a numba without this attribute: the portable path
-        return False
-    return "+f16c" in str(features).split(",")
+        return frozenset()
+    return frozenset(str(features).split(","))
+
+
+def _vector_bytes(features):
+    """Width of the widest float vector registers of the compile target."""
+    if "+avx512f" in features:
+        return 64
+    if "+avx" in features or "+avx2" in features:
+        return 32
+    return 16   # SSE2 (every x86-64), NEON
+
+
+# Elements per block of the float32 sums over 16-bit data (merged in
+# float64): each float32 lane of a 4-times unrolled vector loop then adds at
+# most 16 terms, whatever the vector width, so the error bound of a block,
+# gamma(SUM_BLOCK + 1) in float32 units, is what the tests derive tolerances from.
+VECTOR_BYTES = _vector_bytes(_target_features())
+SUM_BLOCK = 16 * 4 * (VECTOR_BYTES // 4)
+
+
+def tuning():
+    """The machine-dependent constants this backend chose at import.
+
+    Returns
+    -------
+    dict
+        ``vector_bytes`` (of the CPU numba compiles for), ``sum_block``,
+        ``fused_slab_bytes``, ``fused_cols_bytes``, ``fused_min_bytes`` and
+        ``caches`` (the sizes they come from, :func:`fastbn.machine.cache_sizes`).
+    """
+    return {"vector_bytes": VECTOR_BYTES, "sum_block": SUM_BLOCK,
+            "fused_slab_bytes": FUSED_SLAB_BYTES, "fused_cols_bytes": FUSED_COLS_BYTES,
+            "fused_min_bytes": FUSED_MIN_BYTES, "caches": dict(CACHES)}
 
 
 def availability():
@@ -275,14 +340,25 @@ def info():
     -------
     dict
         ``threads`` (numba's thread count), ``openmp`` (True when the
-        threading layer is OpenMP), ``device`` ("cpu"), ``threading_layer``.
+        threading layer is OpenMP), ``device`` ("cpu"), ``threading_layer``,
+        ``target`` (the CPU name numba compiles for) and ``tuning``
+        (:func:`tuning`).
     """
     if numba is None:
         return {"threads": 0, "openmp": False, "device": "cpu",
                 "threading_layer": None, "reason": _IMPORT_ERROR}
     layer = _predicted_layer()
     return {"threads": int(numba.get_num_threads()), "openmp": layer == "omp",
-            "device": "cpu", "threading_layer": layer}
+            "device": "cpu", "threading_layer": layer, "target": _target_name(),
+            "tuning": tuning()}
+
+
+def _target_name():
+    """The CPU numba compiles for: ``NUMBA_CPU_NAME`` or the host's name."""
+    if numba.config.CPU_NAME:
+        return numba.config.CPU_NAME
+    import llvmlite.binding as llvm
+    return llvm.get_host_cpu_name()
 
 
 # ---------------------------------------------------------------------------
@@ -632,6 +708,13 @@ if numba is not None:
         for j in range(0, seg.shape[0], step):
             _prefetch(seg, j)
 
+    @njit(**_JIT)
+    def _chunk_range(k, n, n_chunks):
+        """Chunk k of n_chunks over range(n): [k*n // n_chunks, (k+1)*n // n_chunks).
+        The chunks tile range(n) in order; sizes differ by at most one. int64
+        throughout (k*n < 2**63 for any n an array can have and n_chunks <= 2**31)."""
+        return k * n // n_chunks, (k + 1) * n // n_chunks
+
     # -----------------------------------------------------------------------
     # Serial helpers on contiguous 1-D segments (called inside parallel
     # loops). Segment views (``row[lo:hi]``) let LLVM see unit stride, so
@@ -762,8 +845,7 @@ if numba is not None:
             c = item // n_split
             k = item - c * n_split
             shift = _ld(x[0, c, 0])
-            m_lo = k * n // n_split
-            m_hi = (k + 1) * n // n_split
+            m_lo, m_hi = _chunk_range(k, n, n_split)
             s1 = 0.0
             s2 = 0.0
             for a in range(m_lo // B, (m_hi - 1) // B + 1):
@@ -793,8 +875,7 @@ if numba is not None:
         for item in prange(C * n_split):
             c = item // n_split
             k = item - c * n_split
-            m_lo = k * n // n_split
-            m_hi = (k + 1) * n // n_split
+            m_lo, m_hi = _chunk_range(k, n, n_split)
             s1 = 0.0
             s2 = 0.0
             for a in range(m_lo // B, (m_hi - 1) // B + 1):
@@ -1038,8 +1119,7 @@ if numba is not None:
         for item in prange(n_row_blocks * n_col_blocks):
             k = item // n_col_blocks
             jb = item - k * n_col_blocks
-            a_lo = k * A // n_row_blocks
-            a_hi = (k + 1) * A // n_row_blocks
+            a_lo, a_hi = _chunk_range(k, A, n_row_blocks)
             j_lo = jb * COLUMN_BLOCK
             j_hi = min(J, j_lo + COLUMN_BLOCK)
             if same:
@@ -1935,6 +2015,9 @@ def backward_staged(dy, x, mean, invstd, gamma, eps, out, beta=None, relu=False)
     """
     dy, x, out = _storage(dy), _storage(x), _storage(out)
     work = _compute_dtype(x)
+    # At most four full-size intermediates live at once (dxmu1, xmu, dsq,
+    # dxmu2 at step 3), five with the ReLU's masked dy.
+    _memory.require((4 + bool(relu)) * x.size * work.itemsize, "the staged backward")
     with _guard():
         A, C, B = x.shape
         n = A * B
