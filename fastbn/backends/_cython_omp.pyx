@@ -44,6 +44,18 @@ arithmetic, 16 lanes per AVX-512 op, with the means split as
 float32 rounding even when ``|mean| >> std``. Statistics and reductions are
 always centred and accumulated in float64.
 
+Sizes
+-----
+Any array NumPy can hold, of any shape: every extent, index, offset, count
+and product of extents (``A * C * B``, ``(row * C + c) * B``, ``k * M``)
+is a ``Py_ssize_t`` (64-bit), and so is every OpenMP loop variable; the C
+conversion helpers take ``ptrdiff_t`` counts. The staged backward allocates
+its full-size intermediates (four, five with the ReLU, plus the float32
+copies of 16-bit ``x``, ``dy`` and ``out``) only after checking that they
+fit in the memory available; otherwise it raises ``MemoryError``
+(:mod:`fastbn.backends._memory`). The other kernels allocate nothing of
+the array's size.
+
 Reductions that do not depend on the thread count
 -------------------------------------------------
 Every reduction is split into a fixed number of chunks that depends on the
@@ -65,6 +77,7 @@ from cpython.buffer cimport (PyBUF_C_CONTIGUOUS, PyBUF_WRITABLE, PyBuffer_Releas
                              PyObject_GetBuffer)
 from libc.stdlib cimport free, malloc
 
+from . import _memory
 from ._host import readable_running, running_arrays
 
 from ._openmp_helpers cimport FASTBN_OPENMP_ENABLED, fastbn_max_threads
@@ -2298,7 +2311,13 @@ def backward_staged(dy, x, mean, invstd, gamma, eps, out, beta=None, relu=False)
     cdef int kind = _kind(x)
     _check_pair(kind, dy, x.shape)
     _check_pair(kind, out, x.shape)
-    if kind == KIND_F16 or kind == KIND_BF16:
+    cdef bint is16 = kind == KIND_F16 or kind == KIND_BF16
+    # Full-size arrays of the compute dtype allocated below: xmu, xhat (later
+    # dxhat, dsq, dx1), dxmu1, dxmu2, y with relu, and for 16-bit storage the
+    # float32 x, dy and out. Refused before any is allocated if they cannot fit.
+    _memory.require((4 + int(bool(relu)) + 3 * is16) * x.size * (4 if is16 else x.itemsize),
+                    "the staged backward")
+    if is16:
         x = to_float32(x)
         dy = to_float32(dy)
         out16 = out

@@ -79,6 +79,21 @@ Numba's CUDA simulator (which has no shuffles); :func:`_use_shuffles` is the
 one place that picks, and :func:`_build_bit_casts` the only other place where
 the simulator and the GPU run different code.
 
+Sizes
+-----
+Any array the GPU can hold. Channels go along the grid's x (up to
+``MAX_GRID_X = 2**31 - 1`` blocks, so any channel count; more raises
+``ValueError`` before a launch), never along y or z; the grid's y (chunks
+of the rows ``A``) is capped at ``MAX_GRID_Y = 65535``, and a block then
+sums ``rows_per_chunk`` rows, with ``nchunks * rows_per_chunk >= A``
+(:class:`_Layout`, a plain Python class that tests check at any extent).
+The elementwise passes are grid-stride loops, so they cover any ``A`` with
+a capped grid. In the kernels, ``threadIdx``/``blockIdx``/``blockDim``/
+``gridDim`` are int32, but Numba widens integer arithmetic to int64, and
+every index is formed from int64 extents (``(a * C + c) * B + b``), so
+flat indices past 2**31 are exact. A channel of one long row (``A = 1``)
+is reduced by one block per channel: correct at any length, though slow.
+
 Settings (module attributes, read at every call)
 ------------------------------------------------
 ``THREADS_PER_BLOCK``
@@ -124,6 +139,7 @@ ROWS_MIN_B = 32
 TARGET_BLOCKS = 4096
 MIN_ITEMS_PER_THREAD = 16
 MAX_GRID_Y = 65535
+MAX_GRID_X = 2**31 - 1
 
 
 def _is_valid_threads(value):
@@ -1221,6 +1237,9 @@ class _Layout:
             lanes = _ceil_div(columns_total, bx)
             self.width = extent_b
         self.block = (bx, by)
+        if lanes > MAX_GRID_X:
+            raise ValueError(f"shape {tuple(shape)} needs {lanes} blocks along the grid's x, "
+                             f"more than CUDA's limit of {MAX_GRID_X}")
         # Reduction: enough blocks to fill the GPU, each with at least
         # MIN_ITEMS_PER_THREAD elements per thread.
         per_lane = extent_a * (extent_b if self.rows else bx)
@@ -1302,7 +1321,12 @@ def _param_dtype(dtype):
 
 
 def _channel_blocks(channels, threads):
-    return max(1, _ceil_div(channels, threads))
+    """Blocks of a one-thread-per-channel launch (a 1-D grid along x)."""
+    blocks = max(1, _ceil_div(channels, threads))
+    if blocks > MAX_GRID_X:
+        raise ValueError(f"{channels} channels need {blocks} blocks, more than CUDA's "
+                         f"limit of {MAX_GRID_X}")
+    return blocks
 
 
 def _reduce(kernels, name, layout, u, v, shape, params=None):

@@ -10,15 +10,43 @@ float32 centring is done with a split mean ``mean = mean_hi + mean_lo``
 rounding of the *result*, not of ``x``, so a channel whose mean is far larger
 than its spread keeps its precision without a float64 copy of ``x``.
 
-16-bit storage (float16, bfloat16) is computed in float32: each kernel works
-on a float32 copy of its 16-bit inputs and rounds its result once into the
-16-bit ``out``. A fused ReLU is one more ufunc pass here (``np.maximum``);
-its backward masks ``dy`` by ``y > 0`` with ``y`` rebuilt by the forward's
-own arithmetic (:func:`_normalize_into`), so the mask is the forward's.
+16-bit storage (float16, bfloat16) is computed in float32, block by block:
+each kernel walks the array in blocks of about ``BLOCK_ELEMENTS`` elements
+(whole rows ``x[a0:a1]``, or parts ``x[a, :, b0:b1]`` of a row longer than
+a block), makes a float32 copy of each 16-bit input block, computes on it
+and rounds the result once into the 16-bit ``out``. Reductions add each
+block's float64 per-channel sums; the statistics take two passes over the
+blocks (the mean, then the centred squares). A fused ReLU is one more ufunc
+pass here (``np.maximum``); its backward masks ``dy`` by ``y > 0`` with
+``y`` rebuilt by the forward's own arithmetic (:func:`_normalize_into`), so
+the mask is the forward's.
+
+Sizes and memory
+----------------
+Any array NumPy can hold: NumPy indexes with 64-bit ``intp`` and every
+count here (``M = A * B``, block bounds) is a Python int. Beyond the
+caller's arrays, the kernels allocate:
+
+* float32 and float64 storage: at most one temporary the size of ``x``
+  (``x - mean`` in :func:`stats`; the ReLU mask in the backward);
+* 16-bit storage: a few float32 blocks, about ``4 * BLOCK_ELEMENTS * 4``
+  bytes (64 MiB) in all, whatever the size of ``x``, so a 16-bit call fits
+  wherever its inputs and outputs fit;
+* the staged backward: its full-size intermediates, at most
+  ``STAGED_TEMPORARIES`` arrays of ``x``'s size in the compute dtype
+  (float32 for 16-bit storage, plus the float32 copies of ``x`` and
+  ``dy``). It raises ``MemoryError`` before allocating them when they do
+  not fit in the memory available (:mod:`fastbn.backends._memory`).
 """
 import numpy as np
 
-from . import _host
+from . import _host, _memory
+
+# Elements per block of the 16-bit path (64 MiB of float32 per working copy).
+BLOCK_ELEMENTS = 1 << 24
+# Full-size intermediates the staged backward holds at its peak: five at
+# step 3 (xmu, dxmu1, dsq, 2 * xmu, dxmu2), and the ReLU's masked dy.
+STAGED_TEMPORARIES = 6
 
 ON_DEVICE = False
 _REDUCE_AXES = (0, 2)
@@ -49,24 +77,46 @@ def _dot64(a, b):
     return np.einsum("acb,acb->c", a, b, dtype=np.float64)
 
 
+def _is16(array):
+    """Whether ``array`` has 16-bit storage (float16 or bfloat16)."""
+    return array.dtype.itemsize == 2
+
+
 def _compute(array):
     """16-bit storage as a float32 copy; float32 and float64 arrays as they are."""
-    return array.astype(np.float32) if array.dtype.itemsize == 2 else array
+    return array.astype(np.float32) if _is16(array) else array
 
 
-def _work_buffer(out):
-    """Where a kernel writes: ``out`` itself, or a float32 buffer for 16-bit ``out``."""
-    return np.empty(out.shape, dtype=np.float32) if out.dtype.itemsize == 2 else out
+def _blocks(shape):
+    """The blocks of the 16-bit path: index tuples into an ``(A, C, B)`` array.
 
+    Rows ``[a0:a1]`` of about ``BLOCK_ELEMENTS`` elements; when one row
+    ``(C, B)`` holds more, parts ``[a, :, b0:b1]`` of it (at least one
+    column ``b`` each). Every element is in exactly one block.
 
-def _store(work, out):
-    """Round ``work`` once into ``out`` (nothing to do when they are the same array)."""
-    if work is not out:
-        out[...] = work
+    Parameters
+    ----------
+    shape : (int, int, int)
+        ``(A, C, B)``.
+
+    Returns
+    -------
+    list of tuple of slice
+    """
+    A, C, B = shape
+    row = C * B
+    if row <= BLOCK_ELEMENTS:
+        rows = BLOCK_ELEMENTS // max(1, row)
+        return [(slice(a, min(A, a + rows)),) for a in range(0, A, rows)]
+    width = max(1, BLOCK_ELEMENTS // C)
+    return [(slice(a, a + 1), slice(None), slice(b, min(B, b + width)))
+            for a in range(A) for b in range(0, B, width)]
 
 
 def _center(x, mean, out):
-    """``out = x - mean`` with float64 accuracy; ``out`` has ``x.dtype``."""
+    """``out = x - mean`` with float64 accuracy; ``out`` has ``x.dtype`` (None: in place)."""
+    if out is None:
+        out = x
     if x.dtype == np.float64:
         np.subtract(x, _channel(mean, np.float64), out=out)
         return out
@@ -86,6 +136,20 @@ def _mean_var(x, centered):
     return mean, var
 
 
+def _stats_blocks(x):
+    """:func:`stats` of 16-bit ``x``, block by block: the mean, then the centred squares."""
+    count = x.shape[0] * x.shape[2]
+    sums = np.zeros(x.shape[1])
+    for index in _blocks(x.shape):
+        sums += _sum64(x[index].astype(np.float32))
+    mean = sums / count
+    squares = np.zeros(x.shape[1])
+    for index in _blocks(x.shape):
+        centered = _center(x[index].astype(np.float32), mean, None)
+        squares += _dot64(centered, centered)
+    return mean, squares / count
+
+
 def stats(x):
     """Per-channel mean and biased variance, two passes in float64.
 
@@ -97,17 +161,29 @@ def stats(x):
     -------
     mean, var : ndarray of float64, shape (C,)
     """
-    x = _compute(x)
+    if _is16(x):
+        return _stats_blocks(x)
     return _mean_var(x, np.empty_like(x))
+
+
+def _normalize_blocks(x, mean, invstd, gamma, beta, out, relu=False):
+    """:func:`normalize` of 16-bit ``x`` into 16-bit ``out``, block by block."""
+    for index in _blocks(x.shape):
+        work = x[index].astype(np.float32)
+        _normalize_into(work, mean, invstd, gamma, beta, work)
+        if relu:
+            np.maximum(work, 0, out=work)
+        out[index] = work
 
 
 def normalize(x, mean, invstd, gamma, beta, out, relu=False):
     """``out = (x - mean) * invstd * gamma + beta``, then ``max(out, 0)`` when ``relu``."""
-    work = _work_buffer(out)
-    _normalize_into(_compute(x), mean, invstd, gamma, beta, work)
+    if _is16(x):
+        _normalize_blocks(x, mean, invstd, gamma, beta, out, relu)
+        return
+    _normalize_into(x, mean, invstd, gamma, beta, out)
     if relu:
-        np.maximum(work, 0, out=work)
-    _store(work, out)
+        np.maximum(out, 0, out=out)
 
 
 def _normalize_into(x, mean, invstd, gamma, beta, out):
@@ -136,27 +212,35 @@ def _forward_fused(x, gamma, beta, eps, out):
     return mean, var
 
 
+def _forward_fused_blocks(x, gamma, beta, eps, out, relu=False):
+    """:func:`_forward_fused` of 16-bit ``x`` (with the ReLU), block by block."""
+    mean, var = _stats_blocks(x)
+    invstd = 1.0 / np.sqrt(var + eps)
+    _normalize_blocks(x, mean, invstd, gamma, beta, out, relu)
+    return mean, var
+
+
 def forward_train(x, gamma, beta, eps, out, running_mean=None, running_var=None, momentum=0.1,
                   relu=False):
     """Training forward; running statistics updated in place (see :mod:`fastbn.backends`)."""
-    work = _work_buffer(out)
-    mean, invstd = _host.forward_train(_forward_fused, _compute(x), gamma, beta, eps, work,
+    if _is16(x):
+        def fused(x, gamma, beta, eps, out):
+            return _forward_fused_blocks(x, gamma, beta, eps, out, relu)
+        return _host.forward_train(fused, x, gamma, beta, eps, out,
+                                   running_mean, running_var, momentum)
+    mean, invstd = _host.forward_train(_forward_fused, x, gamma, beta, eps, out,
                                        running_mean, running_var, momentum)
     if relu:
-        np.maximum(work, 0, out=work)
-    _store(work, out)
+        np.maximum(out, 0, out=out)
     return mean, invstd
 
 
 def forward_eval(x, gamma, beta, running_mean, running_var, eps, out, relu=False):
     """Evaluation forward with the running statistics."""
-    work = _work_buffer(out)
-    mean, invstd = _host.forward_eval(_normalize_into, _compute(x), gamma, beta,
-                                      running_mean, running_var, eps, work)
-    if relu:
-        np.maximum(work, 0, out=work)
-    _store(work, out)
-    return mean, invstd
+    def normalize_relu(x, mean, invstd, gamma, beta, out):
+        normalize(x, mean, invstd, gamma, beta, out, relu)
+    return _host.forward_eval(normalize_relu, x, gamma, beta, running_mean, running_var,
+                              eps, out)
 
 
 def _masked_dy(dy, x, mean, invstd, gamma, beta, relu):
@@ -174,6 +258,30 @@ def _masked_dy(dy, x, mean, invstd, gamma, beta, relu):
     return np.where(y > 0, dy, dy.dtype.type(0))
 
 
+def _reduce_blocks(dy, x, mean, invstd, gamma, beta, relu):
+    """:func:`backward_reduce` of 16-bit ``dy`` and ``x``, block by block."""
+    sum_dy = np.zeros(x.shape[1])
+    sum_dy_xmu = np.zeros(x.shape[1])
+    for index in _blocks(x.shape):
+        x_block = x[index].astype(np.float32)
+        dy_block = _masked_dy(dy[index], x_block, mean, invstd, gamma, beta, relu)
+        centered = _center(x_block, mean, None)
+        sum_dy += _sum64(dy_block)
+        sum_dy_xmu += _dot64(dy_block, centered)
+    return sum_dy, sum_dy_xmu * invstd
+
+
+def _elemt_blocks(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, out, beta, relu):
+    """:func:`backward_elemt` of 16-bit ``dy`` and ``x`` into 16-bit ``out``, block by block."""
+    count = x.shape[0] * x.shape[2]
+    for index in _blocks(x.shape):
+        x_block = x[index].astype(np.float32)
+        dy_block = _masked_dy(dy[index], x_block, mean, invstd, gamma, beta, relu)
+        work = _center(x_block, mean, None)
+        _elemt_from_centered(dy_block, invstd, gamma, sum_dy, sum_dy_xhat, count, work)
+        out[index] = work
+
+
 def backward_eval(dy, x, mean, invstd, gamma, out, beta=None, relu=False):
     """Evaluation backward ``dx = dy * gamma * invstd``, and the two sums.
 
@@ -185,13 +293,18 @@ def backward_eval(dy, x, mean, invstd, gamma, out, beta=None, relu=False):
     sum_dy, sum_dy_xhat : ndarray of float64, shape (C,)
         ``dbeta`` and ``dgamma``.
     """
-    x = _compute(x)
+    zeros = np.zeros_like(mean)
+    if _is16(x):
+        sums = _reduce_blocks(dy, x, mean, invstd, gamma, beta, relu)
+        for index in _blocks(x.shape):
+            x_block = x[index].astype(np.float32)
+            work = _masked_dy(dy[index], x_block, mean, invstd, gamma, beta, relu)
+            _normalize_into(work, zeros, invstd, gamma, zeros, work)
+            out[index] = work
+        return sums
     dy = _masked_dy(dy, x, mean, invstd, gamma, beta, relu)
     sum_dy, sum_dy_xhat = _reduce(dy, x, mean, invstd, np.empty_like(x))
-    zeros = np.zeros_like(mean)
-    work = _work_buffer(out)
-    _normalize_into(dy, zeros, invstd, gamma, zeros, work)
-    _store(work, out)
+    _normalize_into(dy, zeros, invstd, gamma, zeros, out)
     return sum_dy, sum_dy_xhat
 
 
@@ -201,7 +314,8 @@ def backward_reduce(dy, x, mean, invstd, gamma=None, beta=None, relu=False):
     ``sum(dy * xhat) = invstd * sum(dy * (x - mean))``. With ``relu``, ``dy``
     is masked first (``gamma`` and ``beta`` rebuild the forward's ``y``).
     """
-    x = _compute(x)
+    if _is16(x):
+        return _reduce_blocks(dy, x, mean, invstd, gamma, beta, relu)
     dy = _masked_dy(dy, x, mean, invstd, gamma, beta, relu)
     return _reduce(dy, x, mean, invstd, np.empty_like(x))
 
@@ -214,21 +328,20 @@ def _reduce(dy, x, mean, invstd, centered):
 
 def backward_elemt(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, out, beta=None, relu=False):
     """``out = gamma * invstd * (dy - sum_dy / M - xhat * sum_dy_xhat / M)``."""
-    x = _compute(x)
+    if _is16(x):
+        _elemt_blocks(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, out, beta, relu)
+        return
     dy = _masked_dy(dy, x, mean, invstd, gamma, beta, relu)
-    work = _work_buffer(out)
-    _center(x, mean, work)
-    _elemt_from_centered(dy, invstd, gamma, sum_dy, sum_dy_xhat, work)
-    _store(work, out)
+    _center(x, mean, out)
+    _elemt_from_centered(dy, invstd, gamma, sum_dy, sum_dy_xhat, x.shape[0] * x.shape[2], out)
 
 
-def _elemt_from_centered(dy, invstd, gamma, sum_dy, sum_dy_xhat, out):
+def _elemt_from_centered(dy, invstd, gamma, sum_dy, sum_dy_xhat, count, out):
     """:func:`backward_elemt` with ``out`` already holding ``x - mean``.
 
     ``dx = k * ((x - mean) * (-invstd * sum_dy_xhat / M) + dy - sum_dy / M)``
-    with ``k = gamma * invstd``, in place in ``out``.
+    with ``k = gamma * invstd`` and ``M = count``, in place in ``out``.
     """
-    count = out.shape[0] * out.shape[2]
     dtype = out.dtype
     np.multiply(out, _channel(-invstd * sum_dy_xhat / count, dtype), out=out)
     np.add(out, dy, out=out)
@@ -240,19 +353,21 @@ def backward_train(dy, x, mean, invstd, gamma, out, beta=None, relu=False):
     """Simplified backward: the reduction, then the elementwise pass.
 
     The output buffer holds ``x - mean`` between the two, so no temporary is
-    made (beyond the float32 copies of 16-bit inputs and the ReLU mask).
+    made (beyond the ReLU mask); 16-bit storage runs the two passes block
+    by block.
 
     Returns
     -------
     sum_dy, sum_dy_xhat : ndarray of float64, shape (C,)
         ``dbeta`` and ``dgamma``.
     """
-    x = _compute(x)
+    if _is16(x):
+        sum_dy, sum_dy_xhat = _reduce_blocks(dy, x, mean, invstd, gamma, beta, relu)
+        _elemt_blocks(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, out, beta, relu)
+        return sum_dy, sum_dy_xhat
     dy = _masked_dy(dy, x, mean, invstd, gamma, beta, relu)
-    work = _work_buffer(out)
-    sum_dy, sum_dy_xhat = _reduce(dy, x, mean, invstd, work)
-    _elemt_from_centered(dy, invstd, gamma, sum_dy, sum_dy_xhat, work)
-    _store(work, out)
+    sum_dy, sum_dy_xhat = _reduce(dy, x, mean, invstd, out)
+    _elemt_from_centered(dy, invstd, gamma, sum_dy, sum_dy_xhat, x.shape[0] * x.shape[2], out)
     return sum_dy, sum_dy_xhat
 
 
@@ -264,10 +379,20 @@ def backward_staged(dy, x, mean, invstd, gamma, eps, out, beta=None, relu=False)
     float64. See :mod:`fastbn.backends` for the stages. With ``relu`` the
     graph has one more node on top, ``relu = max(y, 0)``, walked back first.
 
+    Raises
+    ------
+    MemoryError
+        Before allocating anything, when the intermediates (see
+        ``STAGED_TEMPORARIES``) do not fit in the available memory.
+
     Returns
     -------
     dgamma, dbeta : ndarray of float64, shape (C,)
     """
+    compute_itemsize = 4 if _is16(x) else x.itemsize
+    full_size = x.size * compute_itemsize
+    copies = 2 if _is16(x) else 0   # float32 copies of 16-bit x and dy
+    _memory.require((STAGED_TEMPORARIES + copies) * full_size, "the staged backward")
     x, dy = _compute(x), _compute(dy)
     dtype = x.dtype
     count = x.shape[0] * x.shape[2]
@@ -276,6 +401,7 @@ def backward_staged(dy, x, mean, invstd, gamma, eps, out, beta=None, relu=False)
         y = np.empty_like(x)
         _normalize_into(x, mean, invstd, gamma, beta, y)
         dy = np.where(y > 0, dy, dtype.type(0))
+        del y
     # Rebuild the forward graph's full-size nodes.
     xmu = _center(x, mean, np.empty_like(x))
     xhat = xmu * _channel(invstd, dtype)
@@ -283,10 +409,12 @@ def backward_staged(dy, x, mean, invstd, gamma, eps, out, beta=None, relu=False)
     dbeta = _sum64(dy)
     # step 8: gammax = gamma * xhat
     dgamma = _sum64(dy * xhat)
+    del xhat
     dxhat = dy * _channel(gamma, dtype)
     # step 7: xhat = xmu * ivar
     divar = _sum64(dxhat * xmu)
     dxmu1 = dxhat * _channel(invstd, dtype)
+    del dxhat
     # step 6: ivar = 1 / sqrtvar, so d(ivar)/d(sqrtvar) = -1 / sqrtvar**2
     dsqrtvar = -invstd**2 * divar
     # step 5: sqrtvar = sqrt(var + eps)
@@ -295,11 +423,13 @@ def backward_staged(dy, x, mean, invstd, gamma, eps, out, beta=None, relu=False)
     dsq = np.broadcast_to(_channel(dvar / count, dtype), x.shape).copy()
     # step 3: sq = xmu**2
     dxmu2 = 2 * xmu * dsq
+    del xmu, dsq
     # step 2: xmu = x - mu
     dx1 = dxmu1 + dxmu2
     dmu = -_sum64(dx1)
     # steps 1 and 0: mu = mean(x); dx = dx1 + dx2
-    work = _work_buffer(out)
-    np.add(dx1, _channel(dmu / count, dtype), out=work)
-    _store(work, out)
+    if _is16(out):
+        out[...] = dx1 + _channel(dmu / count, dtype)
+    else:
+        np.add(dx1, _channel(dmu / count, dtype), out=out)
     return dgamma, dbeta
