@@ -1,0 +1,232 @@
+"""fastbn.torch: the custom op (opcheck, gradcheck, double backward), the
+zero-copy views, errors, module conversion and torch.compile (CUDA:
+tests/test_torch_cuda.py)."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import BACKENDS
+
+torch = pytest.importorskip("torch")
+import fastbn.torch  # noqa: E402
+
+CPU_BACKENDS = [name for name in BACKENDS if name != "cuda"]
+if not CPU_BACKENDS:
+    pytest.skip("no CPU backend selected (FASTBN_TEST_BACKENDS)", allow_module_level=True)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """PyTorch's intra-op threads spin against the backends' own on tiny tensors."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _inputs(shape=(4, 3, 5, 6), dtype=torch.float64, channels_last=False, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    channels = shape[1]
+    x = torch.randn(shape, generator=generator, dtype=torch.float64) * 2 + 1
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    weight = torch.rand(channels, generator=generator, dtype=torch.float64) + 0.5
+    bias = torch.randn(channels, generator=generator, dtype=torch.float64)
+    running_mean = torch.randn(channels, generator=generator, dtype=torch.float64)
+    running_var = torch.rand(channels, generator=generator, dtype=torch.float64) + 0.5
+    return [t.to(dtype) for t in (x, running_mean, running_var, weight, bias)]
+
+
+def test_import_fastbn_does_not_import_torch():
+    code = "import sys, fastbn, fastbn.nn; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_opcheck(backend, training, channels_last):
+    if backend == "cuda":
+        pytest.skip("CPU backends")
+    x, running_mean, running_var, weight, bias = _inputs(channels_last=channels_last)
+    args = (x.requires_grad_(), running_mean, running_var, weight.requires_grad_(),
+            bias.requires_grad_(), training, 0.1, 1e-5, "", backend)
+    result = torch.library.opcheck(torch.ops.fastbn.batch_norm.default, args)
+    assert all(value == "SUCCESS" for value in result.values()), result
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_gradcheck(backend, training, channels_last, activation):
+    if backend == "cuda":
+        pytest.skip("CPU backends")
+    x, running_mean, running_var, weight, bias = _inputs((3, 2, 3, 2), channels_last=channels_last)
+
+    def function(x, weight, bias):
+        # fresh running statistics each call: gradcheck calls it many times
+        return fastbn.torch.batch_norm(x, running_mean.clone(), running_var.clone(), weight,
+                                       bias, training=training, backend=backend,
+                                       activation=activation)
+
+    inputs = (x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_())
+    assert torch.autograd.gradcheck(function, inputs, eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "channels_last_3d",
+                                    "strided"])
+def test_matches_functional_batch_norm(backend, training, layout):
+    """Output (and its layout), gradients and running statistics equal
+    torch.nn.functional.batch_norm's, float64, to 1e-12."""
+    shape = (4, 3, 2, 5, 6) if layout == "channels_last_3d" else (4, 3, 5, 6)
+    x, running_mean, running_var, weight, bias = _inputs(shape)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    elif layout == "channels_last_3d":
+        x = x.to(memory_format=torch.channels_last_3d)
+    elif layout == "strided":
+        x = x[:, :, ::2]
+    results = []
+    for function in (torch.nn.functional.batch_norm, fastbn.torch.batch_norm):
+        kwargs = {"backend": backend} if function is fastbn.torch.batch_norm else {}
+        xs, ws, bs = (t.detach().clone().requires_grad_() for t in (x, weight, bias))
+        stats = [running_mean.clone(), running_var.clone()]
+        out = function(xs, *stats, ws, bs, training=training, momentum=0.3, eps=1e-4, **kwargs)
+        out.backward(torch.cos(torch.arange(out.numel(), dtype=out.dtype)).reshape(out.shape))
+        results.append((out, xs.grad, ws.grad, bs.grad, *stats))
+    for got, expected in zip(results[1], results[0]):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    if layout in ("contiguous", "channels_last", "channels_last_3d"):
+        assert results[1][0].stride() == x.stride()
+
+
+def test_cpu_tensors_reach_the_kernels_as_views(monkeypatch):
+    """Contiguous and channels-last tensors, float16 and bfloat16 included,
+    are passed as NumPy views of their own memory, and the output is written
+    in place; a strided tensor is copied once."""
+    seen = []
+    forward = fastbn.torch.batchnorm_forward
+
+    def spy(x, *args, out=None, **kwargs):
+        seen.append((x.__array_interface__["data"][0], out.__array_interface__["data"][0],
+                     kwargs["axis"], x.dtype.name))
+        return forward(x, *args, out=out, **kwargs)
+
+    monkeypatch.setattr(fastbn.torch, "batchnorm_forward", spy)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for channels_last in (False, True):
+            x, running_mean, running_var, weight, bias = _inputs(dtype=dtype,
+                                                                 channels_last=channels_last)
+            out = fastbn.torch.batch_norm(x, running_mean, running_var, weight, bias,
+                                          training=True)
+            x_address, out_address, axis, name = seen.pop()
+            assert x_address == x.data_ptr() and out_address == out.data_ptr()
+            assert axis == (-1 if channels_last else 1)
+            assert name == str(dtype).replace("torch.", "")
+            assert out.is_contiguous(memory_format=torch.channels_last if channels_last
+                                     else torch.contiguous_format)
+    x = _inputs()[0][:, :, ::2]
+    fastbn.torch.batch_norm(x, None, None, training=True)
+    assert seen.pop()[0] != x.data_ptr()
+
+
+def test_errors():
+    x, running_mean, running_var, weight, bias = _inputs()
+    with pytest.raises(ValueError, match="eps must be positive during training"):
+        fastbn.torch.batch_norm(x, running_mean, running_var, training=True, eps=0.0)
+    with pytest.raises(ValueError, match="eps must be non-negative"):
+        fastbn.torch.batch_norm(x, running_mean, running_var, training=False, eps=-1.0)
+    fastbn.torch.batch_norm(x, running_mean, running_var, training=False, eps=0.0)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        fastbn.torch.batch_norm(x[:1, :, :1, :1], None, None, training=True)
+    with pytest.raises(ValueError, match="running_mean and running_var"):
+        fastbn.torch.batch_norm(x, None, None, training=False)
+    with pytest.raises(TypeError, match="int64"):
+        fastbn.torch.batch_norm(x.long(), None, None, training=True)
+    with pytest.raises(ValueError, match="activation"):
+        fastbn.torch.batch_norm(x, None, None, training=True, activation="gelu")
+    with pytest.raises(ValueError, match="unknown backend"):
+        fastbn.torch.BatchNorm2d(3, backend="nope")
+
+
+def test_double_backward_raises_a_clear_error():
+    x, running_mean, running_var, weight, bias = _inputs()
+    x.requires_grad_()
+    out = fastbn.torch.batch_norm(x, running_mean, running_var, weight, bias, training=True)
+    (grad,) = torch.autograd.grad((out ** 2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="no double backward"):
+        grad.sum().backward()
+
+
+def _small_cnn():
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8),
+        torch.nn.ReLU(inplace=True), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+        torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 4))
+
+
+@pytest.mark.parametrize("fuse_relu", [False, True])
+def test_convert_and_revert(backend, fuse_relu):
+    """Converted: same objects, state and repr (bar the fused activation),
+    same results as stock PyTorch in float64; reverted: stock modules again."""
+    torch.manual_seed(0)
+    stock = _small_cnn().double()
+    model = _small_cnn().double()
+    model.load_state_dict(stock.state_dict())
+    parameters = list(model.parameters())
+    assert fastbn.torch.convert_batchnorm(model, backend=backend, fuse_relu=fuse_relu) is model
+    assert list(model.parameters()) == parameters
+    assert isinstance(model[1], fastbn.torch.BatchNorm2d) and isinstance(model[8],
+                                                                         torch.nn.BatchNorm1d)
+    assert type(model[2]) is (fastbn.torch.FusedReLU if fuse_relu else torch.nn.ReLU)
+    assert (model[4].activation == "relu") == fuse_relu
+    x = torch.randn(5, 3, 6, 6, dtype=torch.float64)
+    for training in (True, False):
+        stock.train(training)
+        model.train(training)
+        outputs = [net(x) for net in (stock, model)]
+        for out in outputs:
+            out.square().sum().backward()
+        torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-10, atol=1e-10)
+        for (name, a), (_, b) in zip(model.named_parameters(), stock.named_parameters()):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-10, msg=name)
+    for key, value in stock.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=1e-10, atol=1e-10)
+    assert fastbn.torch.revert_batchnorm(model) is model
+    assert [type(m) for m in model.modules()] == [type(m) for m in stock.modules()]
+    assert repr(model) == repr(stock)
+    assert not hasattr(model[1], "backend")
+
+
+def test_compile_fullgraph_matches_eager():
+    """A small CNN on fastbn modules compiles with no graph break (fullgraph)
+    and gives eager's results, float64: outputs, gradients, running statistics."""
+    torch.manual_seed(1)
+    eager = fastbn.torch.convert_batchnorm(_small_cnn().double(), fuse_relu=True)
+    compiled_model = fastbn.torch.convert_batchnorm(_small_cnn().double(), fuse_relu=True)
+    compiled_model.load_state_dict(eager.state_dict())
+    explanation = torch._dynamo.explain(compiled_model)(torch.randn(2, 3, 6, 6,
+                                                                    dtype=torch.float64))
+    assert explanation.graph_break_count == 0
+    compiled_model.load_state_dict(eager.state_dict())
+    compiled = torch.compile(compiled_model, fullgraph=True)
+    for step in range(2):
+        x = torch.randn(6, 3, 8, 8, dtype=torch.float64)
+        results = []
+        for model in (eager, compiled):
+            out = model(x)
+            out.square().sum().backward()
+            results.append(out)
+        torch.testing.assert_close(results[1], results[0], rtol=1e-10, atol=1e-10)
+    for (name, a), (_, b) in zip(compiled_model.named_parameters(), eager.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-10, msg=name)
+    for key, value in eager.state_dict().items():
+        torch.testing.assert_close(compiled_model.state_dict()[key], value, rtol=1e-10,
+                                   atol=1e-10, msg=key)
+    assert int(compiled_model[1].num_batches_tracked) == 2
+    assert not torch.equal(compiled_model[1].running_mean, torch.zeros(8, dtype=torch.float64))
