@@ -1,0 +1,120 @@
+"""convert_batchnorm / revert_batchnorm on torchvision's ResNet-18 (random
+init, nothing downloaded): the state survives bitwise, and the converted
+model's forward and backward equal the stock model's in float64."""
+import copy
+import importlib.util
+import os
+import warnings
+
+import pytest
+
+from conftest import BACKENDS
+
+torch = pytest.importorskip("torch")
+import fastbn.torch  # noqa: E402
+
+CPU_BACKENDS = [name for name in BACKENDS if name != "cuda"]
+if not CPU_BACKENDS:
+    pytest.skip("no CPU backend selected (FASTBN_TEST_BACKENDS)", allow_module_level=True)
+
+
+def _import_torchvision():
+    """torchvision, importable beside the CPU build of torch.
+
+    PyPI's torchvision wheels are built against CUDA torch: their compiled
+    operators (``torchvision/_C.so``) need ``libtorch_cuda.so`` and do not
+    load beside a CPU torch, and torchvision's import then fails registering
+    fake kernels for ``torchvision::nms``/``qnms``, which the library would
+    have defined ("operator torchvision::nms does not exist"). The models
+    are plain Python and need none of those operators, so when the library
+    cannot load, the two operators' schemas are defined here (with no
+    kernel) and torchvision imports.
+    """
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None:
+        pytest.skip("torchvision is not installed (pip install '.[torchvision]')")
+    library = os.path.join(spec.submodule_search_locations[0], "_C.so")
+    try:
+        torch.ops.load_library(library)
+    except (OSError, RuntimeError):
+        if not hasattr(_import_torchvision, "schemas"):
+            schemas = torch.library.Library("torchvision", "DEF")
+            schemas.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+            schemas.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+            _import_torchvision.schemas = schemas   # kept alive with the process
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # "Failed to load image Python extension", ...
+        import torchvision
+    return torchvision
+
+
+@pytest.fixture(scope="module")
+def resnet18():
+    torchvision = _import_torchvision()
+    torch.manual_seed(18)
+    model = torchvision.models.resnet18(num_classes=10).double()
+    # non-trivial batch-norm state, as after some training
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_()
+                module.running_mean.normal_()
+                module.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_convert_then_revert_keeps_the_state_bitwise(resnet18):
+    model = copy.deepcopy(resnet18)
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    fastbn.torch.convert_batchnorm(model, fuse_relu=True)
+    converted = [m for m in model.modules() if isinstance(m, fastbn.torch.BatchNorm2d)]
+    assert len(converted) == 20   # every BatchNorm2d of ResNet-18
+    assert list(model.state_dict()) == list(before)
+    fastbn.torch.revert_batchnorm(model)
+    assert not any(isinstance(m, fastbn.torch.BatchNorm2d) for m in model.modules())
+    assert repr(model) == repr(resnet18)
+    after = model.state_dict()
+    assert list(after) == list(before)
+    for key, value in before.items():
+        assert after[key].dtype == value.dtype and torch.equal(after[key], value), key
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_converted_forward_and_backward_equal_the_original(resnet18, backend):
+    """Training step (outputs, every parameter's gradient, running statistics,
+    counters) and evaluation forward, float64, to 1e-10 of each array's scale."""
+    stock = copy.deepcopy(resnet18)
+    model = fastbn.torch.convert_batchnorm(copy.deepcopy(resnet18), backend=backend)
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 3, 32, 32, generator=generator, dtype=torch.float64)
+    target = torch.randint(0, 10, (4,), generator=generator)
+
+    def close(a, b, what):
+        a, b = a.detach(), b.detach()
+        scale = max(1.0, float(b.abs().max())) if b.numel() else 1.0
+        assert float((a - b).abs().max()) <= 1e-10 * scale, what
+
+    outputs = []
+    for net in (stock, model):
+        net.train()
+        out = net(x)
+        torch.nn.functional.cross_entropy(out, target).backward()
+        outputs.append(out)
+    close(outputs[1], outputs[0], "training output")
+    for (name, a), (_, b) in zip(model.named_parameters(), stock.named_parameters()):
+        close(a.grad, b.grad, f"grad of {name}")
+    for (name, a), (_, b) in zip(model.state_dict().items(), stock.state_dict().items()):
+        close(a.double(), b.double(), name)
+    for net in (stock, model):
+        net.eval()
+    with torch.no_grad():
+        close(model(x), stock(x), "evaluation output")
