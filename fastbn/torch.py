@@ -50,8 +50,8 @@ from . import api, registry
 from .api import batchnorm_backward, batchnorm_forward
 from .cache import BatchNormCache
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "batch_norm",
-           "convert_batchnorm", "revert_batchnorm"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "FusedReLU", "batch_norm",
+           "convert_batchnorm", "fuse_batchnorm_relu", "revert_batchnorm"]
 
 # NumPy can view these tensor dtypes without a copy (bfloat16 through its bits).
 _KERNEL_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -516,7 +516,8 @@ def convert_batchnorm(module, backend=None, *, fuse_relu=False):
         ``torch.nn.Sequential``, compute the ReLU in the batch norm's pass
         (``activation="relu"``) and put a :class:`FusedReLU` (an identity)
         in the ReLU's place. ReLUs called from a ``forward`` method (as in
-        torchvision's ResNet blocks) are not seen, and stay.
+        torchvision's ResNet blocks) are not seen, and stay: see
+        :func:`fuse_batchnorm_relu` for those.
 
     Returns
     -------
@@ -558,3 +559,56 @@ def revert_batchnorm(module):
             if type(child) is FusedReLU:
                 setattr(submodule, name, torch.nn.ReLU(child.inplace))
     return module
+
+
+def fuse_batchnorm_relu(module):
+    """A traced copy of a converted model with each batch norm whose output
+    goes only to a ``torch.nn.ReLU`` computing that ReLU itself.
+
+    ``torch.fx.symbolic_trace`` records the model's ``forward`` as a graph;
+    where a fastbn batch norm (called once in the graph) feeds a ReLU module
+    and nothing else, the batch norm gets ``activation="relu"`` and the
+    ReLU node is removed. This reaches the ReLUs that ``forward`` methods
+    call, as in torchvision's ResNets (where :func:`convert_batchnorm`'s
+    ``fuse_relu`` sees none).
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        A model after :func:`convert_batchnorm`, traceable by ``torch.fx``.
+
+    Returns
+    -------
+    torch.fx.GraphModule
+        The fused model. It shares its parameters, buffers and submodules
+        with ``module``; the fused batch norms also apply their ReLU when
+        ``module`` itself is called, which changes none of its results (a
+        ReLU after a ReLU is the identity).
+    """
+    import torch.fx
+
+    class Tracer(torch.fx.Tracer):
+        def is_leaf_module(self, submodule, qualified_name):
+            return (type(submodule) in _TO_TORCH
+                    or super().is_leaf_module(submodule, qualified_name))
+
+    traced = torch.fx.GraphModule(module, Tracer().trace(module))
+    submodules = dict(traced.named_modules())
+    calls = {}
+    for node in traced.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    for node in list(traced.graph.nodes):
+        if node.op != "call_module" or type(submodules[node.target]) is not torch.nn.ReLU:
+            continue
+        source = node.args[0]
+        if not (isinstance(source, torch.fx.Node) and source.op == "call_module"):
+            continue
+        norm = submodules[source.target]
+        if (type(norm) in _TO_TORCH and norm.activation is None and calls[source.target] == 1
+                and len(source.users) == 1):
+            norm.activation = "relu"
+            node.replace_all_uses_with(source)
+            traced.graph.erase_node(node)
+    traced.recompile()
+    return traced

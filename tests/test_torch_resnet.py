@@ -118,3 +118,22 @@ def test_converted_forward_and_backward_equal_the_original(resnet18, backend):
         net.eval()
     with torch.no_grad():
         close(model(x), stock(x), "evaluation output")
+
+
+def test_fuse_batchnorm_relu_on_resnet18(resnet18):
+    """The traced, fused ResNet-18 (stem and each block's first batch norm
+    carry the ReLU) gives the stock model's training step, float64."""
+    stock = copy.deepcopy(resnet18)
+    model = fastbn.torch.convert_batchnorm(copy.deepcopy(resnet18))
+    fused = fastbn.torch.fuse_batchnorm_relu(model)
+    carriers = [m for m in fused.modules()
+                if isinstance(m, fastbn.torch.BatchNorm2d) and m.activation == "relu"]
+    assert len(carriers) == 1 + 8   # the stem's bn1 and each BasicBlock's bn1
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(4),
+                    dtype=torch.float64)
+    outputs = [net(x) for net in (stock, fused)]
+    for out in outputs:
+        out.square().sum().backward()
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-10, atol=1e-10)
+    for (name, a), (_, b) in zip(model.named_parameters(), stock.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-10, msg=name)
