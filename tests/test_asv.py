@@ -105,9 +105,9 @@ def test_params_and_units(name_cls):
 
 
 # Processes of `asv run --python=same --quick` in the default profile: one
-# per benchmark and parameter set, 16 x 16 = 256; the time measured on a
+# per benchmark and parameter set, 16 x 8 = 128; the time measured on a
 # 2-core machine is in benchmarks/README.md, and the bar is 10 minutes.
-DEFAULT_GRID_LIMIT = 256
+DEFAULT_GRID_LIMIT = 128
 
 
 def test_default_grid_stays_small(monkeypatch):
