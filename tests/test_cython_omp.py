@@ -84,6 +84,27 @@ def assert_close(actual, expected, rtol, atol):
                                rtol=rtol, atol=atol)
 
 
+# The shapes below were sized for these cache-dependent block sizes (a
+# fused row block within 1 MiB, the channel path fused from 16 MiB). The
+# extension sets its own from this machine's caches at import; the tests pin
+# these, so that each shape takes the path its comment names on any CPU.
+PINNED_TUNING = {"row_fuse_bytes": 1024 * 1024, "fuse_min_bytes": 16 * 1024 * 1024}
+
+
+@pytest.fixture(autouse=True)
+def pinned_cache_tuning():
+    if not AVAILABLE:
+        yield
+        return
+    ext = cython_omp._ext
+    chosen = ext.cache_tuning()
+    ext.set_cache_tuning(**PINNED_TUNING)
+    try:
+        yield
+    finally:
+        ext.set_cache_tuning(**chosen)
+
+
 # Shapes covering both loop shapes, fused and split channel paths, chunked
 # channels, column blocks and the single-thread fallback for tiny arrays.
 SHAPES = {

@@ -319,6 +319,46 @@ cdef enum:
 
 OPENMP_ENABLED = bool(FASTBN_OPENMP_ENABLED)
 
+# The widest float vectors the compiler was allowed to use (-march=native or not).
+cdef extern from *:
+    """
+    #if defined(__AVX512F__)
+    #define FASTBN_VECTOR_BYTES 64
+    #elif defined(__AVX__)
+    #define FASTBN_VECTOR_BYTES 32
+    #else
+    #define FASTBN_VECTOR_BYTES 16
+    #endif
+    """
+    int FASTBN_VECTOR_BYTES
+VECTOR_BYTES = FASTBN_VECTOR_BYTES
+
+
+def set_cache_tuning(Py_ssize_t row_fuse_bytes, Py_ssize_t fuse_min_bytes):
+    """Set the block sizes that follow the caches (once, at import).
+
+    :mod:`fastbn.backends.cython_omp` calls it with sizes derived from
+    :func:`fastbn.machine.cache_sizes`. They choose between kernels of the
+    same arithmetic per channel, so they change speed, never results.
+
+    Parameters
+    ----------
+    row_fuse_bytes : int
+        Row path: a fused block of channels (all rows) fits in this many bytes.
+    fuse_min_bytes : int
+        Channel path: arrays of at least this many bytes run fused.
+    """
+    global ROW_FUSE_BYTES, FUSE_MIN_BYTES
+    if row_fuse_bytes < 1 or fuse_min_bytes < 0:
+        raise ValueError("row_fuse_bytes must be positive and fuse_min_bytes non-negative")
+    ROW_FUSE_BYTES = row_fuse_bytes
+    FUSE_MIN_BYTES = fuse_min_bytes
+
+
+def cache_tuning():
+    """The block sizes in use: ``{"row_fuse_bytes": ..., "fuse_min_bytes": ...}``."""
+    return {"row_fuse_bytes": ROW_FUSE_BYTES, "fuse_min_bytes": FUSE_MIN_BYTES}
+
 
 def max_threads():
     """Threads a kernel started now would use (``omp_get_max_threads()``).
