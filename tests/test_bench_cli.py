@@ -181,6 +181,7 @@ def test_bad_options(argv, capsys):
 
 
 def test_every_suite_is_registered():
-    assert set(suites.SUITES) == {"default", "small", "half-relu", "threads", "mpi", "cuda"}
+    assert set(suites.SUITES) == {"default", "small", "half-relu", "threads", "mpi", "cuda",
+                                  "torch-model"}
     with pytest.raises(ValueError, match="unknown suite"):
         suites.run("nosuch", suites.Options())

@@ -2,9 +2,6 @@
 init, nothing downloaded): the state survives bitwise, and the converted
 model's forward and backward equal the stock model's in float64."""
 import copy
-import importlib.util
-import os
-import warnings
 
 import pytest
 
@@ -19,33 +16,12 @@ if not CPU_BACKENDS:
 
 
 def _import_torchvision():
-    """torchvision, importable beside the CPU build of torch.
-
-    PyPI's torchvision wheels are built against CUDA torch: their compiled
-    operators (``torchvision/_C.so``) need ``libtorch_cuda.so`` and do not
-    load beside a CPU torch, and torchvision's import then fails registering
-    fake kernels for ``torchvision::nms``/``qnms``, which the library would
-    have defined ("operator torchvision::nms does not exist"). The models
-    are plain Python and need none of those operators, so when the library
-    cannot load, the two operators' schemas are defined here (with no
-    kernel) and torchvision imports.
-    """
-    spec = importlib.util.find_spec("torchvision")
-    if spec is None:
-        pytest.skip("torchvision is not installed (pip install '.[torchvision]')")
-    library = os.path.join(spec.submodule_search_locations[0], "_C.so")
+    """torchvision beside the CPU build of torch (see the suite's helper), or a skip."""
+    from fastbn.bench.suites.torch_model import import_torchvision
     try:
-        torch.ops.load_library(library)
-    except (OSError, RuntimeError):
-        if not hasattr(_import_torchvision, "schemas"):
-            schemas = torch.library.Library("torchvision", "DEF")
-            schemas.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-            schemas.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-            _import_torchvision.schemas = schemas   # kept alive with the process
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")   # "Failed to load image Python extension", ...
-        import torchvision
-    return torchvision
+        return import_torchvision()
+    except ImportError as exc:
+        pytest.skip(str(exc))
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ SUITES = {
     "threads": ("threads", "thread scaling of every CPU backend and PyTorch"),
     "mpi": ("mpi", "synchronized batch norm over MPI: bytes and time per step"),
     "cuda": ("cuda", "the cuda backend vs PyTorch CUDA"),
+    "torch-model": ("torch_model", "torchvision ResNets on the CPU: stock vs fastbn batch norm"),
 }
 
 

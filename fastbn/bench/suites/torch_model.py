@@ -1,0 +1,240 @@
+"""torchvision ResNets on the CPU, stock batch norm vs fastbn (``--suite torch-model``).
+
+For each model (ResNet-18, ResNet-50; random weights, nothing downloaded),
+input size (224x224, 112x112; batch 32) and storage (float32, bfloat16),
+three versions of the same model are timed in interleaved rounds:
+
+- ``torch``: stock PyTorch batch norm;
+- ``fastbn``: after :func:`fastbn.torch.convert_batchnorm`;
+- ``fastbn+relu``: also :func:`fastbn.torch.fuse_batchnorm_relu` (the stem's
+  and each block's first batch norm compute the ReLU that follows them).
+
+Each is timed on a training step (forward, cross-entropy, backward, SGD
+step) and on an evaluation forward; the figures are medians of the rounds.
+One more training step of each, under ``torch.profiler``, gives the time
+spent in batch norm (the forward op and its backward node, inclusive) and
+its share of that step.
+
+Bars (ResNet-50, batch 32, 224x224, float32 training step): the converted
+model saves at least the batch-norm time that fastbn saves (no cost added
+elsewhere), and batch norm's own time is at least 2x lower.
+"""
+import copy
+import importlib.util
+import os
+import time
+import warnings
+
+from .. import timing
+from ..kernels import Threads
+from ..report import Report, cell
+from . import progress
+
+MODELS = ["resnet18", "resnet50"]
+SIZES = [224, 112]
+BATCH = 32
+DTYPES = ["float32", "bfloat16"]
+VARIANTS = ["torch", "fastbn", "fastbn+relu"]
+THREADS = 2
+BN_BAR = 2.0
+BUDGET_SECONDS = 240.0
+CLASSES = 1000
+# Profiler events that hold a whole batch-norm call (inclusive times)
+BN_EVENTS = {"torch": ("aten::batch_norm", "NativeBatchNormBackward0"),
+             "fastbn": ("fastbn::batch_norm",
+                        "GeneratedBackwardFor_fastbn_batch_norm_defaultBackward")}
+
+
+def import_torchvision():
+    """torchvision, importable beside the CPU build of torch.
+
+    PyPI's torchvision wheels are built against CUDA torch: their compiled
+    operators (``torchvision/_C.so``) need ``libtorch_cuda.so`` and do not
+    load beside a CPU torch, and the import then fails registering fake
+    kernels for ``torchvision::nms`` and ``qnms`` ("operator torchvision::nms
+    does not exist"). The models are plain Python and use none of those
+    operators: when the library cannot load, the two operators' schemas are
+    defined here (with no kernel) and torchvision imports.
+
+    Raises
+    ------
+    ImportError
+        torchvision is not installed (``pip install "fastbn[torchvision]"``).
+    """
+    import torch
+
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None:
+        raise ImportError('torchvision is not installed: pip install "fastbn[torchvision]"')
+    library = os.path.join(spec.submodule_search_locations[0], "_C.so")
+    try:
+        torch.ops.load_library(library)
+    except (OSError, RuntimeError):
+        if not hasattr(import_torchvision, "schemas"):
+            schemas = torch.library.Library("torchvision", "DEF")
+            schemas.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+            schemas.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+            import_torchvision.schemas = schemas   # kept alive with the process
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # "Failed to load image Python extension", ...
+        import torchvision
+    return torchvision
+
+
+def _models(torchvision, name, dtype, backend):
+    """The three versions of one randomly initialized model, same weights."""
+    import torch
+
+    import fastbn.torch
+
+    torch.manual_seed(0)
+    stock = getattr(torchvision.models, name)(num_classes=CLASSES).to(dtype)
+    converted = fastbn.torch.convert_batchnorm(copy.deepcopy(stock), backend=backend)
+    fused = fastbn.torch.fuse_batchnorm_relu(
+        fastbn.torch.convert_batchnorm(copy.deepcopy(stock), backend=backend))
+    return {"torch": stock, "fastbn": converted, "fastbn+relu": fused}
+
+
+def _train_step(model, x, target):
+    import torch
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+
+    def step():
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(model(x).float(), target)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def _eval_forward(model, x):
+    import torch
+
+    def forward():
+        model.eval()
+        with torch.no_grad():
+            model(x)
+    return forward
+
+
+def _profiled_bn(step, variant):
+    """(seconds of one profiled training step, seconds in batch norm within it)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    names = BN_EVENTS["torch" if variant == "torch" else "fastbn"]
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        start = time.perf_counter()
+        step()
+        seconds = time.perf_counter() - start
+    in_bn = sum(event.cpu_time_total for event in profiler.key_averages()
+                if event.key in names) * 1e-6
+    return seconds, in_bn
+
+
+def _ms(t):
+    return "-" if t is None or t.median is None else f"{t.median * 1e3:.0f} ({t.best * 1e3:.0f})"
+
+
+def run(options):
+    """Time the models; return the report."""
+    try:
+        import torch
+    except ImportError as exc:
+        raise RuntimeError('the torch-model suite needs torch: pip install "fastbn[torch]"') \
+            from exc
+    try:
+        torchvision = import_torchvision()
+    except ImportError as exc:
+        raise RuntimeError(str(exc)) from exc
+    import fastbn
+
+    models = options.pick(MODELS, MODELS, ["resnet18"])
+    sizes = options.pick(SIZES, [112], [32])
+    batch = options.pick(BATCH, BATCH, 4)
+    dtypes = options.dtypes or options.pick(DTYPES, ["float32"], ["float32"])
+    rounds = options.rounds or options.pick(5, 3, 2)
+    threads = (options.threads or [THREADS])[0]
+    backend = (options.backends or [None])[0]
+    if backend == "torch":
+        raise ValueError("--backends names the fastbn backend of the converted models")
+    backend_name = backend or fastbn.registry.default_backend()
+
+    report = Report("fastbn inside PyTorch models: torchvision ResNets on the CPU",
+                    options.command)
+    report.add_fact(f"batch {batch}; threads: {threads} (PyTorch, numba, OpenMP); fastbn "
+                    f"backend: {backend_name}; OMP_WAIT_POLICY: "
+                    f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}")
+    rows = []
+    with Threads(threads, use_torch=True):
+        for name in models:
+            for dtype_name in dtypes:
+                dtype = getattr(torch, dtype_name)
+                versions = _models(torchvision, name, dtype, backend)
+                carriers = sum(1 for m in versions["fastbn+relu"].modules()
+                               if getattr(m, "activation", None) == "relu")
+                norms = sum(1 for m in versions["fastbn"].modules()
+                            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
+                report.add_fact(f"{name}: {norms} batch norms, {carriers} of them fused with "
+                                f"the ReLU after them in fastbn+relu")
+                for size in sizes:
+                    generator = torch.Generator().manual_seed(size)
+                    x = torch.randn(batch, 3, size, size, generator=generator).to(dtype)
+                    target = torch.randint(0, CLASSES, (batch,), generator=generator)
+                    steps = {v: _train_step(versions[v], x, target) for v in VARIANTS}
+                    kernels = {f"{v} train": steps[v] for v in VARIANTS}
+                    kernels.update({f"{v} eval": _eval_forward(versions[v], x)
+                                    for v in VARIANTS})
+                    progress(options, f"torch-model {name} {size}x{size} {dtype_name}")
+                    got = timing.interleaved(kernels, rounds, min_seconds=0.0,
+                                             budget_seconds=BUDGET_SECONDS)
+                    report.add_warnings(got.warnings(f"{name} {size} {dtype_name}"))
+                    profiled = {v: _profiled_bn(steps[v], v) for v in VARIANTS}
+                    stock_step, stock_bn = profiled["torch"]
+                    for variant in VARIANTS:
+                        step_seconds, bn_seconds = profiled[variant]
+                        train_speedup = got.ratio("torch train", f"{variant} train", "median")
+                        eval_speedup = got.ratio("torch eval", f"{variant} eval", "median")
+                        bn_speedup = stock_bn / bn_seconds if bn_seconds > 0 else None
+                        rows.append([
+                            name, f"{size}x{size}", dtype_name, variant,
+                            _ms(got[f"{variant} train"]), cell(train_speedup, 2, "x"),
+                            _ms(got[f"{variant} eval"]), cell(eval_speedup, 2, "x"),
+                            f"{bn_seconds * 1e3:.1f}", cell(100 * bn_seconds / step_seconds, 1,
+                                                             "%"),
+                            cell(bn_speedup, 2, "x"), str(got.rounds)])
+                        report.data[f"{name} {size} {dtype_name} {variant}"] = {
+                            "train_median_s": got[f"{variant} train"].median,
+                            "eval_median_s": got[f"{variant} eval"].median,
+                            "profiled_step_s": step_seconds, "profiled_bn_s": bn_seconds}
+                        if (name, size, dtype_name, variant) == ("resnet50", 224, "float32",
+                                                                 "fastbn"):
+                            stock_median = got["torch train"].median
+                            saved_end_to_end = stock_median - got["fastbn train"].median
+                            saved_in_bn = (stock_bn - bn_seconds) * stock_median / stock_step
+                            report.add_bar(
+                                "ResNet-50 224x224 float32 training step: time saved end to "
+                                "end >= batch-norm time saved",
+                                saved_end_to_end >= saved_in_bn,
+                                f"saved {100 * saved_end_to_end / stock_median:.1f}% of the "
+                                f"step end to end; batch norm's saving is "
+                                f"{100 * saved_in_bn / stock_median:.1f}% of it")
+                            report.add_bar(f"ResNet-50 224x224 float32: batch norm's own time "
+                                           f">= {BN_BAR}x lower",
+                                           bn_speedup is not None and bn_speedup >= BN_BAR,
+                                           f"{cell(bn_speedup, 2)}x")
+    report.add_table(
+        "Training step and evaluation forward",
+        ["model", "input", "dtype", "batch norm", "train ms median (best)", "train vs torch",
+         "eval ms median (best)", "eval vs torch", "BN ms in step", "BN share of step",
+         "BN vs torch", "r"],
+        rows,
+        "Training step: forward, cross-entropy, backward, SGD step (momentum 0.9). "
+        "Evaluation: forward under `torch.no_grad()`. *vs torch*: the stock model's median "
+        "/ this median (> 1: faster). *BN ms in step*, *BN share*: from one more training "
+        "step under `torch.profiler` (batch-norm forward ops and backward nodes, inclusive; "
+        "the profiler slows the step down a little); *BN vs torch*: stock batch-norm time / "
+        "this one. bfloat16: weights, activations and running statistics in bfloat16. "
+        "*r*: interleaved rounds.")
+    return report

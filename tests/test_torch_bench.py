@@ -1,0 +1,31 @@
+"""`fastbn bench --suite torch-model` in its tiny profile: it runs, and its
+report holds the three versions of the model with their figures."""
+import pytest
+
+from fastbn import machine
+from fastbn.__main__ import main
+from fastbn.bench import report
+
+torch = pytest.importorskip("torch")
+
+
+def test_torch_model_suite_tiny(tmp_path, capsys):
+    from fastbn.bench.suites.torch_model import import_torchvision
+    try:
+        import_torchvision()
+    except ImportError as exc:
+        pytest.skip(str(exc))
+    path = tmp_path / "torch_models.md"
+    status = main(["bench", "--suite", "torch-model", "--profile", "tiny", "--no-progress",
+                   "--backends", "numpy", "--threads", "1", "--report", str(path)])
+    capsys.readouterr()
+    assert status == 0
+    text = path.read_text()
+    assert "Made by `fastbn bench --suite torch-model --profile tiny" in text
+    assert machine.summary() in text
+    rows = report.parse_tables(text)["Training step and evaluation forward"]
+    assert [row["batch norm"] for row in rows] == ["torch", "fastbn", "fastbn+relu"]
+    for row in rows:
+        assert float(row["train ms median (best)"].split()[0]) > 0
+        assert float(row["BN ms in step"]) > 0
+    assert "9 of them fused" in text   # ResNet-18: the stem's and each block's first
