@@ -153,6 +153,12 @@ def run(options):
     models = options.pick(MODELS, MODELS, ["resnet18"])
     sizes = options.pick(SIZES, [112], [32])
     batch = options.pick(BATCH, BATCH, 4)
+    if options.shapes:   # --shapes 32x3x224x224: batch and square input sizes
+        if any(len(shape) != 4 or shape[1] != 3 or shape[2] != shape[3]
+               for shape in options.shapes) or len({s[0] for s in options.shapes}) != 1:
+            raise ValueError("--shapes for torch-model: Nx3xSxS, one batch size N")
+        batch = options.shapes[0][0]
+        sizes = [shape[2] for shape in options.shapes]
     dtypes = options.dtypes or options.pick(DTYPES, ["float32"], ["float32"])
     rounds = options.rounds or options.pick(5, 3, 2)
     threads = (options.threads or [THREADS])[0]
