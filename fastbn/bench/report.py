@@ -61,6 +61,7 @@ class Report:
         self.bars = []        # (description, met, detail)
         self.sections = []    # (heading, text, columns, rows)
         self.warnings = []
+        self.highest_load = None   # the highest load average above the cores in a group
         self.data = {}        # raw figures for --json
 
     def add_fact(self, text):
@@ -75,8 +76,12 @@ class Report:
         self.sections.append((heading, text, list(columns), [list(r) for r in rows]))
 
     def add_warnings(self, lines):
+        """Warnings of the timing core; a load above the cores is said once, at its highest."""
         for line in lines:
-            if line not in self.warnings:
+            if "load average" in line and "above the" in line:
+                load = float(line.split("load average ")[1].split()[0])
+                self.highest_load = max(self.highest_load or 0.0, load)
+            elif line not in self.warnings:
                 self.warnings.append(line)
 
     def finish(self):
@@ -108,8 +113,14 @@ class Report:
             lines.append("| " + " | ".join(columns) + " |")
             lines.append("|" + "---|" * len(columns))
             lines += ["| " + " | ".join(row) + " |" for row in rows]
-        if self.warnings:
-            lines += ["", "## Warnings", ""] + [f"- {w}" for w in self.warnings]
+        warnings = list(self.warnings)
+        if self.highest_load is not None:
+            warnings.insert(0, f"load average up to {self.highest_load:.1f} above the "
+                               f"{self.machine['cores']} cores while timing: other processes "
+                               "took CPU time, times may be slow and spreads wide (ratios "
+                               "within a round hold better)")
+        if warnings:
+            lines += ["", "## Warnings", ""] + [f"- {w}" for w in warnings]
         return "\n".join(lines) + "\n"
 
     def to_json(self):
