@@ -406,3 +406,15 @@ LAYOUTS = [
 
 def layout_ids(layouts):
     return [f"{shape}-axis{axis}" for shape, axis in layouts]
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """PyTorch's intra-op threads spin against the backends' own on tiny
+    tensors (8 ms per call instead of 0.1 ms on 2 cores): the torch tests use
+    one (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``)."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

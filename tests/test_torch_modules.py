@@ -46,14 +46,7 @@ UNDERFLOW = {2.0 ** -53: 2.0 ** -1075, 2.0 ** -24: 2.0 ** -150, 2.0 ** -11: 2.0 
 FLOAT64_TOL = 1e-10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """PyTorch's intra-op threads spin against the backends' own on these tiny
-    tensors (8 ms per call instead of 0.1 ms on 2 cores): use one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _module_inputs(name, dtype, training):

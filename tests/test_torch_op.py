@@ -17,13 +17,7 @@ if not CPU_BACKENDS:
     pytest.skip("no CPU backend selected (FASTBN_TEST_BACKENDS)", allow_module_level=True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """PyTorch's intra-op threads spin against the backends' own on tiny tensors."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _inputs(shape=(4, 3, 5, 6), dtype=torch.float64, channels_last=False, seed=0):
