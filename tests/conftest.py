@@ -418,3 +418,23 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def assert_same_training_step(stock, model, x, *, run=None, tol=1e-10):
+    """Run a PyTorch model and its converted copy on ``x``, backpropagate the
+    sum of squares of each output, and assert equal outputs and parameter
+    gradients (matched by parameter name).
+
+    ``run`` is the module to call in place of ``model`` where it differs (a
+    traced copy sharing ``model``'s parameters).
+    """
+    import torch
+
+    outputs = [net(x) for net in (stock, model if run is None else run)]
+    for out in outputs:
+        out.square().sum().backward()
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=tol, atol=tol)
+    stock_parameters = dict(stock.named_parameters())
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(parameter.grad, stock_parameters[name].grad,
+                                   rtol=tol, atol=tol, msg=name)

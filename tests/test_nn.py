@@ -24,6 +24,18 @@ def _close(a, b, tol=TOL):
     return np.max(np.abs(a - b)) <= tol * max(1.0, np.max(np.abs(b)))
 
 
+def _step_both(layer, reference, x, dout):
+    """One forward and backward of the layer and of its PyTorch reference on
+    the same ``x`` and ``dout``; asserts that outputs and input gradients agree."""
+    out = layer.forward(x)
+    dx = layer.backward(dout)
+    xt = torch.from_numpy(x).requires_grad_(True)
+    out_t = reference(xt)
+    out_t.backward(torch.from_numpy(dout))
+    assert _close(out, out_t)
+    assert _close(dx, xt.grad)
+
+
 @pytest.mark.parametrize("shape", [(16, 5), (8, 4, 7), (6, 3, 5, 4)])
 @pytest.mark.parametrize("momentum", [0.1, 0.37, None])
 @pytest.mark.parametrize("affine", [True, False])
@@ -47,13 +59,7 @@ def test_matches_torch_over_train_and_eval_steps(backend, shape, momentum, affin
     for step in range(4):
         x = 3.0 * rng.standard_normal(shape) + rng.standard_normal()
         dout = rng.standard_normal(shape)
-        out = layer.forward(x)
-        dx = layer.backward(dout)
-        xt = torch.from_numpy(x).requires_grad_(True)
-        out_t = reference(xt)
-        out_t.backward(torch.from_numpy(dout))
-        assert _close(out, out_t)
-        assert _close(dx, xt.grad)
+        _step_both(layer, reference, x, dout)
         if affine:
             assert _close(layer.grad_gamma, reference.weight.grad)
             assert _close(layer.grad_beta, reference.bias.grad)
@@ -70,13 +76,7 @@ def test_matches_torch_over_train_and_eval_steps(backend, shape, momentum, affin
     x = rng.standard_normal(shape)
     dout = rng.standard_normal(shape)
     running_before = layer.running_mean.copy()
-    out = layer.forward(x)
-    dx = layer.backward(dout)
-    xt = torch.from_numpy(x).requires_grad_(True)
-    out_t = reference(xt)
-    out_t.backward(torch.from_numpy(dout))
-    assert _close(out, out_t)
-    assert _close(dx, xt.grad)
+    _step_both(layer, reference, x, dout)
     np.testing.assert_array_equal(layer.running_mean, running_before)
     assert layer.num_batches_tracked == 4
     assert layer.train() is layer and layer.training
@@ -276,13 +276,7 @@ def test_bias_false_is_a_scale_without_shift(backend):
     with torch.no_grad():
         reference.weight.copy_(torch.from_numpy(layer.gamma))
     x, dout = rng.standard_normal((6, 4, 5)), rng.standard_normal((6, 4, 5))
-    out = layer.forward(x)
-    dx = layer.backward(dout)
-    xt = torch.from_numpy(x).requires_grad_(True)
-    out_t = reference(xt)
-    out_t.backward(torch.from_numpy(dout))
-    assert _close(out, out_t)
-    assert _close(dx, xt.grad)
+    _step_both(layer, reference, x, dout)
     assert _close(layer.grad_gamma, reference.weight.grad)
     assert layer.grad_beta is None
     assert _close(layer.running_mean, reference.running_mean)

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import BACKENDS
+from conftest import BACKENDS, assert_same_training_step
 
 torch = pytest.importorskip("torch")
 import fastbn.torch  # noqa: E402
@@ -183,12 +183,7 @@ def test_convert_and_revert(backend, fuse_relu):
     for training in (True, False):
         stock.train(training)
         model.train(training)
-        outputs = [net(x) for net in (stock, model)]
-        for out in outputs:
-            out.square().sum().backward()
-        torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-10, atol=1e-10)
-        for (name, a), (_, b) in zip(model.named_parameters(), stock.named_parameters()):
-            torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-10, msg=name)
+        assert_same_training_step(stock, model, x)
     for key, value in stock.state_dict().items():
         torch.testing.assert_close(model.state_dict()[key], value, rtol=1e-10, atol=1e-10)
     assert fastbn.torch.revert_batchnorm(model) is model
@@ -211,14 +206,7 @@ def test_compile_fullgraph_matches_eager():
     compiled = torch.compile(compiled_model, fullgraph=True)
     for step in range(2):
         x = torch.randn(6, 3, 8, 8, dtype=torch.float64)
-        results = []
-        for model in (eager, compiled):
-            out = model(x)
-            out.square().sum().backward()
-            results.append(out)
-        torch.testing.assert_close(results[1], results[0], rtol=1e-10, atol=1e-10)
-    for (name, a), (_, b) in zip(compiled_model.named_parameters(), eager.named_parameters()):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-10, msg=name)
+        assert_same_training_step(eager, compiled_model, x, run=compiled)
     for key, value in eager.state_dict().items():
         torch.testing.assert_close(compiled_model.state_dict()[key], value, rtol=1e-10,
                                    atol=1e-10, msg=key)
