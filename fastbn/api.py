@@ -119,6 +119,14 @@ def _check_scalar(value, name, low, high):
     return value
 
 
+def _check_eps(eps, training):
+    """``eps`` as a float: ``> 0`` in training, ``>= 0`` in evaluation (PyTorch's rule)."""
+    eps = _check_scalar(eps, "eps", 0.0, math.inf)
+    if training and eps == 0.0:
+        raise ValueError(f"eps must be positive in training mode, got {eps}")
+    return eps
+
+
 def _channel_param(value, channels, dtype, name, fill):
     """A host per-channel parameter as float64 ``(C,)`` holding values of ``dtype``."""
     if value is None:
@@ -343,11 +351,9 @@ def batchnorm_forward(x, gamma=None, beta=None, *, training=True,
     axis, A, C, B = _check_input(x_array, axis)
     dtype = np.dtype(x_array.dtype)
     relu = _check_activation(activation) == "relu"
-    eps = _check_scalar(eps, "eps", 0.0, math.inf)
-    momentum = _check_scalar(momentum, "momentum", 0.0, 1.0)
     training = bool(training)
-    if training and eps == 0.0:
-        raise ValueError(f"eps must be positive in training mode, got {eps}")
+    eps = _check_eps(eps, training)
+    momentum = _check_scalar(momentum, "momentum", 0.0, 1.0)
     if training and A * B == 1:
         raise ValueError("Expected more than 1 value per channel when training, "
                          f"got input of shape {tuple(x_array.shape)}")

@@ -43,7 +43,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
         "the extra: pip install 'fastbn[mpi]'") from exc
 
 from . import registry
-from .api import _check_scalar
+from .api import _check_eps, _check_scalar
 
 __all__ = ["sync_batchnorm_forward", "sync_batchnorm_backward", "SyncBatchNormCache"]
 
@@ -302,7 +302,8 @@ def sync_batchnorm_forward(x_local, gamma=None, beta=None, *, comm=None, trainin
         ``running = (1 - momentum) * running + momentum * batch``, with the
         unbiased global variance for ``running_var``.
     momentum : float in [0, 1], default 0.1
-    eps : float >= 0, default 1e-5
+    eps : float, default 1e-5
+        ``> 0`` in training mode, ``>= 0`` in evaluation mode.
     axis : int, default 1
         The channel axis.
     backend : str, optional
@@ -354,11 +355,11 @@ def _forward(x_local, gamma, beta, *, comm, training, running_mean, running_var,
         axis, A, C, B = _layout(x, axis)
         dtype = np.dtype(x.dtype)
         local_count = A * B
-        eps = _check_scalar(eps, "eps", 0.0, math.inf)
+        training = bool(training)
+        eps = _check_eps(eps, training)
         momentum = _check_scalar(momentum, "momentum", 0.0, 1.0)
         gamma64 = _channel_param(gamma, C, dtype, "gamma", 1.0)
         beta64 = _channel_param(beta, C, dtype, "beta", 0.0)
-        training = bool(training)
         if training:
             if (running_mean is None) != (running_var is None):
                 raise ValueError("give both running_mean and running_var, or neither")

@@ -234,6 +234,7 @@ SCENARIOS = {
     "ndim": lambda: _forward(x=_data()[:, :, 0]),
     "mode": lambda: _forward(training=False),
     "eps": lambda: _forward(eps=1e-3),
+    "eps_zero_training": lambda: _forward(eps=0.0),
     "integer_dtype": lambda: _forward(x=np.ones((4, 3, 2, 2), dtype=np.int64)),
     "gamma_shape": lambda: _forward(gamma=np.ones(5)),
     "backend_name": lambda: _forward(backend="no-such-backend"),

@@ -157,6 +157,7 @@ EXPECTED_ERRORS = {
     "ndim": ("ValueError", "the ranks disagree on the number of dimensions"),
     "mode": ("ValueError", "the ranks disagree on the mode"),
     "eps": ("ValueError", "the ranks disagree on eps"),
+    "eps_zero_training": ("ValueError", "eps must be positive in training mode, got 0.0"),
     "integer_dtype": ("TypeError", "got dtype int64 (on rank {last} of {size})"),
     "gamma_shape": ("ValueError", "gamma must have shape (3,)"),
     "backend_name": ("ValueError", "unknown backend 'no-such-backend'"),
