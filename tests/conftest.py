@@ -26,6 +26,51 @@ import fastbn
 # ---------------------------------------------------------------------------
 CUDASIM = bool(os.environ.get("NUMBA_ENABLE_CUDASIM")) and os.environ.get(
     "NUMBA_ENABLE_CUDASIM") != "0"
+
+
+def _serialize_simulator_shared_arrays():
+    """Make the simulator's ``cuda.shared.array`` thread-safe.
+
+    The simulator (numba-cuda 0.30) runs a block's threads as Python
+    threads, and ``cuda.shared.array`` looks up the array of its call site
+    and stores a new one without a lock. Two threads of a launch's first
+    block can then each get an array of their own, and that block's sum
+    comes out wrong: at random, in about 4 of 10 runs of
+    ``tests/test_cuda_backend.py``, a different test each time. This is the
+    same lookup under a lock. It fixes the simulator, not fastbn's kernels
+    (on a GPU, shared memory is one array per block).
+    """
+    import sys
+    import threading
+    import traceback
+
+    from numba.core import types
+    from numba.cuda.simulator import kernelapi
+    from numba.np import numpy_support
+
+    shared = kernelapi.FakeCUDAShared
+    if getattr(shared, "_fastbn_locked", False):
+        return
+    original = shared.array
+    lock = threading.Lock()
+
+    def array(self, shape, dtype, alignment=None):
+        if alignment is not None or shape == 0:   # errors / dynamic shared memory: unkeyed
+            return original(self, shape, dtype, alignment)
+        if isinstance(dtype, types.Type):
+            dtype = numpy_support.as_dtype(dtype)
+        # keyed as the simulator keys it: the caller's file and line
+        caller = tuple(traceback.extract_stack(sys._getframe(1), limit=1)[-1])[0:2]
+        with lock:
+            allocation = self._allocations.get(caller)
+            if allocation is None:
+                allocation = self._allocations[caller] = np.empty(shape, dtype)
+        return allocation
+
+    shared.array = array
+    shared._fastbn_locked = True
+
+
 if CUDASIM:
     try:
         import fastbn.backends.numba_cuda as _numba_cuda
@@ -33,6 +78,8 @@ if CUDASIM:
         _numba_cuda = None
     if _numba_cuda is not None and hasattr(_numba_cuda, "THREADS_PER_BLOCK"):
         _numba_cuda.THREADS_PER_BLOCK = 8
+    if _numba_cuda is not None:
+        _serialize_simulator_shared_arrays()
 
 
 # ---------------------------------------------------------------------------
