@@ -55,6 +55,9 @@ __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "FusedReLU", "batch_norm
 
 # NumPy can view these tensor dtypes without a copy (bfloat16 through its bits).
 _KERNEL_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+# NumPy's dtype for each tensor dtype it can allocate.
+_NUMPY_ITEMS = {torch.float64: np.float64, torch.float32: np.float32,
+                torch.float16: np.float16}
 # Per-channel tensors the host functions can use as they are.
 _CHANNEL_DTYPES = (torch.float64, torch.float32, torch.float16)
 
@@ -181,6 +184,33 @@ class _CudaOrder:
             torch.cuda.synchronize(self.stream.device)
 
 
+def _empty_like(source):
+    """An uninitialized tensor with ``source``'s shape, dtype, strides and device.
+
+    On the CPU its memory comes from NumPy, which asks the kernel for
+    transparent huge pages for large arrays (``madvise``): the first writes
+    into a fresh 100 MB output then fault 512 times less often than into
+    memory from PyTorch's allocator, and the faults cost more than the batch
+    norm itself (on a 2-core Xeon, allocating and filling (32, 256, 56, 56)
+    float32 takes 21 ms from PyTorch, 7 ms from NumPy, 2 ms in place). The
+    strides are ``torch.empty_like``'s, so the result matches the fake
+    implementation's, and the tensor is no view (autograd lets a model
+    modify it in place). bfloat16, which NumPy cannot hand over, and device
+    tensors come from PyTorch.
+    """
+    if source.device.type != "cpu" or source.dtype == torch.bfloat16:
+        return torch.empty_like(source)
+    strides = torch.empty_like(source, device="meta").stride()
+    # NumPy array of memory-order shape, then transposed to the logical order
+    order = sorted(range(source.dim()), key=lambda axis: -strides[axis])
+    memory = np.empty([source.shape[axis] for axis in order],
+                      dtype=_NUMPY_ITEMS[source.dtype])
+    output = torch.from_numpy(memory.transpose(np.argsort(order)))
+    if output.stride() != strides:   # size-1 axes: any stride will do, keep PyTorch's
+        return torch.empty_like(source)
+    return output
+
+
 def _as_tensor(array, device):
     """A tensor owning ``array``'s values (a CPU copy, or a view of a device array)."""
     if device.type == "cuda":
@@ -206,7 +236,7 @@ def _batch_norm_op(input: torch.Tensor, running_mean: torch.Tensor | None,
     empty tensors where none were given.
     """
     source, permutation, axis = _kernel_layout(input)
-    output = torch.empty_like(source)
+    output = _empty_like(source)
     new_mean, mean_array = _updated_running(running_mean, input)
     new_var, var_array = _updated_running(running_var, input)
     with _CudaOrder(input):
@@ -245,7 +275,7 @@ def _batch_norm_backward_op(grad_output: torch.Tensor, input: torch.Tensor,
     gradients in float32 for 16-bit input, else in the input's dtype."""
     source, permutation, axis = _kernel_layout(input)
     grad = _like_layout(grad_output, permutation)
-    grad_input = torch.empty_like(source)
+    grad_input = _empty_like(source)
     name = _backend_name(backend, input)
     x = _array(source, permutation)
     channels = input.shape[1]

@@ -128,6 +128,25 @@ def test_cpu_tensors_reach_the_kernels_as_views(monkeypatch):
     assert seen.pop()[0] != x.data_ptr()
 
 
+@pytest.mark.parametrize("dtype", ["float64", "float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("shape, memory_format", [
+    ((4, 3, 5, 6), torch.contiguous_format), ((4, 3, 5, 6), torch.channels_last),
+    ((4, 1, 1, 6), torch.channels_last), ((2, 3, 4, 5, 6), torch.channels_last_3d),
+    ((0, 3, 4), torch.contiguous_format), ((5, 3), torch.contiguous_format)])
+def test_outputs_have_empty_like_strides_and_are_no_views(shape, memory_format, dtype):
+    """The operators allocate their outputs with NumPy (huge pages); the
+    tensors must look exactly like ``torch.empty_like``'s (the fake
+    implementation's), and be no views, so that a model may modify them in place."""
+    source = torch.randn(shape).to(getattr(torch, dtype)).contiguous(memory_format=memory_format)
+    output = fastbn.torch._empty_like(source)
+    expected = torch.empty_like(source)
+    assert (output.shape, output.stride(), output.dtype) == \
+        (expected.shape, expected.stride(), expected.dtype)
+    assert not output._is_view()
+    output.fill_(1.5)   # owns writable memory of its full extent
+    assert float(output.sum()) == 1.5 * source.numel()
+
+
 def test_errors():
     x, running_mean, running_var, weight, bias = _inputs()
     with pytest.raises(ValueError, match="eps must be positive during training"):
