@@ -823,3 +823,27 @@ def test_float16_without_f16c_compiles_the_integer_conversions(tmp_path):
                                rtol=1e-6, atol=1e-6)
     assert np.max(np.abs(_ordinal(got_out.astype(np.float16)) - _ordinal(out.ravel()))) <= 1
     assert np.max(np.abs(_ordinal(got_dx.astype(np.float16)) - _ordinal(dx.ravel()))) <= 1
+
+
+def test_threading_layer_starts_before_the_first_parallel_kernel(tmp_path):
+    """numba 0.68 can write a cached kernel without its hook that starts the
+    threading layer (a kernel whose parallel loops are in functions compiled
+    earlier in the writing process); loaded first in a new process, it crashed.
+    The backend starts the layer itself before its first parallel kernel."""
+    import os
+    import subprocess
+    import sys
+    script = (
+        "import numpy as np\n"
+        "from fastbn.backends import numba_cpu as nb\n"
+        "assert not nb._layer_initialized()\n"
+        "with nb._guard():\n"     # what every parallel kernel call enters first
+        "    assert nb._layer_initialized()\n"
+        "x = np.ones((4, 8, nb.SERIAL_BELOW))\n"
+        "assert np.array_equal(nb.stats(x)[0], np.ones(8))\n"
+        "print('started', nb.numba.threading_layer())\n")
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("started ")

@@ -259,9 +259,17 @@ def _guard():
     """A lock when the threading layer is workqueue (not thread-safe), else nothing."""
     if _GUARD:
         return _GUARD[0]
-    guard = _WORKQUEUE_LOCK if _predicted_layer() == "workqueue" else _NO_LOCK
-    if _layer_initialized():
-        _GUARD.append(guard)
+    if not _layer_initialized():
+        # Start the threading layer before the first parallel kernel runs.
+        # numba starts it when it compiles or loads a parallel function, but
+        # a cached kernel whose parallel loops sit in functions it calls,
+        # compiled earlier in the process that wrote the cache, is saved
+        # without that hook (numba 0.68): loaded first in a new process, it
+        # ran with no threads started and crashed (segmentation fault).
+        from numba.np.ufunc.parallel import _launch_threads
+        _launch_threads()
+    guard = _WORKQUEUE_LOCK if numba.threading_layer() == "workqueue" else _NO_LOCK
+    _GUARD.append(guard)
     return guard
 
 
