@@ -4,6 +4,10 @@ import importlib
 import threading
 import warnings
 
+# Registers the fork hook before any backend runs, so that a forked child
+# knows it is one even if it loads its first backend there.
+from .backends import _fork  # noqa: F401
+
 # Known backends, fastest CPU backend first (by the medians in
 # benchmarks/results/cpu_backends.md: numba is ahead of cython on most shapes
 # and on the memory-bound ones); "cuda" runs on a GPU and is the default only

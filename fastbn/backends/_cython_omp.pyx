@@ -360,21 +360,35 @@ def cache_tuning():
     return {"row_fuse_bytes": ROW_FUSE_BYTES, "fuse_min_bytes": FUSE_MIN_BYTES}
 
 
+# Set in a process forked from one that imported fastbn: libgomp's thread
+# pool of the parent is not there, and a region of more than one thread
+# would wait for it forever. One thread runs the same kernels.
+cdef bint _forked_child = 0
+
+
+def use_one_thread_after_fork():
+    """Run every kernel of this process on one thread (called in a forked child)."""
+    global _forked_child
+    _forked_child = 1
+
+
 def max_threads():
     """Threads a kernel started now would use (``omp_get_max_threads()``).
 
     Returns
     -------
     int
-        1 when the extension was built without OpenMP.
+        1 when the extension was built without OpenMP, and in a forked child.
     """
+    if _forked_child:
+        return 1
     return fastbn_max_threads()
 
 
 cdef int _threads_for(Py_ssize_t size) noexcept nogil:
     # Read at every call (never cached) so OMP_NUM_THREADS and
     # threadpoolctl limits are honoured.
-    if size < SERIAL_BELOW:
+    if size < SERIAL_BELOW or _forked_child:
         return 1
     return fastbn_max_threads()
 

@@ -12,11 +12,16 @@ arrays are read as uint16 bit patterns and converted in the kernels (exact
 loads, round-to-nearest-even stores; float16 through the x86-64 F16C
 instructions where the CPU has them). Every kernel takes the fused ReLU
 (``relu=True``; the backward kernels also take the forward's ``beta``).
+
+In a process forked from one that imported fastbn, the kernels run on one
+thread (:mod:`fastbn.backends._fork`): libgomp's thread pool of the parent
+is not inherited, and a parallel region would wait for it forever.
 """
 
 import os
 
 from .. import machine as _machine
+from . import _fork
 
 ON_DEVICE = False
 
@@ -64,6 +69,11 @@ except Exception as exc:  # ImportError, or a broken build (missing symbol)
 else:
     _IMPORT_ERROR = ""
     _ext.set_cache_tuning(ROW_FUSE_BYTES, FUSE_MIN_BYTES)
+    # A forked child runs the kernels on one thread (see fastbn.backends._fork),
+    # also when this module is first imported there.
+    os.register_at_fork(after_in_child=_ext.use_one_thread_after_fork)
+    if _fork.in_forked_child():
+        _ext.use_one_thread_after_fork()
 
 
 def availability():

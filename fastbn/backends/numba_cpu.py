@@ -138,15 +138,24 @@ kernels release the GIL (``nogil=True``). If the layer in use is
 ``workqueue`` (neither libgomp nor tbb loads, or someone else chose it), every
 kernel call from this module is serialized by a process-wide lock, so
 concurrent calls stay correct. ``info()["threading_layer"]`` reports the
-layer. Note: GNU OpenMP is not fork-safe after a parallel region has run
-(use the ``spawn`` start method for multiprocessing).
+layer.
+
+Forked children
+---------------
+In a process forked from one that imported fastbn (``multiprocessing``'s
+``fork`` start method, PyTorch's ``DataLoader`` workers), the first kernel
+call restarts the threading layer for the child (:mod:`fastbn.backends._fork`):
+under ``omp`` the kernels then run on one thread (numba's layer would
+terminate the child, and libgomp's pool of the parent is not there);
+``workqueue`` gets a new pool with every thread; ``tbb`` restarts itself.
+The kernels are the same, so the results are bit for bit the parent's.
 """
 
 import os
 import threading
 
 from .. import machine as _machine
-from . import _host, _memory
+from . import _fork, _host, _memory
 
 try:
     import numpy as np
@@ -248,15 +257,64 @@ class _NoLock:
         return False
 
 
-_WORKQUEUE_LOCK = threading.Lock()
+class _OneThread:
+    """Runs a kernel on one thread: the guard of a forked child under ``omp``.
+
+    Sets numba's thread count of the calling thread to 1 at every call (a
+    thread started in the child, or a ``numba.set_num_threads`` there, may
+    have another count), so that libgomp never reaches for the parent's pool.
+    """
+    def __enter__(self):
+        if numba.get_num_threads() != 1:
+            numba.set_num_threads(1)
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
 _NO_LOCK = _NoLock()
+_ONE_THREAD = _OneThread()
+
+# The guard, once numba has loaded its threading layer (it cannot change
+# then), and the lock that serializes calls under workqueue. Both are made
+# anew in a forked child: a lock held by a thread of the parent at the fork
+# would stay held forever there.
+_GUARD = []
+_WORKQUEUE_LOCK = [threading.Lock()]
 
 
-_GUARD = []   # the guard, once numba has loaded its threading layer (it cannot change then)
+def _after_fork_in_child():
+    _GUARD.clear()
+    _WORKQUEUE_LOCK[0] = threading.Lock()
+
+
+def _restart_layer_in_forked_child(layer):
+    """Make numba's threading layer usable in a forked child.
+
+    ``omp``: numba's layer records the process that started it and terminates
+    its children at their first parallel region; starting it again with one
+    thread records this process instead (the kernels then run on one thread,
+    see :class:`_OneThread`). ``workqueue``: its pool was freed at the fork
+    (its threads are not inherited) and is started again with every thread.
+    ``tbb``: numba stops TBB before a fork and restarts it in both processes.
+    """
+    from ctypes import CFUNCTYPE, c_int
+    if layer == "omp":
+        from numba.np.ufunc import omppool
+        CFUNCTYPE(None, c_int)(omppool.launch_threads)(1)
+    elif layer == "workqueue":
+        from numba.np.ufunc import workqueue
+        CFUNCTYPE(None, c_int)(workqueue.launch_threads)(numba.config.NUMBA_NUM_THREADS)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _guard():
-    """A lock when the threading layer is workqueue (not thread-safe), else nothing."""
+    """What a parallel kernel runs under: a lock when the threading layer is
+    workqueue (not thread-safe), one thread in a forked child under omp, else
+    nothing."""
     if _GUARD:
         return _GUARD[0]
     if not _layer_initialized():
@@ -268,7 +326,15 @@ def _guard():
         # ran with no threads started and crashed (segmentation fault).
         from numba.np.ufunc.parallel import _launch_threads
         _launch_threads()
-    guard = _WORKQUEUE_LOCK if numba.threading_layer() == "workqueue" else _NO_LOCK
+    layer = numba.threading_layer()
+    if _fork.in_forked_child():
+        _restart_layer_in_forked_child(layer)
+    if layer == "workqueue":
+        guard = _WORKQUEUE_LOCK[0]
+    elif layer == "omp" and _fork.in_forked_child():
+        guard = _ONE_THREAD
+    else:
+        guard = _NO_LOCK
     _GUARD.append(guard)
     return guard
 
@@ -356,7 +422,8 @@ def info():
         return {"threads": 0, "openmp": False, "device": "cpu",
                 "threading_layer": None, "reason": _IMPORT_ERROR}
     layer = _predicted_layer()
-    return {"threads": int(numba.get_num_threads()), "openmp": layer == "omp",
+    threads = 1 if layer == "omp" and _fork.in_forked_child() else numba.get_num_threads()
+    return {"threads": int(threads), "openmp": layer == "omp",
             "device": "cpu", "threading_layer": layer, "target": _target_name(),
             "tuning": tuning()}
 
