@@ -19,7 +19,8 @@ Scenarios:
 ``imported``
     the parent only imports fastbn before starting the ``Process``;
 ``threads``
-    the parent runs the kernels from two Python threads at once first;
+    the parent runs the kernels from two Python threads at once first, and
+    the worker runs them in a thread of its own;
 ``grandchild``
     a forked worker forks a worker of its own, which runs the kernels;
 ``dataloader``
@@ -67,6 +68,14 @@ def child_results(backend, _=None):
 
 def child_to_queue(backend, queue):
     queue.put(results(backend))
+
+
+def child_thread_to_queue(backend, queue):
+    got = []
+    thread = threading.Thread(target=lambda: got.append(results(backend)))
+    thread.start()
+    thread.join()
+    queue.put(got[0])
 
 
 def grandchild_to_queue(backend, queue):
@@ -144,8 +153,10 @@ def main():
         before = results(backend)
     if scenario == "threads":
         run_in_threads(backend)
-    if scenario in ("process", "imported", "threads"):
+    if scenario in ("process", "imported"):
         got = run_process(context, backend, child_to_queue)
+    elif scenario == "threads":
+        got = run_process(context, backend, child_thread_to_queue)
     elif scenario == "grandchild":
         got = run_process(context, backend, grandchild_to_queue)
     elif scenario == "pool":
