@@ -43,6 +43,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
         "the extra: pip install 'fastbn[mpi]'") from exc
 
 from . import registry
+from ._syncstats import elemt_sums, global_statistics, local_moments, update_running
 from .api import _check_eps, _check_scalar
 
 __all__ = ["sync_batchnorm_forward", "sync_batchnorm_backward", "SyncBatchNormCache"]
@@ -238,37 +239,6 @@ def _agree(comm, function, error, fields, count):
 
 
 # --------------------------------------------------------------------------
-# Statistics: Chan et al.'s parallel merge, in rank order
-# --------------------------------------------------------------------------
-
-def _merge(triples):
-    """Merge per-rank ``(count, mean, M2)`` rows in rank order.
-
-    ``triples`` has shape ``(P, 3, C)``. For two groups ``a`` and ``b``
-    (Chan, Golub and LeVeque, 1979)::
-
-        n     = n_a + n_b
-        delta = mean_b - mean_a
-        mean  = mean_a + delta * n_b / n
-        M2    = M2_a + M2_b + delta**2 * n_a * n_b / n
-
-    A rank with ``n_b = 0`` leaves the running result unchanged; after a run
-    of empty ranks, the first non-empty one is taken exactly.
-    """
-    count = triples[0, 0].copy()
-    mean = triples[0, 1].copy()
-    m2 = triples[0, 2].copy()
-    for count_b, mean_b, m2_b in triples[1:]:
-        total = count + count_b
-        safe_total = np.where(total > 0, total, 1.0)
-        delta = mean_b - mean
-        mean = mean + delta * (count_b / safe_total)
-        m2 = m2 + m2_b + delta * delta * (count * count_b / safe_total)
-        count = total
-    return count, mean, m2
-
-
-# --------------------------------------------------------------------------
 # Public functions
 # --------------------------------------------------------------------------
 
@@ -387,28 +357,15 @@ def _forward(x_local, gamma, beta, *, comm, training, running_mean, running_var,
     out = np.empty(x.shape, dtype=dtype)
     out3 = out.reshape(A, C, B)
     if training:
-        local = np.zeros((3, C), dtype=np.float64)
-        local[0] = local_count
-        if local_count > 0:
-            local_mean, local_var = module.stats(x3)
-            local[1] = local_mean
-            local[2] = np.asarray(local_var, dtype=np.float64) * local_count
         gathered = np.empty((comm.Get_size(), 3, C), dtype=np.float64)
-        comm.Allgather(local, gathered)
-        _, mean, m2 = _merge(gathered)
-        var = m2 / count
-        invstd = 1.0 / np.sqrt(var + eps)
+        comm.Allgather(local_moments(module, x3, C), gathered)
+        _, mean, invstd, m2 = global_statistics(gathered, eps)
         if track:
-            # PyTorch's convention: momentum weighs the new batch, and the
-            # running variance takes the unbiased batch variance M2 / (M - 1).
-            running_mean[...] = (1.0 - momentum) * running_mean64 + momentum * mean
-            running_var[...] = ((1.0 - momentum) * running_var64
-                                + momentum * (m2 / (count - 1)))
+            running_mean[...], running_var[...] = update_running(
+                running_mean64, running_var64, mean, m2, count, momentum)
     else:
-        mean = running_mean64
-        invstd = 1.0 / np.sqrt(running_var64 + eps)
-    mean = np.ascontiguousarray(mean, dtype=np.float64)
-    invstd = np.ascontiguousarray(invstd, dtype=np.float64)
+        mean = np.ascontiguousarray(running_mean64, dtype=np.float64)
+        invstd = np.ascontiguousarray(1.0 / np.sqrt(running_var64 + eps), dtype=np.float64)
     if local_count > 0:
         module.normalize(x3, mean, invstd, gamma64, beta64, out3)
     cache = SyncBatchNormCache(x_local, mean, invstd, gamma64, eps, axis, training, name,
@@ -501,13 +458,9 @@ def sync_batchnorm_backward(dout_local, cache, *, method="simplified"):
     comm.Allreduce(local, total, op=MPI.SUM)
     if local_count > 0:
         if cache.training:
-            # backward_elemt divides the sums by the local M = A * B; the
-            # global formula divides by the global count, so hand it the
-            # global sums scaled by local_count / count:
-            # (S * local_count / count) / local_count = S / count.
-            scale = local_count / cache.count
+            sum_dy, sum_dy_xhat = elemt_sums(total, local_count, cache.count)
             module.backward_elemt(dy3, x3, cache.mean, cache.invstd, cache.gamma,
-                                  total[0] * scale, total[1] * scale, dx3)
+                                  sum_dy, sum_dy_xhat, dx3)
         else:
             # Evaluation mode: mean and invstd are constants,
             # dx = dout * gamma * invstd.

@@ -43,6 +43,8 @@ for the device (``torch.cuda.synchronize()``): correct, at the price of two
 host synchronizations per call, until the backend can launch on a given
 stream.
 """
+import math
+
 import numpy as np
 import torch
 
@@ -211,6 +213,28 @@ def _empty_like(source):
     return output
 
 
+def _new_output(source, permutation):
+    """An uninitialized CPU tensor for the result of a call on ``source``.
+
+    ``source`` is contiguous (``permutation`` None) or channels-last (its
+    memory order given by ``permutation``); the result has the same layout,
+    its memory from NumPy (see :func:`_empty_like` for why), with no meta
+    tensor or stride sort on the way: what the eager path pays per call.
+    bfloat16, which NumPy cannot hand over, comes from PyTorch.
+    """
+    item = _NUMPY_ITEMS.get(source.dtype)
+    if item is None:
+        return torch.empty_like(source)
+    if permutation is None:
+        return torch.from_numpy(np.empty(source.shape, dtype=item))
+    memory = np.empty([source.shape[axis] for axis in permutation], dtype=item)
+    return torch.from_numpy(memory).permute(_INVERSE[len(permutation)])
+
+
+# The permutation back from memory order (channels last) to (N, C, ...).
+_INVERSE = {4: (0, 3, 1, 2), 5: (0, 4, 1, 2, 3)}
+
+
 def _as_tensor(array, device):
     """A tensor owning ``array``'s values (a CPU copy, or a view of a device array)."""
     if device.type == "cuda":
@@ -322,23 +346,220 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_output, *grad_statistics):
     input, weight, bias, mean, invstd = ctx.saved_tensors
-    grad_input, grad_weight, grad_bias = _batch_norm_backward_op(
-        grad_output, input, weight, bias, mean, invstd, ctx.training, ctx.eps,
-        ctx.activation, ctx.backend)
     needs = ctx.needs_input_grad
-    return (grad_input if needs[0] else None, None, None,
-            grad_weight.to(weight.dtype) if weight is not None and needs[3] else None,
-            grad_bias.to(bias.dtype) if bias is not None and needs[4] else None,
-            None, None, None, None, None)
+    if torch.is_grad_enabled():   # create_graph=True: a backward that autograd can differentiate
+        grads = _differentiable_backward(grad_output, input, weight, bias, mean, invstd,
+                                         ctx.training, ctx.eps, ctx.activation)
+    else:
+        grads = _batch_norm_backward_op(grad_output, input, weight, bias, mean, invstd,
+                                        ctx.training, ctx.eps, ctx.activation, ctx.backend)
+    grad_input, grad_weight, grad_bias = _select_grads(grads, weight, bias, needs[0], needs[3],
+                                                       needs[4])
+    return (grad_input, None, None, grad_weight, grad_bias, None, None, None, None, None)
+
+
+def _select_grads(grads, weight, bias, need_input, need_weight, need_bias):
+    """The requested gradients, those of the parameters in their dtypes."""
+    grad_input, grad_weight, grad_bias = grads
+    return (grad_input if need_input else None,
+            grad_weight.to(weight.dtype) if weight is not None and need_weight else None,
+            grad_bias.to(bias.dtype) if bias is not None and need_bias else None)
+
+
+def _differentiable_backward(grad_output, input, weight, bias, mean, invstd, training, eps,
+                             activation):
+    """``(grad_input, grad_weight, grad_bias)`` as a graph of PyTorch operations.
+
+    Used for ``create_graph=True`` (double backward: gradient penalties
+    such as WGAN-GP's or R1), where autograd must differentiate the
+    gradient itself. An explicit formula, not fastbn's kernels: in training
+    mode the batch statistics are recomputed from ``input`` with PyTorch
+    operations, so that their dependence on ``input`` is part of the graph;
+    then, with ``xhat = (x - mean) * invstd``::
+
+        dy = grad_output * (y > 0)          (after a fused ReLU only)
+        grad_bias   = sum(dy)
+        grad_weight = sum(dy * xhat)
+        grad_input  = weight * invstd * (dy - mean(dy) - xhat * mean(dy * xhat))   (training)
+        grad_input  = weight * invstd * dy                                      (evaluation)
+
+    sums and means over every axis but the channel axis. 16-bit input is
+    computed in float32. ``mean``/``invstd`` are the forward's (float64,
+    ``(C,)``): the running statistics' in evaluation mode.
+    """
+    compute = torch.float32 if input.element_size() == 2 else input.dtype
+    x = input.to(compute)
+    dy = grad_output.to(compute)
+    dims = [axis for axis in range(input.dim()) if axis != 1]
+    shape = [1, input.shape[1]] + [1] * (input.dim() - 2)
+    if training:
+        centred = x - x.mean(dims, keepdim=True)
+        inv = torch.rsqrt((centred * centred).mean(dims, keepdim=True) + eps)
+    else:
+        centred = x - mean.to(compute).view(shape)
+        inv = invstd.to(compute).view(shape)
+    xhat = centred * inv
+    scale = inv if weight is None else inv * weight.to(compute).view(shape)
+    if activation:
+        y = xhat if weight is None else xhat * weight.to(compute).view(shape)
+        if bias is not None:
+            y = y + bias.to(compute).view(shape)
+        dy = dy * (y > 0).to(compute)
+    grad_bias = dy.sum(dims)
+    grad_weight = (dy * xhat).sum(dims)
+    if training:
+        grad_input = scale * (dy - dy.mean(dims, keepdim=True)
+                              - xhat * (dy * xhat).mean(dims, keepdim=True))
+    else:
+        grad_input = scale * dy
+    param = _param_dtype(input)
+    return grad_input.to(input.dtype), grad_weight.to(param), grad_bias.to(param)
 
 
 def _no_double_backward(ctx, *grads):
-    raise RuntimeError("fastbn.torch.batch_norm has no double backward (a gradient of its "
-                       "gradient); use torch.nn.functional.batch_norm where one is needed")
+    raise RuntimeError("fastbn::batch_norm_backward is not differentiable; a double backward "
+                       "through fastbn.torch.batch_norm differentiates a PyTorch formula of "
+                       "the gradient instead (create_graph=True)")
 
 
 _batch_norm_op.register_autograd(_backward, setup_context=_setup_context)
 _batch_norm_backward_op.register_autograd(_no_double_backward)
+
+
+# --------------------------------------------------------------------------
+# The eager path
+# --------------------------------------------------------------------------
+
+class _EagerBatchNorm(torch.autograd.Function):
+    """The same computation as the operators, for eager calls on CPU tensors.
+
+    ``torch.library``'s dispatch of a custom operator (its schema checks,
+    the autograd wrapper, the functional copies of the running statistics)
+    costs several times the kernels on a small tensor. This function calls
+    the backend's kernels directly (:func:`_eager_forward`,
+    :func:`_eager_backward`, with the checks :func:`batch_norm` made): the
+    running statistics are updated in place when NumPy can view them, and
+    the cache is kept on the context. The double backward is
+    :func:`_differentiable_backward`, as for the operator.
+    """
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, options):
+        output, cache, permutation = _eager_forward(input, weight, bias, *options)
+        ctx.save_for_backward(input, weight, bias)
+        ctx.cache, ctx.permutation = cache, permutation
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, weight, bias = ctx.saved_tensors   # also checks for in-place changes
+        cache = ctx.cache
+        if torch.is_grad_enabled():
+            grads = _differentiable_backward(
+                grad_output, input, weight, bias, torch.from_numpy(np.asarray(cache.mean)),
+                torch.from_numpy(np.asarray(cache.invstd)), cache.training, cache.eps,
+                cache.activation)
+        else:
+            grads = _eager_backward(grad_output, cache, ctx.permutation)
+        return (*_select_grads(grads, weight, bias, *ctx.needs_input_grad[:3]), None)
+
+
+def _eager_forward(input, weight, bias, running_mean, running_var, training, momentum, eps,
+                   activation, backend):
+    """``(output, cache, permutation)`` of a forward on CPU tensors, in place where it can.
+
+    :func:`batch_norm` has checked the input's dtype and shape, ``eps``, the
+    one-value-per-channel rule and the running statistics' presence; the
+    per-channel tensors are checked here as :func:`fastbn.batchnorm_forward`
+    checks them. An empty batch goes through that function.
+    """
+    source, permutation, axis = _kernel_layout(input)
+    output = _new_output(source, permutation)
+    x, out = _array(source, permutation), _array(output, permutation)
+    mean_array, mean_back = _running_array(running_mean)
+    var_array, var_back = _running_array(running_var)
+    name = backend or registry.default_backend()
+    axis = axis % x.ndim
+    A, C, B = math.prod(x.shape[:axis]), x.shape[axis], math.prod(x.shape[axis + 1:])
+    if A * B == 0:
+        _, cache = batchnorm_forward(x, _channel_array(weight), _channel_array(bias),
+                                     training=training, running_mean=mean_array,
+                                     running_var=var_array, momentum=momentum, eps=eps,
+                                     axis=axis, backend=name, out=out, activation=activation)
+        return output, cache, permutation
+    module = registry.get_backend(name)
+    momentum = api._check_scalar(momentum, "momentum", 0.0, 1.0)
+    param_dtype = api._param_dtype(x.dtype)
+    gamma = api._channel_param(_channel_array(weight), C, param_dtype, "gamma", 1.0)
+    beta = api._channel_param(_channel_array(bias), C, param_dtype, "beta", 0.0)
+    for array, what in ((mean_array, "running_mean"), (var_array, "running_var")):
+        if array is not None:
+            api._check_running(array, C, what, training)
+    x3, out3 = x.reshape(A, C, B), out.reshape(A, C, B)
+    fused = {"relu": True} if activation else {}
+    if training:
+        mean, invstd = module.forward_train(x3, gamma, beta, eps, out3, mean_array, var_array,
+                                            momentum, **fused)
+        if mean_back is not None:
+            running_mean.copy_(mean_back)
+            running_var.copy_(var_back)
+    else:
+        mean, invstd = module.forward_eval(x3, gamma, beta, mean_array, var_array, eps, out3,
+                                           **fused)
+    cache = BatchNormCache(x, mean, invstd, gamma, eps, axis, training, name, beta=beta,
+                           activation=activation)
+    return output, cache, permutation
+
+
+def _eager_backward(grad_output, cache, permutation):
+    """``(grad_input, grad_weight, grad_bias)`` from the backend's backward kernels."""
+    grad = _like_layout(grad_output, permutation)
+    grad_input = _new_output(grad, permutation)
+    dy, dx = _array(grad, permutation), _array(grad_input, permutation)
+    x = cache.x
+    if dy.dtype != x.dtype or x.size == 0:
+        _, grad_weight, grad_bias = batchnorm_backward(dy, cache, out=dx)
+    else:
+        axis = cache.axis
+        A, C, B = math.prod(x.shape[:axis]), x.shape[axis], math.prod(x.shape[axis + 1:])
+        module = registry.get_backend(cache.backend)
+        fused = {"beta": cache.beta, "relu": True} if cache.activation else {}
+        kernel = module.backward_train if cache.training else module.backward_eval
+        grad_bias, grad_weight = kernel(dy.reshape(A, C, B), x.reshape(A, C, B), cache.mean,
+                                        cache.invstd, cache.gamma, dx.reshape(A, C, B), **fused)
+    return grad_input, torch.from_numpy(grad_weight), torch.from_numpy(grad_bias)
+
+
+def _running_array(tensor):
+    """(the array the kernels update, the tensor to copy it back into, or None).
+
+    A contiguous CPU tensor of a dtype NumPy can view is updated in place;
+    any other (bfloat16) through a float32 copy, written back afterwards.
+    """
+    if tensor is None:
+        return None, None
+    if tensor.dtype in _CHANNEL_DTYPES and tensor.is_contiguous():
+        return tensor.detach().numpy(), None
+    copy = tensor.detach().to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+    return copy.numpy(), copy
+
+
+def _needs_grad(input, weight, bias):
+    return torch.is_grad_enabled() and (
+        input.requires_grad or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad))
+
+
+def _use_operator(input):
+    """True where a call must go through the registered operator: anything
+    but a plain CPU tensor in eager mode (``torch.compile`` tracing, fake and
+    meta tensors, ``torch.func`` transforms, CUDA tensors)."""
+    return (type(input) is not torch.Tensor or input.device.type != "cpu"
+            or _COMPILING() or _TRANSFORMS_ACTIVE())
+
+
+_COMPILING = torch.compiler.is_compiling   # torch >= 2.3
+_TRANSFORMS_ACTIVE = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 
 
 # --------------------------------------------------------------------------
@@ -388,8 +609,16 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
 
     Notes
     -----
-    Autograd gives gradients for ``input``, ``weight`` and ``bias`` (first
-    order only: a double backward raises ``RuntimeError``).
+    Autograd gives gradients for ``input``, ``weight`` and ``bias``, from
+    fastbn's backward kernels. With ``create_graph=True`` the gradient is
+    instead built from PyTorch operations (an explicit formula), so that a
+    double backward (gradient penalties) works.
+
+    Eager calls on CPU tensors run through a lean ``torch.autograd.Function``
+    (the running statistics updated in place); under ``torch.compile``,
+    on fake, meta and CUDA tensors and inside ``torch.func`` transforms,
+    the call goes through the registered operator ``fastbn::batch_norm``.
+    Both run the same kernels.
     """
     _check_tensor(input)
     if input.dim() < 2:
@@ -407,6 +636,12 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         raise ValueError("batch_norm needs running_mean and running_var when training is False")
     if activation not in (None, "relu"):
         raise ValueError(f"activation must be None or 'relu', got {activation!r}")
+    if not _use_operator(input):
+        options = (running_mean, running_var, bool(training), momentum, eps, activation,
+                   backend)
+        if _needs_grad(input, weight, bias):
+            return _EagerBatchNorm.apply(input, weight, bias, options)
+        return _eager_forward(input, weight, bias, *options)[0]
     output, _, _, new_mean, new_var = _batch_norm_op(
         input, running_mean, running_var, weight, bias, bool(training), float(momentum), eps,
         activation or "", backend or "")

@@ -41,44 +41,97 @@ BUDGET_SECONDS = 240.0
 CLASSES = 1000
 # Profiler events that hold a whole batch-norm call (inclusive times)
 BN_EVENTS = {"torch": ("aten::batch_norm", "NativeBatchNormBackward0"),
-             "fastbn": ("fastbn::batch_norm",
+             "fastbn": ("_EagerBatchNorm", "_EagerBatchNormBackward",   # eager calls
+                        "fastbn::batch_norm",                            # the operator
                         "GeneratedBackwardFor_fastbn_batch_norm_defaultBackward")}
 
 
-def import_torchvision():
-    """torchvision, importable beside the CPU build of torch.
+# What a failed ``import torchvision`` prints when its compiled operators
+# cannot load beside this torch (the one failure the workaround is for).
+_MISSING_OPERATOR = "operator torchvision::nms does not exist"
+# The schemas torchvision's Python import registers fake kernels for.
+_SCHEMAS = ("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
+            "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+_PROBE = ("import warnings; warnings.simplefilter('ignore'); import torchvision")
 
-    PyPI's torchvision wheels are built against CUDA torch: their compiled
-    operators (``torchvision/_C.so``) need ``libtorch_cuda.so`` and do not
-    load beside a CPU torch, and the import then fails registering fake
-    kernels for ``torchvision::nms`` and ``qnms`` ("operator torchvision::nms
-    does not exist"). The models are plain Python and use none of those
-    operators: when the library cannot load, the two operators' schemas are
-    defined here (with no kernel) and torchvision imports.
+
+def _plain_import_fails():
+    """The failure of ``import torchvision`` in a fresh interpreter: None when
+    it imports, else the end of its error output.
+
+    Tried in a subprocess, so that a failure (or an abort) there leaves this
+    process untouched, with nothing registered twice.
+    """
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True,
+                          timeout=300, check=False)
+    if done.returncode == 0:
+        return None
+    return (done.stderr or done.stdout or f"exit status {done.returncode}")[-2000:]
+
+
+def import_torchvision():
+    """torchvision, imported as the user's installation allows.
+
+    A torchvision built for the installed torch imports plainly, and that is
+    what this does whenever it can: first in this process when torchvision
+    is already imported, else after trying the plain import in a fresh
+    interpreter. Only when that try fails with the one known failure is a
+    workaround used: PyPI's torchvision wheels are built against CUDA torch,
+    so beside the CPU build of torch their compiled operators
+    (``torchvision/_C.so``) do not load, and the import then fails
+    registering fake kernels for ``torchvision::nms`` ("operator
+    torchvision::nms does not exist"). The models are plain Python and use
+    none of those operators, so the two schemas the import needs are defined
+    here (with no kernel), each only where no such operator exists, and
+    torchvision imports. The compiled library that failed to load in the
+    fresh interpreter does not load here either, so nothing registers an
+    operator twice (which aborts the process).
 
     Raises
     ------
     ImportError
-        torchvision is not installed (``pip install "fastbn[torchvision]"``).
+        torchvision is not installed (``pip install "fastbn[torchvision]"``),
+        or it fails to import for another reason (the message gives it).
     """
+    import sys
+
+    if "torchvision" in sys.modules:
+        return sys.modules["torchvision"]
+    if importlib.util.find_spec("torchvision") is None:
+        raise ImportError('torchvision is not installed: pip install "fastbn[torchvision]"')
     import torch
 
-    spec = importlib.util.find_spec("torchvision")
-    if spec is None:
-        raise ImportError('torchvision is not installed: pip install "fastbn[torchvision]"')
-    library = os.path.join(spec.submodule_search_locations[0], "_C.so")
-    try:
-        torch.ops.load_library(library)
-    except (OSError, RuntimeError):
-        if not hasattr(import_torchvision, "schemas"):
-            schemas = torch.library.Library("torchvision", "DEF")
-            schemas.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-            schemas.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-            import_torchvision.schemas = schemas   # kept alive with the process
+    failure = _plain_import_fails()
+    if failure is not None:
+        if _MISSING_OPERATOR not in failure:
+            raise ImportError(f"import torchvision fails in this environment:\n{failure}")
+        _define_missing_schemas(torch)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")   # "Failed to load image Python extension", ...
         import torchvision
     return torchvision
+
+
+def _define_missing_schemas(torch):
+    """Define ``torchvision::nms``/``qnms`` (no kernels) where they do not exist yet."""
+    missing = []
+    for schema in _SCHEMAS:
+        name = schema.split("(", 1)[0]
+        try:
+            getattr(torch.ops.torchvision, name)
+        except (AttributeError, RuntimeError):
+            missing.append(schema)
+    if not missing:
+        return
+    library = torch.library.Library("torchvision", "FRAGMENT")
+    for schema in missing:
+        library.define(schema)
+    # kept alive with the process: the schemas go when the library object does
+    _define_missing_schemas.libraries = [*getattr(_define_missing_schemas, "libraries", []),
+                                         library]
 
 
 def _models(torchvision, name, dtype, backend):
