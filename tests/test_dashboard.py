@@ -8,13 +8,15 @@ One module-scoped run of the command that benchmarks/README.md documents,
 (``--profile tiny``: the benchmarks on one tiny shape, float32) into a temporary
 folder, with ``HOME`` there too so that the asv machine file is a new one,
 serves the tests that need a published site. The browser tests open the published
-site, served on 127.0.0.1, in headless Chromium (Debian's ``chromium``) and
-keep the screenshots in ``FASTBN_TEST_ARTIFACTS`` (default: pytest's
+site, served on 127.0.0.1, in headless Chromium (Debian's ``chromium``), driven
+by the repository's tooling ``tools/dashboard_browser.py`` (not part of the
+installed package), and keep the screenshots in ``FASTBN_TEST_ARTIFACTS`` (default: pytest's
 temporary folder).
 
 Without asv, npm (and no cached npm packages) or Chromium these tests skip,
 unless ``FASTBN_REQUIRE_DASHBOARD=1`` (set by ``.ci/run``), where they fail.
 """
+import importlib.util
 import itertools
 import json
 import math
@@ -38,6 +40,7 @@ REQUIRED = os.environ.get("FASTBN_REQUIRE_DASHBOARD") == "1"
 DASHBOARD_ARGS = ["--quick", "--offline", "--no-serve", "--profile", "tiny", "--bench", "track_"]
 SPEEDUP = dashboard.SPEEDUP_BENCHMARK
 FORWARD_FRACTION, BACKWARD_FRACTION = dashboard.COPY_LIMIT_BENCHMARKS
+BROWSER_TOOL = ROOT / "tools" / "dashboard_browser.py"
 # Files whose npm copy is byte for byte the CDN's (asv's integrity hash matches).
 SAME_BYTES = {"jquery", "flot-orderbars", "blueimp-md5", "bootstrap"}
 
@@ -243,8 +246,17 @@ def artifacts(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def chromium():
-    found = dashboard.find_chromium()
+def browser():
+    """``tools/dashboard_browser.py``, imported by path (it is not in the package)."""
+    spec = importlib.util.spec_from_file_location("dashboard_browser", BROWSER_TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def chromium(browser):
+    found = browser.find_chromium()
     if not found:
         unavailable("Chromium is not installed (apt-get install chromium)")
     try:
@@ -269,12 +281,12 @@ def series_by_backend(plot):
     (SPEEDUP, "x", "dashboard-speedup.png"),
     (FORWARD_FRACTION, "fraction", "dashboard-forward-copy-limit.png"),
 ])
-def test_offline_page_draws_in_chromium(site, chromium, artifacts, name, unit, png):
-    with dashboard.serve(site["html"]) as url:
+def test_offline_page_draws_in_chromium(site, browser, chromium, artifacts, name, unit, png):
+    with browser.serve(site["html"]) as url:
         assert url.startswith("http://127.0.0.1:")
-        report = dashboard.render_page(f"{url}#{name}", artifacts / png, chromium=chromium)
+        report = browser.render_page(f"{url}#{name}", artifacts / png, chromium=chromium)
     print(f"screenshot: {artifacts / png}")
-    assert dashboard.page_problems(report) == []
+    assert browser.page_problems(report) == []
     state = report["state"]
     assert "error.html" not in state["href"]
     assert "failed to load" not in state["text"]
@@ -301,18 +313,18 @@ def test_offline_page_draws_in_chromium(site, chromium, artifacts, name, unit, p
     assert shot[:8] == b"\x89PNG\r\n\x1a\n" and len(shot) > 10_000
 
 
-def test_category_axis_draws_bars_in_chromium(site, chromium, artifacts):
+def test_category_axis_draws_bars_in_chromium(site, browser, chromium, artifacts):
     """x-axis = shape: one bar per backend side by side (flot categories + orderBars).
 
     Without ``fastbn-orderbars-categories.js`` flot-orderbars puts every bar
     of four series at x = NaN and nothing is drawn.
     """
     png = "dashboard-forward-copy-limit-by-shape.png"
-    with dashboard.serve(site["html"]) as url:
-        report = dashboard.render_page(f"{url}#{FORWARD_FRACTION}?x-axis=shape",
-                                       artifacts / png, chromium=chromium)
+    with browser.serve(site["html"]) as url:
+        report = browser.render_page(f"{url}#{FORWARD_FRACTION}?x-axis=shape",
+                                     artifacts / png, chromium=chromium)
     print(f"screenshot: {artifacts / png}")
-    assert dashboard.page_problems(report) == []
+    assert browser.page_problems(report) == []
     plot = report["state"]["plot"]
     assert plot["x_mode"] == "categories" and plot["x_label"] == "shape"
     assert plot["x_ticks"] == ["4x8x4x4"]
@@ -327,16 +339,16 @@ def test_category_axis_draws_bars_in_chromium(site, chromium, artifacts):
     assert len(set(positions)) == len(positions), "the bars stand side by side"
 
 
-def test_benchmark_list_sorts_in_chromium(site, chromium, artifacts):
+def test_benchmark_list_sorts_in_chromium(site, browser, chromium, artifacts):
     """asv's benchmark list sorted by value, descending, by the substitute stupidtable.
 
     asv names stupidtable 1.0.1, never published to npm; the offline site
     carries stupid-table-plugin 1.1.3, whose stupidtable/stupidsort asv calls.
     """
     png = "dashboard-benchmark-list.png"
-    with dashboard.serve(site["html"]) as url:
-        report = dashboard.render_page(f"{url}#summarylist?sort=1&dir=desc",
-                                       artifacts / png, chromium=chromium)
+    with browser.serve(site["html"]) as url:
+        report = browser.render_page(f"{url}#summarylist?sort=1&dir=desc",
+                                     artifacts / png, chromium=chromium)
     assert report["failed_requests"] == [] and report["exceptions"] == []
     assert report["console_errors"] == []
     assert report["state"]["libraries"]["stupidtable"]
@@ -345,3 +357,27 @@ def test_benchmark_list_sorts_in_chromium(site, chromium, artifacts):
     values = table["values"]
     assert len(values) >= 3 and None not in values
     assert values == sorted(values, reverse=True)
+
+
+def test_screenshot_command(site, browser, chromium, artifacts, capsys):
+    """The README's picture: the tool's command line on a published site."""
+    png = artifacts / "dashboard-readme.png"
+    page = f"{SPEEDUP}?x-axis=backend&y-axis-scale=log"
+    assert browser.main([str(site["html"]), str(png), "--page", page]) == 0
+    assert f"saved to {png}" in capsys.readouterr().out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    missing = artifacts / "dashboard-no-such-page.png"
+    assert browser.main([str(site["html"]), str(missing), "--page", "no-such-benchmark",
+                         "--timeout", "5"]) == 1
+    assert "the page did not render" in capsys.readouterr().err
+
+
+def test_package_leaves_the_browser_out():
+    """The installed package carries no browser driver: importing it loads no websocket or server."""
+    code = ("import sys, fastbn, fastbn.dashboard, fastbn.__main__; "
+            "print(sorted(name for name in sys.modules "
+            "if name.split('.')[0] in ('websocket', 'http')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.strip() == "[]"
+    assert not hasattr(dashboard, "render_page")
