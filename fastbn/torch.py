@@ -52,8 +52,8 @@ from . import api, registry
 from .api import batchnorm_backward, batchnorm_forward
 from .cache import BatchNormCache
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "FusedReLU", "batch_norm",
-           "convert_batchnorm", "fuse_batchnorm_relu", "revert_batchnorm"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "FusedReLU", "SyncBatchNorm",
+           "batch_norm", "convert_batchnorm", "fuse_batchnorm_relu", "revert_batchnorm"]
 
 # NumPy can view these tensor dtypes without a copy (bfloat16 through its bits).
 _KERNEL_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -729,9 +729,13 @@ def _check_activation(activation):
     return activation
 
 
+from ._torch_sync import SyncBatchNorm  # noqa: E402  (it uses the helpers above)
+
 _TO_FASTBN = {torch.nn.BatchNorm1d: BatchNorm1d, torch.nn.BatchNorm2d: BatchNorm2d,
-              torch.nn.BatchNorm3d: BatchNorm3d}
+              torch.nn.BatchNorm3d: BatchNorm3d, torch.nn.SyncBatchNorm: SyncBatchNorm}
 _TO_TORCH = {fast: stock for stock, fast in _TO_FASTBN.items()}
+# The converted classes that can compute the ReLU after them (not SyncBatchNorm)
+_FUSABLE = (BatchNorm1d, BatchNorm2d, BatchNorm3d)
 
 
 class FusedReLU(torch.nn.Identity):
@@ -754,20 +758,25 @@ def _switch_class(module, new_class, backend=None, activation=None):
     module.__class__ = new_class
     if new_class in _TO_TORCH:
         module.backend = backend
-        module.activation = activation
+        if new_class in _FUSABLE:
+            module.activation = activation
     else:
-        del module.backend, module.activation
+        del module.backend
+        module.__dict__.pop("activation", None)
 
 
 def convert_batchnorm(module, backend=None, *, fuse_relu=False):
-    """Make every ``torch.nn.BatchNorm1d/2d/3d`` of ``module`` run fastbn, in place.
+    """Make every ``torch.nn.BatchNorm1d/2d/3d`` and ``torch.nn.SyncBatchNorm``
+    of ``module`` run fastbn, in place.
 
-    Each batch norm becomes the matching :class:`BatchNorm1d`/``2d``/``3d``:
-    the same object, with the same parameters, buffers (running statistics,
-    ``num_batches_tracked``), hooks and mode, so the state dict, an optimizer
-    built on the model, and saved checkpoints stay valid. Subclasses of
-    PyTorch's batch norms (``SyncBatchNorm``, lazy ones, your own) are left
-    as they are.
+    Each batch norm becomes the matching :class:`BatchNorm1d`/``2d``/``3d``
+    or :class:`SyncBatchNorm`: the same object, with the same parameters,
+    buffers (running statistics, ``num_batches_tracked``), process group,
+    hooks and mode, so the state dict, an optimizer built on the model, and
+    saved checkpoints stay valid. Other subclasses of PyTorch's batch norms
+    (lazy ones, your own) are left as they are. For a distributed model,
+    ``torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)`` then this
+    function gives synchronized batch norm that runs on CPU tensors.
 
     Parameters
     ----------
@@ -779,6 +788,7 @@ def convert_batchnorm(module, backend=None, *, fuse_relu=False):
     fuse_relu : bool, default False
         Where a batch norm is followed directly by a ``torch.nn.ReLU`` in a
         ``torch.nn.Sequential``, compute the ReLU in the batch norm's pass
+        (not for :class:`SyncBatchNorm`)
         (``activation="relu"``) and put a :class:`FusedReLU` (an identity)
         in the ReLU's place. ReLUs called from a ``forward`` method (as in
         torchvision's ResNet blocks) are not seen, and stay: see
@@ -801,7 +811,7 @@ def convert_batchnorm(module, backend=None, *, fuse_relu=False):
         if fuse_relu and isinstance(submodule, torch.nn.Sequential):
             children = list(submodule.named_children())
             for (_, first), (name, second) in zip(children, children[1:]):
-                if (type(first) in _TO_TORCH and first.activation is None
+                if (type(first) in _FUSABLE and first.activation is None
                         and type(second) is torch.nn.ReLU):
                     first.activation = "relu"
                     setattr(submodule, name, FusedReLU(second.inplace))
@@ -809,7 +819,8 @@ def convert_batchnorm(module, backend=None, *, fuse_relu=False):
 
 
 def revert_batchnorm(module):
-    """Undo :func:`convert_batchnorm` in place: PyTorch batch norms again, and
+    """Undo :func:`convert_batchnorm` in place: PyTorch batch norms (and
+    ``torch.nn.SyncBatchNorm``) again, and
     ``torch.nn.ReLU`` where a :class:`FusedReLU` stands.
 
     Returns
@@ -870,7 +881,7 @@ def fuse_batchnorm_relu(module):
         if not (isinstance(source, torch.fx.Node) and source.op == "call_module"):
             continue
         norm = submodules[source.target]
-        if (type(norm) in _TO_TORCH and norm.activation is None and calls[source.target] == 1
+        if (type(norm) in _FUSABLE and norm.activation is None and calls[source.target] == 1
                 and len(source.users) == 1):
             norm.activation = "relu"
             node.replace_all_uses_with(source)
