@@ -22,9 +22,9 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
-from . import api, registry
+from . import registry
 from ._syncstats import elemt_sums, global_statistics, local_moments, update_running
-from .torch import (_array, _channel_array, _check_backend, _kernel_layout, _like_layout,
+from .torch import (_check_backend, _host_param, _host_view, _kernel_layout, _like_layout,
                     _new_output, batch_norm)
 
 _SYNC_DTYPES = (torch.float32, torch.float64)
@@ -42,7 +42,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         if module.ON_DEVICE:
             raise ValueError(f"SyncBatchNorm on CPU tensors needs a CPU backend, got {name!r}")
         source, permutation, axis = _kernel_layout(input)
-        x = _array(source, permutation)
+        x = _host_view(source, permutation)
         axis %= x.ndim
         shape3 = (math.prod(x.shape[:axis]), x.shape[axis], math.prod(x.shape[axis + 1:]))
         channels = shape3[1]
@@ -60,13 +60,11 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                 running_var.detach().to(torch.float64).numpy(), mean, m2, count, momentum)
             running_mean.copy_(torch.from_numpy(new_mean))
             running_var.copy_(torch.from_numpy(new_var))
-        param_dtype = api._param_dtype(x.dtype)
-        gamma = api._channel_param(_channel_array(weight), channels, param_dtype, "gamma", 1.0)
-        beta = api._channel_param(_channel_array(bias), channels, param_dtype, "beta", 0.0)
-        output = _new_output(source, permutation)
+        gamma = _host_param(weight, channels, x.dtype, 1.0, "weight")
+        beta = _host_param(bias, channels, x.dtype, 0.0, "bias")
+        output, out = _new_output(source, permutation)
         if x3.size:
-            module.normalize(x3, mean, invstd, gamma, beta,
-                             _array(output, permutation).reshape(shape3))
+            module.normalize(x3, mean, invstd, gamma, beta, out.reshape(shape3))
         ctx.save_for_backward(input, weight, bias)
         ctx.state = (x3, mean, invstd, gamma, count, name, group, permutation)
         return output
@@ -78,7 +76,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         x3, mean, invstd, gamma, count, name, group, permutation = ctx.state
         module = registry.get_backend(name)
         grad = _like_layout(grad_output, permutation)
-        dy3 = _array(grad, permutation).reshape(x3.shape)
+        dy3 = _host_view(grad, permutation).reshape(x3.shape)
         local_count = x3.shape[0] * x3.shape[2]
         local = np.zeros((2, x3.shape[1]), dtype=np.float64)
         if local_count:
@@ -87,11 +85,11 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         dist.all_reduce(total, group=group)
         grad_input = None
         if ctx.needs_input_grad[0]:
-            grad_input = _new_output(grad, permutation)
+            grad_input, dx = _new_output(grad, permutation)
             if local_count:
                 sum_dy, sum_dy_xhat = elemt_sums(total.numpy(), local_count, count)
                 module.backward_elemt(dy3, x3, mean, invstd, gamma, sum_dy, sum_dy_xhat,
-                                      _array(grad_input, permutation).reshape(x3.shape))
+                                      dx.reshape(x3.shape))
         # The parameters' gradients are this rank's contributions, as in
         # PyTorch: DistributedDataParallel sums (averages) them over ranks.
         grad_weight = grad_bias = None

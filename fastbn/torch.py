@@ -60,6 +60,9 @@ _KERNEL_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 # NumPy's dtype for each tensor dtype it can allocate.
 _NUMPY_ITEMS = {torch.float64: np.float64, torch.float32: np.float32,
                 torch.float16: np.float16}
+# The dtype of gamma/beta for each input dtype: float32 for 16-bit storage.
+_PARAM_DTYPES = {torch.float64: np.dtype(np.float64), torch.float32: np.dtype(np.float32),
+                 torch.float16: np.dtype(np.float32), torch.bfloat16: np.dtype(np.float32)}
 # Per-channel tensors the host functions can use as they are.
 _CHANNEL_DTYPES = (torch.float64, torch.float32, torch.float16)
 
@@ -214,7 +217,8 @@ def _empty_like(source):
 
 
 def _new_output(source, permutation):
-    """An uninitialized CPU tensor for the result of a call on ``source``.
+    """``(tensor, array)``: an uninitialized CPU tensor for the result of a call
+    on ``source``, and the array the kernels write (its memory, in memory order).
 
     ``source`` is contiguous (``permutation`` None) or channels-last (its
     memory order given by ``permutation``); the result has the same layout,
@@ -224,11 +228,44 @@ def _new_output(source, permutation):
     """
     item = _NUMPY_ITEMS.get(source.dtype)
     if item is None:
-        return torch.empty_like(source)
+        output = torch.empty_like(source)
+        return output, _array(output, permutation)
     if permutation is None:
-        return torch.from_numpy(np.empty(source.shape, dtype=item))
+        memory = np.empty(source.shape, dtype=item)
+        return torch.from_numpy(memory), memory
     memory = np.empty([source.shape[axis] for axis in permutation], dtype=item)
-    return torch.from_numpy(memory).permute(_INVERSE[len(permutation)])
+    return torch.from_numpy(memory).permute(_INVERSE[len(permutation)]), memory
+
+
+def _host_view(tensor, permutation=None):
+    """:func:`_array` of a CPU tensor, with no ``detach`` where none is needed."""
+    if tensor.requires_grad or tensor.dtype == torch.bfloat16:
+        return _array(tensor, permutation)
+    if permutation is not None:
+        tensor = tensor.permute(permutation)
+    return tensor.numpy()
+
+
+def _host_param(tensor, channels, dtype, fill, name):
+    """A weight or bias as the host kernels take it: float64 ``(C,)`` holding
+    the values rounded to ``dtype`` (a NumPy dtype: the input's, float32 for
+    16-bit input); ``None`` gives ``fill``. As :func:`fastbn.batchnorm_forward`
+    checks it (NumPy's conversions: cheaper than PyTorch's on ``C`` values)."""
+    if tensor is None:
+        return np.full(channels, fill, dtype=np.float64)
+    if tensor.shape != (channels,):
+        raise ValueError(f"{name} must have shape ({channels},) (one value per channel), "
+                         f"got shape {tuple(tensor.shape)}")
+    if tensor.is_complex():
+        raise TypeError(f"{name} must have real numbers, got dtype {tensor.dtype}")
+    if tensor.requires_grad:
+        tensor = tensor.detach()
+    if tensor.dtype not in _CHANNEL_DTYPES:
+        tensor = tensor.to(torch.float32)
+    array = tensor.numpy()
+    if array.dtype != dtype:
+        array = array.astype(dtype)
+    return array.astype(np.float64)
 
 
 # The permutation back from memory order (channels last) to (N, C, ...).
@@ -470,18 +507,22 @@ def _eager_forward(input, weight, bias, running_mean, running_var, training, mom
 
     :func:`batch_norm` has checked the input's dtype and shape, ``eps``, the
     one-value-per-channel rule and the running statistics' presence; the
-    per-channel tensors are checked here as :func:`fastbn.batchnorm_forward`
-    checks them. An empty batch goes through that function.
+    per-channel tensors and ``momentum`` are checked here as
+    :func:`fastbn.batchnorm_forward` checks them. An empty batch goes
+    through that function.
     """
     source, permutation, axis = _kernel_layout(input)
-    output = _new_output(source, permutation)
-    x, out = _array(source, permutation), _array(output, permutation)
-    mean_array, mean_back = _running_array(running_mean)
-    var_array, var_back = _running_array(running_var)
+    output, out = _new_output(source, permutation)
+    x = _host_view(source, permutation)
+    channels = input.shape[1]
+    mean_array, mean_back = _running_array(running_mean, channels, "running_mean")
+    var_array, var_back = _running_array(running_var, channels, "running_var")
     name = backend or registry.default_backend()
-    axis = axis % x.ndim
-    A, C, B = math.prod(x.shape[:axis]), x.shape[axis], math.prod(x.shape[axis + 1:])
-    if A * B == 0:
+    if axis == 1:
+        shape3 = (x.shape[0], channels, x.size // (x.shape[0] * channels) if x.size else 0)
+    else:
+        shape3 = (x.size // channels, channels, 1)
+    if x.size == 0:
         _, cache = batchnorm_forward(x, _channel_array(weight), _channel_array(bias),
                                      training=training, running_mean=mean_array,
                                      running_var=var_array, momentum=momentum, eps=eps,
@@ -489,13 +530,10 @@ def _eager_forward(input, weight, bias, running_mean, running_var, training, mom
         return output, cache, permutation
     module = registry.get_backend(name)
     momentum = api._check_scalar(momentum, "momentum", 0.0, 1.0)
-    param_dtype = api._param_dtype(x.dtype)
-    gamma = api._channel_param(_channel_array(weight), C, param_dtype, "gamma", 1.0)
-    beta = api._channel_param(_channel_array(bias), C, param_dtype, "beta", 0.0)
-    for array, what in ((mean_array, "running_mean"), (var_array, "running_var")):
-        if array is not None:
-            api._check_running(array, C, what, training)
-    x3, out3 = x.reshape(A, C, B), out.reshape(A, C, B)
+    param_dtype = _PARAM_DTYPES[input.dtype]
+    gamma = _host_param(weight, channels, param_dtype, 1.0, "gamma")
+    beta = _host_param(bias, channels, param_dtype, 0.0, "beta")
+    x3, out3 = x.reshape(shape3), out.reshape(shape3)
     fused = {"relu": True} if activation else {}
     if training:
         mean, invstd = module.forward_train(x3, gamma, beta, eps, out3, mean_array, var_array,
@@ -506,31 +544,36 @@ def _eager_forward(input, weight, bias, running_mean, running_var, training, mom
     else:
         mean, invstd = module.forward_eval(x3, gamma, beta, mean_array, var_array, eps, out3,
                                            **fused)
-    cache = BatchNormCache(x, mean, invstd, gamma, eps, axis, training, name, beta=beta,
-                           activation=activation)
+    cache = BatchNormCache(x, mean, invstd, gamma, eps, axis % x.ndim, training, name,
+                           beta=beta, activation=activation)
     return output, cache, permutation
 
 
 def _eager_backward(grad_output, cache, permutation):
     """``(grad_input, grad_weight, grad_bias)`` from the backend's backward kernels."""
     grad = _like_layout(grad_output, permutation)
-    grad_input = _new_output(grad, permutation)
-    dy, dx = _array(grad, permutation), _array(grad_input, permutation)
+    grad_input, dx = _new_output(grad, permutation)
+    dy = _host_view(grad, permutation)
     x = cache.x
     if dy.dtype != x.dtype or x.size == 0:
         _, grad_weight, grad_bias = batchnorm_backward(dy, cache, out=dx)
     else:
-        axis = cache.axis
-        A, C, B = math.prod(x.shape[:axis]), x.shape[axis], math.prod(x.shape[axis + 1:])
+        channels = x.shape[cache.axis]
+        shape3 = ((x.shape[0], channels, x.size // (x.shape[0] * channels)) if cache.axis == 1
+                  else (x.size // channels, channels, 1))
         module = registry.get_backend(cache.backend)
         fused = {"beta": cache.beta, "relu": True} if cache.activation else {}
         kernel = module.backward_train if cache.training else module.backward_eval
-        grad_bias, grad_weight = kernel(dy.reshape(A, C, B), x.reshape(A, C, B), cache.mean,
-                                        cache.invstd, cache.gamma, dx.reshape(A, C, B), **fused)
+        grad_bias, grad_weight = kernel(dy.reshape(shape3), x.reshape(shape3), cache.mean,
+                                        cache.invstd, cache.gamma, dx.reshape(shape3), **fused)
+        # the float64 sums in the parameters' dtype (NumPy's cast: cheaper than PyTorch's)
+        param_dtype = _PARAM_DTYPES[grad.dtype]
+        grad_weight = grad_weight.astype(param_dtype, copy=False)
+        grad_bias = grad_bias.astype(param_dtype, copy=False)
     return grad_input, torch.from_numpy(grad_weight), torch.from_numpy(grad_bias)
 
 
-def _running_array(tensor):
+def _running_array(tensor, channels, name):
     """(the array the kernels update, the tensor to copy it back into, or None).
 
     A contiguous CPU tensor of a dtype NumPy can view is updated in place;
@@ -538,10 +581,39 @@ def _running_array(tensor):
     """
     if tensor is None:
         return None, None
+    if tensor.shape != (channels,):
+        raise ValueError(f"{name} must have shape ({channels},) (one value per channel), "
+                         f"got shape {tuple(tensor.shape)}")
+    if not tensor.is_floating_point():
+        raise TypeError(f"{name} must have a floating dtype, got dtype {tensor.dtype}")
     if tensor.dtype in _CHANNEL_DTYPES and tensor.is_contiguous():
-        return tensor.detach().numpy(), None
+        return (tensor.detach() if tensor.requires_grad else tensor).numpy(), None
     copy = tensor.detach().to(torch.float32, memory_format=torch.contiguous_format, copy=True)
     return copy.numpy(), copy
+
+
+def _function_apply(function):
+    """``function.apply`` without its Python prologue (default-argument
+    binding, the unwrapping of dead ``torch.func`` wrappers): the C++
+    ``apply`` that it ends in. Only for calls made outside ``torch.func``
+    transforms (see :func:`_use_operator`), where that prologue does nothing
+    but unwrap tensors that escaped a finished transform, which
+    :func:`_apply_eager` still does."""
+    try:
+        return torch._C._FunctionBase.__dict__["apply"].__get__(None, function)
+    except (AttributeError, KeyError, TypeError):   # a torch without it: the public one
+        return function.apply
+
+
+_EAGER_APPLY = _function_apply(_EagerBatchNorm)
+_UNWRAP_IF_DEAD = getattr(getattr(torch._C, "_functorch", None), "unwrap_if_dead",
+                          lambda tensor: tensor)
+
+
+def _apply_eager(input, weight, bias, options):
+    unwrap = _UNWRAP_IF_DEAD
+    return _EAGER_APPLY(unwrap(input), None if weight is None else unwrap(weight),
+                        None if bias is None else unwrap(bias), options)
 
 
 def _needs_grad(input, weight, bias):
@@ -640,7 +712,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         options = (running_mean, running_var, bool(training), momentum, eps, activation,
                    backend)
         if _needs_grad(input, weight, bias):
-            return _EagerBatchNorm.apply(input, weight, bias, options)
+            return _apply_eager(input, weight, bias, options)
         return _eager_forward(input, weight, bias, *options)[0]
     output, _, _, new_mean, new_var = _batch_norm_op(
         input, running_mean, running_var, weight, bias, bool(training), float(momentum), eps,
