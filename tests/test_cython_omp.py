@@ -1,9 +1,11 @@
 """Tests specific to the Cython + OpenMP backend (``backend="cython"``).
 
-The general parity suite (every backend against the references) lives in
-other files; here: the OpenMP build check, thread-count invariance, both
-loop shapes against a float64 NumPy reference, the accuracy cases, and the
-numba and cython backends used from several Python threads at once.
+The kernel contract (float64 reference, thread-count invariance, accuracy
+corner cases, read-only inputs, running statistics and the evaluation
+kernels) is tested in ``test_contract.py`` over this backend's shape
+classes; here: the OpenMP build check, fused == unfused bit for bit, the
+public API, the numba and cython backends used from several Python threads
+at once, 16-bit conversions (F16C and portable) and kernels, the fused ReLU.
 
 ``test_built_with_openmp`` fails when the extension is missing or was built
 without OpenMP (that is how CI learns the build is broken), unless the
@@ -17,6 +19,7 @@ import numpy as np
 import pytest
 
 from conftest import kernel_reference, make_kernel_case
+from contract_support import CythonOmp
 from fastbn.backends import cython_omp
 
 AVAILABLE, REASON = cython_omp.availability()
@@ -48,35 +51,7 @@ def test_availability_and_info_shape():
     assert cython_omp.ON_DEVICE is False
 
 
-def reference(x, gamma, beta, dy):
-    return kernel_reference(x, gamma, beta, dy, EPS)
-
-
 make_case = make_kernel_case
-
-
-def run_all_kernels(x, dy, gamma, beta):
-    """Every kernel of the contract once; returns a dict of results."""
-    res = {}
-    res["stats"] = cython_omp.stats(x)
-    y = np.empty_like(x)
-    res["fwd_stats"] = cython_omp.forward_train(x, gamma, beta, EPS, y)
-    res["y"] = y
-    mean, invstd = res["fwd_stats"]
-    y_eval = np.empty_like(x)
-    cython_omp.normalize(x, mean, invstd, gamma, beta, y_eval)
-    res["y_normalize"] = y_eval
-    res["reduce"] = cython_omp.backward_reduce(dy, x, mean, invstd)
-    dx_elemt = np.empty_like(x)
-    cython_omp.backward_elemt(dy, x, mean, invstd, gamma, *res["reduce"], dx_elemt)
-    res["dx_elemt"] = dx_elemt
-    dx = np.empty_like(x)
-    res["train"] = cython_omp.backward_train(dy, x, mean, invstd, gamma, dx)
-    res["dx"] = dx
-    dx_staged = np.empty_like(x)
-    res["staged"] = cython_omp.backward_staged(dy, x, mean, invstd, gamma, EPS, dx_staged)
-    res["dx_staged"] = dx_staged
-    return res
 
 
 def assert_close(actual, expected, rtol, atol):
@@ -84,11 +59,8 @@ def assert_close(actual, expected, rtol, atol):
                                rtol=rtol, atol=atol)
 
 
-# The shapes below were sized for these cache-dependent block sizes (a
-# fused row block within 1 MiB, the channel path fused from 16 MiB). The
-# extension sets its own from this machine's caches at import; the tests pin
-# these, so that each shape takes the path its comment names on any CPU.
-PINNED_TUNING = {"row_fuse_bytes": 1024 * 1024, "fuse_min_bytes": 16 * 1024 * 1024}
+# The cache-dependent block sizes the shapes were sized for (see contract_support).
+PINNED_TUNING = CythonOmp.PINNED_TUNING
 
 
 @pytest.fixture(autouse=True)
@@ -106,74 +78,13 @@ def pinned_cache_tuning():
 
 
 # Shapes covering both loop shapes, fused and split channel paths, chunked
-# channels, column blocks and the single-thread fallback for tiny arrays.
-SHAPES = {
-    "rows_B1_large_C": (256, 1100, 1),     # B == 1: vectorized across C, column blocks
-    "rows_B1_fused": (64, 1500, 1),        # B == 1: fused per block of channels (in L2)
-    "rows_B1_small_C": (40000, 3, 1),      # B == 1, few channels, many row chunks
-    "channels_fused": (8, 64, 4100),       # B large, many channels (fused: float64 is >= 16 MiB)
-    "channels_split": (3, 2, 70001),       # B large, C < threads: split channels, odd sizes
-    "channels_small_B": (64, 40, 49),      # short segments
-    "tiny": (3, 5, 7),                     # runs on one thread
-}
-
-
-@needs_extension
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("name", list(SHAPES))
-def test_kernels_match_float64_reference(name, dtype):
-    x, dy, gamma, beta = make_case(SHAPES[name], dtype)
-    ref = reference(x, gamma, beta, dy)
-    res = run_all_kernels(x, dy, gamma, beta)
-    tight = 1e-5 if dtype == np.float32 else 1e-10
-    # statistics and reductions are float64 in every case
-    mean, var = res["stats"]
-    mean_f, invstd_f = res["fwd_stats"]
-    for values in (mean, var, mean_f, invstd_f):
-        assert values.dtype == np.float64
-    assert_close(mean, ref["mean"], 1e-12, 1e-12)
-    assert_close(var, ref["var"], 1e-10, 1e-12)
-    assert_close(mean_f, ref["mean"], 1e-12, 1e-12)
-    assert_close(invstd_f, ref["invstd"], 1e-10, 1e-12)
-    for sum_dy, sum_dy_xhat in (res["reduce"], res["train"]):
-        assert_close(sum_dy, ref["sum_dy"], 1e-9, 1e-9)
-        assert_close(sum_dy_xhat, ref["sum_dy_xhat"], 1e-9, 1e-9)
-    dgamma, dbeta = res["staged"]
-    stage_tol = 1e-3 if dtype == np.float32 else 1e-9   # float32 intermediates
-    assert_close(dbeta, ref["sum_dy"], 1e-9, 1e-9)
-    assert_close(dgamma, ref["sum_dy_xhat"], stage_tol, stage_tol)
-    for key in ("y", "y_normalize"):
-        assert res[key].dtype == x.dtype
-        assert_close(res[key], ref["y"], tight, tight)
-    for key in ("dx", "dx_elemt"):
-        assert res[key].dtype == x.dtype
-        assert_close(res[key], ref["dx"], tight, tight)
-    scale = np.abs(ref["dx"]).max()
-    assert_close(res["dx_staged"], ref["dx"], stage_tol, stage_tol * scale)
+# channels, column blocks and the single-thread fallback (the contract suite's).
+SHAPES = {name: CythonOmp.shapes[name] for name in CythonOmp.properties["reference"]}
 
 
 # ---------------------------------------------------------------------------
 # Thread-count invariance
 # ---------------------------------------------------------------------------
-
-@needs_extension
-@pytest.mark.parametrize("name", ["rows_B1_large_C", "rows_B1_fused", "rows_B1_small_C",
-                                  "channels_fused", "channels_split", "channels_small_B"])
-def test_results_do_not_depend_on_thread_count(name):
-    threadpoolctl = pytest.importorskip("threadpoolctl")
-    x, dy, gamma, beta = make_case(SHAPES[name], np.float64, seed=1)
-    results = {}
-    for n in (1, 2):
-        with threadpoolctl.threadpool_limits(n, user_api="openmp"):
-            if cython_omp.info()["openmp"]:
-                assert cython_omp.info()["threads"] == n
-            results[n] = run_all_kernels(x, dy, gamma, beta)
-    one, two = results[1], results[2]
-    for key in one:
-        for a, b in zip(np.atleast_1d(one[key]) if isinstance(one[key], np.ndarray) else one[key],
-                        np.atleast_1d(two[key]) if isinstance(two[key], np.ndarray) else two[key]):
-            np.testing.assert_allclose(a, b, rtol=1e-12, atol=0, err_msg=key)
-
 
 @needs_extension
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -211,67 +122,6 @@ def test_thread_count_read_at_every_call():
 # ---------------------------------------------------------------------------
 # Accuracy cases
 # ---------------------------------------------------------------------------
-
-@needs_extension
-@pytest.mark.parametrize("shape", [(64, 3, 500), (4000, 7, 1), (64, 1500, 1)])
-def test_float32_large_mean_small_std(shape):
-    # mean = 1e4 * std: the centring must be done in float64 (or with the
-    # split mean = hi + lo of the float32 elementwise loops)
-    rng = np.random.default_rng(2)
-    x = (1e4 + rng.standard_normal(shape)).astype(np.float32)
-    C = shape[1]
-    gamma, beta = np.ones(C), np.zeros(C)
-    y = np.empty_like(x)
-    mean, invstd = cython_omp.forward_train(x, gamma, beta, EPS, y)
-    dy = (1e4 + rng.standard_normal(shape)).astype(np.float32)   # mean_dy = 1e4 * std
-    ref = reference(x, gamma, beta, dy)
-    assert np.max(np.abs(y - ref["y"])) < 1e-4
-    dx = np.empty_like(x)
-    cython_omp.backward_train(dy, x, mean, invstd, gamma, dx)
-    assert np.max(np.abs(dx - ref["dx"])) < 1e-4 * np.max(np.abs(ref["dx"]))
-
-
-@needs_extension
-@pytest.mark.parametrize("shape", [(16, 4, 300), (300, 4, 1), (8, 64, 40000)])
-def test_constant_float32_channel_gives_zero_var_and_beta(shape):
-    x = np.full(shape, 1e7, dtype=np.float32)
-    C = shape[1]
-    gamma = np.linspace(0.5, 2.0, C).astype(np.float32).astype(np.float64)
-    beta = np.linspace(-1.0, 1.0, C).astype(np.float32).astype(np.float64)
-    mean, var = cython_omp.stats(x)
-    assert np.all(var == 0.0) and np.all(mean == 1e7)
-    y = np.empty_like(x)
-    mean, invstd = cython_omp.forward_train(x, gamma, beta, EPS, y)
-    assert np.all(invstd == 1.0 / np.sqrt(EPS))   # var == 0 exactly
-    assert np.array_equal(y, np.broadcast_to(beta.astype(np.float32)[None, :, None], shape))
-
-
-@needs_extension
-@pytest.mark.parametrize("shape", [(16, 4, 300), (300, 4, 1), (8, 64, 40000)])
-@pytest.mark.parametrize("position", ["first", "last"])
-def test_nan_propagates_to_its_channel_only(shape, position):
-    x, dy, gamma, beta = make_case(shape, np.float32, seed=3)
-    index = (0, 1, 0) if position == "first" else (shape[0] - 1, 1, shape[2] - 1)
-    x[index] = np.nan
-    res = run_all_kernels(x, dy, gamma, beta)
-    for key in ("y", "dx", "dx_staged"):
-        assert np.all(np.isnan(res[key][:, 1, :])), key
-        others = np.delete(res[key], 1, axis=1)
-        assert np.all(np.isfinite(others)), key
-    mean, invstd = res["fwd_stats"]
-    assert np.isnan(mean[1]) and np.isnan(invstd[1])
-    assert np.all(np.isfinite(np.delete(mean, 1)))
-
-
-@needs_extension
-def test_inputs_not_modified_and_read_only_inputs_work():
-    x, dy, gamma, beta = make_case((8, 6, 50), np.float32)
-    x_copy, dy_copy = x.copy(), dy.copy()
-    x.flags.writeable = False
-    dy.flags.writeable = False
-    run_all_kernels(x, dy, gamma, beta)
-    assert np.array_equal(x, x_copy) and np.array_equal(dy, dy_copy)
-
 
 # ---------------------------------------------------------------------------
 # Through the public API, when it is there
@@ -355,57 +205,6 @@ def test_numba_and_cython_from_several_python_threads():
     for t in threads:
         t.join()
     assert not errors, errors
-
-
-@needs_extension
-@pytest.mark.parametrize("running_dtype", ["float32", "float64", "float16", "strided"])
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("name", ["rows_B1_large_C", "rows_B1_fused", "channels_small_B", "tiny"])
-def test_running_statistics_and_eval_kernels(name, dtype, running_dtype):
-    """forward_train updates the running statistics in place in its driver
-    (PyTorch's rule); forward_eval and backward_eval use them as constants."""
-    x, dy, gamma, beta = make_case(SHAPES[name], dtype, seed=8)
-    A, C, B = x.shape
-    M = A * B
-    ref = reference(x, gamma, beta, dy)
-    rng = np.random.default_rng(9)
-    if running_dtype == "strided":
-        buffers = np.zeros((2, C, 2))
-        running_mean, running_var = buffers[0, :, 1], buffers[1, :, 1]
-    else:
-        running_mean = np.empty(C, dtype=running_dtype)
-        running_var = np.empty(C, dtype=running_dtype)
-    running_mean[...] = rng.standard_normal(C)
-    running_var[...] = rng.uniform(0.5, 2.0, C)
-    start_mean = running_mean.astype(np.float64)
-    start_var = running_var.astype(np.float64)
-    out = np.empty_like(x)
-    momentum = 0.3
-    mean_t, invstd_t = cython_omp.forward_train(x, gamma, beta, EPS, out, running_mean,
-                                                running_var, momentum)
-    assert_close(mean_t, ref["mean"], 1e-13, 0)
-    assert_close(invstd_t, ref["invstd"], 1e-12, 0)
-    want_mean = 0.7 * start_mean + momentum * ref["mean"]
-    want_var = 0.7 * start_var + momentum * ref["var"] * M / (M - 1)
-    rtol = 1e-3 if running_dtype == "float16" else 1e-6 if running_dtype == "float32" else 1e-12
-    assert_close(running_mean, want_mean, rtol, rtol)
-    assert_close(running_var, want_var, rtol, rtol)
-
-    mean, invstd = cython_omp.forward_eval(x, gamma, beta, running_mean, running_var, EPS, out)
-    np.testing.assert_array_equal(mean, running_mean.astype(np.float64))
-    assert_close(invstd, 1 / np.sqrt(running_var.astype(np.float64) + EPS), 1e-14, 0)
-    x64 = x.astype(np.float64)
-    tol = 1e-6 if dtype == np.float32 else 1e-12
-    assert_close(out, (x64 - mean[:, None]) * (invstd * gamma)[:, None] + beta[:, None],
-                 tol, tol)
-
-    dx = np.empty_like(x)
-    sum_dy, sum_dy_xhat = cython_omp.backward_eval(dy, x, mean, invstd, gamma, dx)
-    dy64 = dy.astype(np.float64)
-    assert_close(dx, dy64 * (gamma * invstd)[:, None], tol, tol)
-    assert_close(sum_dy, dy64.sum(axis=(0, 2)), 1e-12, 1e-12)
-    want_sum = (dy64 * (x64 - mean[:, None]) * invstd[:, None]).sum(axis=(0, 2))
-    assert_close(sum_dy_xhat, want_sum, 1e-12, 1e-12)
 
 
 def test_source_tree_says_why_the_extension_is_missing(tmp_path):
