@@ -274,9 +274,11 @@ def ddp_step(rank, world, backends, steps=2):
 
 
 def ddp_resnet18_step_time(rank, world, backends, result):
-    """Time of a 2-rank DDP training step of torchvision's ResNet-18 (batch
-    per rank in ``result``), fastbn's SyncBatchNorm against PyTorch's plain
-    batch norm on each rank, in interleaved rounds (fastbn.bench.timing)."""
+    """Time of a DDP training step of torchvision's ResNet-18 (batch per rank,
+    size, threads and rounds in ``result``): fastbn's SyncBatchNorm against
+    unsynchronized batch norm on each rank (PyTorch's, and fastbn's), in
+    interleaved rounds of fastbn.bench.timing; rank 0 writes the figures.
+    Run by hand (see docs/pytorch.md), not by the tests."""
     from fastbn.bench import timing
     from fastbn.bench.suites.torch_model import import_torchvision
 
@@ -285,12 +287,14 @@ def ddp_resnet18_step_time(rank, world, backends, result):
     batch, size = int(result["batch"]), int(result["size"])
     torch.manual_seed(0)
     plain = torchvision.models.resnet18(num_classes=100)
+    converted = fastbn.torch.convert_batchnorm(copy.deepcopy(plain))
     synced = fastbn.torch.convert_batchnorm(
         torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(plain)))
     x = torch.randn(batch, 3, size, size)
     target = torch.randint(0, 100, (batch,))
     steps = {}
-    for name, model in (("plain", plain), ("fastbn sync", synced)):
+    for name, model in (("torch BatchNorm2d", plain), ("fastbn BatchNorm2d", converted),
+                        ("fastbn SyncBatchNorm", synced)):
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         optimizer = torch.optim.SGD(ddp.parameters(), lr=1e-3)
 
