@@ -1,4 +1,4 @@
-"""fastbn inside PyTorch models: a custom op with autograd, and drop-in modules.
+"""fastbn inside PyTorch models: a function, drop-in modules, synchronized batch norm.
 
 ``import fastbn.torch`` registers two operators with ``torch.library``,
 ``fastbn::batch_norm`` (the forward, with an autograd formula) and
@@ -9,15 +9,22 @@ the forward does not update the running statistics in its arguments: it
 returns the updated statistics (computed by fastbn's kernels, in a copy of
 the ``C`` values), and :func:`batch_norm` writes them into the caller's
 tensors with ``copy_``, which ``torch.compile`` records as the mutation of
-those buffers. On top of them:
+those buffers. The operator's dispatch costs several times the kernels on
+small tensors, so eager calls on CPU tensors take a lean path to the same
+kernels instead (:class:`_EagerBatchNorm`, see :func:`batch_norm`). On top:
 
 - :func:`batch_norm`, with the signature and meaning of
-  ``torch.nn.functional.batch_norm``;
+  ``torch.nn.functional.batch_norm``, double backward included;
 - :class:`BatchNorm1d`, :class:`BatchNorm2d`, :class:`BatchNorm3d`,
   subclasses of PyTorch's with the same parameters, buffers, state dict and
   repr, whose ``forward`` runs fastbn;
+- :class:`SyncBatchNorm` (``fastbn/_torch_sync.py``), synchronized batch
+  norm of CPU tensors over ``torch.distributed``;
 - :func:`convert_batchnorm` / :func:`revert_batchnorm`, which switch every
-  ``torch.nn.BatchNorm1d/2d/3d`` of a model to fastbn and back, in place.
+  ``torch.nn.BatchNorm1d/2d/3d`` and ``torch.nn.SyncBatchNorm`` of a model
+  to fastbn and back, in place.
+
+See docs/pytorch.md.
 
 How tensors reach the kernels
 -----------------------------
