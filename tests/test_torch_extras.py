@@ -49,6 +49,7 @@ def test_the_constraints_pin_the_tested_releases():
     assert all(re.fullmatch(r"\d+(\.\d+)+", pins[name]) for name in PYTORCH_PACKAGES)
 
 
+@pytest.mark.slow   # pip builds fastbn's metadata (meson) in an isolated environment
 def test_installing_the_torch_extra_keeps_the_installed_torch(tmp_path):
     """``pip install --dry-run --report`` of ``.[torch]`` into this environment:
     pip would install nothing named torch, whatever its version here."""
