@@ -50,7 +50,6 @@ for the device (``torch.cuda.synchronize()``): correct, at the price of two
 host synchronizations per call, until the backend can launch on a given
 stream.
 """
-import math
 
 import numpy as np
 import torch
