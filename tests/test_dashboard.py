@@ -360,7 +360,7 @@ def test_benchmark_list_sorts_in_chromium(site, browser, chromium, artifacts):
 
 
 def test_screenshot_command(site, browser, chromium, artifacts, capsys):
-    """The README's picture: the tool's command line on a published site."""
+    """The documentation's picture: the tool's command line on a published site."""
     png = artifacts / "dashboard-readme.png"
     page = f"{SPEEDUP}?x-axis=backend&y-axis-scale=log"
     assert browser.main([str(site["html"]), str(png), "--page", page]) == 0

@@ -147,7 +147,7 @@ def test_digits_split(digits):
 
 # ---------------------------------------------------------------------------
 # The experiments, quick versions (3 epochs). Thresholds from measured runs:
-# see the README section "Batch normalization on real data".
+# see docs/experiments.md.
 # ---------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_quick_baseline_vs_batchnorm(backend, digits):

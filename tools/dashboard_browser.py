@@ -2,7 +2,7 @@
 
 ``tests/test_dashboard.py`` uses it to check what the page of ``fastbn
 dashboard`` loads and draws, and its command line makes the screenshot of the
-README (``docs/dashboard.png``) from a published site::
+dashboard in docs/performance.md (``docs/dashboard.png``) from a published site::
 
     fastbn dashboard --quick --offline --no-serve
     python tools/dashboard_browser.py .asv/html docs/dashboard.png \

@@ -13,7 +13,7 @@ has one module per concern:
 - ``_errors``: the errors both raise.
 
 The headless-Chromium driver that opens the published page (the tests'
-checks and the README's screenshot) is tooling, not part of the package:
+checks and the documentation's screenshot) is tooling, not part of the package:
 ``tools/dashboard_browser.py`` in the repository.
 """
 from ._asv import (COPY_LIMIT_BENCHMARKS, PROFILES, SPEEDUP_BENCHMARK, add_arguments,
