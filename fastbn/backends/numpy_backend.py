@@ -32,21 +32,18 @@ caller's arrays, the kernels allocate:
 * 16-bit storage: a few float32 blocks, about ``4 * BLOCK_ELEMENTS * 4``
   bytes (64 MiB) in all, whatever the size of ``x``, so a 16-bit call fits
   wherever its inputs and outputs fit;
-* the staged backward: its full-size intermediates, at most
-  ``STAGED_TEMPORARIES`` arrays of ``x``'s size in the compute dtype
-  (float32 for 16-bit storage, plus the float32 copies of ``x`` and
-  ``dy``). It raises ``MemoryError`` before allocating them when they do
+* the staged backward: its full-size intermediates
+  (:func:`fastbn.backends._staged.temporaries`, plus one product temporary,
+  plus the float32 copies of ``x`` and ``dy`` for 16-bit storage) in the
+  compute dtype. It raises ``MemoryError`` before allocating them when they do
   not fit in the memory available (:mod:`fastbn.backends._memory`).
 """
 import numpy as np
 
-from . import _host, _memory
+from . import _host, _staged
 
 # Elements per block of the 16-bit path (64 MiB of float32 per working copy).
 BLOCK_ELEMENTS = 1 << 24
-# Full-size intermediates the staged backward holds at its peak: five at
-# step 3 (xmu, dxmu1, dsq, 2 * xmu, dxmu2), and the ReLU's masked dy.
-STAGED_TEMPORARIES = 6
 
 ON_DEVICE = False
 _REDUCE_AXES = (0, 2)
@@ -371,65 +368,72 @@ def backward_train(dy, x, mean, invstd, gamma, out, beta=None, relu=False):
     return sum_dy, sum_dy_xhat
 
 
+class _StagedOps(_staged.HostChannels):
+    """The staged walk's primitives: whole-array ufuncs of the compute dtype."""
+
+    def __init__(self, dtype, shape):
+        self.dtype = dtype
+        self.shape = shape
+
+    def normalize(self, x, mean, invstd, gamma, beta):
+        y = np.empty_like(x)
+        _normalize_into(x, mean, invstd, gamma, beta, y)
+        return y
+
+    def mask_positive(self, u, v):
+        return np.where(v > 0, u, self.dtype.type(0))
+
+    def subtract(self, u, p):
+        return _center(u, p, np.empty_like(u))
+
+    def multiply(self, u, p):
+        return u * _channel(p, self.dtype)
+
+    def broadcast(self, p):
+        return np.broadcast_to(_channel(p, self.dtype), self.shape).copy()
+
+    def twice_product(self, u, v):
+        return 2 * u * v
+
+    def add(self, u, v):
+        return u + v
+
+    def add_into(self, u, p, out):
+        if _is16(out):
+            out[...] = u + _channel(p, self.dtype)
+        else:
+            np.add(u, _channel(p, self.dtype), out=out)
+
+    @staticmethod
+    def sum(u):
+        return _sum64(u)
+
+    @staticmethod
+    def sum_of_product(u, v):
+        return _sum64(u * v)
+
+
 def backward_staged(dy, x, mean, invstd, gamma, eps, out, beta=None, relu=False):
     """The cs231n computational graph, walked back stage by stage.
 
-    Each stage writes a full-size intermediate of the compute dtype
-    (``x.dtype``, float32 for 16-bit storage); reductions accumulate in
-    float64. See :mod:`fastbn.backends` for the stages. With ``relu`` the
-    graph has one more node on top, ``relu = max(y, 0)``, walked back first.
+    The walk is :func:`fastbn.backends._staged.backward`; each stage here is
+    one whole-array ufunc that writes a full-size intermediate of the
+    compute dtype (``x.dtype``, float32 for 16-bit storage); reductions
+    accumulate in float64.
 
     Raises
     ------
     MemoryError
-        Before allocating anything, when the intermediates (see
-        ``STAGED_TEMPORARIES``) do not fit in the available memory.
+        Before allocating anything, when the intermediates do not fit in the
+        available memory.
 
     Returns
     -------
     dgamma, dbeta : ndarray of float64, shape (C,)
     """
-    compute_itemsize = 4 if _is16(x) else x.itemsize
-    full_size = x.size * compute_itemsize
-    copies = 2 if _is16(x) else 0   # float32 copies of 16-bit x and dy
-    _memory.require((STAGED_TEMPORARIES + copies) * full_size, "the staged backward")
+    # 16-bit storage adds float32 copies of x and dy, and one product temporary
+    _staged.require_memory(x.size, 4 if _is16(x) else x.itemsize, relu,
+                           copies=3 if _is16(x) else 1)
     x, dy = _compute(x), _compute(dy)
-    dtype = x.dtype
-    count = x.shape[0] * x.shape[2]
-    if relu:
-        # step 10: relu = max(y, 0), with y = gamma * xhat + beta rebuilt full size
-        y = np.empty_like(x)
-        _normalize_into(x, mean, invstd, gamma, beta, y)
-        dy = np.where(y > 0, dy, dtype.type(0))
-        del y
-    # Rebuild the forward graph's full-size nodes.
-    xmu = _center(x, mean, np.empty_like(x))
-    xhat = xmu * _channel(invstd, dtype)
-    # step 9: out = gammax + beta
-    dbeta = _sum64(dy)
-    # step 8: gammax = gamma * xhat
-    dgamma = _sum64(dy * xhat)
-    del xhat
-    dxhat = dy * _channel(gamma, dtype)
-    # step 7: xhat = xmu * ivar
-    divar = _sum64(dxhat * xmu)
-    dxmu1 = dxhat * _channel(invstd, dtype)
-    del dxhat
-    # step 6: ivar = 1 / sqrtvar, so d(ivar)/d(sqrtvar) = -1 / sqrtvar**2
-    dsqrtvar = -invstd**2 * divar
-    # step 5: sqrtvar = sqrt(var + eps)
-    dvar = 0.5 * invstd * dsqrtvar
-    # step 4: var = mean(sq)
-    dsq = np.broadcast_to(_channel(dvar / count, dtype), x.shape).copy()
-    # step 3: sq = xmu**2
-    dxmu2 = 2 * xmu * dsq
-    del xmu, dsq
-    # step 2: xmu = x - mu
-    dx1 = dxmu1 + dxmu2
-    dmu = -_sum64(dx1)
-    # steps 1 and 0: mu = mean(x); dx = dx1 + dx2
-    if _is16(out):
-        out[...] = dx1 + _channel(dmu / count, dtype)
-    else:
-        np.add(dx1, _channel(dmu / count, dtype), out=out)
-    return dgamma, dbeta
+    return _staged.backward(_StagedOps(x.dtype, x.shape), dy, x, mean, invstd, gamma, beta, relu, out,
+                            x.shape[0] * x.shape[2])
