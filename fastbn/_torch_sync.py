@@ -22,10 +22,10 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
-from . import registry
+from . import registry, validation
 from ._syncstats import elemt_sums, global_statistics, local_moments, update_running
-from .torch import (_check_backend, _host_param, _host_view, _kernel_layout, _like_layout,
-                    _new_output, batch_norm)
+from . import _torch_arrays as _arrays
+from .torch import batch_norm
 
 _SYNC_DTYPES = (torch.float32, torch.float64)
 
@@ -41,8 +41,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         module = registry.get_backend(name)
         if module.ON_DEVICE:
             raise ValueError(f"SyncBatchNorm on CPU tensors needs a CPU backend, got {name!r}")
-        source, permutation, axis = _kernel_layout(input)
-        x = _host_view(source, permutation)
+        source, permutation, axis = _arrays.kernel_layout(input)
+        x = _arrays.host_view(source, permutation)
         axis %= x.ndim
         shape3 = (math.prod(x.shape[:axis]), x.shape[axis], math.prod(x.shape[axis + 1:]))
         channels = shape3[1]
@@ -60,9 +60,9 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                 running_var.detach().to(torch.float64).numpy(), mean, m2, count, momentum)
             running_mean.copy_(torch.from_numpy(new_mean))
             running_var.copy_(torch.from_numpy(new_var))
-        gamma = _host_param(weight, channels, x.dtype, 1.0, "weight")
-        beta = _host_param(bias, channels, x.dtype, 0.0, "bias")
-        output, out = _new_output(source, permutation)
+        gamma = _arrays.host_param(weight, channels, x.dtype, 1.0, "weight")
+        beta = _arrays.host_param(bias, channels, x.dtype, 0.0, "bias")
+        output, out = _arrays.new_output(source, permutation)
         if x3.size:
             module.normalize(x3, mean, invstd, gamma, beta, out.reshape(shape3))
         ctx.save_for_backward(input, weight, bias)
@@ -75,8 +75,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         input, weight, bias = ctx.saved_tensors   # also checks for in-place changes
         x3, mean, invstd, gamma, count, name, group, permutation = ctx.state
         module = registry.get_backend(name)
-        grad = _like_layout(grad_output, permutation)
-        dy3 = _host_view(grad, permutation).reshape(x3.shape)
+        grad = _arrays.like_layout(grad_output, permutation)
+        dy3 = _arrays.host_view(grad, permutation).reshape(x3.shape)
         local_count = x3.shape[0] * x3.shape[2]
         local = np.zeros((2, x3.shape[1]), dtype=np.float64)
         if local_count:
@@ -85,7 +85,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         dist.all_reduce(total, group=group)
         grad_input = None
         if ctx.needs_input_grad[0]:
-            grad_input, dx = _new_output(grad, permutation)
+            grad_input, dx = _arrays.new_output(grad, permutation)
             if local_count:
                 sum_dy, sum_dy_xhat = elemt_sums(total.numpy(), local_count, count)
                 module.backward_elemt(dy3, x3, mean, invstd, gamma, sum_dy, sum_dy_xhat,
@@ -130,7 +130,7 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
 
     def __init__(self, *args, backend=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.backend = _check_backend(backend)
+        self.backend = validation.check_backend_name(backend)
 
     def forward(self, input):
         if input.device.type != "cpu":

@@ -10,14 +10,15 @@ kernel. For device arrays this module checks metadata only (shape, dtype,
 strides) and never reads a value.
 """
 import math
-import numbers
 
 import numpy as np
 
 from . import registry
 from .cache import BatchNormCache
+from .validation import (channel_axis, channel_param, check_channel_metadata, check_eps,
+                         check_float_dtype, check_running, check_scalar,
+                         is_device_array, parameter_dtype)
 
-_FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 _METHODS = ("simplified", "staged")
 _ACTIVATIONS = (None, "relu")
 
@@ -26,29 +27,22 @@ _ACTIVATIONS = (None, "relu")
 # Validation helpers
 # --------------------------------------------------------------------------
 
-def _is_device_array(obj):
-    """True for CUDA device arrays: anything with ``__cuda_array_interface__``,
-    and Numba's device arrays (also the CUDA simulator's, which lack it)."""
-    if isinstance(obj, np.ndarray):
-        return False
-    return (hasattr(obj, "__cuda_array_interface__")
-            or bool(getattr(type(obj), "__cuda_ndarray__", False)))
 
 
 def _is_host(obj):
     """True unless ``obj`` lives on a device (lists and scalars live on the host)."""
-    return not _is_device_array(obj)
+    return not is_device_array(obj)
 
 
 def _resolve_backend(name, x):
     """The backend name and module for a call (``name=None``: the default)."""
     if name is None:
-        name = "cuda" if _is_device_array(x) else registry.default_backend()
+        name = "cuda" if is_device_array(x) else registry.default_backend()
     elif not isinstance(name, str):
         raise ValueError(f"backend must be a string, got {name!r}; available "
                          f"backends: {', '.join(registry.available_backends())}")
     module = registry.get_backend(name)
-    if _is_device_array(x) and not module.ON_DEVICE:
+    if is_device_array(x) and not module.ON_DEVICE:
         raise ValueError(f"x is a device array; backend {name!r} needs a host "
                          f"array (use backend='cuda' or copy x to the host)")
     return name, module
@@ -56,28 +50,15 @@ def _resolve_backend(name, x):
 
 def _as_array(obj, module, what):
     """A NumPy array, or a device array for a device backend."""
-    if _is_device_array(obj):
+    if is_device_array(obj):
         if not module.ON_DEVICE:
             raise ValueError(f"{what} is a device array but the backend runs on the host")
         return module.to_device(obj)
     return np.asarray(obj)
 
 
-def _check_float_dtype(dtype, what):
-    """float16, bfloat16 (ml_dtypes), float32 or float64; anything else is a TypeError.
-
-    bfloat16 is recognised by name, so ml_dtypes is never imported here.
-    """
-    dtype = np.dtype(dtype)
-    if dtype not in _FLOAT_DTYPES and dtype.name != "bfloat16":
-        raise TypeError(f"{what} must have dtype float16, bfloat16, float32 or float64, "
-                        f"got dtype {dtype}")
 
 
-def _param_dtype(dtype):
-    """The dtype of gamma, beta, dgamma and dbeta: float32 for 16-bit storage
-    (as mixed-precision batch norm keeps them), ``dtype`` otherwise."""
-    return np.dtype(np.float32) if dtype.itemsize == 2 else dtype
 
 
 def _check_activation(activation):
@@ -86,100 +67,38 @@ def _check_activation(activation):
     return activation
 
 
-def _channel_axis(axis, shape, what="input"):
-    if type(axis) is not int and (isinstance(axis, (bool, np.bool_))
-                                  or not isinstance(axis, numbers.Integral)):
-        raise ValueError(f"axis must be an integer, got {axis!r}")
-    ndim = len(shape)
-    if not -ndim <= axis < ndim:
-        raise ValueError(f"axis {axis} is out of range for {what} of shape {tuple(shape)}")
-    return int(axis) % ndim
 
 
 def _check_input(x, axis, what="x"):
     """Check dtype and shape of the main input; return (axis, A, C, B)."""
-    _check_float_dtype(x.dtype, what)
+    check_float_dtype(x.dtype, what)
     shape = tuple(x.shape)
     if len(shape) < 2:
         raise ValueError(f"{what} must have at least 2 dimensions (N, C, ...), got shape {shape}")
-    axis = _channel_axis(axis, shape)
+    axis = channel_axis(axis, shape)
     if shape[axis] == 0:
         raise ValueError(f"{what} has no channels: shape {shape}")
     # An empty batch (C > 0, no values per channel) is not an error: PyTorch's rule.
     return axis, math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1:])
 
 
-def _check_scalar(value, name, low, high):
-    if type(value) is not float:  # the common case skips the slower ABC checks
-        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-            raise ValueError(f"{name} must be a real number, got {value!r}")
-        value = float(value)
-    if not low <= value <= high:  # also rejects NaN
-        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
-    return value
 
 
-def _check_eps(eps, training):
-    """``eps`` as a float: ``> 0`` in training, ``>= 0`` in evaluation (PyTorch's rule)."""
-    eps = _check_scalar(eps, "eps", 0.0, math.inf)
-    if training and eps == 0.0:
-        raise ValueError(f"eps must be positive in training mode, got {eps}")
-    return eps
 
 
-def _channel_param(value, channels, dtype, name, fill):
-    """A host per-channel parameter as float64 ``(C,)`` holding values of ``dtype``."""
-    if value is None:
-        return np.full(channels, fill, dtype=np.float64)
-    if type(value) is np.ndarray:
-        array = value
-    else:
-        _check_host(value, name)
-        array = np.asarray(value)
-    _check_channel_metadata(array, channels, name, "biuf")
-    # One copy when the values already have the parameter dtype (always a
-    # new array: the cache keeps it).
-    return array.astype(dtype, copy=False).astype(np.float64)
 
 
-def _check_host(value, name):
-    if _is_device_array(value):
-        raise ValueError(f"{name} is a device array but the backend runs on the host")
 
 
-def _check_channel_metadata(array, channels, name, kinds):
-    """Dtype kind and shape of a per-channel array (metadata only)."""
-    dtype = np.dtype(array.dtype)
-    if dtype.kind not in kinds:
-        what = "real numbers" if "i" in kinds else "a floating dtype"
-        raise TypeError(f"{name} must have {what}, got dtype {dtype}")
-    if tuple(array.shape) != (channels,):
-        raise ValueError(f"{name} must have shape ({channels},) (one value per channel), "
-                         f"got shape {tuple(array.shape)}")
 
 
-def _check_running(value, channels, name, writable):
-    """Validate a host running statistic; return it (an ndarray when ``writable``)."""
-    _check_host(value, name)
-    if writable and not isinstance(value, np.ndarray):
-        raise ValueError(f"{name} must be an array (it is updated in place), "
-                         f"got {type(value).__name__}")
-    array = np.asarray(value)
-    if tuple(array.shape) != (channels,):
-        raise ValueError(f"{name} must have shape ({channels},) (one value per channel), "
-                         f"got shape {tuple(array.shape)}")
-    if array.dtype.kind != "f":
-        raise TypeError(f"{name} must have a floating dtype, got dtype {array.dtype}")
-    if writable and not array.flags.writeable:
-        raise ValueError(f"{name} is read-only; it is updated in place in training mode")
-    return array
 
 
 def _check_out(out, shape, dtype, module, inputs):
     """Validate a caller's output buffer; return it (or None)."""
     if out is None:
         return None
-    if _is_device_array(out):
+    if is_device_array(out):
         if not module.ON_DEVICE:
             raise ValueError("out is a device array but the backend runs on the host")
         out = module.to_device(out)
@@ -240,16 +159,16 @@ class _Device:
         """A per-channel argument on the device (``None`` stays ``None``)."""
         if value is None:
             return None
-        if not _is_device_array(value):
-            host = (_check_running(value, channels, name, True) if writable
+        if not is_device_array(value):
+            host = (check_running(value, channels, name, True) if writable
                     else np.asarray(value))
-            _check_channel_metadata(host, channels, name, kinds)
+            check_channel_metadata(host, channels, name, kinds)
             device = self.module.to_device(np.ascontiguousarray(host))
             if writable:
                 self.copy_back.append((host, device))
             return device
         device = self.module.to_device(value)
-        _check_channel_metadata(device, channels, name, kinds)
+        check_channel_metadata(device, channels, name, kinds)
         if writable and not device.is_c_contiguous():
             raise ValueError(f"{name} must be C-contiguous (it is updated in place)")
         return device
@@ -352,8 +271,8 @@ def batchnorm_forward(x, gamma=None, beta=None, *, training=True,
     dtype = np.dtype(x_array.dtype)
     relu = _check_activation(activation) == "relu"
     training = bool(training)
-    eps = _check_eps(eps, training)
-    momentum = _check_scalar(momentum, "momentum", 0.0, 1.0)
+    eps = check_eps(eps, training)
+    momentum = check_scalar(momentum, "momentum", 0.0, 1.0)
     if training and A * B == 1:
         raise ValueError("Expected more than 1 value per channel when training, "
                          f"got input of shape {tuple(x_array.shape)}")
@@ -374,12 +293,12 @@ def batchnorm_forward(x, gamma=None, beta=None, *, training=True,
         result, buffer = device.output(out, x_array.shape, dtype, _is_host(x))
         out3 = buffer.reshape(A, C, B)
     else:
-        param_dtype = _param_dtype(dtype)
-        gamma_arg = _channel_param(gamma, C, param_dtype, "gamma", 1.0)
-        beta_arg = _channel_param(beta, C, param_dtype, "beta", 0.0)
+        param_dtype = parameter_dtype(dtype)
+        gamma_arg = channel_param(gamma, C, param_dtype, "gamma", 1.0)
+        beta_arg = channel_param(beta, C, param_dtype, "beta", 0.0)
         if running_mean is not None:
-            running_mean = _check_running(running_mean, C, "running_mean", training)
-            running_var = _check_running(running_var, C, "running_var", training)
+            running_mean = check_running(running_mean, C, "running_mean", training)
+            running_var = check_running(running_var, C, "running_var", training)
         result = _check_out(out, x_array.shape, dtype, module, (x_array,))
         if result is None:
             result = np.empty(x_array.shape, dtype=dtype)
@@ -477,7 +396,7 @@ def batchnorm_backward(dout, cache, *, method="simplified", out=None):
         # An empty batch: empty dx, zero dgamma and dbeta.
         if on_device:
             device.finish()
-        return (result,) + _empty_batch_channels(C, _param_dtype(dtype), module,
+        return (result,) + _empty_batch_channels(C, parameter_dtype(dtype), module,
                                                  on_device and not _is_host(dout))
     if not cache.training:
         dbeta, dgamma = module.backward_eval(dy3, x3, cache.mean, cache.invstd, cache.gamma, dx3,
@@ -493,6 +412,6 @@ def batchnorm_backward(dout, cache, *, method="simplified", out=None):
         if _is_host(dout):
             dgamma, dbeta = module.to_host(dgamma), module.to_host(dbeta)
         return result, dgamma, dbeta
-    param_dtype = _param_dtype(dtype)
+    param_dtype = parameter_dtype(dtype)
     return (result, dgamma.astype(param_dtype, copy=False),
             dbeta.astype(param_dtype, copy=False))

@@ -31,7 +31,6 @@ extra (``pip install "fastbn[mpi]"``: mpi4py and the MPICH wheels), and the
 program runs under ``mpiexec -n 4 python train.py``.
 """
 import math
-import numbers
 
 import numpy as np
 
@@ -44,7 +43,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
 
 from . import registry
 from ._syncstats import elemt_sums, global_statistics, local_moments, update_running
-from .api import _check_eps, _check_scalar
+from .validation import channel_axis, channel_param, check_eps, check_running, check_scalar
 
 __all__ = ["sync_batchnorm_forward", "sync_batchnorm_backward", "SyncBatchNormCache"]
 
@@ -156,44 +155,15 @@ def _layout(x, axis):
     shape = tuple(x.shape)
     if len(shape) < 2:
         raise ValueError(f"x must have at least 2 dimensions (N, C, ...), got shape {shape}")
-    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral):
-        raise ValueError(f"axis must be an integer, got {axis!r}")
-    if not -len(shape) <= axis < len(shape):
-        raise ValueError(f"axis {axis} is out of range for input of shape {shape}")
-    axis = int(axis) % len(shape)
+    axis = channel_axis(axis, shape)
     channels = shape[axis]
     if channels == 0:
         raise ValueError(f"x has no channels: shape {shape}, axis {axis}")
     return axis, math.prod(shape[:axis]), channels, math.prod(shape[axis + 1:])
 
 
-def _channel_param(value, channels, dtype, name, fill):
-    """float64 ``(C,)`` holding values of ``dtype``; ``None`` -> ``fill``."""
-    if value is None:
-        return np.full(channels, fill, dtype=np.float64)
-    array = _host_array(value, name)
-    if array.dtype.kind not in "biuf":
-        raise TypeError(f"{name} must be real numbers, got dtype {array.dtype}")
-    if array.shape != (channels,):
-        raise ValueError(f"{name} must have shape ({channels},) (one value per channel), "
-                         f"got shape {array.shape}")
-    return array.astype(dtype).astype(np.float64)
 
 
-def _running(value, channels, name, writable):
-    """Host float64 values of a running statistic, checked."""
-    if writable and not isinstance(value, np.ndarray):
-        raise ValueError(f"{name} must be an array (it is updated in place), "
-                         f"got {type(value).__name__}")
-    array = _host_array(value, name)
-    if array.shape != (channels,):
-        raise ValueError(f"{name} must have shape ({channels},) (one value per channel), "
-                         f"got shape {array.shape}")
-    if array.dtype.kind != "f":
-        raise TypeError(f"{name} must have a floating dtype, got dtype {array.dtype}")
-    if writable and not value.flags.writeable:
-        raise ValueError(f"{name} is read-only; it is updated in place in training mode")
-    return array.astype(np.float64)
 
 
 # --------------------------------------------------------------------------
@@ -326,10 +296,10 @@ def _forward(x_local, gamma, beta, *, comm, training, running_mean, running_var,
         dtype = np.dtype(x.dtype)
         local_count = A * B
         training = bool(training)
-        eps = _check_eps(eps, training)
-        momentum = _check_scalar(momentum, "momentum", 0.0, 1.0)
-        gamma64 = _channel_param(gamma, C, dtype, "gamma", 1.0)
-        beta64 = _channel_param(beta, C, dtype, "beta", 0.0)
+        eps = check_eps(eps, training)
+        momentum = check_scalar(momentum, "momentum", 0.0, 1.0)
+        gamma64 = channel_param(gamma, C, dtype, "gamma", 1.0)
+        beta64 = channel_param(beta, C, dtype, "beta", 0.0)
         if training:
             if (running_mean is None) != (running_var is None):
                 raise ValueError("give both running_mean and running_var, or neither")
@@ -339,8 +309,10 @@ def _forward(x_local, gamma, beta, *, comm, training, running_mean, running_var,
                 raise ValueError("training=False needs running_mean and running_var")
             track = False
         if running_mean is not None:
-            running_mean64 = _running(running_mean, C, "running_mean", track)
-            running_var64 = _running(running_var, C, "running_var", track)
+            running_mean64 = check_running(running_mean, C, "running_mean", track)
+            running_var64 = check_running(running_var, C, "running_var", track)
+            running_mean64 = running_mean64.astype(np.float64)
+            running_var64 = running_var64.astype(np.float64)
         fields = (("the number of channels", C), ("the dtype", dtype.name),
                   ("the number of dimensions of x", x.ndim), ("the channel axis", axis),
                   ("the mode", "train" if training else "eval"), ("eps", eps),

@@ -3,7 +3,7 @@ import math
 
 import numpy as np
 
-from .api import _channel_axis, _check_scalar
+from .validation import channel_axis, check_scalar
 
 
 def fold_batchnorm(weight, bias, running_mean, running_var, gamma=None, beta=None,
@@ -61,8 +61,8 @@ def fold_batchnorm(weight, bias, running_mean, running_var, gamma=None, beta=Non
         raise TypeError(f"weight must have dtype float32 or float64, got dtype {weight.dtype}")
     if weight.ndim < 1:
         raise ValueError(f"weight must have at least 1 dimension, got shape {weight.shape}")
-    axis = _channel_axis(axis, weight.shape, "weight")
-    eps = _check_scalar(eps, "eps", 0.0, math.inf)
+    axis = channel_axis(axis, weight.shape, "weight")
+    eps = check_scalar(eps, "eps", 0.0, math.inf)
     channels = weight.shape[axis]
 
     def per_channel(value, name, fill):

@@ -13,8 +13,8 @@ import numbers
 
 import numpy as np
 
-from .api import _check_scalar, batchnorm_backward, batchnorm_forward
-from .registry import available_backends, backend_info
+from .api import batchnorm_backward, batchnorm_forward
+from .validation import check_backend_name, check_scalar
 
 __all__ = ["BatchNorm", "SyncBatchNorm"]
 
@@ -25,20 +25,6 @@ def _check_positive_int(value, name):
     return int(value)
 
 
-def _check_backend_name(name):
-    """Fail early, with the functions' errors, on a backend that cannot run."""
-    if name is None:
-        return None
-    if not isinstance(name, str):
-        raise ValueError(f"backend must be a string, got {name!r}; available "
-                         f"backends: {', '.join(available_backends())}")
-    if name in available_backends():
-        return name
-    info = backend_info().get(name)
-    if info is None:
-        raise ValueError(f"unknown backend {name!r}; available backends: "
-                         f"{', '.join(available_backends())}")
-    raise RuntimeError(f"backend {name!r} cannot run here: {info.get('reason', 'unavailable')}")
 
 
 class BatchNorm:
@@ -118,8 +104,8 @@ class BatchNorm:
                  track_running_stats=True, axis=1, dtype=np.float32, backend=None, *,
                  bias=True):
         self.num_features = _check_positive_int(num_features, "num_features")
-        self.eps = _check_scalar(eps, "eps", 0.0, math.inf)
-        self.momentum = None if momentum is None else _check_scalar(momentum, "momentum", 0.0, 1.0)
+        self.eps = check_scalar(eps, "eps", 0.0, math.inf)
+        self.momentum = None if momentum is None else check_scalar(momentum, "momentum", 0.0, 1.0)
         self.affine = bool(affine)
         self.bias = bool(bias)
         self.track_running_stats = bool(track_running_stats)
@@ -129,7 +115,7 @@ class BatchNorm:
         self.dtype = np.dtype(dtype)
         if self.dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
             raise TypeError(f"dtype must be float32 or float64, got dtype {self.dtype}")
-        self.backend = _check_backend_name(backend)
+        self.backend = check_backend_name(backend)
 
         channels = self.num_features
         if self.affine:

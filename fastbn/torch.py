@@ -54,236 +54,12 @@ stream.
 import numpy as np
 import torch
 
-from . import api, registry
+from . import _torch_arrays as _arrays, registry, validation
 from .api import batchnorm_backward, batchnorm_forward
 from .cache import BatchNormCache
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "FusedReLU", "SyncBatchNorm",
            "batch_norm", "convert_batchnorm", "fuse_batchnorm_relu", "revert_batchnorm"]
-
-# NumPy can view these tensor dtypes without a copy (bfloat16 through its bits).
-_KERNEL_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-# NumPy's dtype for each tensor dtype it can allocate.
-_NUMPY_ITEMS = {torch.float64: np.float64, torch.float32: np.float32,
-                torch.float16: np.float16}
-# The dtype of gamma/beta for each input dtype: float32 for 16-bit storage.
-_PARAM_DTYPES = {torch.float64: np.dtype(np.float64), torch.float32: np.dtype(np.float32),
-                 torch.float16: np.dtype(np.float32), torch.bfloat16: np.dtype(np.float32)}
-# Per-channel tensors the host functions can use as they are.
-_CHANNEL_DTYPES = (torch.float64, torch.float32, torch.float16)
-
-
-# --------------------------------------------------------------------------
-# Tensors as arrays
-# --------------------------------------------------------------------------
-
-def _kernel_layout(tensor):
-    """(the tensor the kernels read, its permutation to memory order, channel axis).
-
-    A contiguous tensor is read as it is (axis 1); a channels-last one as
-    its memory order, channels last (axis -1); anything else is copied once
-    into the contiguous layout. Works on fake tensors too (metadata only).
-    """
-    if tensor.is_contiguous():
-        return tensor, None, 1
-    if tensor.dim() == 4 and tensor.is_contiguous(memory_format=torch.channels_last):
-        return tensor, (0, 2, 3, 1), -1
-    if tensor.dim() == 5 and tensor.is_contiguous(memory_format=torch.channels_last_3d):
-        return tensor, (0, 2, 3, 4, 1), -1
-    return tensor.contiguous(), None, 1
-
-
-def _like_layout(tensor, permutation):
-    """``tensor`` with the memory layout that ``permutation`` stands for (a copy if needed)."""
-    if permutation is None:
-        return tensor.contiguous()
-    if len(permutation) == 4:
-        return tensor.contiguous(memory_format=torch.channels_last)
-    return tensor.contiguous(memory_format=torch.channels_last_3d)
-
-
-def _array(tensor, permutation=None):
-    """The array the kernels get for a full-size tensor, viewing its memory.
-
-    A CPU tensor gives a NumPy view (bfloat16: ``ml_dtypes.bfloat16`` over
-    the same bits), a CUDA tensor the tensor itself (read through
-    ``__cuda_array_interface__``), permuted to memory order.
-    """
-    if permutation is not None:
-        tensor = tensor.permute(permutation)
-    tensor = tensor.detach()
-    if tensor.device.type == "cuda":
-        if tensor.dtype == torch.bfloat16:
-            raise TypeError("bfloat16 CUDA tensors are not supported "
-                            "(__cuda_array_interface__ has no bfloat16); use float16")
-        return tensor
-    if tensor.dtype == torch.bfloat16:
-        import ml_dtypes  # the bfloat16 extra; imported only for bfloat16 tensors
-        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return tensor.numpy()
-
-
-def _check_tensor(input):
-    if not isinstance(input, torch.Tensor):
-        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
-    if input.device.type not in ("cpu", "cuda", "meta"):
-        raise ValueError(f"fastbn.torch runs on CPU and CUDA tensors, got a tensor on "
-                         f"{input.device}; move it with .cpu() or .cuda()")
-    if input.dtype not in _KERNEL_DTYPES:
-        raise TypeError(f"input must be float16, bfloat16, float32 or float64, "
-                        f"got dtype {input.dtype}")
-
-
-def _channel_array(tensor):
-    """A per-channel tensor as the functions take it (None stays None)."""
-    if tensor is None:
-        return None
-    tensor = tensor.detach()
-    if tensor.device.type == "cuda":
-        return tensor
-    if tensor.dtype not in _CHANNEL_DTYPES:
-        tensor = tensor.to(torch.float32)
-    return tensor.numpy()
-
-
-def _updated_running(tensor, input):
-    """(a copy of a running statistic for the kernels to update, its array).
-
-    ``None`` gives an empty tensor (the operator's outputs are tensors) and
-    no array. The copy has the statistic's dtype, float32 for bfloat16.
-    """
-    if tensor is None:
-        return input.new_empty((0,)), None
-    dtype = tensor.dtype if tensor.dtype in _CHANNEL_DTYPES else torch.float32
-    copy = tensor.detach().to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
-    return copy, _channel_array(copy)
-
-
-def _backend_name(backend, input):
-    """The backend a call runs on: ``backend``, else ``cuda`` for CUDA tensors,
-    else the process default at the time of the call."""
-    if backend:
-        return backend
-    return "cuda" if input.device.type == "cuda" else registry.default_backend()
-
-
-def _param_dtype(input):
-    return torch.float32 if input.element_size() == 2 else input.dtype
-
-
-class _CudaOrder:
-    """Orders the cuda backend's work (legacy default stream) with PyTorch's current stream.
-
-    On the legacy default stream nothing needs doing. On another stream, wait
-    for it before the call and for the device after it (see the module notes).
-    """
-
-    def __init__(self, tensor):
-        self.stream = None
-        if tensor.device.type == "cuda":
-            stream = torch.cuda.current_stream(tensor.device)
-            if stream.cuda_stream != 0:
-                self.stream = stream
-
-    def __enter__(self):
-        if self.stream is not None:
-            self.stream.synchronize()
-        return self
-
-    def __exit__(self, *exc_info):
-        if self.stream is not None:
-            torch.cuda.synchronize(self.stream.device)
-
-
-def _empty_like(source):
-    """An uninitialized tensor with ``source``'s shape, dtype, strides and device.
-
-    On the CPU its memory comes from NumPy, which asks the kernel for
-    transparent huge pages for large arrays (``madvise``): the first writes
-    into a fresh 100 MB output then fault 512 times less often than into
-    memory from PyTorch's allocator, and the faults cost more than the batch
-    norm itself (on a 2-core Xeon, allocating and filling (32, 256, 56, 56)
-    float32 takes 21 ms from PyTorch, 7 ms from NumPy, 2 ms in place). The
-    strides are ``torch.empty_like``'s, so the result matches the fake
-    implementation's, and the tensor is no view (autograd lets a model
-    modify it in place). bfloat16, which NumPy cannot hand over, and device
-    tensors come from PyTorch.
-    """
-    if source.device.type != "cpu" or source.dtype == torch.bfloat16:
-        return torch.empty_like(source)
-    strides = torch.empty_like(source, device="meta").stride()
-    # NumPy array of memory-order shape, then transposed to the logical order
-    order = sorted(range(source.dim()), key=lambda axis: -strides[axis])
-    memory = np.empty([source.shape[axis] for axis in order],
-                      dtype=_NUMPY_ITEMS[source.dtype])
-    output = torch.from_numpy(memory.transpose(np.argsort(order)))
-    if output.stride() != strides:   # size-1 axes: any stride will do, keep PyTorch's
-        return torch.empty_like(source)
-    return output
-
-
-def _new_output(source, permutation):
-    """``(tensor, array)``: an uninitialized CPU tensor for the result of a call
-    on ``source``, and the array the kernels write (its memory, in memory order).
-
-    ``source`` is contiguous (``permutation`` None) or channels-last (its
-    memory order given by ``permutation``); the result has the same layout,
-    its memory from NumPy (see :func:`_empty_like` for why), with no meta
-    tensor or stride sort on the way: what the eager path pays per call.
-    bfloat16, which NumPy cannot hand over, comes from PyTorch.
-    """
-    item = _NUMPY_ITEMS.get(source.dtype)
-    if item is None:
-        output = torch.empty_like(source)
-        return output, _array(output, permutation)
-    if permutation is None:
-        memory = np.empty(source.shape, dtype=item)
-        return torch.from_numpy(memory), memory
-    memory = np.empty([source.shape[axis] for axis in permutation], dtype=item)
-    return torch.from_numpy(memory).permute(_INVERSE[len(permutation)]), memory
-
-
-def _host_view(tensor, permutation=None):
-    """:func:`_array` of a CPU tensor, with no ``detach`` where none is needed."""
-    if tensor.requires_grad or tensor.dtype == torch.bfloat16:
-        return _array(tensor, permutation)
-    if permutation is not None:
-        tensor = tensor.permute(permutation)
-    return tensor.numpy()
-
-
-def _host_param(tensor, channels, dtype, fill, name):
-    """A weight or bias as the host kernels take it: float64 ``(C,)`` holding
-    the values rounded to ``dtype`` (a NumPy dtype: the input's, float32 for
-    16-bit input); ``None`` gives ``fill``. As :func:`fastbn.batchnorm_forward`
-    checks it (NumPy's conversions: cheaper than PyTorch's on ``C`` values)."""
-    if tensor is None:
-        return np.full(channels, fill, dtype=np.float64)
-    if tensor.shape != (channels,):
-        raise ValueError(f"{name} must have shape ({channels},) (one value per channel), "
-                         f"got shape {tuple(tensor.shape)}")
-    if tensor.is_complex():
-        raise TypeError(f"{name} must have real numbers, got dtype {tensor.dtype}")
-    if tensor.requires_grad:
-        tensor = tensor.detach()
-    if tensor.dtype not in _CHANNEL_DTYPES:
-        tensor = tensor.to(torch.float32)
-    array = tensor.numpy()
-    if array.dtype != dtype:
-        array = array.astype(dtype)
-    return array.astype(np.float64)
-
-
-# The permutation back from memory order (channels last) to (N, C, ...).
-_INVERSE = {4: (0, 3, 1, 2), 5: (0, 4, 1, 2, 3)}
-
-
-def _as_tensor(array, device):
-    """A tensor owning ``array``'s values (a CPU copy, or a view of a device array)."""
-    if device.type == "cuda":
-        return torch.as_tensor(array, device=device)
-    return torch.from_numpy(np.array(array, dtype=np.float64, copy=True))
-
 
 # --------------------------------------------------------------------------
 # The operators
@@ -302,31 +78,32 @@ def _batch_norm_op(input: torch.Tensor, running_mean: torch.Tensor | None,
     updated copies in training mode, unchanged copies in evaluation mode,
     empty tensors where none were given.
     """
-    source, permutation, axis = _kernel_layout(input)
-    output = _empty_like(source)
-    new_mean, mean_array = _updated_running(running_mean, input)
-    new_var, var_array = _updated_running(running_var, input)
-    with _CudaOrder(input):
+    source, permutation, axis = _arrays.kernel_layout(input)
+    output = _arrays.empty_like(source)
+    new_mean, mean_array = _arrays.updated_running(running_mean, input)
+    new_var, var_array = _arrays.updated_running(running_var, input)
+    with _arrays.CudaOrder(input):
         _, cache = batchnorm_forward(
-            _array(source, permutation), _channel_array(weight), _channel_array(bias),
+            _arrays.tensor_array(source, permutation), _arrays.channel_array(weight),
+            _arrays.channel_array(bias),
             training=training, running_mean=mean_array, running_var=var_array,
-            momentum=momentum, eps=eps, axis=axis, backend=_backend_name(backend, input),
-            out=_array(output, permutation), activation=activation or None)
-    return (output, _as_tensor(cache.mean, input.device), _as_tensor(cache.invstd, input.device),
-            new_mean, new_var)
+            momentum=momentum, eps=eps, axis=axis, backend=_arrays.backend_name(backend, input),
+            out=_arrays.tensor_array(output, permutation), activation=activation or None)
+    return (output, _arrays.as_tensor(cache.mean, input.device),
+            _arrays.as_tensor(cache.invstd, input.device), new_mean, new_var)
 
 
 @_batch_norm_op.register_fake
 def _batch_norm_fake(input, running_mean, running_var, weight, bias, training, momentum, eps,
                      activation, backend):
-    source, _, _ = _kernel_layout(input)
+    source, _, _ = _arrays.kernel_layout(input)
     channels = input.shape[1]
     new_running = []
     for tensor in (running_mean, running_var):
         if tensor is None:
             new_running.append(input.new_empty((0,)))
         else:
-            dtype = tensor.dtype if tensor.dtype in _CHANNEL_DTYPES else torch.float32
+            dtype = tensor.dtype if tensor.dtype in _arrays.CHANNEL_DTYPES else torch.float32
             new_running.append(tensor.new_empty((channels,), dtype=dtype))
     return (torch.empty_like(source), input.new_empty((channels,), dtype=torch.float64),
             input.new_empty((channels,), dtype=torch.float64), *new_running)
@@ -340,11 +117,11 @@ def _batch_norm_backward_op(grad_output: torch.Tensor, input: torch.Tensor,
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward: ``(grad_input, grad_weight, grad_bias)``; the parameter
     gradients in float32 for 16-bit input, else in the input's dtype."""
-    source, permutation, axis = _kernel_layout(input)
-    grad = _like_layout(grad_output, permutation)
-    grad_input = _empty_like(source)
-    name = _backend_name(backend, input)
-    x = _array(source, permutation)
+    source, permutation, axis = _arrays.kernel_layout(input)
+    grad = _arrays.like_layout(grad_output, permutation)
+    grad_input = _arrays.empty_like(source)
+    name = _arrays.backend_name(backend, input)
+    x = _arrays.tensor_array(source, permutation)
     channels = input.shape[1]
     if input.device.type == "cuda":
         module = registry.get_backend(name)
@@ -352,30 +129,33 @@ def _batch_norm_backward_op(grad_output: torch.Tensor, input: torch.Tensor,
         beta = None if bias is None else module.to_device(bias.detach())
         mean_arg, invstd_arg = module.to_device(mean.detach()), module.to_device(invstd.detach())
     else:
-        param_dtype = api._param_dtype(np.dtype(x.dtype))
-        gamma = api._channel_param(_channel_array(weight), channels, param_dtype, "gamma", 1.0)
-        beta = api._channel_param(_channel_array(bias), channels, param_dtype, "beta", 0.0)
+        param_dtype = validation.parameter_dtype(np.dtype(x.dtype))
+        gamma = validation.channel_param(_arrays.channel_array(weight), channels, param_dtype,
+                                         "gamma", 1.0)
+        beta = validation.channel_param(_arrays.channel_array(bias), channels, param_dtype,
+                                        "beta", 0.0)
         mean_arg, invstd_arg = mean.numpy(), invstd.numpy()
     cache = BatchNormCache(x, mean_arg, invstd_arg, gamma, eps, axis % input.dim(), training,
                            name, beta=beta, activation=activation or None)
-    with _CudaOrder(input):
+    with _arrays.CudaOrder(input):
         _, grad_gamma, grad_beta = batchnorm_backward(
-            _array(grad, permutation), cache, out=_array(grad_input, permutation))
+            _arrays.tensor_array(grad, permutation), cache,
+            out=_arrays.tensor_array(grad_input, permutation))
     return (grad_input, _as_param_tensor(grad_gamma, input), _as_param_tensor(grad_beta, input))
 
 
 def _as_param_tensor(array, input):
     if input.device.type == "cuda":
-        return torch.as_tensor(array, device=input.device).to(_param_dtype(input))
-    return torch.from_numpy(np.asarray(array)).to(_param_dtype(input))
+        return torch.as_tensor(array, device=input.device).to(_arrays.param_dtype(input))
+    return torch.from_numpy(np.asarray(array)).to(_arrays.param_dtype(input))
 
 
 @_batch_norm_backward_op.register_fake
 def _batch_norm_backward_fake(grad_output, input, weight, bias, mean, invstd, training, eps,
                               activation, backend):
-    source, _, _ = _kernel_layout(input)
+    source, _, _ = _arrays.kernel_layout(input)
     channels = input.shape[1]
-    param_dtype = _param_dtype(input)
+    param_dtype = _arrays.param_dtype(input)
     return (torch.empty_like(source), input.new_empty((channels,), dtype=param_dtype),
             input.new_empty((channels,), dtype=param_dtype))
 
@@ -455,7 +235,7 @@ def _differentiable_backward(grad_output, input, weight, bias, mean, invstd, tra
                               - xhat * (dy * xhat).mean(dims, keepdim=True))
     else:
         grad_input = scale * dy
-    param = _param_dtype(input)
+    param = _arrays.param_dtype(input)
     return grad_input.to(input.dtype), grad_weight.to(param), grad_bias.to(param)
 
 
@@ -517,9 +297,9 @@ def _eager_forward(input, weight, bias, running_mean, running_var, training, mom
     :func:`fastbn.batchnorm_forward` checks them. An empty batch goes
     through that function.
     """
-    source, permutation, axis = _kernel_layout(input)
-    output, out = _new_output(source, permutation)
-    x = _host_view(source, permutation)
+    source, permutation, axis = _arrays.kernel_layout(input)
+    output, out = _arrays.new_output(source, permutation)
+    x = _arrays.host_view(source, permutation)
     channels = input.shape[1]
     mean_array, mean_back = _running_array(running_mean, channels, "running_mean")
     var_array, var_back = _running_array(running_var, channels, "running_var")
@@ -529,16 +309,16 @@ def _eager_forward(input, weight, bias, running_mean, running_var, training, mom
     else:
         shape3 = (x.size // channels, channels, 1)
     if x.size == 0:
-        _, cache = batchnorm_forward(x, _channel_array(weight), _channel_array(bias),
+        _, cache = batchnorm_forward(x, _arrays.channel_array(weight), _arrays.channel_array(bias),
                                      training=training, running_mean=mean_array,
                                      running_var=var_array, momentum=momentum, eps=eps,
                                      axis=axis, backend=name, out=out, activation=activation)
         return output, cache, permutation
     module = registry.get_backend(name)
-    momentum = api._check_scalar(momentum, "momentum", 0.0, 1.0)
-    param_dtype = _PARAM_DTYPES[input.dtype]
-    gamma = _host_param(weight, channels, param_dtype, 1.0, "gamma")
-    beta = _host_param(bias, channels, param_dtype, 0.0, "beta")
+    momentum = validation.check_scalar(momentum, "momentum", 0.0, 1.0)
+    param_dtype = _arrays.PARAM_DTYPES[input.dtype]
+    gamma = _arrays.host_param(weight, channels, param_dtype, 1.0, "gamma")
+    beta = _arrays.host_param(bias, channels, param_dtype, 0.0, "beta")
     x3, out3 = x.reshape(shape3), out.reshape(shape3)
     fused = {"relu": True} if activation else {}
     if training:
@@ -557,9 +337,9 @@ def _eager_forward(input, weight, bias, running_mean, running_var, training, mom
 
 def _eager_backward(grad_output, cache, permutation):
     """``(grad_input, grad_weight, grad_bias)`` from the backend's backward kernels."""
-    grad = _like_layout(grad_output, permutation)
-    grad_input, dx = _new_output(grad, permutation)
-    dy = _host_view(grad, permutation)
+    grad = _arrays.like_layout(grad_output, permutation)
+    grad_input, dx = _arrays.new_output(grad, permutation)
+    dy = _arrays.host_view(grad, permutation)
     x = cache.x
     if dy.dtype != x.dtype or x.size == 0:
         _, grad_weight, grad_bias = batchnorm_backward(dy, cache, out=dx)
@@ -573,7 +353,7 @@ def _eager_backward(grad_output, cache, permutation):
         grad_bias, grad_weight = kernel(dy.reshape(shape3), x.reshape(shape3), cache.mean,
                                         cache.invstd, cache.gamma, dx.reshape(shape3), **fused)
         # the float64 sums in the parameters' dtype (NumPy's cast: cheaper than PyTorch's)
-        param_dtype = _PARAM_DTYPES[grad.dtype]
+        param_dtype = _arrays.PARAM_DTYPES[grad.dtype]
         grad_weight = grad_weight.astype(param_dtype, copy=False)
         grad_bias = grad_bias.astype(param_dtype, copy=False)
     return grad_input, torch.from_numpy(grad_weight), torch.from_numpy(grad_bias)
@@ -592,7 +372,7 @@ def _running_array(tensor, channels, name):
                          f"got shape {tuple(tensor.shape)}")
     if not tensor.is_floating_point():
         raise TypeError(f"{name} must have a floating dtype, got dtype {tensor.dtype}")
-    if tensor.dtype in _CHANNEL_DTYPES and tensor.is_contiguous():
+    if tensor.dtype in _arrays.CHANNEL_DTYPES and tensor.is_contiguous():
         return (tensor.detach() if tensor.requires_grad else tensor).numpy(), None
     copy = tensor.detach().to(torch.float32, memory_format=torch.contiguous_format, copy=True)
     return copy.numpy(), copy
@@ -698,7 +478,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     the call goes through the registered operator ``fastbn::batch_norm``.
     Both run the same kernels.
     """
-    _check_tensor(input)
+    _arrays.check_tensor(input)
     if input.dim() < 2:
         raise ValueError(f"input must have at least 2 dimensions (N, C, ...), "
                          f"got shape {tuple(input.shape)}")
@@ -734,11 +514,6 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
 # Modules
 # --------------------------------------------------------------------------
 
-def _check_backend(backend):
-    if backend is None:
-        return None
-    from .nn import _check_backend_name
-    return _check_backend_name(backend)
 
 
 class _FastbnForward:
@@ -779,7 +554,7 @@ class BatchNorm1d(_FastbnForward, torch.nn.BatchNorm1d):
 
     def __init__(self, *args, backend=None, activation=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.backend = _check_backend(backend)
+        self.backend = validation.check_backend_name(backend)
         self.activation = _check_activation(activation)
 
 
@@ -788,7 +563,7 @@ class BatchNorm2d(_FastbnForward, torch.nn.BatchNorm2d):
 
     def __init__(self, *args, backend=None, activation=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.backend = _check_backend(backend)
+        self.backend = validation.check_backend_name(backend)
         self.activation = _check_activation(activation)
 
 
@@ -797,7 +572,7 @@ class BatchNorm3d(_FastbnForward, torch.nn.BatchNorm3d):
 
     def __init__(self, *args, backend=None, activation=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.backend = _check_backend(backend)
+        self.backend = validation.check_backend_name(backend)
         self.activation = _check_activation(activation)
 
 
@@ -881,7 +656,7 @@ def convert_batchnorm(module, backend=None, *, fuse_relu=False):
     --------
     >>> model = fastbn.torch.convert_batchnorm(torchvision.models.resnet50())  # doctest: +SKIP
     """
-    backend = _check_backend(backend)
+    backend = validation.check_backend_name(backend)
     for submodule in list(module.modules()):
         if type(submodule) in _TO_FASTBN:
             _switch_class(submodule, _TO_FASTBN[type(submodule)], backend)
