@@ -43,7 +43,8 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
 
 from . import registry
 from ._syncstats import elemt_sums, global_statistics, local_moments, update_running
-from .validation import channel_axis, channel_param, check_eps, check_running, check_scalar
+from .validation import (channel_axis, channel_param, check_comm, check_eps, check_running,
+                         check_scalar)
 
 __all__ = ["sync_batchnorm_forward", "sync_batchnorm_backward", "SyncBatchNormCache"]
 
@@ -113,13 +114,6 @@ class SyncBatchNormCache:
 # Local checks (the function API's errors and messages)
 # --------------------------------------------------------------------------
 
-def _check_comm(comm):
-    if comm is None:
-        return MPI.COMM_WORLD
-    if not isinstance(comm, MPI.Intracomm):
-        raise TypeError(f"comm must be an mpi4py intracommunicator (e.g. MPI.COMM_WORLD), "
-                        f"got {type(comm).__name__}")
-    return comm
 
 
 def _host_backend(name):
@@ -283,7 +277,7 @@ def _forward(x_local, gamma, beta, *, comm, training, running_mean, running_var,
              eps, axis, backend, check_input=None):
     """:func:`sync_batchnorm_forward`; ``check_input(x)``, when given, is one
     more local check whose error every rank raises (the layer's channel check)."""
-    comm = _check_comm(comm)
+    comm = check_comm(comm)
     error = None
     fields = ()
     local_count = 0

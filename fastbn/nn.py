@@ -14,7 +14,7 @@ import numbers
 import numpy as np
 
 from .api import batchnorm_backward, batchnorm_forward
-from .validation import check_backend_name, check_scalar
+from .validation import check_backend_name, check_comm, check_scalar
 
 __all__ = ["BatchNorm", "SyncBatchNorm"]
 
@@ -352,7 +352,7 @@ class SyncBatchNorm(BatchNorm):
                          track_running_stats=track_running_stats, axis=axis, dtype=dtype,
                          backend=backend, bias=bias)
         self._distributed = distributed
-        self.comm = distributed._check_comm(comm)
+        self.comm = check_comm(comm)
 
     def _check_channels(self, x):
         # Checked inside the forward function instead, where a failure on one

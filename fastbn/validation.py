@@ -144,3 +144,15 @@ def check_backend_name(name):
         raise ValueError(f"unknown backend {name!r}; available backends: "
                          f"{', '.join(available_backends())}")
     raise RuntimeError(f"backend {name!r} cannot run here: {info.get('reason', 'unavailable')}")
+
+
+def check_comm(comm):
+    """An mpi4py intracommunicator; ``None`` is ``MPI.COMM_WORLD`` (imports mpi4py)."""
+    from mpi4py import MPI
+
+    if comm is None:
+        return MPI.COMM_WORLD
+    if not isinstance(comm, MPI.Intracomm):
+        raise TypeError(f"comm must be an mpi4py intracommunicator (e.g. MPI.COMM_WORLD), "
+                        f"got {type(comm).__name__}")
+    return comm
