@@ -5,13 +5,17 @@
 >>> out, cache = fastbn.batchnorm_forward(x)
 >>> dx, dgamma, dbeta = fastbn.batchnorm_backward(np.ones_like(x), cache)
 """
+import os
+
 from . import gradcheck
 from .api import batchnorm_backward, batchnorm_forward
 from .cache import BatchNormCache
 from .fold import fold_batchnorm
 from .registry import available_backends, backend_info, set_backend, use_backend
 
-__version__ = "0.1.0"
+with open(os.path.join(os.path.dirname(__file__), "VERSION"), encoding="ascii") as _file:
+    __version__ = _file.read().strip()
+del _file
 
 __all__ = [
     "BatchNormCache",

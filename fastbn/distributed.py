@@ -27,7 +27,8 @@ None of this depends on the number of samples: a rank may hold any number
 of them, zero included.
 
 This is the only module of fastbn that imports MPI; it needs the ``[mpi]``
-extra (``pip install "fastbn[mpi]"``: mpi4py and the MPICH wheels), and the
+extra (``pip install "fastbn[mpi]"``: mpi4py over the system's MPI; or
+``fastbn[mpich]``: mpi4py and the MPICH wheels), and the
 program runs under ``mpiexec -n 4 python train.py``.
 """
 import math
@@ -38,8 +39,8 @@ try:
     from mpi4py import MPI
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
     raise ImportError(
-        "fastbn.distributed needs mpi4py and an MPI library; install them with "
-        "the extra: pip install 'fastbn[mpi]'") from exc
+        "fastbn.distributed needs mpi4py and an MPI library: pip install 'fastbn[mpi]' "
+        "(mpi4py over the system's MPI) or 'fastbn[mpich]' (with MPICH's wheels)") from exc
 
 from . import registry
 from ._syncstats import elemt_sums, global_statistics, local_moments, update_running
