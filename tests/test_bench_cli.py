@@ -39,6 +39,29 @@ def test_rounds_are_interleaved_and_rotate():
     assert got.rounds == 3 and all(len(t.samples) == 3 for t in got.values())
 
 
+def test_settle_sleeps_before_each_sample_outside_the_timed_interval(monkeypatch):
+    clock = FakeClock()
+    sleeps = []
+
+    def sleep(seconds):
+        sleeps.append((seconds, len(clock.calls)))
+        clock.now += 100.0      # would show in a sample if it were timed
+
+    monkeypatch.setattr(timing.time, "sleep", sleep)
+    kernels = {n: clock.kernel(n, [1.0]) for n in "ab"}
+    got = timing.interleaved(kernels, rounds=2, max_rounds=2, min_seconds=0,
+                             settle_seconds=0.5, clock=clock)
+    # one sleep before each of the 4 samples (after the 4 untimed calls), none before
+    assert [calls for _, calls in sleeps] == [4, 5, 6, 7]
+    assert all(seconds == 0.5 for seconds, _ in sleeps)
+    assert all(t.samples == [1.0, 1.0] for t in got.values())
+    # a single kernel has no other runtime to wait for
+    sleeps.clear()
+    timing.interleaved({"a": kernels["a"]}, rounds=2, max_rounds=2, min_seconds=0,
+                       settle_seconds=0.5, clock=clock)
+    assert sleeps == []
+
+
 def test_statistics_on_a_fake_clock():
     clock = FakeClock()
     # warm-up, calibration, then samples 1, 3, 2, 10, 2 (seconds)

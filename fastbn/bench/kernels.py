@@ -253,15 +253,18 @@ def make_data(shape, dtype, seed=0):
 class Kernels:
     """Zero-argument kernels of one backend on shared data.
 
-    Every kernel writes into preallocated, filled outputs (``out=``), so
-    that timings measure neither the allocator nor first-touch page faults.
+    fastbn's kernels write into preallocated, filled outputs (``out=``), so
+    that their timings measure neither the allocator nor first-touch page
+    faults; PyTorch's functional ops allocate theirs, as they do in a model.
     The arrays are attributes: ``x``, ``dout``, ``gamma``, ``beta``,
     ``running_mean``, ``running_var``, ``out``, ``dx``. Device backends
     (CUDA, only when named in ``--backends``) get device copies of the data
-    and are synchronized after each call. PyTorch runs
-    ``torch.native_batch_norm`` on ``torch.from_numpy`` views of the arrays
-    (bfloat16 through a ``uint16`` view); for 16-bit data its weights and
-    running statistics are float32, as in mixed precision.
+    and are synchronized after each call. PyTorch runs its functional ops,
+    the ones ``F.batch_norm`` and autograd run (``torch.native_batch_norm``,
+    ``aten.native_batch_norm_backward``), on ``torch.from_numpy`` views of
+    the arrays (bfloat16 through a ``uint16`` view); they allocate their
+    results, as they do in a model. For 16-bit data its weights and running
+    statistics are float32, as in mixed precision.
 
     Parameters
     ----------
@@ -443,29 +446,21 @@ class Kernels:
 
         self._torch = torch
         t = {name: _torch_view(getattr(self, name)) for name in self.ARRAYS}
-        t["dgamma"] = torch.empty_like(t["gamma"])
-        t["dbeta"] = torch.empty_like(t["beta"])
-        if self.activation == "relu":
-            # relu_'s gradient (threshold_backward) goes here, then into batch norm's.
-            t["dout_masked"] = torch.zeros_like(t["dout"])
-        _, t["save_mean"], t["save_invstd"] = torch.native_batch_norm(
+        y, t["save_mean"], t["save_invstd"] = torch.native_batch_norm(
             t["x"], t["gamma"], t["beta"], None, None, True, MOMENTUM, EPS)
-        # Evaluation mode returns empty statistics: keep separate buffers so
-        # that an evaluation forward never resizes the training ones.
-        _, t["eval_save_mean"], t["eval_save_invstd"] = torch.native_batch_norm(
-            t["x"], t["gamma"], t["beta"], t["running_mean"].clone(),
-            t["running_var"].clone(), False, MOMENTUM, EPS)
+        if self.activation == "relu":
+            t["relu_out"] = y.relu_()     # the forward's output, which relu_'s backward reads
         self.t = t
 
     def _torch_forward(self, training):
+        # The functional op, the one F.batch_norm and autograd run (its out=
+        # variant computes into temporaries and copies: slower).
         t = self.t
-        prefix = "" if training else "eval_"
         result = self._torch.native_batch_norm(
             t["x"], t["gamma"], t["beta"], t["running_mean"], t["running_var"],
-            training, MOMENTUM, EPS,
-            out=(t["out"], t[prefix + "save_mean"], t[prefix + "save_invstd"]))
+            training, MOMENTUM, EPS)
         if self.activation == "relu":
-            t["out"].relu_()
+            result[0].relu_()
         if training:
             self.cache = result
         return result
@@ -473,15 +468,14 @@ class Kernels:
     def _torch_backward(self):
         t = self.t
         dout = t["dout"]
+        aten = self._torch.ops.aten
         if self.activation == "relu":
             # What autograd runs for relu_: grad * (result > 0).
-            self._torch.ops.aten.threshold_backward.grad_input(
-                dout, t["out"], 0, grad_input=t["dout_masked"])
-            dout = t["dout_masked"]
-        return self._torch.ops.aten.native_batch_norm_backward.out(
+            dout = aten.threshold_backward(dout, t["relu_out"], 0)
+        # The functional op, as autograd runs it (not the slower out= variant).
+        return aten.native_batch_norm_backward(
             dout, t["x"], t["gamma"], t["running_mean"], t["running_var"],
-            t["save_mean"], t["save_invstd"], True, EPS, [True, True, True],
-            out0=t["dx"], out1=t["dgamma"], out2=t["dbeta"])
+            t["save_mean"], t["save_invstd"], True, EPS, [True, True, True])
 
 
 def _torch_view(array):

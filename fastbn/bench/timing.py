@@ -8,8 +8,10 @@ them alike. The figures of a kernel are the best (minimum) and the median
 of its samples, and its spread ``(median - best) / best``. While a spread
 exceeds :data:`UNSTABLE` more rounds are timed (up to ``max_rounds``); a
 figure still above it is flagged. The copy limit (``np.copyto`` of the same
-bytes) is one more kernel of the same rounds. The 1-minute load average is
-read before and after.
+bytes) is one more kernel of the same rounds. Before each sample the core
+can sleep (``settle_seconds``), so that the spinning threads of one OpenMP
+runtime do not slow the next kernel. The 1-minute load average is read
+before and after.
 
 Variants: ``synchronize`` (a device: called after each sample, inside the
 timed interval, e.g. ``cuda.synchronize``) and ``barrier`` (MPI: called
@@ -26,6 +28,11 @@ from .. import machine
 ROUNDS = 5
 MIN_SECONDS = 2e-3
 UNSTABLE = 0.25
+# A sleep before each sample of a group (see interleaved): longer than an
+# OpenMP pool's spin-wait after a parallel region (libgomp's default
+# GOMP_SPINCOUNT), so that one kernel's idle threads do not compete with the
+# next kernel's.
+SETTLE_SECONDS = 0.01
 COPY = "copy"
 # Compulsory memory traffic per element, in item sizes: a copy reads and
 # writes (2), the training forward reads x and writes y (2), the simplified
@@ -181,7 +188,8 @@ def _describe_error(exc):
 
 def interleaved(kernels, rounds=ROUNDS, *, copy_of=None, max_rounds=None,
                 min_seconds=MIN_SECONDS, calls=None, budget_seconds=None,
-                synchronize=None, barrier=None, clock=time.perf_counter):
+                synchronize=None, barrier=None, settle_seconds=0.0,
+                clock=time.perf_counter):
     """Time ``kernels`` in interleaved rounds.
 
     Parameters
@@ -204,6 +212,12 @@ def interleaved(kernels, rounds=ROUNDS, *, copy_of=None, max_rounds=None,
         Called at the end of each sample, inside the timed interval.
     barrier : callable, optional
         Called before each sample, outside the timed interval.
+    settle_seconds : float, optional
+        Sleep this long before each sample, outside the timed interval (when
+        there is more than one kernel): the threads of the previous sample's
+        runtime (PyTorch's own OpenMP, fastbn's) stop spinning and leave the
+        cores to the next kernel. :data:`SETTLE_SECONDS` is long enough for
+        libgomp's default spin.
     clock : callable, optional
         Seconds (tests pass a fake one).
 
@@ -248,6 +262,8 @@ def interleaved(kernels, rounds=ROUNDS, *, copy_of=None, max_rounds=None,
             first = result.rounds % len(live)
             for name in live[first:] + live[:first]:
                 timing = result[name]
+                if settle_seconds and len(live) > 1:
+                    time.sleep(settle_seconds)
                 if barrier:
                     barrier()
                 try:

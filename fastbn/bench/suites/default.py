@@ -53,7 +53,8 @@ def time_backends(backends, shape, dtype, rounds, kinds=("forward", "simplified"
                 continue
             kernels[f"{backend} {kind}"] = getattr(case, kind)
     timings = timing.interleaved(kernels, rounds, copy_of=data["x"],
-                                 budget_seconds=BUDGET_SECONDS, min_seconds=min_seconds)
+                                 budget_seconds=BUDGET_SECONDS, min_seconds=min_seconds,
+                                 settle_seconds=timing.SETTLE_SECONDS)
     return timings, skipped
 
 

@@ -121,7 +121,8 @@ def relu_part(report, data, backends, dtypes, rounds, options, with_torch):
             kernels[f"{backend} {kind} backward"] = case.simplified
         progress(options, f"half-relu relu {dtype}")
         got = timing.interleaved(kernels, rounds, copy_of=data[dtype]["x"],
-                                 budget_seconds=BUDGET_SECONDS)
+                                 budget_seconds=BUDGET_SECONDS,
+                                 settle_seconds=timing.SETTLE_SECONDS)
         report.add_warnings(got.warnings(f"relu {dtype}"))
         copy = got[timing.COPY].median
         for backend in backends:
