@@ -23,6 +23,70 @@ KERNEL_FEATURES = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw"
                    "avx512vl", "avx512_bf16", "avx512_fp16", "asimd", "sve")
 
 
+# Instruction-set levels the Cython kernels are built for (one extension per
+# level, see fastbn/backends/meson.build), from the lowest: each level is the
+# flags /proc/cpuinfo must list, on top of the levels below it. x86-64-v3 and
+# -v4 are the psABI's microarchitecture levels (what GCC's -march=x86-64-v3
+# and -v4 may use); "baseline" is x86-64 (SSE2) or arm64 (NEON).
+CPU_LEVELS = {
+    "x86_64": (
+        ("baseline", ()),
+        # x86-64-v2's flags, then v3's own
+        ("v3", ("cx16", "lahf_lm", "popcnt", "sse4_1", "sse4_2", "ssse3",
+                "avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave")),
+        ("v4", ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl")),
+    ),
+    "aarch64": (
+        ("baseline", ()),
+    ),
+}
+
+
+def cpu_levels(flags=None, machine=None):
+    """The instruction-set levels this CPU runs, lowest first.
+
+    Parameters
+    ----------
+    flags : iterable of str, optional
+        The CPU's flags (default: :func:`cpu_flags`).
+    machine : str, optional
+        ``platform.machine()`` (default: this one's).
+
+    Returns
+    -------
+    list of str
+        Names from :data:`CPU_LEVELS` whose flags (and every lower level's)
+        are all present; ``["baseline"]`` at least on a known architecture,
+        ``[]`` on any other.
+    """
+    flags = set(cpu_flags() if flags is None else flags)
+    levels = []
+    for name, needed in CPU_LEVELS.get(_architecture(machine), ()):
+        if not flags.issuperset(needed):
+            break
+        levels.append(name)
+    return levels
+
+
+def missing_flags(level, flags=None, machine=None):
+    """The flags this CPU lacks for ``level`` (and the levels below it), sorted."""
+    flags = set(cpu_flags() if flags is None else flags)
+    architecture = _architecture(machine)
+    missing = set()
+    for name, needed in CPU_LEVELS.get(architecture, ()):
+        missing.update(set(needed) - flags)
+        if name == level:
+            return sorted(missing)
+    raise ValueError(f"unknown CPU level {level!r} for {architecture}; known: "
+                     f"{', '.join(name for name, _ in CPU_LEVELS.get(architecture, ()))}")
+
+
+def _architecture(machine=None):
+    """``platform.machine()`` under the names of :data:`CPU_LEVELS`."""
+    machine = (machine or platform.machine()).lower()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+
+
 def _parse_size(text):
     """``"48K"``, ``"2048K"``, ``"32M"`` or a plain byte count -> bytes."""
     text = text.strip().upper()

@@ -83,3 +83,35 @@ def test_backend_constants_follow_the_caches():
         tuning = info["cython"]["tuning"]
         assert tuning["row_fuse_bytes"] == caches["l2"] // 2
         assert tuning["vector_bytes"] in (16, 32, 64)
+
+
+V3_FLAGS = ("sse2 cx16 lahf_lm popcnt sse4_1 sse4_2 ssse3 avx avx2 bmi1 bmi2 f16c fma abm "
+            "movbe xsave").split()
+V4_FLAGS = V3_FLAGS + "avx512f avx512bw avx512cd avx512dq avx512vl".split()
+
+
+@pytest.mark.parametrize("flags, levels", [
+    (["sse2"], ["baseline"]),
+    (V3_FLAGS, ["baseline", "v3"]),
+    (V4_FLAGS, ["baseline", "v3", "v4"]),
+    # AVX-512 without a full v3 (no movbe) is not v4: levels build on each other
+    ([f for f in V4_FLAGS if f != "movbe"], ["baseline"]),
+])
+def test_cpu_levels_from_flags(flags, levels):
+    assert machine.cpu_levels(flags, "x86_64") == levels
+    assert machine.cpu_levels(flags, "AMD64") == levels
+
+
+def test_cpu_levels_elsewhere():
+    assert machine.cpu_levels(["asimd"], "aarch64") == ["baseline"]
+    assert machine.cpu_levels([], "riscv64") == []
+
+
+def test_missing_flags_name_what_a_level_needs():
+    assert machine.missing_flags("v3", V3_FLAGS, "x86_64") == []
+    assert machine.missing_flags("v4", V3_FLAGS, "x86_64") == [
+        "avx512bw", "avx512cd", "avx512dq", "avx512f", "avx512vl"]
+    assert "movbe" in machine.missing_flags("v4", [f for f in V4_FLAGS if f != "movbe"],
+                                            "x86_64")
+    with pytest.raises(ValueError, match="unknown CPU level"):
+        machine.missing_flags("v9", V4_FLAGS, "x86_64")
