@@ -1,11 +1,14 @@
 """The Cython + OpenMP backend (``backend="cython"``).
 
 The kernels live in the compiled extension :mod:`fastbn.backends._cython_omp`
-(built by meson-python from ``_cython_omp.pyx``); this module re-exports them
-under the names of the kernel contract (see :mod:`fastbn.backends`). Importing
-it never raises: when the extension is missing or broken,
-:func:`availability` returns ``(False, "extension not built: <reason>")`` and
-every kernel raises :class:`RuntimeError`.
+(built by meson-python from ``_cython_omp.pyx`` and the sources it cimports
+from ``_cython/``); this module re-exports them under the names of the kernel
+contract (see :mod:`fastbn.backends`), and walks the staged backward
+(:mod:`fastbn.backends._staged`) over the extension's parallel elementwise
+and reduction kernels. Importing it never raises: when the extension is
+missing or broken, :func:`availability` returns
+``(False, "extension not built: <reason>")`` and every kernel raises
+:class:`RuntimeError`.
 
 Storage dtypes: float32, float64, float16 and bfloat16 (``ml_dtypes``); 16-bit
 arrays are read as uint16 bit patterns and converted in the kernels (exact
@@ -20,8 +23,10 @@ is not inherited, and a parallel region would wait for it forever.
 
 import os
 
+import numpy as np
+
 from .. import machine as _machine
-from . import _fork
+from . import _fork, _staged
 
 ON_DEVICE = False
 
@@ -116,6 +121,100 @@ def _missing(*args, **kwargs):
     raise RuntimeError(f"the cython backend cannot run: {availability()[1]}")
 
 
+class _StagedOps(_staged.HostChannels):
+    """The staged walk's primitives: the extension's parallel passes.
+
+    Every full-size primitive writes a new array of the compute dtype
+    (float32 or float64) with one parallel pass; sums accumulate in float64.
+    """
+
+    def __init__(self, dtype, shape):
+        self.dtype = dtype
+        self.shape = shape
+        self.zeros = np.zeros(shape[1])
+
+    def _new(self, op, u, v, p=None):
+        out = np.empty(self.shape, dtype=self.dtype)
+        p = self.zeros if p is None else p
+        _ext._elementwise_py(_ext.OPS[op], u, v, out, p, p, p, p)
+        return out
+
+    def normalize(self, x, mean, invstd, gamma, beta):
+        y = np.empty(self.shape, dtype=self.dtype)
+        _ext.normalize(x, mean, invstd, gamma, beta, y)
+        return y
+
+    def mask_positive(self, u, v):
+        return self._new("mask", u, v)
+
+    def subtract(self, u, p):
+        return self._new("subtract", u, u, p)
+
+    def multiply(self, u, p):
+        return self._new("multiply", u, u, p)
+
+    def broadcast(self, p):
+        out = np.empty(self.shape, dtype=self.dtype)
+        _ext._elementwise_py(_ext.OPS["fill"], out, out, out, p, p, p, p)
+        return out
+
+    def twice_product(self, u, v):
+        return self._new("twice_product", u, v)
+
+    def add(self, u, v):
+        return self._new("add", u, v)
+
+    def add_into(self, u, p, out):
+        if out.dtype == self.dtype:
+            _ext._elementwise_py(_ext.OPS["add_p"], u, u, out, p, p, p, p)
+        else:                                   # 16-bit storage: rounded once
+            _ext.from_float32(self._new("add_p", u, u, p), out)
+
+    def sum(self, u):
+        return _ext._reduce_py(u, u, self.zeros, self.zeros)[0]
+
+    def sum_of_product(self, u, v):
+        return _ext._reduce_py(u, v, self.zeros, self.zeros)[1]
+
+
+def _backward_staged(dy, x, mean, invstd, gamma, eps, out, beta=None, relu=False):
+    """The staged (cs231n) backward graph, one parallel pass per stage.
+
+    The walk is :func:`fastbn.backends._staged.backward`; every full-size
+    stage writes an intermediate of the compute dtype (``x.dtype``; float32
+    for 16-bit data, whose ``x`` and ``dy`` are first converted to float32
+    and whose ``dx`` is rounded once into ``out``); reductions accumulate in
+    float64. It stays staged on purpose: it is the baseline that the
+    simplified backward is measured against.
+
+    Parameters
+    ----------
+    dy, x, out : ndarray, shape (A, C, B), one dtype (float32, float64, float16, bfloat16)
+    mean, invstd, gamma : ndarray, float64, shape (C,)
+    eps : float
+        Unused: ``invstd`` already holds ``1 / sqrt(var + eps)``.
+    beta : ndarray, float64, shape (C,), or None (read only with ``relu``)
+    relu : bool
+
+    Raises
+    ------
+    MemoryError
+        Before allocating anything, when the intermediates (and for 16-bit
+        storage the float32 copies of ``x``, ``dy`` and ``out``) do not fit in
+        the available memory.
+
+    Returns
+    -------
+    dgamma, dbeta : ndarray, float64, shape (C,)
+    """
+    is16 = x.dtype.itemsize == 2
+    _staged.require_memory(x.size, 4 if is16 else x.itemsize, relu, copies=3 if is16 else 0)
+    if is16:
+        x, dy = _ext.to_float32(x), _ext.to_float32(dy)
+    return _staged.backward(_StagedOps(x.dtype, x.shape), dy, x, mean, invstd, gamma, beta,
+                            relu, out, x.shape[0] * x.shape[2])
+
+
 if _ext is not None:
     forward_train = _ext.forward_train
     forward_eval = _ext.forward_eval
@@ -125,7 +224,7 @@ if _ext is not None:
     backward_reduce = _ext.backward_reduce
     backward_elemt = _ext.backward_elemt
     backward_train = _ext.backward_train
-    backward_staged = _ext.backward_staged
+    backward_staged = _backward_staged
 else:
     forward_train = forward_eval = backward_eval = stats = normalize = _missing
     backward_reduce = backward_elemt = backward_train = backward_staged = _missing

@@ -1,0 +1,12 @@
+# Declarations of cpu.h: the OpenMP shim, prefetch hints, the vector width.
+
+cdef extern from "_cython/cpu.h":
+    # 1 when the extension was compiled with OpenMP, else 0.
+    bint FASTBN_OPENMP_ENABLED
+    # omp_get_max_threads() with OpenMP (honours OMP_NUM_THREADS and
+    # threadpoolctl's omp_set_num_threads), 1 without.
+    int fastbn_max_threads() noexcept nogil
+    void fastbn_prefetch(const void* p) noexcept nogil
+    void fastbn_prefetch_write(const void* p) noexcept nogil
+    # 64 with AVX-512, 32 with AVX, 16 otherwise.
+    int FASTBN_VECTOR_BYTES
