@@ -1,4 +1,4 @@
-"""Command line: ``python -m fastbn {info,check,bench,experiment,dashboard}`` (or the ``fastbn``
+"""Command line: ``python -m fastbn {info,check,bench,tune,experiment,dashboard}`` (or the ``fastbn``
 script). It parses and dispatches; the benchmark suites live in :mod:`fastbn.bench`."""
 import argparse
 import json
@@ -22,6 +22,11 @@ def main(argv=None):
                            "(needs the [experiments] extra)")
     from .experiments import cli as experiment_cli
     experiment_cli.add_arguments(experiment)
+    tune = commands.add_parser(
+        "tune", help="time candidate kernel plans on this machine and keep the fastest "
+                     "as wisdom (see fastbn.plans)")
+    from . import tune as tune_module
+    tune_module.add_arguments(tune)
     dashboard = commands.add_parser(
         "dashboard", help="run the asv suite for this commit, publish and serve the dashboard "
                           "(needs the [bench] extra and a clone of the repository)")
@@ -44,6 +49,8 @@ def main(argv=None):
         return experiment_cli.run(args)
     if args.command == "dashboard":
         return dashboard_module.run(args)
+    if args.command == "tune":
+        return tune_module.run(args)
     return run_bench(args, argv)
 
 

@@ -1,0 +1,235 @@
+"""Kernel plans, and wisdom: the plans measured fastest on this machine.
+
+A *plan* holds every choice a CPU kernel makes for a call: its strategy
+(for example one fused pass over cache-sized slabs, or two passes), block
+and slab sizes, and how the work is split. Each backend names its plan
+fields and computes its *default plan* from the shape and this machine's
+caches (today's heuristics). Plans change speed and, since they change
+the order of summation, may change the last bits of a result; the same
+plan gives the same bits run to run and for any thread count.
+
+A plan is chosen per *call class*: backend, layout class (``"nd"`` for
+``(N, D)`` arrays, ``"rows"`` for ``(N, C, ...)`` with long rows, ``"short"``
+with rows shorter than :data:`SHORT_ROW`), size class (the bytes of ``x``
+within ``"l2"``, within the last-level share ``"llc"``, or ``"memory"``
+beyond), dtype, and pass (``"forward"`` training, ``"eval"``, ``"backward"``).
+
+``fastbn tune`` times candidate plans with the timing core and writes the
+winners as *wisdom*: a JSON file in the user's cache directory
+(``$XDG_CACHE_HOME/fastbn/wisdom.json``, else ``~/.cache/fastbn/...``),
+keyed by this machine (:func:`machine_key`: processor model, features,
+cache sizes, cores, fastbn's version and the backends' builds). At import,
+wisdom is used only when its key matches this machine; otherwise it is
+ignored and :func:`status` says why. ``FASTBN_WISDOM=off`` ignores any
+wisdom (the default plans, pinned), ``FASTBN_WISDOM=/path/file.json`` reads
+and writes another file.
+
+``set_tuning("measure")`` (like ``torch.backends.cudnn.benchmark``) times
+the candidates on the first call of a new call class and keeps the winner
+for the process; it is off by default.
+"""
+import contextlib
+import json
+import os
+
+from . import machine
+
+WISDOM_ENV = "FASTBN_WISDOM"
+WISDOM_FORMAT = 1
+PASSES = ("forward", "eval", "backward")
+# Rows (the B axis of the (A, C, B) view) shorter than this are a layout class
+# of their own: their loops are short and their best split differs.
+SHORT_ROW = 64
+TUNING_MODES = ("off", "measure")
+
+_state = {"loaded": False, "wisdom": {}, "source": None, "reason": "not loaded yet",
+          "measured": {}, "forced": {}, "tuning": "off"}
+
+
+def layout_class(shape):
+    """``"nd"``, ``"short"`` or ``"rows"`` for an ``(A, C, B)`` shape."""
+    B = shape[2]
+    if B == 1:
+        return "nd"
+    return "short" if B < SHORT_ROW else "rows"
+
+
+def size_class(nbytes, caches=None):
+    """``"l2"``, ``"llc"`` or ``"memory"``: where an array of ``nbytes`` fits.
+
+    The last-level share is all of L3, or 16 L2s' worth where L3 is shared by
+    more cores (or virtual machines) than that.
+    """
+    caches = caches or machine.cache_sizes()
+    if nbytes <= caches["l2"]:
+        return "l2"
+    if nbytes <= min(caches["l3"], 16 * caches["l2"]):
+        return "llc"
+    return "memory"
+
+
+def call_class(shape, dtype_name, pass_name, itemsize):
+    """The call class of a kernel call, as a string key: ``"rows/llc/float32/backward"``."""
+    if pass_name not in PASSES:
+        raise ValueError(f"pass must be one of {PASSES}, got {pass_name!r}")
+    nbytes = shape[0] * shape[1] * shape[2] * itemsize
+    return f"{layout_class(shape)}/{size_class(nbytes)}/{dtype_name}/{pass_name}"
+
+
+def machine_key(builds):
+    """What wisdom is valid for.
+
+    Parameters
+    ----------
+    builds : dict
+        ``backend -> str`` naming each backend's build (its compiler target,
+        the variant of its extension).
+
+    Returns
+    -------
+    dict
+    """
+    from . import __version__
+
+    facts = machine.describe()
+    caches = {name: facts["caches"][name] for name in ("l1d", "l2", "l3")}
+    return {"processor": facts["processor"], "machine": facts["machine"],
+            "features": sorted(machine.cpu_flags()), "caches": caches,
+            "cores": facts["cores"], "fastbn": __version__, "builds": dict(builds)}
+
+
+def wisdom_path():
+    """The wisdom file (None when ``FASTBN_WISDOM=off``)."""
+    value = os.environ.get(WISDOM_ENV, "").strip()
+    if value.lower() in ("off", "0", "none", "false"):
+        return None
+    if value:
+        return os.path.abspath(os.path.expanduser(value))
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "fastbn", "wisdom.json")
+
+
+def _differences(stored, current):
+    return sorted(name for name in set(stored) | set(current)
+                  if stored.get(name) != current.get(name))
+
+
+def load(builds):
+    """Read the wisdom file, if its key matches this machine; see :func:`status`."""
+    _state.update(loaded=True, wisdom={}, source=None)
+    path = wisdom_path()
+    if path is None:
+        _state["reason"] = f"{WISDOM_ENV}=off: default plans"
+        return
+    _state["source"] = path
+    try:
+        with open(path, encoding="utf-8") as file:
+            stored = json.load(file)
+    except FileNotFoundError:
+        _state["reason"] = f"no wisdom file at {path} (run fastbn tune): default plans"
+        return
+    except (OSError, ValueError) as exc:
+        _state["reason"] = f"wisdom file {path} unreadable ({exc}): default plans"
+        return
+    if not isinstance(stored, dict) or stored.get("format") != WISDOM_FORMAT:
+        _state["reason"] = f"wisdom file {path} has another format: default plans"
+        return
+    changed = _differences(stored.get("key", {}), machine_key(builds))
+    if changed:
+        _state["reason"] = (f"wisdom file {path} is for another machine or build "
+                            f"({', '.join(changed)} differ): default plans")
+        return
+    _state["wisdom"] = stored.get("plans", {})
+    _state["reason"] = f"wisdom from {path}"
+
+
+def status():
+    """Whether wisdom is in use, from which file, and why (or why not).
+
+    Returns
+    -------
+    dict
+        ``in_use`` (bool), ``file`` (str or None), ``reason`` (str),
+        ``tuning`` (:func:`set_tuning`'s mode) and ``classes`` (the number
+        of call classes with a stored plan, per backend).
+    """
+    return {"in_use": bool(_state["wisdom"]), "file": _state["source"],
+            "reason": _state["reason"], "tuning": _state["tuning"],
+            "classes": {backend: len(plans) for backend, plans in _state["wisdom"].items()}}
+
+
+def save(builds, plans, path=None):
+    """Write ``plans`` (``backend -> {call class -> plan}``) as wisdom, merged
+    with what the file already holds for this machine; returns the path."""
+    path = path or wisdom_path()
+    if path is None:
+        raise ValueError(f"{WISDOM_ENV}=off: there is no wisdom file to write")
+    key = machine_key(builds)
+    merged = {}
+    try:
+        with open(path, encoding="utf-8") as file:
+            stored = json.load(file)
+        if stored.get("format") == WISDOM_FORMAT and not _differences(stored.get("key", {}), key):
+            merged = stored.get("plans", {})
+    except (OSError, ValueError, AttributeError):
+        pass
+    for backend, classes in plans.items():
+        merged.setdefault(backend, {}).update(classes)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    temporary = f"{path}.{os.getpid()}.tmp"
+    with open(temporary, "w", encoding="utf-8") as file:
+        json.dump({"format": WISDOM_FORMAT, "key": key, "plans": merged}, file, indent=1,
+                  sort_keys=True)
+    os.replace(temporary, path)      # readers never see half a file
+    return path
+
+
+def set_tuning(mode):
+    """``"measure"``: time candidate plans on the first call of each new call
+    class and keep the winner for this process; ``"off"`` (the default):
+    use wisdom or the default plans."""
+    if mode not in TUNING_MODES:
+        raise ValueError(f"tuning mode must be one of {TUNING_MODES}, got {mode!r}")
+    _state["tuning"] = mode
+
+
+def tuning_mode():
+    """The mode :func:`set_tuning` set."""
+    return _state["tuning"]
+
+
+def stored_plan(backend, key):
+    """The plan for a call class: forced (:func:`forced`), measured in this
+    process, or kept as wisdom; None when there is none (the default plan)."""
+    forced_plan = _state["forced"].get((backend, key))
+    if forced_plan is not None:
+        return forced_plan
+    measured = _state["measured"].get((backend, key))
+    if measured is not None:
+        return measured
+    return _state["wisdom"].get(backend, {}).get(key)
+
+
+def remember(backend, key, plan):
+    """Keep a plan measured in this process (``set_tuning("measure")``)."""
+    _state["measured"][(backend, key)] = dict(plan)
+
+
+@contextlib.contextmanager
+def forced(backend, key, plan):
+    """Within the block, calls of ``backend`` in call class ``key`` use ``plan``
+    (how ``fastbn tune`` and the tests run a candidate)."""
+    previous = _state["forced"].get((backend, key))
+    _state["forced"][(backend, key)] = plan
+    try:
+        yield
+    finally:
+        if previous is None:
+            del _state["forced"][(backend, key)]
+        else:
+            _state["forced"][(backend, key)] = previous
+
+
+def forget():
+    """Drop the plans measured in this process and any wisdom loaded (tests)."""
+    _state.update(loaded=False, wisdom={}, source=None, reason="not loaded yet", measured={})
