@@ -1,16 +1,22 @@
-"""Tests of the Numba CUDA backend's kernels (``fastbn.backends.numba_cuda``).
+"""Tests of what is the Numba CUDA backend's own (``fastbn.backends.numba_cuda``).
+
+The kernel contract (every kernel against the float64 reference, block-size
+invariance, constant channels and NaN, running statistics) is tested for
+every backend in ``test_contract.py``. Here: availability and settings, the
+launch geometry of the test shapes, launch and copy counts, device arrays
+through the API, per-thread scratch, and 16-bit storage and the fused
+ReLU.
 
 Run under Numba's CUDA simulator (no GPU needed)::
 
-    NUMBA_ENABLE_CUDASIM=1 FASTBN_CUDA_THREADS_PER_BLOCK=8 \\
-        pytest tests/test_cuda_backend.py
+    NUMBA_ENABLE_CUDASIM=1 FASTBN_TEST_BACKENDS=cuda pytest tests/test_cuda_backend.py
 
 Most tests are skipped unless the ``cuda`` backend is available (a GPU, or
 the simulator). Threads per block is lowered to 16 here so that the small
 test shapes span several blocks; shapes stay tiny because the simulator runs
 each CUDA thread as a Python thread. Under the simulator the block
-reductions take the shared-memory path (see ``_use_shuffles``); the warp
-shuffles are exercised by the same suites run on a GPU.
+reductions take the shared-memory path (see ``_builders._use_shuffles``);
+the warp shuffles are exercised by the same suites run on a GPU.
 """
 import sys
 
@@ -19,6 +25,7 @@ import pytest
 
 from contract_support import NumbaCuda
 
+from conftest import assert_close, kernel_reference
 from fastbn.backends import numba_cuda as backend
 
 pytestmark = pytest.mark.cuda
@@ -56,7 +63,7 @@ def small_blocks(monkeypatch):
 
 
 # ---------------------------------------------------------------------------
-# Helpers: data, float64 references, comparisons
+# Helpers: data, float64 references (conftest's), device arrays
 # ---------------------------------------------------------------------------
 
 def make_problem(shape, dtype, seed=0):
@@ -78,32 +85,11 @@ def per_channel(values):
 
 
 def reference(x, dy, gamma, beta):
-    """Float64 forward and backward of batch norm on (A, C, B)."""
-    x64 = x.astype(np.float64)
-    dy64 = dy.astype(np.float64)
-    mean = x64.mean(axis=(0, 2))
-    var = ((x64 - per_channel(mean)) ** 2).mean(axis=(0, 2))
-    invstd = 1.0 / np.sqrt(var + EPS)
-    xhat = (x64 - per_channel(mean)) * per_channel(invstd)
-    out = xhat * per_channel(gamma) + per_channel(beta)
-    count = x.shape[0] * x.shape[2]
-    sum_dy = dy64.sum(axis=(0, 2))
-    sum_dy_xhat = (dy64 * xhat).sum(axis=(0, 2))
-    dx = per_channel(gamma * invstd) * (
-        dy64 - per_channel(sum_dy) / count
-        - xhat * per_channel(sum_dy_xhat) / count)
-    return dict(mean=mean, var=var, invstd=invstd, out=out, sum_dy=sum_dy,
-                sum_dy_xhat=sum_dy_xhat, dx=dx)
-
-
-def assert_close(actual, expected, tolerance, what):
-    """Normwise relative error max|a - e| / max|e| within ``tolerance``."""
-    actual = np.asarray(actual, dtype=np.float64)
-    expected = np.asarray(expected, dtype=np.float64)
-    assert actual.shape == expected.shape, what
-    scale = max(float(np.max(np.abs(expected))), 1e-300)
-    error = float(np.max(np.abs(actual - expected))) / scale
-    assert error <= tolerance, f"{what}: error {error:.2e} > {tolerance:.0e}"
+    """Float64 forward and backward of batch norm on (A, C, B), ``out`` the
+    forward's ``y`` (``conftest.kernel_reference``)."""
+    expected = kernel_reference(x, gamma, beta, dy, EPS)
+    expected["out"] = expected["y"]
+    return expected
 
 
 def host(arr):
@@ -247,10 +233,6 @@ def test_deterministic():
 
 
 # ---------------------------------------------------------------------------
-# Accuracy corner cases
-# ---------------------------------------------------------------------------
-
-# ---------------------------------------------------------------------------
 # Through the public API: where the data lives, the work stays
 # ---------------------------------------------------------------------------
 
@@ -348,6 +330,28 @@ def test_device_call_makes_no_copy_and_three_launches(monkeypatch, name):
     count = shape[0] * shape[2]
     assert_close(host(d_var), 0.9 + 0.1 * expected["var"] * count / (count - 1), 1e-6,
                  "running_var")
+
+
+@needs_cuda
+@needs_simulator
+@pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
+def test_staged_backward_launches(monkeypatch, relu):
+    """The staged backward on device arrays: no host<->device copy; one
+    launch per full-size stage (8), two per sum (4 sums), one per
+    per-channel step (coefficients, dsq, dmu): 19. The ReLU adds its ``y``
+    (coefficients and pass) and the masked ``dy``: 22."""
+    fastbn = _fastbn()
+    shape = _layout(monkeypatch, "NCHW")
+    x, dy, gamma, beta = make_problem(shape, np.float32, seed=3)
+    d_x, d_dy, d_gamma, d_beta = device_inputs(x, dy, gamma.astype(np.float32),
+                                               beta.astype(np.float32))
+    fused = {"activation": "relu"} if relu else {}
+    _, cache = fastbn.batchnorm_forward(d_x, d_gamma, d_beta, **fused)
+    counter = _Counter(monkeypatch)
+    dx, dgamma, dbeta = fastbn.batchnorm_backward(d_dy, cache, method="staged")
+    assert counter.take() == (0, 0, 22 if relu else 19)
+    for result in (dx, dgamma, dbeta):
+        assert backend.is_device_array(result)
 
 
 @needs_cuda
