@@ -1,11 +1,15 @@
 """Tests specific to the Cython + OpenMP backend (``backend="cython"``).
 
-The kernel contract (float64 reference, thread-count invariance, accuracy
-corner cases, read-only inputs, running statistics and the evaluation
-kernels) is tested in ``test_contract.py`` over this backend's shape
-classes; here: the OpenMP build check, fused == unfused bit for bit, the
-public API, the numba and cython backends used from several Python threads
-at once, 16-bit conversions (F16C and portable) and kernels, the fused ReLU.
+What every backend must do is tested for this one elsewhere: the kernel
+contract (float64 reference, thread-count invariance, accuracy corner cases,
+read-only inputs, running statistics, the evaluation kernels, availability
+and info) in ``test_contract.py`` over this backend's shape classes, the
+public API against the numpy backend in ``test_reference_parity.py``. Here,
+what is this backend's own: the OpenMP build and the message of an
+uncompiled source tree, the thread count (read at every call; several
+Python threads at once, with numba's), the compile-time choice of fused or
+unfused kernels (bit for bit the same results), and the float16 conversions
+(F16C and portable); for now also its 16-bit kernels and fused ReLU.
 
 ``test_built_with_openmp`` fails when the extension is missing or was built
 without OpenMP (that is how CI learns the build is broken), unless the
@@ -40,17 +44,6 @@ def test_built_with_openmp():
     assert info["device"] == "cpu"
 
 
-def test_availability_and_info_shape():
-    available, reason = cython_omp.availability()
-    assert isinstance(available, bool) and isinstance(reason, str)
-    assert (reason == "") == available
-    if not available:
-        assert reason.startswith("extension not built: ")
-    info = cython_omp.info()
-    assert set(info) >= {"threads", "openmp", "device"}
-    assert cython_omp.ON_DEVICE is False
-
-
 make_case = make_kernel_case
 
 
@@ -83,7 +76,7 @@ SHAPES = {name: CythonOmp.shapes[name] for name in CythonOmp.properties["referen
 
 
 # ---------------------------------------------------------------------------
-# Thread-count invariance
+# Fused and unfused kernels; the thread count
 # ---------------------------------------------------------------------------
 
 @needs_extension
@@ -117,33 +110,6 @@ def test_thread_count_read_at_every_call():
     with threadpoolctl.threadpool_limits(1, user_api="openmp"):
         assert cython_omp.info()["threads"] == 1
     assert cython_omp.info()["threads"] == before
-
-
-# ---------------------------------------------------------------------------
-# Accuracy cases
-# ---------------------------------------------------------------------------
-
-# ---------------------------------------------------------------------------
-# Through the public API, when it is there
-# ---------------------------------------------------------------------------
-
-@needs_extension
-@pytest.mark.parametrize("shape,axis", [((6, 5, 7, 3), 1), ((40, 9), 1), ((4, 3, 5, 6), -1)])
-def test_public_api_with_cython_backend(shape, axis):
-    import fastbn
-    rng = np.random.default_rng(4)
-    x = rng.standard_normal(shape)
-    dout = rng.standard_normal(shape)
-    C = shape[axis]
-    gamma, beta = rng.standard_normal(C), rng.standard_normal(C)
-    out_c, cache_c = fastbn.batchnorm_forward(x, gamma, beta, axis=axis, backend="cython")
-    out_n, cache_n = fastbn.batchnorm_forward(x, gamma, beta, axis=axis, backend="numpy")
-    np.testing.assert_allclose(out_c, out_n, rtol=1e-10, atol=1e-10)
-    for method in ("simplified", "staged"):
-        grads_c = fastbn.batchnorm_backward(dout, cache_c, method=method)
-        grads_n = fastbn.batchnorm_backward(dout, cache_n, method=method)
-        for a, b in zip(grads_c, grads_n):
-            np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9)
 
 
 # ---------------------------------------------------------------------------

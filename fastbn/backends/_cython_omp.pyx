@@ -113,7 +113,7 @@ OPENMP_ENABLED = bool(FASTBN_OPENMP_ENABLED)
 VECTOR_BYTES = FASTBN_VECTOR_BYTES
 
 # The elementwise ops of _elementwise_py by name (the staged backward's).
-OPS = {"normalize": OP_NORMALIZE, "mask": OP_MASK, "subtract": OP_SUB, "multiply": OP_MUL,
+OPS = {"mask": OP_MASK, "subtract": OP_SUB, "multiply": OP_MUL,
        "fill": OP_FILL, "twice_product": OP_TWO_MUL, "add": OP_ADD, "add_p": OP_ADD_P}
 
 
