@@ -268,8 +268,9 @@ cdef struct Call:
     const double* p3
     double* sum_u            # also TASK_BACKWARD: sum_dy ...
     double* sum_uv           # ... and sum_dy_xhat
-    # The fused ReLU; TASK_REDUCE / TASK_ELEMENTWISE: the forward's scale
-    # ys (invstd * gamma) and offset yb (beta), which rebuild y from b = x.
+    # The fused ReLU. TASK_REDUCE / TASK_ELEMENTWISE take the forward's scale
+    # ys (invstd * gamma) and offset yb (beta), which rebuild y from b = x;
+    # TASK_BACKWARD makes them from invstd, gamma and beta.
     bint relu
     const double* ys
     const double* yb
