@@ -206,13 +206,17 @@ class CythonOmp(Spec):
             assert self.module.info()["threads"] == value
 
     # The channel path adds the float32 values of 16-bit data four at a time
-    # (a fixed tree over four blocks of lanes) before each float64 addition;
-    # the row path converts every value to float64. A constant of the source,
-    # not of the machine; read from the extension where it exposes one.
+    # (``lanes_f32``: a fixed tree over four blocks of lanes) before each
+    # float64 addition; the row path converts every value to float64. A
+    # constant of the source, not of the machine (the extension does not
+    # expose it); read from the extension or its tuning info where it does.
     SUM_BLOCK = 4
 
     def sum_block(self):
-        return int(getattr(self.module._ext, "SUM_BLOCK", self.SUM_BLOCK))
+        block = getattr(getattr(self.module, "_ext", None), "SUM_BLOCK", None)
+        if block is None:
+            block = self.module.info().get("tuning", {}).get("sum_block", self.SUM_BLOCK)
+        return int(block)
 
 
 class NumbaCuda(Spec):

@@ -478,7 +478,7 @@ def test_16bit_kernels_within_their_error_bounds(case, storage):
 
 
 @property_of("exact")
-@pytest.mark.parametrize("arrangement", ["rows", "columns"])
+@pytest.mark.parametrize("arrangement", ["along_B", "along_A"])
 @pytest.mark.parametrize("storage", HALF)
 def test_16bit_results_are_rounded_once_to_nearest_even(case, storage, arrangement):
     """normalize, forward_eval, backward_eval and backward_elemt on inputs
@@ -487,16 +487,16 @@ def test_16bit_results_are_rounded_once_to_nearest_even(case, storage, arrangeme
     that result rounded once, to nearest even, bit for bit. Values kept
     exactly, ties both ways, a float32 ulp either side of a tie, subnormals,
     the tie to zero and the tie past the largest value (to infinity); a NaN
-    stays NaN. Every channel holds all values, along B (``rows``) or A
-    (``columns``); the module settings are those of the case."""
+    stays NaN. Every channel holds all values, along B or along A
+    (rows or columns layouts); the module settings are those of the case."""
     dtype = storage_dtype(storage)
     spec, kernels = case.spec, case.module
     values, gamma_, beta = rounding_targets(dtype)
     grid = np.broadcast_to(values, (gamma_.size, values.size))
-    x = np.ascontiguousarray(grid[None, :, :] if arrangement == "rows" else grid.T[:, :, None])
+    x = np.ascontiguousarray(grid[None, :, :] if arrangement == "along_B" else grid.T[:, :, None])
     products = x.astype(np.float32).astype(np.float64) * per_channel(gamma_)
     y = products + per_channel(beta)
-    for exact in (products, y):           # one rounding, to float32 and to 16 bits
+    for exact in (products, y):           # exact in float32: the store is its only rounding
         np.testing.assert_array_equal(exact.astype(np.float32).astype(np.float64), exact)
     C = gamma_.size
     zeros, ones = spec.put(np.zeros(C)), spec.put(np.ones(C))
