@@ -129,3 +129,32 @@ def readable_running(running_mean, running_var):
             and running_var.flags.c_contiguous):
         running_var = np.ascontiguousarray(running_var, dtype=np.float64)
     return running_mean, running_var
+
+
+# The largest value that rounds to 0 when stored in each dtype (round to
+# nearest even): half the smallest subnormal. float64 is stored as computed.
+_STORED_AS_ZERO = {"float16": 2.0**-25, "bfloat16": 2.0**-134, "float32": 2.0**-150,
+                   "float64": 0.0}
+
+
+def relu_floor(storage_dtype):
+    """The fused ReLU's mask threshold for a storage dtype.
+
+    The forward stores ``max(y, 0)`` rounded once to the storage dtype, from
+    ``y`` computed in a wider (or the same) dtype; the backward recomputes
+    ``y`` by the same arithmetic and keeps ``dy`` where ``y > floor``. With
+    ``floor`` the largest value that rounds to 0 in storage, that is exactly
+    where the forward's stored output is positive: a tiny positive ``y`` that
+    the store made 0 is masked too. (When ``y`` is computed in the storage
+    dtype itself, ``y > floor`` and ``y > 0`` are the same test.)
+
+    Parameters
+    ----------
+    storage_dtype : numpy dtype or str
+        float16, bfloat16, float32 or float64.
+
+    Returns
+    -------
+    float
+    """
+    return _STORED_AS_ZERO[np.dtype(storage_dtype).name]

@@ -243,16 +243,18 @@ def forward_eval(x, gamma, beta, running_mean, running_var, eps, out, relu=False
 def _masked_dy(dy, x, mean, invstd, gamma, beta, relu):
     """``dy`` in the compute dtype; with ``relu``, zero where the forward's ``y <= 0``.
 
-    ``x`` is already in the compute dtype; ``y`` is rebuilt by
-    :func:`_normalize_into`, the forward's arithmetic, so the mask is the
-    forward's ``out > 0``.
+    ``x`` is already in the compute dtype, ``dy`` in storage; ``y`` is rebuilt
+    by :func:`_normalize_into`, the forward's arithmetic, and compared with
+    the storage dtype's :func:`~fastbn.backends._host.relu_floor`, so the
+    mask is the forward's ``out > 0`` (a tiny ``y`` stored as 0 included).
     """
+    floor = _host.relu_floor(dy.dtype)
     dy = _compute(dy)
     if not relu:
         return dy
     y = np.empty(x.shape, dtype=x.dtype)
     _normalize_into(x, mean, invstd, gamma, beta, y)
-    return np.where(y > 0, dy, dy.dtype.type(0))
+    return np.where(y > floor, dy, dy.dtype.type(0))
 
 
 def _reduce_blocks(dy, x, mean, invstd, gamma, beta, relu):
@@ -371,9 +373,10 @@ def backward_train(dy, x, mean, invstd, gamma, out, beta=None, relu=False):
 class _StagedOps(_staged.HostChannels):
     """The staged walk's primitives: whole-array ufuncs of the compute dtype."""
 
-    def __init__(self, dtype, shape):
+    def __init__(self, dtype, shape, storage):
         self.dtype = dtype
         self.shape = shape
+        self.floor = _host.relu_floor(storage)   # y > floor: the stored out > 0
 
     def normalize(self, x, mean, invstd, gamma, beta):
         y = np.empty_like(x)
@@ -381,7 +384,7 @@ class _StagedOps(_staged.HostChannels):
         return y
 
     def mask_positive(self, u, v):
-        return np.where(v > 0, u, self.dtype.type(0))
+        return np.where(v > self.floor, u, self.dtype.type(0))
 
     def subtract(self, u, p):
         return _center(u, p, np.empty_like(u))
@@ -434,6 +437,8 @@ def backward_staged(dy, x, mean, invstd, gamma, eps, out, beta=None, relu=False)
     # 16-bit storage adds float32 copies of x and dy, and one product temporary
     _staged.require_memory(x.size, 4 if _is16(x) else x.itemsize, relu,
                            copies=3 if _is16(x) else 1)
+    storage = x.dtype
     x, dy = _compute(x), _compute(dy)
-    return _staged.backward(_StagedOps(x.dtype, x.shape), dy, x, mean, invstd, gamma, beta, relu, out,
+    return _staged.backward(_StagedOps(x.dtype, x.shape, storage), dy, x, mean, invstd, gamma,
+                            beta, relu, out,
                             x.shape[0] * x.shape[2])
