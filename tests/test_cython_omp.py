@@ -17,13 +17,17 @@ environment variable ``FASTBN_SKIP_OPENMP_TEST`` is set. Every other test is
 skipped when the extension is not built.
 """
 import os
+import subprocess
+import sys
 import threading
 
 import numpy as np
 import pytest
 
+import fastbn
 from conftest import kernel_reference, make_kernel_case
 from contract_support import CythonOmp
+from fastbn import machine
 from fastbn.backends import cython_omp
 
 AVAILABLE, REASON = cython_omp.availability()
@@ -38,7 +42,7 @@ def test_built_with_openmp():
     assert AVAILABLE, f"the cython extension is not usable: {REASON}"
     info = cython_omp.info()
     assert info["openmp"] is True, (
-        "fastbn.backends._cython_omp was built without OpenMP; install a compiler "
+        "the cython extension was built without OpenMP; install a compiler "
         "with OpenMP support (or set FASTBN_SKIP_OPENMP_TEST=1 to accept a serial build)")
     assert info["threads"] >= 1
     assert info["device"] == "cpu"
@@ -217,8 +221,8 @@ def _bfloat16():
 
 
 def _ext():
-    from fastbn.backends import _cython_omp
-    return _cython_omp
+    from fastbn.backends import cython_omp
+    return cython_omp._ext      # the instruction-set variant loaded
 
 
 @pytest.fixture(params=["f16c", "portable"])
@@ -533,3 +537,63 @@ def test_relu_backward_needs_beta():
     mean, invstd = cython_omp.forward_train(x, gamma, beta, EPS, np.empty_like(x))
     with pytest.raises(ValueError):
         cython_omp.backward_train(dy, x, mean, invstd, gamma, np.empty_like(x), relu=True)
+
+
+# ---------------------------------------------------------------------------
+# Instruction-set variants (-Dcpu=dispatch) and FASTBN_CPU_LEVEL
+# ---------------------------------------------------------------------------
+
+def test_choose_variant_loads_the_best_level_the_cpu_runs():
+    choose = cython_omp.choose_variant
+    built = {"baseline", "v3", "v4"}
+    assert choose(built, ["baseline", "v3"])[0] == "v3"
+    assert choose(built, ["baseline", "v3", "v4"])[0] == "v4"
+    assert choose({"baseline"}, ["baseline", "v3", "v4"])[0] == "baseline"
+    assert choose(built, ["baseline", "v3"], forced="baseline") == (
+        "baseline", "FASTBN_CPU_LEVEL=baseline")
+    assert choose({"native"}, ["baseline"])[0] == "native"
+
+
+@pytest.mark.parametrize("built, levels, forced, message", [
+    ({"baseline", "v3", "v4"}, ["baseline", "v3"], "v4", "this CPU cannot run it"),
+    ({"baseline", "v3"}, ["baseline", "v3"], "v9", "not a variant of this build"),
+    ({"native"}, ["baseline", "v3"], "v3", "-Dcpu=native"),
+    ({"v4"}, ["baseline", "v3"], None, "no variant of this build runs on this CPU"),
+])
+def test_choose_variant_refuses_clearly(built, levels, forced, message):
+    with pytest.raises(RuntimeError, match=message):
+        cython_omp.choose_variant(built, levels, forced)
+
+
+def test_info_names_the_variant_and_why():
+    info = fastbn.backend_info()["cython"]
+    if not info["available"]:
+        pytest.skip(info["reason"])
+    assert info["variant"] in ("baseline", "v3", "v4", "native")
+    assert info["variant_reason"]
+    if info["variant"] != "native":
+        assert info["variant"] in machine.cpu_levels()
+
+
+def test_forcing_a_level_this_cpu_lacks_is_an_error_not_a_crash():
+    """The extension of a level the CPU lacks is never imported (it could die of
+    an illegal instruction): the backend is unavailable, with the reason, and a
+    call names it."""
+    if not fastbn.backend_info()["cython"]["available"]:
+        pytest.skip("the cython backend is not available here")
+    lacking = [level for level in ("v3", "v4") if level not in machine.cpu_levels()]
+    level = lacking[0] if lacking else "v9"
+    code = ("import numpy as np, fastbn\n"
+            "info = fastbn.backend_info()['cython']\n"
+            "print(info['available'], '|', info['reason'])\n"
+            "try:\n"
+            "    fastbn.batchnorm_forward(np.ones((4, 3), np.float32), backend='cython')\n"
+            "except RuntimeError as exc:\n"
+            "    print('RuntimeError', exc)\n")
+    env = dict(os.environ, FASTBN_CPU_LEVEL=level)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=env, timeout=300, cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert result.returncode == 0, result.stderr
+    first, second = result.stdout.splitlines()[:2]
+    assert first.startswith("False | ") and f"FASTBN_CPU_LEVEL={level}" in first
+    assert second.startswith("RuntimeError") and f"FASTBN_CPU_LEVEL={level}" in second

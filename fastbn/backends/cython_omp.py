@@ -42,11 +42,14 @@ ROW_FUSE_BYTES = CACHES["l2"] // 2
 FUSE_MIN_BYTES = min(CACHES["l3"], 16 * CACHES["l2"]) // 2
 
 
+LEVEL_ENV = "FASTBN_CPU_LEVEL"
+
+
 def _source_tree_root():
     """The repository root when this fastbn is an uncompiled source tree, else None.
 
     A source tree has ``_cython_omp.pyx`` beside this file, a ``pyproject.toml``
-    two levels up, and no compiled ``_cython_omp`` module beside it: what
+    two levels up, and no compiled ``_cython_omp*`` module beside it: what
     Python imports when run from a clone's root without the package built.
     """
     here = os.path.dirname(os.path.abspath(__file__))
@@ -54,21 +57,95 @@ def _source_tree_root():
     if not (os.path.exists(os.path.join(here, "_cython_omp.pyx"))
             and os.path.exists(os.path.join(root, "pyproject.toml"))):
         return None
-    if any(name.startswith("_cython_omp.") and name.endswith((".so", ".pyd"))
-           for name in os.listdir(here)):
+    if _built_variants():
         return None
     return root
 
 
+def _built_variants():
+    """``name -> module name`` of the extensions built beside this file:
+    ``{"native": ...}`` for a ``-Dcpu=native`` build, else one per level."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    variants = {}
+    for filename in os.listdir(here):
+        stem = filename.split(".")[0]
+        if filename.endswith((".so", ".pyd")) and stem.startswith("_cython_omp"):
+            level = stem[len("_cython_omp_"):] or "native"
+            variants[level] = f"fastbn.backends.{stem}"
+    return variants
+
+
+def choose_variant(built, levels, forced=None):
+    """The extension variant to load, and why.
+
+    Parameters
+    ----------
+    built : collection of str
+        The variants built: ``"native"``, or levels (``"baseline"``, ``"v3"``, ``"v4"``).
+    levels : list of str
+        The levels this CPU runs, lowest first (:func:`fastbn.machine.cpu_levels`).
+    forced : str, optional
+        A level asked for (``FASTBN_CPU_LEVEL``).
+
+    Returns
+    -------
+    (str, str)
+        The variant and the reason.
+
+    Raises
+    ------
+    RuntimeError
+        When ``forced`` is not built, or this CPU cannot run it (so that the
+        extension is never imported where it would die of an illegal
+        instruction), or no variant is built that this CPU runs.
+    """
+    if "native" in built:
+        if forced:
+            raise RuntimeError(f"{LEVEL_ENV}={forced}, but this fastbn was built with "
+                               "-Dcpu=native (one variant, for the build machine's CPU); "
+                               "unset it or build with -Dcpu=dispatch")
+        return "native", "built with -march=native (-Dcpu=native): the build machine's CPU"
+    if forced:
+        if forced not in built:
+            raise RuntimeError(f"{LEVEL_ENV}={forced}: not a variant of this build; "
+                               f"built: {', '.join(sorted(built))}")
+        if forced not in levels:
+            lacks = ", ".join(_machine.missing_flags(forced))
+            raise RuntimeError(f"{LEVEL_ENV}={forced}: this CPU cannot run it (it lacks "
+                               f"{lacks}); it runs {', '.join(levels) or 'no known level'}")
+        return forced, f"{LEVEL_ENV}={forced}"
+    usable = [level for level in levels if level in built]
+    if not usable:
+        raise RuntimeError(f"no variant of this build runs on this CPU: built "
+                           f"{', '.join(sorted(built)) or 'none'}, the CPU runs "
+                           f"{', '.join(levels) or 'no known level'}")
+    best = usable[-1]
+    return best, (f"the highest level built that this CPU runs (it runs "
+                  f"{', '.join(levels)}; built: {', '.join(sorted(built))})")
+
+
+def _import_extension():
+    """``(module, variant, reason)``: the extension chosen by :func:`choose_variant`."""
+    import importlib
+
+    built = _built_variants()
+    forced = os.environ.get(LEVEL_ENV, "").strip().lower() or None
+    variant, reason = choose_variant(built, _machine.cpu_levels(), forced)
+    return importlib.import_module(built[variant]), variant, reason
+
+
 try:
-    from fastbn.backends import _cython_omp as _ext
-except Exception as exc:  # ImportError, or a broken build (missing symbol)
+    _ext, VARIANT, VARIANT_REASON = _import_extension()
+except Exception as exc:  # not built, a level this CPU lacks, or a broken build
     _ext = None
-    _ROOT = _source_tree_root() if isinstance(exc, ImportError) else None
+    VARIANT, VARIANT_REASON = None, ""
+    _ROOT = _source_tree_root() if not _built_variants() else None
     if _ROOT is not None:
         _IMPORT_ERROR = (f"this fastbn is imported from a source tree at {_ROOT}, where "
                          "the extension is not compiled; pip install . or an editable "
                          "install (pip install --no-build-isolation -e .) builds it")
+    elif isinstance(exc, RuntimeError):
+        _IMPORT_ERROR = str(exc)
     else:
         _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 else:
@@ -91,6 +168,8 @@ def availability():
         Empty when available, else ``"extension not built: <reason>"``.
     """
     if _ext is None:
+        if VARIANT is None and _built_variants():
+            return False, _IMPORT_ERROR
         return False, f"extension not built: {_IMPORT_ERROR}"
     return True, ""
 
@@ -107,14 +186,17 @@ def info():
         was built with OpenMP; ``device``: ``"cpu"``; ``tuning``: the
         vector width the extension was compiled for (``vector_bytes``: 64
         with AVX-512, 32 with AVX, 16 otherwise) and the cache-dependent
-        block sizes in use, with the cache sizes they come from.
+        block sizes in use, with the cache sizes they come from;
+        ``variant``: the instruction-set variant loaded (``"baseline"``,
+        ``"v3"``, ``"v4"`` or ``"native"``) and ``variant_reason``: why.
     """
     if _ext is None:
         return {"threads": 0, "openmp": False, "device": "cpu"}
     tuning = {"vector_bytes": int(_ext.VECTOR_BYTES), **_ext.cache_tuning(),
               "caches": dict(CACHES)}
     return {"threads": int(_ext.max_threads()), "openmp": bool(_ext.OPENMP_ENABLED),
-            "device": "cpu", "tuning": tuning}
+            "device": "cpu", "variant": VARIANT, "variant_reason": VARIANT_REASON,
+            "tuning": tuning}
 
 
 def _missing(*args, **kwargs):
