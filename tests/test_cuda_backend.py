@@ -559,38 +559,6 @@ def test_storage_dtypes_and_relu_match_reference(monkeypatch, name, storage, rel
 
 
 @needs_cuda
-@pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
-@pytest.mark.parametrize("storage", STORAGE)
-def test_evaluation_mode_storage_and_relu(monkeypatch, storage, relu):
-    shape = _layout(monkeypatch, "NCHW")
-    dtype = storage_dtype(storage)
-    x, dy, gamma, beta = make_storage_problem(shape, dtype, seed=4, wide_channel=False)
-    channels = shape[1]
-    running_mean = np.linspace(-1.0, 1.0, channels).astype(np.float32)
-    running_var = np.linspace(0.5, 2.0, channels).astype(np.float32)
-    invstd = 1.0 / np.sqrt(running_var.astype(np.float64) + EPS)
-    scale = per_channel(invstd * gamma.astype(np.float64))
-    y = (x.astype(np.float64) - per_channel(running_mean)) * scale + per_channel(beta)
-    mask = y > 0 if relu else np.ones(shape, dtype=bool)
-    d_x, d_dy, d_gamma, d_beta = device_inputs(x, dy, gamma, beta)
-    out = backend.empty(shape, dtype)
-    mean, d_invstd = backend.forward_eval(d_x, d_gamma, d_beta, backend.to_device(running_mean),
-                                          backend.to_device(running_var), EPS, out, relu=relu)
-    assert_rounded_once(host(out), np.maximum(y, 0.0) if relu else y, dtype, "eval out")
-    fused = {"beta": d_beta, "relu": True} if relu else {}
-    dx = backend.empty(shape, dtype)
-    sum_dy, sum_dy_xhat = backend.backward_eval(d_dy, d_x, mean, d_invstd, d_gamma, dx, **fused)
-    dy_masked = np.where(mask, dy.astype(np.float64), 0.0)
-    assert_rounded_once(host(dx), dy_masked * scale, dtype, "eval dx")
-    centred = x.astype(np.float64) - per_channel(running_mean)
-    pdtype = param_dtype(dtype)
-    assert host(sum_dy).dtype == pdtype
-    assert_close(host(sum_dy), dy_masked.sum(axis=(0, 2)), TOLERANCE[pdtype], "eval dbeta")
-    assert_close(host(sum_dy_xhat), (dy_masked * centred * per_channel(invstd)).sum(axis=(0, 2)),
-                 TOLERANCE[pdtype], "eval dgamma")
-
-
-@needs_cuda
 def test_relu_keeps_nan_and_masks_its_gradient(monkeypatch):
     """max(NaN, 0) is NaN (as NumPy's maximum); the backward masks a NaN y."""
     shape = _layout(monkeypatch, "N_D")
