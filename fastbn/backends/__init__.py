@@ -1,4 +1,11 @@
-"""Backends: one module per implementation of the same small set of kernels.
+"""Backends: implementations of the same small set of kernels.
+
+``numpy_backend`` is one module; ``numba_cpu`` and ``numba_cuda`` are packages
+split by layer (configuration, 16-bit load/store or device functions, loop
+skeletons or kernel builders, the contract functions in ``__init__``);
+``cython_omp`` loads the compiled extension (``_cython_omp.pyx`` and the
+``.pxd`` files and C headers of ``_cython/``). The staged backward is walked
+once, in ``_staged``, over primitives each backend supplies.
 
 Every backend module works on the canonical 3-D view ``(A, C, B)`` that
 :mod:`fastbn.api` builds: ``A`` is the product of the axes before the channel
