@@ -569,6 +569,9 @@ def _elementwise_py(int op, a, b, out, p0, p1, p2, p3, bint relu=False, ys=None,
     """Apply elementwise ``op`` (an ``OP_*`` code, see ``OPS``) over the whole array."""
     cdef Call call
     _start(&call, TASK_ELEMENTWISE, a, b, out)
+    if (call.kind == KIND_F16 or call.kind == KIND_BF16) and op != OP_NORMALIZE \
+            and op != OP_BACKWARD:
+        raise TypeError("the staged backward's ops take float32 or float64 arrays")
     p0, p1, p2, p3 = map(_channel_vector, (p0, p1, p2, p3))
     call.op = op
     call.p0, call.p1, call.p2, call.p3 = _doubles(p0), _doubles(p1), _doubles(p2), _doubles(p3)

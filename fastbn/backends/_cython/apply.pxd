@@ -5,13 +5,14 @@
 # OP_NORMALIZE and OP_BACKWARD run in float32 arithmetic for float32 and
 # 16-bit data (split means, 16 lanes per AVX-512 op, no conversions) and in
 # float64 for float64 data, through the formulas of formulas.pxd; the other
-# ops (the staged backward's) run in float64. 16-bit data go through float32
-# buffers in L1 and each result is rounded once into the 16-bit output.
+# ops (the staged backward's, on float32 and float64 data) run in float64.
+# 16-bit data go through float32 buffers in L1 and each result is rounded
+# once into the 16-bit output.
 
 from .blocks cimport CACHE_LINE, CHUNK, COL_BLOCK, PREFETCH_BYTES, ROWS_AHEAD
 from .cpu cimport fastbn_prefetch_write
 from .formulas cimport dx_f32, dx_f64, mask_dy, relu_value, split, y_f32, y_f64
-from .half cimport bf16_t, f16_t, load, storage, store
+from .half cimport load, storage, store
 from .sums cimport prefetch_rows
 
 
@@ -26,10 +27,6 @@ cdef enum:
     OP_ADD = 6         # out = a + b
     OP_ADD_P = 7       # out = a + p0
     OP_MASK = 8        # out = a where b > 0, else 0
-
-
-cdef inline bint op_reads_b(int op) noexcept nogil:
-    return op == OP_BACKWARD or op == OP_TWO_MUL or op == OP_ADD or op == OP_MASK
 
 
 cdef inline void segment_f32(int op, const float* a, const float* b, float* out,
@@ -88,42 +85,39 @@ cdef inline void apply_segment(int op, const storage* a, const storage* b, stora
                                const double* p2, const double* p3,
                                bint per_element, bint relu, const double* ys,
                                const double* yb) noexcept nogil:
-    # One elementwise op over n contiguous values. All n values share channel
-    # p*[0]; with per_element (the staged ops on the row path) value i belongs
-    # to channel i. relu (OP_NORMALIZE / OP_BACKWARD): the fused ReLU, ys[0] /
-    # yb[0] being the forward's scale and offset. 16-bit data: blocks of
-    # CHUNK values converted to float32, the float32 code, the result rounded
-    # once into out.
-    cdef Py_ssize_t i, s, m, off
+    # One elementwise op over n contiguous values of channel p*[0].
+    # OP_NORMALIZE / OP_BACKWARD, any storage: relu is the fused ReLU, ys[0] /
+    # yb[0] the forward's scale and offset; 16-bit data in blocks of CHUNK
+    # values converted to float32, each result rounded once into out. The
+    # staged backward's ops (float32 and float64 data only): with
+    # per_element (the row path) value i belongs to channel i instead.
+    cdef Py_ssize_t i, s, m
     cdef double q0
+    cdef double y_scale = ys[0] if relu and op == OP_BACKWARD else 0.0
+    cdef double y_offset = yb[0] if relu and op == OP_BACKWARD else 0.0
     cdef float buf_a[CHUNK]
     cdef float buf_b[CHUNK]
     cdef float buf_out[CHUNK]
-    if storage is f16_t or storage is bf16_t:
-        s = 0
-        while s < n:
-            m = n - s
-            if m > CHUNK:
-                m = CHUNK
-            off = s if per_element else 0
-            load(a + s, buf_a, m)
-            if op_reads_b(op):
-                load(b + s, buf_b, m)
-            apply_segment(op, <const float*>buf_a, <const float*>buf_b, <float*>buf_out, m,
-                          p0 + off, p1 + off, p2 + off, p3 + off, per_element, relu,
-                          ys + off if ys != NULL else NULL, yb + off if yb != NULL else NULL)
-            store(buf_out, out + s, m)
-            s += m
-        return
     if op == OP_NORMALIZE or op == OP_BACKWARD:
-        if storage is float:
-            segment_f32(op, a, b, out, n, p0[0], p1[0], p2[0], p3[0], relu,
-                        ys[0] if relu and op == OP_BACKWARD else 0.0,
-                        yb[0] if relu and op == OP_BACKWARD else 0.0)
-        elif storage is double:
-            segment_f64(op, a, b, out, n, p0[0], p1[0], p2[0], p3[0], relu,
-                        ys[0] if relu and op == OP_BACKWARD else 0.0,
-                        yb[0] if relu and op == OP_BACKWARD else 0.0)
+        if storage is double:
+            segment_f64(op, a, b, out, n, p0[0], p1[0], p2[0], p3[0], relu, y_scale, y_offset)
+        elif storage is float:
+            segment_f32(op, a, b, out, n, p0[0], p1[0], p2[0], p3[0], relu, y_scale, y_offset)
+        else:
+            s = 0
+            while s < n:
+                m = n - s
+                if m > CHUNK:
+                    m = CHUNK
+                load(a + s, buf_a, m)
+                if op == OP_BACKWARD:
+                    load(b + s, buf_b, m)
+                segment_f32(op, buf_a, buf_b, buf_out, m, p0[0], p1[0], p2[0], p3[0], relu,
+                            y_scale, y_offset)
+                store(buf_out, out + s, m)
+                s += m
+        return
+    if not (storage is float or storage is double):
         return
     # the staged backward's ops, in float64
     if op == OP_SUB:
