@@ -1,11 +1,13 @@
-"""Tests specific to the Numba CPU backend (``fastbn.backends.numba_cpu``).
+"""Tests of what is the Numba CPU backend's own (``fastbn.backends.numba_cpu``).
 
 The properties every backend has (float64 reference, thread-count
-invariance, accuracy corner cases, read-only inputs, running statistics and
-the evaluation kernels) are in ``test_contract.py``, over the same shape
-classes and work splits; here: the work splits themselves, the threading
-layer, fused columns, 16-bit conversions (F16C and integer paths), the 16-bit
-kernels' error bounds and the fused ReLU.
+invariance, constant channels and NaN isolation, a large mean, read-only
+inputs, running statistics and the evaluation kernels) are in
+``test_contract.py``, over this backend's shape classes and work splits.
+Here: which loop shape and work split a shape takes, the threading layer
+and concurrent calls, fused columns, the 16-bit conversions (F16C and
+integer paths), the 16-bit kernels' error bounds, the fused ReLU, and
+numba's on-disk cache.
 """
 import concurrent.futures
 
@@ -84,34 +86,11 @@ def test_concurrent_calls_match_serial_calls():
                     np.testing.assert_array_equal(a, b)
 
 
-def test_availability_and_info():
-    ok, reason = nb.availability()
-    assert ok and reason == ""
+def test_info_reports_the_threading_layer():
     info = nb.info()
-    assert info["device"] == "cpu"
     assert info["threads"] == numba.get_num_threads()
     assert info["threading_layer"] in ("omp", "tbb", "workqueue")
     assert info["openmp"] == (info["threading_layer"] == "omp")
-    assert nb.ON_DEVICE is False
-
-
-def test_through_api():
-    import fastbn
-    rng = np.random.default_rng(6)
-    for shape, axis in (((6, 5, 4, 7), 1), ((30, 11), 1), ((4, 3, 5, 6), -1)):
-        x = rng.standard_normal(shape)
-        C = shape[axis]
-        gamma, beta = rng.standard_normal(C), rng.standard_normal(C)
-        out, cache = fastbn.batchnorm_forward(x, gamma, beta, axis=axis, backend="numba")
-        ref, _ = fastbn.batchnorm_forward(x, gamma, beta, axis=axis, backend="numpy")
-        np.testing.assert_allclose(out, ref, rtol=1e-10, atol=1e-12)
-        dout = rng.standard_normal(shape)
-        for method in ("simplified", "staged"):
-            got = fastbn.batchnorm_backward(dout, cache, method=method)
-            _, cache_np = fastbn.batchnorm_forward(x, gamma, beta, axis=axis, backend="numpy")
-            want = fastbn.batchnorm_backward(dout, cache_np, method=method)
-            for g, w in zip(got, want):
-                np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-11)
 
 
 _WORKQUEUE_SCRIPT = r"""
@@ -647,3 +626,70 @@ def test_threading_layer_starts_before_the_first_parallel_kernel(tmp_path):
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("started ")
+
+
+_CACHE_SCRIPT = r"""
+import json
+import numpy as np
+from numba.core.dispatcher import Dispatcher
+from fastbn.backends import numba_cpu as nb
+from fastbn.backends.numba_cpu import _loadstore, _loops, _ops, _small
+
+rng = np.random.default_rng(0)
+# serial, rows, rows split in chunks, mixed (7x7), columns, fused columns, fused rows
+cases = [((4, 8, 5), False), ((3, 70, 300), False), ((3, 2, 50000), False),
+         ((9, 30, 49), False), ((261, 1100, 1), False), ((100, 600, 1), False),
+         ((3, 70, 300), True)]
+for shape, fuse_rows in cases:
+    nb.FUSED_MIN_BYTES = 0 if fuse_rows else 2**62
+    x, dy = rng.standard_normal(shape), rng.standard_normal(shape)
+    g, b = rng.standard_normal(shape[1]), rng.standard_normal(shape[1])
+    out = np.empty_like(x)
+    nb.stats(x)
+    for relu in (False, True):
+        fused = {"beta": b, "relu": True} if relu else {}
+        mean, invstd = nb.forward_train(x, g, b, 1e-5, out, relu=relu)
+        nb.forward_eval(x, g, b, mean, np.ones(shape[1]), 1e-5, out, relu=relu)
+        nb.normalize(x, mean, invstd, g, b, out, relu=relu)
+        sums = nb.backward_reduce(dy, x, mean, invstd, *((g, b, True) if relu else ()))
+        nb.backward_elemt(dy, x, mean, invstd, g, *sums, out, **fused)
+        nb.backward_train(dy, x, mean, invstd, g, out, **fused)
+        nb.backward_eval(dy, x, mean, invstd, g, out, **fused)
+        nb.backward_staged(dy, x, mean, invstd, g, 1e-5, out, **fused)
+
+found = {}
+for module in (_loadstore, _ops, _loops, _small):
+    for value in vars(module).values():
+        for item in value if isinstance(value, tuple) else (value,):
+            if isinstance(item, Dispatcher):
+                found[id(item)] = item
+hits = sum(sum(d.stats.cache_hits.values()) for d in found.values())
+missed = [d.py_func.__qualname__ for d in found.values() if d.stats.cache_misses]
+misses = sum(sum(d.stats.cache_misses.values()) for d in found.values())
+print(json.dumps({"hits": hits, "misses": misses, "missed": missed}))
+"""
+
+
+@pytest.mark.slow
+def test_kernels_load_from_the_disk_cache_in_a_new_process(tmp_path):
+    """Every kernel is cached on disk, those the loop-shape factories build
+    included (numba keys a closure's cache on the pickled contents of its
+    cells): a second process running the same calls loads its kernels from
+    the cache the first one wrote and compiles none. (It loads fewer than the
+    first compiled: a kernel compiled only into its callers is not loaded on
+    its own.)"""
+    import json
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    runs = []
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-c", _CACHE_SCRIPT], env=env,
+                              capture_output=True, text=True, timeout=1800)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs.append(json.loads(proc.stdout.splitlines()[-1]))
+    first, second = runs
+    assert first["hits"] == 0 and first["misses"] > 0
+    assert second["misses"] == 0, second["missed"]
+    assert second["hits"] > 0

@@ -1,0 +1,502 @@
+"""The loop shapes of the Numba CPU backend, each written once.
+
+:func:`elementwise` takes an op of :mod:`._ops` and returns its kernels in
+every loop shape; :func:`reduction` does the same for a reduction term;
+:func:`fused` puts a reduction and an elementwise pass of the same channels
+into one work item, for the training forward and backward. numba compiles
+the op into each kernel (a direct call that LLVM inlines, not a call
+through a pointer).
+
+Loop shapes
+-----------
+*Segments*: the innermost loops run over contiguous 1-D views (``row[lo:hi]``),
+so that LLVM sees unit stride and vectorizes. Sums run over blocks of
+``SUM_BLOCK`` elements in the compute type (several vector partial sums
+each), merged in float64.
+
+*Rows* (``(A, C, B)`` with ``B`` large): an elementwise work item is a row
+``(a, c)`` of ``B`` elements with scalar parameters; a reduction work item
+is ``(channel, chunk of the channel)``, ``n_split`` chunks per channel
+(``_chunk_range``), merged in chunk order.
+
+*Columns* (``B`` small): the arrays are viewed as ``(A, J)``, ``J = C*B``,
+with per-column parameters (``_per_column``), so that inner loops run over
+long contiguous rows. Elementwise items are ``(ELEMENT_ROWS rows,
+COLUMN_BLOCK columns)``, two rows per pass sharing the parameter loads.
+Reduction items are ``(block of rows, block of COLUMN_BLOCK columns)``; each
+adds four rows at a time into its own float64 partial-sum row, and the
+partial rows are merged in row-block order and folded over each channel's
+``B`` columns.
+
+*Serial*: one compiled loop over the rows ``(a, c)``, ``a``-major, no
+parallel region; a reduction adds each row's terms in float64.
+
+*Fused*: a work item is a block of channels whose sums and elementwise pass
+run back to back, so that the second read comes from cache. On ``(A, C, B)``
+arrays the rows of the block are visited ``a``-major (runs of ``block*B``
+contiguous elements) and the forward's statistics pass prefetches the row it
+will read ``PREFETCH_ROWS_AHEAD`` rows later (``llvm.prefetch``: the
+hardware prefetcher stops at each page boundary); on ``(N, D)`` arrays
+(``B == 1``) a block is a set of columns, summed over all rows as in the
+columns shape.
+
+The split into work items depends on the shape only, and every item sums in
+a fixed order, so results do not depend on the thread count.
+
+Caching
+-------
+Every kernel is ``cache=True``. A kernel made by a factory is a closure, and
+numba keys its cache on the pickled contents of the closure's cells. Ops,
+terms and the factories' helpers are therefore ``register_jitable``
+functions: an op pickles by its module and name, a helper by its code and
+the globals it names. None of them may name an ``@njit`` dispatcher: a
+dispatcher pickles with a new random id in every process, and a kernel
+whose key held one would never hit the cache. Each kernel a factory makes
+is named after its op (``affine.rows``, ``shifted.columns``, ...), which
+gives it cache files of its own.
+"""
+
+import collections
+
+import numpy as np
+from numba import njit, prange
+from numba.extending import register_jitable
+
+from . import _ops
+from ._config import (COLUMN_BLOCK, ELEMENT_ROWS, JIT, JITABLE, PJIT, PREFETCH_ROWS_AHEAD,
+                      SUM_BLOCK)
+from ._ops import channel_shift, dx_coefficients, mean_var
+from ._loadstore import _cz, _ld, _prefetch_seg, _st
+
+Elementwise = collections.namedtuple(
+    "Elementwise", ["rows", "columns", "serial", "channels", "column_channels"])
+Reduction = collections.namedtuple(
+    "Reduction", ["rows", "columns", "serial", "channels", "column_channels"])
+
+
+@njit(**JIT)
+def _chunk_range(k, n, n_chunks):
+    """Chunk k of n_chunks over range(n): [k*n // n_chunks, (k+1)*n // n_chunks).
+    The chunks tile range(n) in order; sizes differ by at most one. int64
+    throughout (k*n < 2**63 for any n an array can have and n_chunks <= 2**31)."""
+    return k * n // n_chunks, (k + 1) * n // n_chunks
+
+
+@register_jitable(**JITABLE)
+def _per_column(values, B):
+    """Per-channel (C,) -> per-column (C*B,) values (column j is channel j // B)."""
+    if B == 1:
+        return values
+    expanded = np.empty(values.shape[0] * B)
+    for c in range(values.shape[0]):
+        expanded[c * B:(c + 1) * B] = values[c]
+    return expanded
+
+
+def _kernel(name, options):
+    """``njit(**options)``, the function first renamed ``name``: numba names a
+    kernel's cache files after it, so that the kernels a factory makes for
+    each op get files of their own (numba's cache index is not safe for two
+    processes compiling different kernels into one file at once)."""
+    def decorate(function):
+        function.__qualname__ = name
+        return njit(**options)(function)
+    return decorate
+
+
+# ---------------------------------------------------------------------------
+# Elementwise passes: out = op(u, v, p0, ..., p5, bound)
+# ---------------------------------------------------------------------------
+
+def elementwise(op):
+    """The kernels of one elementwise op, in every loop shape.
+
+    Parameters
+    ----------
+    op : function
+        ``op(u, v, p0, p1, p2, p3, p4, p5, bound)``, an op of :mod:`._ops`.
+
+    Returns
+    -------
+    Elementwise
+        ``rows``, ``columns`` (parallel) and ``serial`` kernels, each
+        ``kernel(u, v, p0, p1, p2, p3, p4, p5, bound, out)`` on ``(A, C, B)``
+        arrays with ``(C,)`` float64 parameters; and the pieces of the fused
+        kernels, ``channels`` and ``column_channels(u, v, p0, ..., p5,
+        bound, c_lo, c_hi, out)``: channels ``[c_lo, c_hi)`` only.
+    """
+
+    @register_jitable(**JITABLE)
+    def segment(u, v, p0, p1, p2, p3, p4, p5, bound, out):
+        # contiguous 1-D segments, scalar parameters
+        for j in range(out.shape[0]):
+            _st(out, j, op(_ld(u[j]), _ld(v[j]), p0, p1, p2, p3, p4, p5, bound))
+
+    @register_jitable(**JITABLE)
+    def block(u, v, p0, p1, p2, p3, p4, p5, bound, a_lo, a_hi, j_lo, j_hi, out):
+        # rows [a_lo, a_hi) and columns [j_lo, j_hi) of (A, J) arrays, (J,)
+        # parameters read from L1 for every row; two rows per pass share them
+        q0 = p0[j_lo:j_hi]
+        q1 = p1[j_lo:j_hi]
+        q2 = p2[j_lo:j_hi]
+        q3 = p3[j_lo:j_hi]
+        q4 = p4[j_lo:j_hi]
+        q5 = p5[j_lo:j_hi]
+        a = a_lo
+        while a + 2 <= a_hi:
+            u0 = u[a, j_lo:j_hi]
+            u1 = u[a + 1, j_lo:j_hi]
+            v0 = v[a, j_lo:j_hi]
+            v1 = v[a + 1, j_lo:j_hi]
+            o0 = out[a, j_lo:j_hi]
+            o1 = out[a + 1, j_lo:j_hi]
+            for j in range(o0.shape[0]):
+                y0 = op(_ld(u0[j]), _ld(v0[j]), q0[j], q1[j], q2[j], q3[j], q4[j], q5[j], bound)
+                y1 = op(_ld(u1[j]), _ld(v1[j]), q0[j], q1[j], q2[j], q3[j], q4[j], q5[j], bound)
+                _st(o0, j, y0)
+                _st(o1, j, y1)
+            a += 2
+        if a < a_hi:
+            u0 = u[a, j_lo:j_hi]
+            v0 = v[a, j_lo:j_hi]
+            o0 = out[a, j_lo:j_hi]
+            for j in range(o0.shape[0]):
+                _st(o0, j, op(_ld(u0[j]), _ld(v0[j]), q0[j], q1[j], q2[j], q3[j], q4[j], q5[j],
+                              bound))
+
+    @register_jitable(**JITABLE)
+    def channels(u, v, p0, p1, p2, p3, p4, p5, bound, c_lo, c_hi, out):
+        # channels [c_lo, c_hi) of (A, C, B) arrays, rows visited a-major
+        for a in range(out.shape[0]):
+            for c in range(c_lo, c_hi):
+                segment(u[a, c, :], v[a, c, :], p0[c], p1[c], p2[c], p3[c], p4[c], p5[c], bound,
+                        out[a, c, :])
+
+    @register_jitable(**JITABLE)
+    def column_channels(u, v, p0, p1, p2, p3, p4, p5, bound, c_lo, c_hi, out):
+        # channels [c_lo, c_hi) of (A, C, 1) arrays: all rows of those columns
+        A, C, B = out.shape
+        block(u.reshape((A, C)), v.reshape((A, C)), p0, p1, p2, p3, p4, p5, bound, 0, A, c_lo,
+              c_hi, out.reshape((A, C)))
+
+    @_kernel(f"{op.__name__}.rows", PJIT)
+    def rows(u, v, p0, p1, p2, p3, p4, p5, bound, out):
+        """Rows shape: work item = row (a, c)."""
+        A, C, B = out.shape
+        for item in prange(A * C):
+            a = item // C
+            c = item - a * C
+            segment(u[a, c, :], v[a, c, :], p0[c], p1[c], p2[c], p3[c], p4[c], p5[c], bound,
+                    out[a, c, :])
+
+    @_kernel(f"{op.__name__}.columns", PJIT)
+    def columns(u, v, p0, p1, p2, p3, p4, p5, bound, out):
+        """Columns shape: work item = (ELEMENT_ROWS rows, COLUMN_BLOCK columns) of (A, C*B)."""
+        A, C, B = out.shape
+        J = C * B
+        n_col_blocks = (J + COLUMN_BLOCK - 1) // COLUMN_BLOCK
+        n_row_blocks = (A + ELEMENT_ROWS - 1) // ELEMENT_ROWS
+        u2 = u.reshape((A, J))
+        v2 = v.reshape((A, J))
+        out2 = out.reshape((A, J))
+        q0 = _per_column(p0, B)
+        q1 = _per_column(p1, B)
+        q2 = _per_column(p2, B)
+        q3 = _per_column(p3, B)
+        q4 = _per_column(p4, B)
+        q5 = _per_column(p5, B)
+        for item in prange(n_row_blocks * n_col_blocks):
+            k = item // n_col_blocks
+            a_lo = k * ELEMENT_ROWS
+            j_lo = (item - k * n_col_blocks) * COLUMN_BLOCK
+            block(u2, v2, q0, q1, q2, q3, q4, q5, bound, a_lo, min(A, a_lo + ELEMENT_ROWS), j_lo,
+                  min(J, j_lo + COLUMN_BLOCK), out2)
+
+    @_kernel(f"{op.__name__}.serial", JIT)
+    def serial(u, v, p0, p1, p2, p3, p4, p5, bound, out):
+        """Serial: every channel, a-major."""
+        channels(u, v, p0, p1, p2, p3, p4, p5, bound, 0, out.shape[1], out)
+
+    return Elementwise(rows, columns, serial, channels, column_channels)
+
+
+# ---------------------------------------------------------------------------
+# Reductions: sum1[c] = sum(t1), sum2[c] = sum(t2), (t1, t2) = term(u, v, p0, p1, p2, bound)
+# ---------------------------------------------------------------------------
+
+def reduction(term):
+    """The kernels of one reduction, in every loop shape.
+
+    Parameters
+    ----------
+    term : function
+        ``term(u, v, p0, p1, p2, bound) -> (t1, t2)``, a term of :mod:`._ops`.
+
+    Returns
+    -------
+    Reduction
+        ``rows(u, v, p0, p1, p2, bound, n_split, sum1, sum2)``,
+        ``columns(u, v, p0, p1, p2, bound, n_row_blocks, sum1, sum2)``
+        (parallel) and ``serial(u, v, p0, p1, p2, bound, sum1, sum2)``, on
+        ``(A, C, B)`` arrays with ``(C,)`` float64 parameters, writing the
+        float64 ``(C,)`` sums; and the pieces of the fused kernels,
+        ``channels`` and ``column_channels(u, v, p0, p1, p2, bound, c_lo,
+        c_hi, ahead) -> (s1, s2)``: the sums of channels ``[c_lo, c_hi)``.
+    """
+
+    @register_jitable(**JITABLE)
+    def block_sums(u, v, p0, p1, p2, bound):
+        # at most SUM_BLOCK elements, summed in the compute type
+        s1 = _cz(u)
+        s2 = _cz(u) * _cz(v)
+        for j in range(u.shape[0]):
+            t1, t2 = term(_ld(u[j]), _ld(v[j]), p0, p1, p2, bound)
+            s1 += t1
+            s2 += t2
+        return s1, s2
+
+    @register_jitable(**JITABLE)
+    def segment(u, v, p0, p1, p2, bound):
+        # a contiguous 1-D segment: blocks of SUM_BLOCK merged in float64
+        s1 = 0.0
+        s2 = 0.0
+        n = u.shape[0]
+        for lo in range(0, n, SUM_BLOCK):
+            hi = min(n, lo + SUM_BLOCK)
+            r1, r2 = block_sums(u[lo:hi], v[lo:hi], p0, p1, p2, bound)
+            s1 += r1
+            s2 += r2
+        return s1, s2
+
+    @register_jitable(**JITABLE)
+    def partials(u, v, p0, p1, p2, bound, a_lo, a_hi, j_lo, j_hi, part1, part2):
+        # part1[j - j_lo] += t1, part2[j - j_lo] += t2 over rows [a_lo, a_hi) of
+        # the columns [j_lo, j_hi) of (A, J) arrays, (J,) parameters; four rows
+        # per pass (summed in the compute type), so that part1/part2 are loaded
+        # and stored once per four rows
+        q0 = p0[j_lo:j_hi]
+        q1 = p1[j_lo:j_hi]
+        q2 = p2[j_lo:j_hi]
+        a = a_lo
+        while a + 4 <= a_hi:
+            u0 = u[a, j_lo:j_hi]
+            u1 = u[a + 1, j_lo:j_hi]
+            u2 = u[a + 2, j_lo:j_hi]
+            u3 = u[a + 3, j_lo:j_hi]
+            v0 = v[a, j_lo:j_hi]
+            v1 = v[a + 1, j_lo:j_hi]
+            v2 = v[a + 2, j_lo:j_hi]
+            v3 = v[a + 3, j_lo:j_hi]
+            for j in range(q0.shape[0]):
+                x0, y0 = term(_ld(u0[j]), _ld(v0[j]), q0[j], q1[j], q2[j], bound)
+                x1, y1 = term(_ld(u1[j]), _ld(v1[j]), q0[j], q1[j], q2[j], bound)
+                x2, y2 = term(_ld(u2[j]), _ld(v2[j]), q0[j], q1[j], q2[j], bound)
+                x3, y3 = term(_ld(u3[j]), _ld(v3[j]), q0[j], q1[j], q2[j], bound)
+                part1[j] += (x0 + x1) + (x2 + x3)
+                part2[j] += (y0 + y1) + (y2 + y3)
+            a += 4
+        for a in range(a, a_hi):
+            u0 = u[a, j_lo:j_hi]
+            v0 = v[a, j_lo:j_hi]
+            for j in range(q0.shape[0]):
+                x0, y0 = term(_ld(u0[j]), _ld(v0[j]), q0[j], q1[j], q2[j], bound)
+                part1[j] += x0
+                part2[j] += y0
+
+    @register_jitable(**JITABLE)
+    def channels(u, v, p0, p1, p2, bound, c_lo, c_hi, ahead):
+        # channels [c_lo, c_hi) of (A, C, B) arrays, rows visited a-major; each
+        # channel's sums in the order of `rows` with one chunk. ahead > 0:
+        # prefetch the row of u that is read `ahead` rows later
+        A = u.shape[0]
+        width = c_hi - c_lo
+        s1 = np.zeros(width)
+        s2 = np.zeros(width)
+        for a in range(A):
+            for c in range(c_lo, c_hi):
+                later = a * width + (c - c_lo) + ahead
+                if ahead > 0 and later < A * width:
+                    _prefetch_seg(u[later // width, c_lo + later % width, :])
+                r1, r2 = segment(u[a, c, :], v[a, c, :], p0[c], p1[c], p2[c], bound)
+                s1[c - c_lo] += r1
+                s2[c - c_lo] += r2
+        return s1, s2
+
+    @register_jitable(**JITABLE)
+    def column_channels(u, v, p0, p1, p2, bound, c_lo, c_hi, ahead):
+        # channels [c_lo, c_hi) of (A, C, 1) arrays: all rows of those columns,
+        # in the order of `columns` with one row block (no prefetch)
+        A, C, B = u.shape
+        s1 = np.zeros(c_hi - c_lo)
+        s2 = np.zeros(c_hi - c_lo)
+        partials(u.reshape((A, C)), v.reshape((A, C)), p0, p1, p2, bound, 0, A, c_lo, c_hi,
+                 s1, s2)
+        return s1, s2
+
+    @_kernel(f"{term.__name__}.rows", PJIT)
+    def rows(u, v, p0, p1, p2, bound, n_split, sum1, sum2):
+        """Rows shape: work item = (channel, chunk of its A*B elements)."""
+        A, C, B = u.shape
+        n = A * B
+        part1 = np.empty((C, n_split))
+        part2 = np.empty((C, n_split))
+        for item in prange(C * n_split):
+            c = item // n_split
+            k = item - c * n_split
+            m_lo, m_hi = _chunk_range(k, n, n_split)
+            s1 = 0.0
+            s2 = 0.0
+            for a in range(m_lo // B, (m_hi - 1) // B + 1):
+                b_lo = max(m_lo - a * B, 0)
+                b_hi = min(m_hi - a * B, B)
+                r1, r2 = segment(u[a, c, b_lo:b_hi], v[a, c, b_lo:b_hi], p0[c], p1[c], p2[c],
+                                 bound)
+                s1 += r1
+                s2 += r2
+            part1[c, k] = s1
+            part2[c, k] = s2
+        for c in range(C):
+            s1 = 0.0
+            s2 = 0.0
+            for k in range(n_split):
+                s1 += part1[c, k]
+                s2 += part2[c, k]
+            sum1[c] = s1
+            sum2[c] = s2
+
+    @_kernel(f"{term.__name__}.columns", PJIT)
+    def columns(u, v, p0, p1, p2, bound, n_row_blocks, sum1, sum2):
+        """Columns shape: work item = (block of rows, COLUMN_BLOCK columns) of (A, C*B)."""
+        A, C, B = u.shape
+        J = C * B
+        n_col_blocks = (J + COLUMN_BLOCK - 1) // COLUMN_BLOCK
+        u2 = u.reshape((A, J))
+        v2 = v.reshape((A, J))
+        q0 = _per_column(p0, B)
+        q1 = _per_column(p1, B)
+        q2 = _per_column(p2, B)
+        part1 = np.zeros((n_row_blocks, J))
+        part2 = np.zeros((n_row_blocks, J))
+        for item in prange(n_row_blocks * n_col_blocks):
+            k = item // n_col_blocks
+            a_lo, a_hi = _chunk_range(k, A, n_row_blocks)
+            j_lo = (item - k * n_col_blocks) * COLUMN_BLOCK
+            j_hi = min(J, j_lo + COLUMN_BLOCK)
+            partials(u2, v2, q0, q1, q2, bound, a_lo, a_hi, j_lo, j_hi, part1[k, j_lo:j_hi],
+                     part2[k, j_lo:j_hi])
+        for c in prange(C):
+            s1 = 0.0
+            s2 = 0.0
+            for k in range(n_row_blocks):
+                for j in range(c * B, (c + 1) * B):
+                    s1 += part1[k, j]
+                    s2 += part2[k, j]
+            sum1[c] = s1
+            sum2[c] = s2
+
+    @_kernel(f"{term.__name__}.serial", JIT)
+    def serial(u, v, p0, p1, p2, bound, sum1, sum2):
+        """Serial: rows (a, c) a-major, each row's terms added in float64."""
+        A, C, B = u.shape
+        for c in range(C):
+            sum1[c] = 0.0
+            sum2[c] = 0.0
+        for a in range(A):
+            for c in range(C):
+                useg = u[a, c, :]
+                vseg = v[a, c, :]
+                s1 = 0.0
+                s2 = 0.0
+                for b in range(B):
+                    t1, t2 = term(_ld(useg[b]), _ld(vseg[b]), p0[c], p1[c], p2[c], bound)
+                    s1 += t1
+                    s2 += t2
+                sum1[c] += s1
+                sum2[c] += s2
+
+    return Reduction(rows, columns, serial, channels, column_channels)
+
+
+# ---------------------------------------------------------------------------
+# Fused training kernels: a work item is a block of channels, its sums and its
+# elementwise pass back to back. On (A, C, B) arrays they take the rows
+# pieces (`channels`), on (N, D) arrays the columns pieces (`column_channels`).
+# ---------------------------------------------------------------------------
+
+def fused(layout, shifted_sums, normalize, product_sums, combine):
+    """The fused training kernels over one layout.
+
+    Parameters
+    ----------
+    layout : str
+        ``"rows"`` or ``"columns"``, for the kernels' names.
+    shifted_sums, normalize, product_sums, combine : function
+        The ``channels`` pieces (rows layout) or the ``column_channels``
+        pieces (columns layout) of ``SHIFTED``, ``AFFINE``, ``PRODUCTS`` and
+        ``COMBINE``.
+
+    Returns
+    -------
+    forward(x, gamma, beta, eps, lo, block, out, mean, var)
+        Work item = ``block`` consecutive channels: their shifted sums, then
+        ``out = max((x - mean) * (invstd * gamma) + beta, lo)`` on them;
+        writes ``mean`` and ``var``.
+    backward(dy, x, mean, invstd, gamma, gq, gr, floor, block, out, sum_dy, sum_dy_xhat)
+        Work item = ``block`` consecutive channels: ``sum(dy)`` and ``sum(dy *
+        (x - mean))`` (``dy`` masked by the ReLU when ``floor`` is not None),
+        then ``dx = k*dy + kx*(x - mean) + k0`` on them.
+    """
+
+    @_kernel(f"fused_{layout}.forward", PJIT)
+    def forward(x, gamma, beta, eps, lo, block, out, mean, var):
+        A, C, B = x.shape
+        shift = channel_shift(x)
+        scale = np.empty(C)
+        for item in prange((C + block - 1) // block):
+            c_lo = item * block
+            c_hi = min(C, c_lo + block)
+            s1, s2 = shifted_sums(x, x, shift, shift, shift, None, c_lo, c_hi,
+                                  PREFETCH_ROWS_AHEAD)
+            for c in range(c_lo, c_hi):
+                mean[c], var[c] = mean_var(shift[c], s1[c - c_lo], s2[c - c_lo], A * B)
+                # gamma * invstd, exactly as finish_stats forms it
+                scale[c] = gamma[c] * (1.0 / np.sqrt(var[c] + eps))
+            normalize(x, x, mean, scale, beta, beta, beta, beta, lo, c_lo, c_hi, out)
+
+    @_kernel(f"fused_{layout}.backward", PJIT)
+    def backward(dy, x, mean, invstd, gamma, gq, gr, floor, block, out, sum_dy, sum_dy_xhat):
+        A, C, B = x.shape
+        k = np.empty(C)
+        kx = np.empty(C)
+        k0 = np.empty(C)
+        for item in prange((C + block - 1) // block):
+            c_lo = item * block
+            c_hi = min(C, c_lo + block)
+            s1, s2 = product_sums(dy, x, mean, gq, gr, floor, c_lo, c_hi, 0)
+            for c in range(c_lo, c_hi):
+                sum_dy[c] = s1[c - c_lo]
+                sum_dy_xhat[c] = s2[c - c_lo] * invstd[c]
+                k[c], kx[c], k0[c] = dx_coefficients(A * B, invstd[c], gamma[c], sum_dy[c],
+                                                     sum_dy_xhat[c])
+            combine(dy, x, k, mean, kx, k0, gq, gr, floor, c_lo, c_hi, out)
+
+    return forward, backward
+
+
+# ---------------------------------------------------------------------------
+# The kernels of this backend
+# ---------------------------------------------------------------------------
+
+AFFINE = elementwise(_ops.affine)
+COMBINE = elementwise(_ops.combine)
+GATED = elementwise(_ops.gated)
+PRODUCT = elementwise(_ops.product)
+FILL = elementwise(_ops.fill)
+SHIFTED = reduction(_ops.shifted)
+PRODUCTS = reduction(_ops.products)
+
+forward_rows_fused, backward_rows_fused = fused(
+    "rows", SHIFTED.channels, AFFINE.channels, PRODUCTS.channels, COMBINE.channels)
+forward_columns_fused, backward_columns_fused = fused(
+    "columns", SHIFTED.column_channels, AFFINE.column_channels, PRODUCTS.column_channels,
+    COMBINE.column_channels)
