@@ -1,9 +1,12 @@
 """The Cython + OpenMP backend (``backend="cython"``).
 
-The kernels live in the compiled extension :mod:`fastbn.backends._cython_omp`
-(built by meson-python from ``_cython_omp.pyx`` and the sources it cimports
-from ``_cython/``); this module re-exports them under the names of the kernel
-contract (see :mod:`fastbn.backends`), and walks the staged backward
+The kernels live in a compiled extension built by meson-python from
+``_cython_omp.pyx`` and the sources it cimports from ``_cython/``: one per
+instruction-set level, ``fastbn.backends._cython_omp_<level>``, of which this
+module imports the highest this CPU runs (:func:`choose_variant`), or
+``fastbn.backends._cython_omp`` in a ``-Dcpu=native`` build. This module
+re-exports them under the names of the kernel contract (see
+:mod:`fastbn.backends`), and walks the staged backward
 (:mod:`fastbn.backends._staged`) over the extension's parallel elementwise
 and reduction kernels. Importing it never raises: when the extension is
 missing or broken, :func:`availability` returns
