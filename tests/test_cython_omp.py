@@ -8,8 +8,9 @@ public API against the numpy backend in ``test_reference_parity.py``. Here,
 what is this backend's own: the OpenMP build and the message of an
 uncompiled source tree, the thread count (read at every call; several
 Python threads at once, with numba's), the compile-time choice of fused or
-unfused kernels (bit for bit the same results), and the float16 conversions
-(F16C and portable); for now also its 16-bit kernels and fused ReLU.
+unfused kernels (bit for bit the same results), the float16 conversions
+(F16C and portable), and the choice of instruction-set variant at import;
+for now also its 16-bit kernels and fused ReLU.
 
 ``test_built_with_openmp`` fails when the extension is missing or was built
 without OpenMP (that is how CI learns the build is broken), unless the
