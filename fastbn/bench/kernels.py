@@ -255,7 +255,8 @@ class Kernels:
 
     fastbn's kernels write into preallocated, filled outputs (``out=``), so
     that their timings measure neither the allocator nor first-touch page
-    faults; PyTorch's functional ops allocate theirs, as they do in a model.
+    faults; PyTorch's functional ops allocate theirs, as they do in a model
+    (the case's ``out`` and ``dx`` then view PyTorch's latest results).
     The arrays are attributes: ``x``, ``dout``, ``gamma``, ``beta``,
     ``running_mean``, ``running_var``, ``out``, ``dx``. Device backends
     (CUDA, only when named in ``--backends``) get device copies of the data
@@ -463,6 +464,7 @@ class Kernels:
             result[0].relu_()
         if training:
             self.cache = result
+        self.out = _numpy_view(result[0])    # a view of the new output (no copy)
         return result
 
     def _torch_backward(self):
@@ -473,9 +475,11 @@ class Kernels:
             # What autograd runs for relu_: grad * (result > 0).
             dout = aten.threshold_backward(dout, t["relu_out"], 0)
         # The functional op, as autograd runs it (not the slower out= variant).
-        return aten.native_batch_norm_backward(
+        result = aten.native_batch_norm_backward(
             dout, t["x"], t["gamma"], t["running_mean"], t["running_var"],
             t["save_mean"], t["save_invstd"], True, EPS, [True, True, True])
+        self.dx = _numpy_view(result[0])     # a view of the new gradient (no copy)
+        return result
 
 
 def _torch_view(array):
@@ -485,6 +489,16 @@ def _torch_view(array):
     if dtype_name(array.dtype) == "bfloat16":
         return torch.from_numpy(array.view(np.uint16)).view(torch.bfloat16)
     return torch.from_numpy(array)
+
+
+def _numpy_view(tensor):
+    """A NumPy view of a CPU tensor (bfloat16 through its bits), no copy."""
+    import torch
+
+    if tensor.dtype == torch.bfloat16:
+        import ml_dtypes
+        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.numpy()
 
 
 def _no_sync():
