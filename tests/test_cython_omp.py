@@ -9,8 +9,10 @@ what is this backend's own: the OpenMP build and the message of an
 uncompiled source tree, the thread count (read at every call; several
 Python threads at once, with numba's), the compile-time choice of fused or
 unfused kernels (bit for bit the same results), the float16 conversions
-(F16C and portable), and the choice of instruction-set variant at import;
-for now also its 16-bit kernels and fused ReLU.
+(F16C and portable, the same bits from either), the 16-bit and fused-ReLU
+results' independence of the thread count and of fusion, and the choice of
+instruction-set variant at import. The 16-bit kernels' error bounds and the
+fused ReLU's equality with separate passes are contract properties.
 
 ``test_built_with_openmp`` fails when the extension is missing or was built
 without OpenMP (that is how CI learns the build is broken), unless the
@@ -26,7 +28,7 @@ import numpy as np
 import pytest
 
 import fastbn
-from conftest import kernel_reference, make_kernel_case
+from conftest import make_kernel_case
 from contract_support import CythonOmp
 from fastbn import machine
 from fastbn.backends import cython_omp
@@ -50,11 +52,6 @@ def test_built_with_openmp():
 
 
 make_case = make_kernel_case
-
-
-def assert_close(actual, expected, rtol, atol):
-    np.testing.assert_allclose(np.asarray(actual, dtype=np.float64), expected,
-                               rtol=rtol, atol=atol)
 
 
 # The cache-dependent block sizes the shapes were sized for (see contract_support).
@@ -345,86 +342,6 @@ def _half_case(shape, dtype, seed=0):
     return x, dy, gamma, beta
 
 
-def _assert_within_one_ulp(actual, expected64, dtype):
-    """actual (16-bit) within 1 ulp of float64 `expected64` rounded once to dtype.
-
-    Values whose float64 result is below the float32 arithmetic's rounding of
-    its inputs (cancellation to near zero; 1e-6 of the largest magnitude) are
-    checked against that absolute bound instead.
-    """
-    rounded = expected64.astype(dtype)
-
-    def ordered(v):
-        bits = v.view(np.uint16).astype(np.int32)
-        return np.where(bits & 0x8000, -(bits & 0x7FFF), bits)
-
-    distance = np.abs(ordered(actual) - ordered(rounded))
-    near_zero = np.abs(actual.astype(np.float64) - expected64) <= 1e-6 * np.abs(expected64).max()
-    bad = (distance > 1) & ~near_zero
-    assert not bad.any(), (f"{bad.sum()} values more than 1 ulp off, e.g. "
-                           f"{actual[bad][:3]} vs {expected64[bad][:3]}")
-
-
-HALF_SHAPES = ["rows_B1_large_C", "rows_B1_fused", "rows_B1_small_C", "channels_fused",
-               "channels_split", "channels_small_B", "tiny"]
-
-
-@needs_extension
-@pytest.mark.parametrize("relu", [False, True])
-@pytest.mark.parametrize("dtype", _half_dtypes())
-@pytest.mark.parametrize("name", HALF_SHAPES)
-def test_half_kernels_match_float64_reference(name, dtype, relu):
-    dtype = _as_dtype(dtype)
-    x, dy, gamma, beta = _half_case(SHAPES[name], dtype)
-    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
-    ref = kernel_reference(x, gamma, beta, dy, EPS)
-    out = np.empty_like(x)
-    mean, invstd = cython_omp.forward_train(x, gamma, beta, EPS, out, relu=relu)
-    assert mean.dtype == np.float64 and invstd.dtype == np.float64
-    # 16-bit data are summed in float32 blocks merged in float64: float32 accuracy
-    std = np.sqrt(ref["var"])
-    assert np.all(np.abs(mean - ref["mean"]) <= 1e-6 * std + 1e-12 * np.abs(ref["mean"]))
-    assert_close(invstd, ref["invstd"], 1e-6, 0)
-    y64 = ((x64 - mean[None, :, None]) * (invstd * gamma)[None, :, None]
-           + beta[None, :, None])
-    _assert_within_one_ulp(out, np.maximum(y64, 0) if relu else y64, dtype)
-    out_norm = np.empty_like(x)
-    cython_omp.normalize(x, mean, invstd, gamma, beta, out_norm, relu=relu)
-    assert np.array_equal(out_norm.view(np.uint16), out.view(np.uint16))
-    # backward of the masked dy; the mask is the forward's float32 y > 0
-    # (float64 y can differ in sign where |y| is below float32 rounding)
-    y32 = np.empty(x.shape, dtype=np.float32)
-    cython_omp.normalize(x.astype(np.float32), mean, invstd, gamma, beta, y32)
-    dy_used = np.where(y32 > 0, dy64, 0.0) if relu else dy64
-    count = x.shape[0] * x.shape[2]
-    xhat = (x64 - mean[None, :, None]) * invstd[None, :, None]
-    sum_dy = dy_used.sum(axis=(0, 2))
-    sum_dy_xhat = (dy_used * xhat).sum(axis=(0, 2))
-    dx64 = (gamma * invstd)[None, :, None] * (
-        dy_used - sum_dy[None, :, None] / count - xhat * sum_dy_xhat[None, :, None] / count)
-    kwargs = dict(beta=beta, relu=relu)
-    dx = np.empty_like(x)
-    sums = cython_omp.backward_train(dy, x, mean, invstd, gamma, dx, **kwargs)
-    sums_r = cython_omp.backward_reduce(dy, x, mean, invstd, gamma, beta, relu=relu)
-    dx_elemt = np.empty_like(x)
-    cython_omp.backward_elemt(dy, x, mean, invstd, gamma, *sums_r, dx_elemt, **kwargs)
-    dx_staged = np.empty_like(x)
-    dgamma, dbeta = cython_omp.backward_staged(dy, x, mean, invstd, gamma, EPS, dx_staged,
-                                               **kwargs)
-    # float32 accuracy of the float64 sums: within 1e-6 of the sum of |terms|
-    scale_dy = np.abs(dy_used).sum(axis=(0, 2)) + 1e-30
-    scale_dxhat = np.abs(dy_used * xhat).sum(axis=(0, 2)) + 1e-30
-    for got_dy, got_dxhat in (sums, sums_r, (dbeta, dgamma)):
-        assert_close(got_dy / scale_dy, sum_dy / scale_dy, 0, 1e-6)
-        assert_close(got_dxhat / scale_dxhat, sum_dy_xhat / scale_dxhat, 0, 1e-6)
-    for result in (dx, dx_elemt, dx_staged):
-        _assert_within_one_ulp(result, dx64, dtype)
-    assert np.array_equal(dx.view(np.uint16), dx_elemt.view(np.uint16))
-    dx_eval = np.empty_like(x)
-    cython_omp.backward_eval(dy, x, mean, invstd, gamma, dx_eval, **kwargs)
-    _assert_within_one_ulp(dx_eval, dy_used * (gamma * invstd)[None, :, None], dtype)
-
-
 @needs_extension
 @pytest.mark.parametrize("dtype", _half_dtypes())
 @pytest.mark.parametrize("name", ["rows_B1_fused", "channels_fused", "channels_small_B"])
@@ -468,68 +385,6 @@ def test_float16_portable_path_gives_the_same_bits(name, f16_path):
     cython_omp.backward_train(dy, x, mean, invstd, gamma, dx_ref, beta=beta, relu=True)
     assert np.array_equal(out.view(np.uint16), out_ref.view(np.uint16))
     assert np.array_equal(dx.view(np.uint16), dx_ref.view(np.uint16))
-
-
-@needs_extension
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("name", ["rows_B1_large_C", "rows_B1_fused", "channels_fused",
-                                  "channels_split", "channels_small_B", "tiny"])
-def test_fused_relu_equals_separate_relu_bitwise(name, dtype):
-    # float32 / float64: the mask rebuilt in the backward kernels is exactly
-    # the forward's `out > 0`, so fused == BN then ReLU, and the fused backward
-    # == the plain backward of where(out > 0, dy, 0), bit for bit.
-    x, dy, gamma, beta = make_case(SHAPES[name], dtype, seed=6)
-    y = np.empty_like(x)
-    mean, invstd = cython_omp.forward_train(x, gamma, beta, EPS, y)
-    out = np.empty_like(x)
-    mean_r, invstd_r = cython_omp.forward_train(x, gamma, beta, EPS, out, relu=True)
-    assert np.array_equal(mean, mean_r) and np.array_equal(invstd, invstd_r)
-    assert np.array_equal(out, np.maximum(y, 0))
-    assert (out == 0).any() and (out > 0).any()
-    dy_masked = np.where(out > 0, dy, dtype(0))
-    for kernel in (cython_omp.backward_train, cython_omp.backward_eval):
-        dx_plain = np.empty_like(x)
-        sums_plain = kernel(dy_masked, x, mean, invstd, gamma, dx_plain)
-        dx = np.empty_like(x)
-        sums = kernel(dy, x, mean, invstd, gamma, dx, beta=beta, relu=True)
-        assert np.array_equal(dx, dx_plain), kernel.__name__
-        assert np.array_equal(sums[0], sums_plain[0]) and np.array_equal(sums[1], sums_plain[1])
-    dx_staged = np.empty_like(x)
-    dgamma, dbeta = cython_omp.backward_staged(dy, x, mean, invstd, gamma, EPS, dx_staged,
-                                               beta=beta, relu=True)
-    dx_staged_plain = np.empty_like(x)
-    dgamma_p, dbeta_p = cython_omp.backward_staged(dy_masked, x, mean, invstd, gamma, EPS,
-                                                   dx_staged_plain)
-    assert np.array_equal(dx_staged, dx_staged_plain)
-    assert np.array_equal(dgamma, dgamma_p) and np.array_equal(dbeta, dbeta_p)
-    # eval forward with the fused ReLU
-    rm, rv = mean.copy(), 1.0 / invstd ** 2 - EPS
-    out_eval = np.empty_like(x)
-    y_eval = np.empty_like(x)
-    cython_omp.forward_eval(x, gamma, beta, rm, rv, EPS, y_eval)
-    cython_omp.forward_eval(x, gamma, beta, rm, rv, EPS, out_eval, relu=True)
-    assert np.array_equal(out_eval, np.maximum(y_eval, 0))
-
-
-@needs_extension
-@pytest.mark.parametrize("dtype", _half_dtypes())
-def test_half_relu_mask_is_the_float32_normalize(dtype):
-    # 16-bit: y is rebuilt in float32 from the exact float32 values of x, as
-    # the forward computes it; so the fused backward equals the plain backward
-    # of dy masked by the float32 kernel's y > 0.
-    dtype = _as_dtype(dtype)
-    x, dy, gamma, beta = _half_case(SHAPES["channels_small_B"], dtype, seed=7)
-    out = np.empty_like(x)
-    mean, invstd = cython_omp.forward_train(x, gamma, beta, EPS, out, relu=True)
-    y32 = np.empty(x.shape, dtype=np.float32)
-    cython_omp.normalize(x.astype(np.float32), mean, invstd, gamma, beta, y32)
-    dy_masked = np.where(y32 > 0, dy, dtype(0)).astype(dtype)
-    dx_plain = np.empty_like(x)
-    sums_plain = cython_omp.backward_train(dy_masked, x, mean, invstd, gamma, dx_plain)
-    dx = np.empty_like(x)
-    sums = cython_omp.backward_train(dy, x, mean, invstd, gamma, dx, beta=beta, relu=True)
-    assert np.array_equal(dx.view(np.uint16), dx_plain.view(np.uint16))
-    assert np.array_equal(sums[0], sums_plain[0]) and np.array_equal(sums[1], sums_plain[1])
 
 
 @needs_extension
