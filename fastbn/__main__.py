@@ -35,11 +35,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     if args.command == "info":
-        from . import machine, registry
-        # the processor (model, features, caches) and, per backend, the
-        # constants it chose for it (its "tuning" entry)
-        print(json.dumps({"machine": machine.describe(), "backends": registry.backend_info()},
-                         indent=2))
+        from . import machine, registry, tune
+        # the processor (model, features, caches); per backend, the constants
+        # it chose for it (its "tuning" entry); whether wisdom is in use, and
+        # the plan each call class of the default grid gets
+        print(json.dumps({"machine": machine.describe(), "backends": registry.backend_info(),
+                          "plans": tune.planned()}, indent=2))
         return 0
     if args.command == "check":
         from . import check as check_module

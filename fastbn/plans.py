@@ -42,8 +42,8 @@ PASSES = ("forward", "eval", "backward")
 SHORT_ROW = 64
 TUNING_MODES = ("off", "measure")
 
-_state = {"loaded": False, "wisdom": {}, "source": None, "reason": "not loaded yet",
-          "measured": {}, "forced": {}, "tuning": "off"}
+_state = {"loaded": False, "builds": {}, "wisdom": {}, "source": None,
+          "reason": "not loaded yet", "measured": {}, "forced": {}, "tuning": "off"}
 
 
 def layout_class(shape):
@@ -115,8 +115,15 @@ def _differences(stored, current):
 
 
 def load(builds):
-    """Read the wisdom file, if its key matches this machine; see :func:`status`."""
-    _state.update(loaded=True, wisdom={}, source=None)
+    """Read the wisdom file, if its key matches this machine; see :func:`status`.
+
+    Parameters
+    ----------
+    builds : dict
+        ``backend -> build`` of the backends to read plans for: a backend's
+        plans are kept when the file's key names the same build.
+    """
+    _state.update(loaded=True, builds=dict(builds), wisdom={}, source=None)
     path = wisdom_path()
     if path is None:
         _state["reason"] = f"{WISDOM_ENV}=off: default plans"
@@ -134,12 +141,18 @@ def load(builds):
     if not isinstance(stored, dict) or stored.get("format") != WISDOM_FORMAT:
         _state["reason"] = f"wisdom file {path} has another format: default plans"
         return
-    changed = _differences(stored.get("key", {}), machine_key(builds))
-    if changed:
-        _state["reason"] = (f"wisdom file {path} is for another machine or build "
-                            f"({', '.join(changed)} differ): default plans")
+    stored_key = stored.get("key", {})
+    changed = [name for name in _differences(stored_key, machine_key(builds)) if name != "builds"]
+    stored_builds = stored_key.get("builds", {})
+    other_build = sorted(name for name in stored.get("plans", {})
+                         if name in builds and stored_builds.get(name) != builds[name])
+    if changed or other_build:
+        what = ", ".join(changed + (["builds"] if other_build else []))
+        _state["reason"] = (f"wisdom file {path} is for another machine or build ({what} "
+                            f"differ): default plans")
         return
-    _state["wisdom"] = stored.get("plans", {})
+    _state["wisdom"] = {name: classes for name, classes in stored.get("plans", {}).items()
+                        if name in builds}
     _state["reason"] = f"wisdom from {path}"
 
 
@@ -164,15 +177,24 @@ def save(builds, plans, path=None):
     path = path or wisdom_path()
     if path is None:
         raise ValueError(f"{WISDOM_ENV}=off: there is no wisdom file to write")
-    key = machine_key(builds)
-    merged = {}
+    merged, merged_builds = {}, {}
     try:
         with open(path, encoding="utf-8") as file:
             stored = json.load(file)
-        if stored.get("format") == WISDOM_FORMAT and not _differences(stored.get("key", {}), key):
-            merged = stored.get("plans", {})
+        stored_key = stored.get("key", {})
+        same_machine = not [name for name in _differences(stored_key, machine_key(builds))
+                            if name != "builds"]
+        if stored.get("format") == WISDOM_FORMAT and same_machine:
+            # keep every backend's plans measured with the build it has now
+            # (the other backends' builds are not checked here)
+            merged_builds = dict(stored_key.get("builds", {}))
+            merged = {name: classes for name, classes in stored.get("plans", {}).items()
+                      if name in merged_builds and builds.get(name, merged_builds[name])
+                      == merged_builds[name]}
     except (OSError, ValueError, AttributeError):
         pass
+    merged_builds.update(builds)
+    key = machine_key(merged_builds)
     for backend, classes in plans.items():
         merged.setdefault(backend, {}).update(classes)
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -210,6 +232,56 @@ def stored_plan(backend, key):
     return _state["wisdom"].get(backend, {}).get(key)
 
 
+def builds():
+    """``backend -> build`` of every available backend that has plans (what
+    wisdom is keyed by, with :func:`machine_key`)."""
+    from . import registry
+
+    found = {}
+    for name in registry.available_backends():
+        module = registry.get_backend(name)
+        if hasattr(module, "plan_build"):
+            found[name] = module.plan_build()
+    return found
+
+
+def lookup(backend, build, shape, dtype_name, pass_name, itemsize):
+    """The plan a kernel call uses, or None for the backend's default plan.
+
+    The backends call this on every call of a planned kernel, so it returns
+    at once while no plan is stored. Wisdom is read on a backend's first
+    call, for its build.
+    With ``set_tuning("measure")``, the first call of a call class with no
+    stored plan times the candidates (:func:`fastbn.tune.measure`) and keeps
+    the winner.
+
+    Parameters
+    ----------
+    backend : str
+    build : str
+        The backend's ``plan_build()``.
+    shape : tuple of int
+        ``(A, C, B)``.
+    dtype_name : str
+        The storage dtype's name (``"float32"``, ``"bfloat16"``, ...).
+    pass_name : {"forward", "eval", "backward"}
+    itemsize : int
+    """
+    if not _state["loaded"] or backend not in _state["builds"]:
+        load({**_state["builds"], backend: build})
+    if not (_state["forced"] or _state["measured"] or backend in _state["wisdom"]
+            or _state["tuning"] == "measure"):
+        return None
+    key = call_class(shape, dtype_name, pass_name, itemsize)
+    plan = stored_plan(backend, key)
+    if plan is None and _state["tuning"] == "measure" and not _state["forced"]:
+        from . import tune
+
+        plan = tune.measure(backend, key, shape, dtype_name, pass_name)
+        remember(backend, key, plan)
+    return plan
+
+
 def remember(backend, key, plan):
     """Keep a plan measured in this process (``set_tuning("measure")``)."""
     _state["measured"][(backend, key)] = dict(plan)
@@ -232,4 +304,5 @@ def forced(backend, key, plan):
 
 def forget():
     """Drop the plans measured in this process and any wisdom loaded (tests)."""
-    _state.update(loaded=False, wisdom={}, source=None, reason="not loaded yet", measured={})
+    _state.update(loaded=False, builds={}, wisdom={}, source=None, reason="not loaded yet",
+                  measured={})

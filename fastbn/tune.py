@@ -93,6 +93,27 @@ def _time_candidates(backend, module, key, shape, dtype, pass_name, rounds):
     return candidates, [timings[str(i)].median for i in range(len(candidates))]
 
 
+def _winner(candidates, log_ratios, count):
+    """The candidate with the smallest summed log time ratio to the default
+    (the first) over ``count`` shapes, and its speedup; the default unless
+    another is faster by more than :data:`MARGIN`."""
+    best = min(range(len(candidates)), key=lambda i: log_ratios[i])
+    speedup = math.exp(-log_ratios[best] / count)
+    if best != 0 and speedup < 1 + MARGIN:
+        return 0, 1.0                       # within noise: keep the default
+    return best, speedup
+
+
+def measure(backend, key, shape, dtype, pass_name):
+    """The fastest candidate plan of one call class, timed now on ``shape``
+    (``set_tuning("measure")``; :data:`QUICK_ROUNDS` rounds)."""
+    module = registry.get_backend(backend)
+    candidates, medians = _time_candidates(backend, module, key, shape, dtype, pass_name,
+                                           QUICK_ROUNDS)
+    best, _ = _winner(candidates, [math.log(m / medians[0]) for m in medians], 1)
+    return candidates[best]
+
+
 def tune(backends=None, shapes=None, dtypes=None, quick=False, progress=True, save=True):
     """Time candidate plans and (with ``save``) write the winners as wisdom.
 
@@ -141,10 +162,7 @@ def tune(backends=None, shapes=None, dtypes=None, quick=False, progress=True, sa
                     ratios = [math.log(m / medians[0]) for m in medians]
                     log_ratios = ratios if log_ratios is None else [
                         a + b for a, b in zip(log_ratios, ratios)]
-                best = min(range(len(candidates)), key=lambda i: log_ratios[i])
-                speedup = math.exp(-log_ratios[best] / len(members))
-                if best != 0 and speedup < 1 + MARGIN:
-                    best, speedup = 0, 1.0          # within noise: keep the default
+                best, speedup = _winner(candidates, log_ratios, len(members))
                 results.setdefault(name, {})[key] = {
                     "plan": candidates[best], "default": best == 0, "speedup": speedup,
                     "shapes": ["x".join(map(str, s)) for s, _, _ in members]}
@@ -155,19 +173,40 @@ def tune(backends=None, shapes=None, dtypes=None, quick=False, progress=True, sa
     if save and winners:
         builds = {name: registry.get_backend(name).plan_build() for name in winners}
         path = plans.save(builds, winners)
-        plans.load(_all_builds())
+        plans.load(plans.builds())
     results["_wisdom"] = path
     return results
 
 
-def _all_builds():
-    """``backend -> build`` of every available backend that has plans."""
-    builds = {}
+
+
+def planned():
+    """The plan each call class of the default grid gets now, per backend
+    with plans (``fastbn info``).
+
+    Returns
+    -------
+    dict
+        ``"wisdom"``: :func:`fastbn.plans.status`; for each backend with plans,
+        ``{call class: {"plan": dict, "source": "wisdom" or "default"}}``.
+    """
+    import numpy as np
+
+    plans.load(plans.builds())
+    result = {"wisdom": plans.status()}
     for name in registry.available_backends():
         module = registry.get_backend(name)
-        if hasattr(module, "plan_build"):
-            builds[name] = module.plan_build()
-    return builds
+        if not hasattr(module, "plan_candidates"):
+            continue
+        entries = result[name] = {}
+        for key, members in grid(GRID_SHAPES, GRID_DTYPES, quick=True).items():
+            shape, dtype, pass_name = members[0]
+            stored = plans.stored_plan(name, key)
+            entries[key] = {
+                "plan": stored if stored is not None else module.default_plan(
+                    _canonical(shape), np.dtype(dtype).itemsize, pass_name),
+                "source": "default" if stored is None else "wisdom"}
+    return result
 
 
 def add_arguments(parser):

@@ -11,15 +11,21 @@ The references below are written from the formulas, independently of
 fastbn: per-channel statistics over every axis but the channel axis, biased
 variance for normalization, PyTorch's running-statistics convention
 (``momentum`` is the new batch's weight, unbiased variance).
+
+The kernels run their default plans: ``FASTBN_WISDOM=off`` unless the
+environment sets it (tests/test_plans.py sets it per test), so that no
+result depends on what ``fastbn tune`` measured on this machine.
 """
 import json
 import os
 import zlib
 
-import numpy as np
-import pytest
+os.environ.setdefault("FASTBN_WISDOM", "off")
 
-import fastbn
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import fastbn  # noqa: E402
 
 # ---------------------------------------------------------------------------
 # CUDA simulator: small blocks so that reductions span several blocks.

@@ -311,7 +311,7 @@ KNOWN_FAILURES = {
                                  "2**-150 is stored as a float32 0: the mask is not the "
                                  "forward's out > 0"),
     **{(name, _TINY, storage): _HALF_MASK
-       for name in ("numba", "cython", "cuda") for storage in ("float16", "bfloat16")},
+       for name in ("cython", "cuda") for storage in ("float16", "bfloat16")},
 }
 
 

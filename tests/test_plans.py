@@ -1,9 +1,15 @@
-"""Kernel plans and wisdom (fastbn.plans): call classes, the wisdom file and its key."""
+"""Kernel plans and wisdom (fastbn.plans): call classes, the wisdom file and
+its key; the plans of the backends that have them (every candidate against
+the float64 reference, wisdom and measured plans reaching the kernels), and
+``fastbn tune``."""
 import json
 
+import numpy as np
 import pytest
+from conftest import kernel_reference, make_kernel_case, normwise_error
+from contract_support import SPECS
 
-from fastbn import machine, plans
+from fastbn import machine, plans, registry, tune
 
 BUILDS = {"numba": "numba 0 for test-cpu"}
 
@@ -97,3 +103,148 @@ def test_tuning_modes():
     assert plans.tuning_mode() == "measure"
     with pytest.raises(ValueError, match="tuning mode"):
         plans.set_tuning("sometimes")
+
+
+# ---------------------------------------------------------------------------
+# The plans of the backends that have them
+# ---------------------------------------------------------------------------
+
+PLANNED = [name for name in registry.available_backends()
+           if hasattr(registry.get_backend(name), "plan_candidates")]
+EPS = 1e-5
+# One shape per layout class, each under the serial threshold times eight, so
+# that every strategy (serial included) is a candidate: (N, D), short rows,
+# long rows.
+PLAN_SHAPES = [(64, 300, 1), (16, 24, 49), (8, 6, 1100)]
+
+
+def _tolerances(dtype, count):
+    """Per-channel results (float64 sums of ``count`` terms in any order):
+    a float64 rounding per term, four times over for the ratios that use
+    them; elementwise results: a few roundings of the compute type, then one
+    rounding to the storage type (float32: 2**-24 each)."""
+    statistics = 4 * (count + 4) * 2.0**-53
+    elementwise = 16 * 2.0**-24 if dtype == np.float32 else 16 * (count + 4) * 2.0**-53
+    return statistics, elementwise
+
+
+def _run_pass(kernels, pass_name, x, dy, gamma, beta, ref):
+    """The pass's results, as a dict of float64 arrays."""
+    out = np.empty_like(x)
+    if pass_name == "forward":
+        mean, invstd = kernels.forward_train(x, gamma, beta, EPS, out)
+        return {"mean": mean, "invstd": invstd, "y": out}
+    if pass_name == "eval":
+        kernels.forward_eval(x, gamma, beta, ref["mean"], ref["var"], EPS, out)
+        return {"y": out}
+    sum_dy, sum_dy_xhat = kernels.backward_train(dy, x, ref["mean"], ref["invstd"], gamma, out)
+    return {"sum_dy": sum_dy, "sum_dy_xhat": sum_dy_xhat, "dx": out}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("shape", PLAN_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("backend", PLANNED)
+def test_every_candidate_plan_matches_the_float64_reference(backend, shape, dtype, monkeypatch):
+    """Each candidate plan of each pass computes the contract's result within
+    the bounds of its arithmetic, and the same bits run to run and for one or
+    two threads."""
+    kernels = registry.get_backend(backend)
+    x, dy, gamma, beta = make_kernel_case(shape, dtype, seed=sum(shape))
+    ref = kernel_reference(x, gamma, beta, dy, EPS)
+    statistics, elementwise = _tolerances(np.dtype(dtype), shape[0] * shape[2])
+    spec = SPECS[backend]
+    strategies = set()
+    for pass_name in plans.PASSES:
+        key = plans.call_class(shape, np.dtype(dtype).name, pass_name, x.itemsize)
+        candidates = kernels.plan_candidates(shape, x.itemsize, pass_name)
+        assert candidates[0] == kernels.default_plan(shape, x.itemsize, pass_name)
+        assert len(candidates) == len({repr(sorted(plan.items())) for plan in candidates})
+        for plan in candidates:
+            strategies.add(plan["strategy"])
+            what = f"{pass_name} {plan}"
+            runs = []
+            for threads in (1, 2, 2):
+                cleanup = []
+                spec.threads(monkeypatch, cleanup, threads)
+                try:
+                    with plans.forced(backend, key, plan):
+                        runs.append(_run_pass(kernels, pass_name, x, dy, gamma, beta, ref))
+                finally:
+                    for undo in reversed(cleanup):
+                        undo()
+            got = runs[0]
+            for name, value in got.items():
+                tol = elementwise if value.ndim == 3 else statistics
+                assert normwise_error(value, ref[name]) <= tol, f"{what}: {name}"
+                for other in runs[1:]:
+                    np.testing.assert_array_equal(other[name], value, err_msg=f"{what}: {name}")
+    assert strategies >= {"serial", "passes", "fused"}
+
+
+@pytest.mark.parametrize("backend", PLANNED)
+def test_wisdom_and_measured_plans_reach_the_kernels(backend, tmp_path, monkeypatch):
+    kernels = registry.get_backend(backend)
+    shape = (16, 24, 49)
+    x = np.ones(shape, np.float32)
+    key = plans.call_class(shape, "float32", "backward", 4)
+    default = kernels.default_plan(shape, 4, "backward")
+    other = next(plan for plan in kernels.plan_candidates(shape, 4, "backward")
+                 if plan != default)
+    # no wisdom: the default plan, and no stored plan
+    monkeypatch.setenv(plans.WISDOM_ENV, "off")
+    assert plans.lookup(backend, kernels.plan_build(), shape, "float32", "backward", 4) is None
+    assert kernels._plan(x, "backward") == default
+    # wisdom for this machine and build: its plan
+    path = tmp_path / "wisdom.json"
+    monkeypatch.setenv(plans.WISDOM_ENV, str(path))
+    plans.save(plans.builds(), {backend: {key: other}})
+    plans.forget()
+    assert kernels._plan(x, "backward") == other
+    assert plans.status()["in_use"]
+    # a plan the backend does not know (a damaged file): the default
+    plans.save(plans.builds(), {backend: {key: {"strategy": "sideways"}}})
+    plans.forget()
+    assert kernels._plan(x, "backward") == default
+    # set_tuning("measure"): the first call of a class times its candidates
+    monkeypatch.setenv(plans.WISDOM_ENV, "off")
+    plans.forget()
+    plans.set_tuning("measure")
+    eval_key = plans.call_class(shape, "float32", "eval", 4)
+    out = np.empty_like(x)
+    kernels.forward_eval(x, np.ones(24), np.zeros(24), np.zeros(24), np.ones(24), EPS, out)
+    measured = plans.stored_plan(backend, eval_key)
+    assert measured in kernels.plan_candidates(shape, 4, "eval")
+    np.testing.assert_allclose(out, 1 / np.sqrt(1 + EPS), rtol=1e-7)
+
+
+@pytest.mark.parametrize("backend", PLANNED)
+def test_tune_keeps_the_default_unless_another_plan_is_faster(backend, tmp_path, monkeypatch):
+    monkeypatch.setenv(plans.WISDOM_ENV, str(tmp_path / "wisdom.json"))
+    results = tune.tune(backends=[backend], shapes=[(8, 16, 16, 16)], dtypes=["float32"],
+                        quick=True, progress=False)
+    path = results.pop("_wisdom")
+    kernels = registry.get_backend(backend)
+    with open(path) as file:
+        stored = json.load(file)
+    assert set(stored["plans"][backend]) == set(results[backend]) and len(results[backend]) == 3
+    for key, found in results[backend].items():
+        pass_name = key.rsplit("/", 1)[1]
+        candidates = kernels.plan_candidates((8, 16, 256), 4, pass_name)
+        assert found["plan"] in candidates
+        assert found["default"] == (found["plan"] == candidates[0])
+        assert found["default"] or found["speedup"] >= 1 + tune.MARGIN
+        assert stored["plans"][backend][key] == found["plan"]
+    assert plans.status()["in_use"] and plans.status()["file"] == path
+
+
+def test_info_says_whether_wisdom_is_used_and_the_plan_of_each_class(capsys, monkeypatch):
+    from fastbn.__main__ import main
+
+    monkeypatch.setenv(plans.WISDOM_ENV, "off")
+    assert main(["info"]) == 0
+    shown = json.loads(capsys.readouterr().out)["plans"]
+    assert not shown["wisdom"]["in_use"] and "off" in shown["wisdom"]["reason"]
+    for backend in PLANNED:
+        classes = shown[backend]
+        assert classes and all(entry["source"] == "default" for entry in classes.values())
+        assert {key.rsplit("/", 1)[1] for key in classes} == set(plans.PASSES)

@@ -80,6 +80,11 @@ Which loop shape a call takes
 -----------------------------
 (The loop shapes themselves are described in :mod:`._loops`.)
 
+For ``forward_train``, ``forward_eval`` and ``backward_train`` these choices
+are the *default plan* (:func:`default_plan`); a plan measured on the
+machine (``fastbn tune``, :mod:`fastbn.plans`) replaces it per call class.
+The other kernels always take the default choices.
+
 * Arrays of fewer than ``SERIAL_BELOW`` elements run the serial kernels
   (:mod:`._small`): no parallel region, about 2 us for an (8, 16) array.
 * Elementwise passes use the rows shape when ``B >= ROWS_MIN_B`` (e.g.
@@ -166,6 +171,7 @@ with another ``NUMBA_CACHE_DIR``).
 
 import numpy as np
 
+from ... import plans as _plans
 from .. import _fork, _host, _staged
 # the tuning numbers, the guard and the compile target's facts (see _config);
 # the work-splitting helpers below read the numbers from this module
@@ -277,29 +283,32 @@ def _fuses_cols(shape):
             and _row_blocks(A, C) == 1)
 
 
-def _fused_cols_width(x):
-    """Channels per work item of the fused (N, D) kernels: about FUSED_COLS_BYTES of
-    x, at least COLUMN_BLOCK, and at least two items per thread. Each channel is
-    summed alone over all rows, so the width changes speed, never results."""
+def _fused_cols_width(x, width_bytes=None):
+    """Channels per work item of the fused (N, D) kernels: about ``width_bytes``
+    (default FUSED_COLS_BYTES) of x, at least COLUMN_BLOCK, and at least two
+    items per thread. Each channel is summed alone over all rows, so the
+    width changes speed, never results."""
     A, C, B = x.shape
-    by_cache = FUSED_COLS_BYTES // (A * x.itemsize)
+    by_cache = (width_bytes or FUSED_COLS_BYTES) // (A * x.itemsize)
     by_threads = -(-C // (2 * numba.get_num_threads()))
     return max(COLUMN_BLOCK, min(by_cache, by_threads) // 16 * 16)
 
 
-def _fuses(x, n_arrays):
+def _fuses(shape, itemsize, n_arrays):
     """Whether a training kernel touching ``n_arrays`` arrays of x's size runs
-    fused: rows shape, whole-channel items, rows of at least FUSED_MIN_B, and a
-    working set larger than the last-level cache."""
-    return (_reduces_by_rows(x.shape) and _chunks_per_channel(x.shape) == 1
-            and x.shape[2] >= FUSED_MIN_B and n_arrays * x.nbytes >= FUSED_MIN_BYTES)
+    fused by default: rows shape, whole-channel items, rows of at least
+    FUSED_MIN_B, and a working set larger than the last-level cache."""
+    nbytes = shape[0] * shape[1] * shape[2] * itemsize
+    return (_reduces_by_rows(shape) and _chunks_per_channel(shape) == 1
+            and shape[2] >= FUSED_MIN_B and n_arrays * nbytes >= FUSED_MIN_BYTES)
 
 
-def _fused_block(shape, itemsize):
-    """Channels per fused work item: a slab of about FUSED_SLAB_BYTES (so both
-    passes over it hit L2), keeping at least FUSED_MIN_CHANNELS work items."""
+def _fused_block(shape, itemsize, slab_bytes=None):
+    """Channels per fused work item: a slab of about ``slab_bytes`` (default
+    FUSED_SLAB_BYTES, so that both passes over it hit L2), keeping at least
+    FUSED_MIN_CHANNELS work items."""
     A, C, B = shape
-    by_cache = FUSED_SLAB_BYTES // max(1, A * B * itemsize)
+    by_cache = (slab_bytes or FUSED_SLAB_BYTES) // max(1, A * B * itemsize)
     by_items = C // FUSED_MIN_CHANNELS
     return max(1, min(by_cache, by_items))
 
@@ -314,20 +323,116 @@ def _row_blocks(A, J):
     return max(1, min(A, wanted, by_size))
 
 
-def _fused_kernel(x, rows_kernel, columns_kernel, n_arrays):
-    """The fused kernel for x's shape and its channels per work item, or
-    ``(None, 0)`` when the training kernel takes two passes."""
-    if _fuses(x, n_arrays):
-        return rows_kernel, _fused_block(x.shape, x.itemsize)
-    if _fuses_cols(x.shape):
-        return columns_kernel, _fused_cols_width(x)
-    return None, 0
+def _fused_kernel(x, plan, rows_kernel, columns_kernel):
+    """The fused kernel of a ``"fused"`` plan and its channels per work item:
+    the (N, D) column-block kernel when ``B == 1``, else the rows kernel."""
+    if x.shape[2] == 1:
+        return columns_kernel, _fused_cols_width(x, plan["slab_bytes"])
+    return rows_kernel, _fused_block(x.shape, x.itemsize, plan["slab_bytes"])
 
 
 def _guard_for(x):
     """What a call on x runs under: nothing for the serial kernels (they start
     no parallel region), :func:`_guard` otherwise."""
     return _NO_LOCK if _serial(x) else _guard()
+
+
+# ---------------------------------------------------------------------------
+# Plans (fastbn.plans): every choice of the training forward, the evaluation
+# forward and the simplified backward, as the fields of a plan. The default
+# plan is the heuristics above; wisdom or set_tuning("measure") replace it.
+# ---------------------------------------------------------------------------
+
+# The arrays of x's size each pass reads or writes (its working set).
+_PASS_ARRAYS = {"forward": 2, "eval": 2, "backward": 3}
+_LOOPS = ("rows", "columns")
+
+
+def default_plan(shape, itemsize, pass_name):
+    """The plan these heuristics choose for a call.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        ``(A, C, B)``.
+    itemsize : int
+    pass_name : {"forward", "eval", "backward"}
+
+    Returns
+    -------
+    dict
+        ``strategy``: ``"serial"`` (one compiled call, no parallel region),
+        ``"passes"`` (a reduction, then an elementwise pass) or ``"fused"``
+        (both passes per cache-sized slab of channels; the (N, D) column-block
+        kernel when ``B == 1``). ``reduce`` and ``apply``: the loop shape,
+        ``"rows"`` or ``"columns"``, of the reduction and of the elementwise
+        pass (``"passes"``; ``eval`` has no reduction). ``slab_bytes``: the
+        bytes of x per fused work item (``"fused"``).
+    """
+    if shape[0] * shape[1] * shape[2] < SERIAL_BELOW:
+        return {"strategy": "serial"}
+    apply = "rows" if _uses_rows(shape) else "columns"
+    if pass_name == "eval":
+        return {"strategy": "passes", "apply": apply}
+    if _fuses(shape, itemsize, _PASS_ARRAYS[pass_name]):
+        return {"strategy": "fused", "slab_bytes": FUSED_SLAB_BYTES}
+    if _fuses_cols(shape):
+        return {"strategy": "fused", "slab_bytes": FUSED_COLS_BYTES}
+    return {"strategy": "passes", "reduce": "rows" if _reduces_by_rows(shape) else "columns",
+            "apply": apply}
+
+
+def plan_candidates(shape, itemsize, pass_name):
+    """The plans ``fastbn tune`` times for a call, the default first.
+
+    Every loop shape of each pass, the fused kernel with half, the same and
+    twice the default slab, and the serial kernels for arrays within a few
+    times the serial threshold. Any candidate computes the contract's result
+    (only the order of summation differs).
+    """
+    candidates = [default_plan(shape, itemsize, pass_name)]
+    if pass_name == "eval":
+        options = [{"strategy": "passes", "apply": loop} for loop in _LOOPS]
+    else:
+        options = [{"strategy": "passes", "reduce": reduce, "apply": apply}
+                   for reduce in _LOOPS for apply in _LOOPS]
+        slab = FUSED_COLS_BYTES if shape[2] == 1 else FUSED_SLAB_BYTES
+        options += [{"strategy": "fused", "slab_bytes": size} for size in (slab // 2, slab, 2 * slab)]
+    if shape[0] * shape[1] * shape[2] < 8 * SERIAL_BELOW:
+        options.append({"strategy": "serial"})
+    for plan in options:
+        if plan not in candidates:
+            candidates.append(plan)
+    return candidates
+
+
+_PLAN_BUILD = []
+
+
+def plan_build():
+    """The build a plan was measured for: numba's version and compile target."""
+    if not _PLAN_BUILD:
+        _PLAN_BUILD.append(f"numba {numba.__version__} {_target_name()}")
+    return _PLAN_BUILD[0]
+
+
+def _valid_plan(plan, pass_name):
+    strategy = plan.get("strategy")
+    if strategy == "serial":
+        return True
+    if strategy == "fused":
+        return pass_name != "eval" and isinstance(plan.get("slab_bytes"), int)
+    return (strategy == "passes" and plan.get("apply") in _LOOPS
+            and (pass_name == "eval" or plan.get("reduce") in _LOOPS))
+
+
+def _plan(x, pass_name):
+    """The plan of a call on x (its storage dtype, before :func:`_storage`): a
+    stored one (forced, measured in this process, or wisdom), else the default."""
+    plan = _plans.lookup("numba", plan_build(), x.shape, x.dtype.name, pass_name, x.itemsize)
+    if plan is None or not _valid_plan(plan, pass_name):
+        return default_plan(x.shape, x.itemsize, pass_name)
+    return plan
 
 
 # ---------------------------------------------------------------------------
@@ -349,11 +454,15 @@ def _compute_dtype(x):
 
 
 def _relu_floor(x):
-    """The ReLU mask keeps ``dy`` where the recomputed ``y > floor``. float32
-    storage computes ``y`` in float64 and stores ``float32(y)``, which is
-    positive exactly when ``y > 2**-150``; so the mask is the forward's
-    ``out > 0``. 16-bit storage computes ``y`` in float32, float64 in float64."""
-    return 2.0 ** -150 if x.dtype == np.float32 else 0.0
+    """The ReLU mask keeps ``dy`` where the recomputed ``y > floor``, with
+    ``floor`` the largest value the store rounds to 0
+    (:func:`fastbn.backends._host.relu_floor`): so the mask is the forward's
+    ``out > 0``. ``y`` is computed in float64 for float32 storage (floor
+    2**-150), in float32 for 16-bit storage (float16: 2**-25, bfloat16:
+    2**-134), in float64 for float64 (floor 0). ``x`` as :func:`_storage`
+    returns it."""
+    storage = {np.dtype(np.uint16): "float16", np.dtype(np.int16): "bfloat16"}.get(x.dtype, x.dtype)
+    return _host.relu_floor(storage)
 
 
 def _gate_params(x, invstd, gamma, beta, relu):
@@ -374,7 +483,7 @@ def _lo(relu):
 # Passes over the full arrays, in the loop shape of their shape.
 # ---------------------------------------------------------------------------
 
-def _apply(kernels, u, v, params, bound, out):
+def _apply(kernels, u, v, params, bound, out, loop=None):
     """``out = op(u, v, *params, bound)``, ``op`` the elementwise op of ``kernels``.
 
     Parameters
@@ -386,19 +495,19 @@ def _apply(kernels, u, v, params, bound, out):
     params : tuple of ndarray, (C,), float64
         The op's parameters, in its order (:mod:`._ops`).
     bound : float or None
+    loop : {"rows", "columns"}, optional
+        A plan's loop shape; by default the serial kernel for small arrays,
+        else the loop shape of out's shape.
     """
-    if _serial(out):
-        kernel = kernels.serial
-    elif _uses_rows(out.shape):
-        kernel = kernels.rows
-    else:
-        kernel = kernels.columns
+    if loop is None:
+        loop = "serial" if _serial(out) else "rows" if _uses_rows(out.shape) else "columns"
+    kernel = getattr(kernels, loop)
     # every kernel takes six parameters; the op reads only its own
     padded = tuple(params) + (params[0],) * (6 - len(params))
     kernel(u, v, *padded, bound, out)
 
 
-def _sums(kernels, u, v, params, bound=None):
+def _sums(kernels, u, v, params, bound=None, loop=None):
     """The two per-channel sums of the reduction ``kernels`` (float64 ``(C,)``).
 
     Parameters
@@ -409,38 +518,44 @@ def _sums(kernels, u, v, params, bound=None):
     params : tuple of ndarray, (C,), float64
         The term's parameters (:mod:`._ops`).
     bound : float or None
+    loop : {"rows", "columns"}, optional
+        A plan's loop shape; by default the serial kernel for small arrays,
+        else the loop shape of u's shape.
     """
     A, C, B = u.shape
     sum1 = np.empty(C)
     sum2 = np.empty(C)
     p0, p1, p2 = tuple(params) + (params[0],) * (3 - len(params))
-    if _serial(u):
+    if loop is None:
+        loop = "serial" if _serial(u) else "rows" if _reduces_by_rows(u.shape) else "columns"
+    if loop == "serial":
         kernels.serial(u, v, p0, p1, p2, bound, sum1, sum2)
-    elif _reduces_by_rows(u.shape):
+    elif loop == "rows":
         kernels.rows(u, v, p0, p1, p2, bound, _chunks_per_channel(u.shape), sum1, sum2)
     else:
         kernels.columns(u, v, p0, p1, p2, bound, _row_blocks(A, C * B), sum1, sum2)
     return sum1, sum2
 
 
-def _statistics(x, mean, var):
+def _statistics(x, mean, var, loop=None):
     """Per-channel mean and biased variance of x, from sums shifted by x[0, c, 0]."""
     shift = channel_shift(x)
-    s1, s2 = _sums(SHIFTED, x, x, (shift,))
+    s1, s2 = _sums(SHIFTED, x, x, (shift,), loop=loop)
     moments(shift, s1, s2, x.shape[0] * x.shape[2], mean, var)
 
 
-def _backward_sums(dy, x, mean, invstd, gq, gr, floor):
+def _backward_sums(dy, x, mean, invstd, gq, gr, floor, loop=None):
     """``sum(du)`` and ``invstd * sum(du * (x - mean))``, ``du`` the masked ``dy``."""
-    sum_dy, sum_dy_xmu = _sums(PRODUCTS, dy, x, (mean, gq, gr), floor)
+    sum_dy, sum_dy_xmu = _sums(PRODUCTS, dy, x, (mean, gq, gr), floor, loop)
     return sum_dy, sum_dy_xmu * invstd
 
 
-def _backward_elemt(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, out, gq, gr, floor):
+def _backward_elemt(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, out, gq, gr, floor,
+                    loop=None):
     # dx = gamma*invstd*(du - sum_dy/M - (x - mean)*invstd*sum_dy_xhat/M)
     #    = k*du + kx*(x - mean) + k0, du = dy masked by the ReLU
     k, kx, k0 = dx_coefficients(x.shape[0] * x.shape[2], invstd, gamma, sum_dy, sum_dy_xhat)
-    _apply(COMBINE, dy, x, (k, mean, kx, k0, gq, gr), floor, out)
+    _apply(COMBINE, dy, x, (k, mean, kx, k0, gq, gr), floor, out, loop)
 
 
 # ---------------------------------------------------------------------------
@@ -496,8 +611,9 @@ def forward_train(x, gamma, beta, eps, out, running_mean=None, running_var=None,
 
     Also computes ``invstd`` and updates ``running_mean``/``running_var`` in
     place (float32 or float64 arrays are updated directly; others through a
-    float64 copy). Small arrays run one compiled serial call; large ones
-    with long rows (or ``(N, D)`` ones) run fused per block of channels.
+    float64 copy). The call's plan (:func:`default_plan`) chooses: small
+    arrays run one compiled serial call; large ones with long rows (or
+    ``(N, D)`` ones) run fused per block of channels.
 
     Parameters
     ----------
@@ -513,6 +629,7 @@ def forward_train(x, gamma, beta, eps, out, running_mean=None, running_var=None,
     -------
     mean, invstd : ndarray, (C,), float64
     """
+    plan = _plan(x, "forward")
     x = _storage(x)
     out = _storage(out)
     A, C, B = x.shape
@@ -522,21 +639,22 @@ def forward_train(x, gamma, beta, eps, out, running_mean=None, running_var=None,
     eps = float(eps)
     momentum = float(momentum)
     lo = _lo(relu)
-    if _serial(x):
+    strategy = plan["strategy"]
+    if strategy == "serial":
         _small.forward_train(x, gamma, beta, eps, lo, out, mean, invstd, rm, rv, momentum,
                               update)
     else:
         var = np.empty(C)
         scale = np.empty(C)
         with _guard():
-            fused, block = _fused_kernel(x, forward_rows_fused, forward_columns_fused, 2)
-            if fused is None:
-                _statistics(x, mean, var)
-            else:
+            if strategy == "fused":
+                fused, block = _fused_kernel(x, plan, forward_rows_fused, forward_columns_fused)
                 fused(x, gamma, beta, eps, lo, block, out, mean, var)
+            else:
+                _statistics(x, mean, var, plan["reduce"])
             finish_stats(mean, var, A * B, eps, gamma, invstd, scale, rm, rv, momentum, update)
-            if fused is None:
-                _apply(AFFINE, x, x, (mean, scale, beta), lo, out)
+            if strategy != "fused":
+                _apply(AFFINE, x, x, (mean, scale, beta), lo, out, plan["apply"])
     if update:
         _host.write_back(running_mean, running_var, rm, rv)
     return mean, invstd
@@ -551,19 +669,20 @@ def forward_eval(x, gamma, beta, running_mean, running_var, eps, out, relu=False
     mean, invstd : ndarray, (C,), float64
         ``running_mean`` and ``1 / sqrt(running_var + eps)``.
     """
+    plan = _plan(x, "eval")
     x = _storage(x)
     out = _storage(out)
     C = x.shape[1]
     mean = np.empty(C)
     invstd = np.empty(C)
     rm, rv = _host.readable_running(running_mean, running_var)
-    if _serial(x):
+    if plan["strategy"] == "serial":
         _small.forward_eval(x, gamma, beta, rm, rv, float(eps), _lo(relu), out, mean, invstd)
         return mean, invstd
     scale = np.empty(C)
     eval_coefficients(rm, rv, float(eps), gamma, mean, invstd, scale)
     with _guard():
-        _apply(AFFINE, x, x, (mean, scale, beta), _lo(relu), out)
+        _apply(AFFINE, x, x, (mean, scale, beta), _lo(relu), out, plan["apply"])
     return mean, invstd
 
 
@@ -654,22 +773,25 @@ def backward_train(dy, x, mean, invstd, gamma, out, beta=None, relu=False):
     sum_dy, sum_dy_xhat : ndarray, (C,), float64
         ``dbeta`` and ``dgamma``.
     """
+    plan = _plan(x, "backward")
     dy, x, out = _storage(dy), _storage(x), _storage(out)
     gq, gr, floor = _gate_params(x, invstd, gamma, beta, relu)
     C = x.shape[1]
     sum_dy = np.empty(C)
     sum_dy_xhat = np.empty(C)
-    if _serial(x):
+    if plan["strategy"] == "serial":
         _small.backward_train(dy, x, mean, invstd, gamma, gq, gr, floor, out, sum_dy,
                                sum_dy_xhat)
         return sum_dy, sum_dy_xhat
     with _guard():
-        fused, block = _fused_kernel(x, backward_rows_fused, backward_columns_fused, 3)
-        if fused is None:
-            sum_dy, sum_dy_xhat = _backward_sums(dy, x, mean, invstd, gq, gr, floor)
-            _backward_elemt(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, out, gq, gr, floor)
-        else:
+        if plan["strategy"] == "fused":
+            fused, block = _fused_kernel(x, plan, backward_rows_fused, backward_columns_fused)
             fused(dy, x, mean, invstd, gamma, gq, gr, floor, block, out, sum_dy, sum_dy_xhat)
+        else:
+            sum_dy, sum_dy_xhat = _backward_sums(dy, x, mean, invstd, gq, gr, floor,
+                                                 plan["reduce"])
+            _backward_elemt(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, out, gq, gr, floor,
+                            plan["apply"])
     return sum_dy, sum_dy_xhat
 
 
@@ -687,6 +809,7 @@ class _StagedOps(_staged.HostChannels):
         self.dtype = _compute_dtype(x)
         self.zeros = np.zeros(x.shape[1])
         self.ones = np.ones(x.shape[1])
+        self.floor = _relu_floor(x)     # y > floor: the stored out > 0
 
     def _new(self, kernels, u, v, params, bound=None):
         result = np.empty(self.shape, self.dtype)
@@ -697,8 +820,9 @@ class _StagedOps(_staged.HostChannels):
         return self._new(AFFINE, x, x, (mean, invstd * gamma, beta))
 
     def mask_positive(self, u, v):
-        # u where v * 1 + 0 > 0, else 0
-        return self._new(GATED, u, v, (self.ones, self.zeros, self.ones, self.zeros), 0.0)
+        # u where v * 1 + 0 > floor, else 0
+        return self._new(GATED, u, v, (self.ones, self.zeros, self.ones, self.zeros),
+                         self.floor)
 
     def subtract(self, u, p):
         return self._new(AFFINE, u, u, (p, self.ones, self.zeros))

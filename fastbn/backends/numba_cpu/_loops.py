@@ -93,6 +93,21 @@ def _per_column(values, B):
     return expanded
 
 
+@register_jitable(**JITABLE)
+def _read_per_column(values, B, read, gate, bound):
+    """``_per_column(values, B)`` when the op reads the parameter: always
+    (``read``), or as a ReLU gate parameter (``gate``) when there is a
+    ``bound``; else ``values`` as they are (never read, not expanded)."""
+    if read or (gate and bound is not None):
+        return _per_column(values, B)
+    return values
+
+
+def _reads(n_read, gate):
+    """Per parameter: (read always, read as a gate parameter with a bound)."""
+    return tuple((k < n_read, gate is not None and gate <= k < gate + 2) for k in range(6))
+
+
 def _kernel(name, options):
     """``njit(**options)``, the function first renamed ``name``: numba names a
     kernel's cache files after it, so that the kernels a factory makes for
@@ -108,13 +123,18 @@ def _kernel(name, options):
 # Elementwise passes: out = op(u, v, p0, ..., p5, bound)
 # ---------------------------------------------------------------------------
 
-def elementwise(op):
+def elementwise(op, n_read, gate=None):
     """The kernels of one elementwise op, in every loop shape.
 
     Parameters
     ----------
     op : function
         ``op(u, v, p0, p1, p2, p3, p4, p5, bound)``, an op of :mod:`._ops`.
+    n_read : int
+        The op reads ``p0 .. p[n_read - 1]``.
+    gate : int, optional
+        The op reads ``p[gate]``, ``p[gate + 1]`` (the ReLU mask's) only when
+        ``bound`` is not None.
 
     Returns
     -------
@@ -125,6 +145,7 @@ def elementwise(op):
         kernels, ``channels`` and ``column_channels(u, v, p0, ..., p5,
         bound, c_lo, c_hi, out)``: channels ``[c_lo, c_hi)`` only.
     """
+    (r0, g0), (r1, g1), (r2, g2), (r3, g3), (r4, g4), (r5, g5) = _reads(n_read, gate)
 
     @register_jitable(**JITABLE)
     def segment(u, v, p0, p1, p2, p3, p4, p5, bound, out):
@@ -199,12 +220,13 @@ def elementwise(op):
         u2 = u.reshape((A, J))
         v2 = v.reshape((A, J))
         out2 = out.reshape((A, J))
-        q0 = _per_column(p0, B)
-        q1 = _per_column(p1, B)
-        q2 = _per_column(p2, B)
-        q3 = _per_column(p3, B)
-        q4 = _per_column(p4, B)
-        q5 = _per_column(p5, B)
+        # the per-column parameters, only those the op reads
+        q0 = _read_per_column(p0, B, r0, g0, bound)
+        q1 = _read_per_column(p1, B, r1, g1, bound)
+        q2 = _read_per_column(p2, B, r2, g2, bound)
+        q3 = _read_per_column(p3, B, r3, g3, bound)
+        q4 = _read_per_column(p4, B, r4, g4, bound)
+        q5 = _read_per_column(p5, B, r5, g5, bound)
         for item in prange(n_row_blocks * n_col_blocks):
             k = item // n_col_blocks
             a_lo = k * ELEMENT_ROWS
@@ -224,13 +246,15 @@ def elementwise(op):
 # Reductions: sum1[c] = sum(t1), sum2[c] = sum(t2), (t1, t2) = term(u, v, p0, p1, p2, bound)
 # ---------------------------------------------------------------------------
 
-def reduction(term):
+def reduction(term, n_read, gate=None):
     """The kernels of one reduction, in every loop shape.
 
     Parameters
     ----------
     term : function
         ``term(u, v, p0, p1, p2, bound) -> (t1, t2)``, a term of :mod:`._ops`.
+    n_read, gate : int
+        Which parameters the term reads, as for :func:`elementwise`.
 
     Returns
     -------
@@ -243,6 +267,7 @@ def reduction(term):
         ``channels`` and ``column_channels(u, v, p0, p1, p2, bound, c_lo,
         c_hi, ahead) -> (s1, s2)``: the sums of channels ``[c_lo, c_hi)``.
     """
+    (r0, g0), (r1, g1), (r2, g2) = _reads(n_read, gate)[:3]
 
     @register_jitable(**JITABLE)
     def block_sums(u, v, p0, p1, p2, bound):
@@ -372,9 +397,10 @@ def reduction(term):
         n_col_blocks = (J + COLUMN_BLOCK - 1) // COLUMN_BLOCK
         u2 = u.reshape((A, J))
         v2 = v.reshape((A, J))
-        q0 = _per_column(p0, B)
-        q1 = _per_column(p1, B)
-        q2 = _per_column(p2, B)
+        # the per-column parameters, only those the term reads
+        q0 = _read_per_column(p0, B, r0, g0, bound)
+        q1 = _read_per_column(p1, B, r1, g1, bound)
+        q2 = _read_per_column(p2, B, r2, g2, bound)
         part1 = np.zeros((n_row_blocks, J))
         part2 = np.zeros((n_row_blocks, J))
         for item in prange(n_row_blocks * n_col_blocks):
@@ -487,13 +513,14 @@ def fused(layout, shifted_sums, normalize, product_sums, combine):
 # The kernels of this backend
 # ---------------------------------------------------------------------------
 
-AFFINE = elementwise(_ops.affine)
-COMBINE = elementwise(_ops.combine)
-GATED = elementwise(_ops.gated)
-PRODUCT = elementwise(_ops.product)
-FILL = elementwise(_ops.fill)
-SHIFTED = reduction(_ops.shifted)
-PRODUCTS = reduction(_ops.products)
+# (the parameters each op reads: see elementwise's n_read and gate)
+AFFINE = elementwise(_ops.affine, 3)
+COMBINE = elementwise(_ops.combine, 4, gate=4)
+GATED = elementwise(_ops.gated, 2, gate=2)
+PRODUCT = elementwise(_ops.product, 1)
+FILL = elementwise(_ops.fill, 1)
+SHIFTED = reduction(_ops.shifted, 1)
+PRODUCTS = reduction(_ops.products, 1, gate=1)
 
 forward_rows_fused, backward_rows_fused = fused(
     "rows", SHIFTED.channels, AFFINE.channels, PRODUCTS.channels, COMBINE.channels)
