@@ -54,13 +54,20 @@ def layout_class(shape):
     return "short" if B < SHORT_ROW else "rows"
 
 
+def _machine_caches():
+    """This machine's cache sizes, read once (reading sysfs takes ~0.5 ms)."""
+    if "caches" not in _state:
+        _state["caches"] = machine.cache_sizes()
+    return _state["caches"]
+
+
 def size_class(nbytes, caches=None):
     """``"l2"``, ``"llc"`` or ``"memory"``: where an array of ``nbytes`` fits.
 
     The last-level share is all of L3, or 16 L2s' worth where L3 is shared by
     more cores (or virtual machines) than that.
     """
-    caches = caches or machine.cache_sizes()
+    caches = caches or _machine_caches()
     if nbytes <= caches["l2"]:
         return "l2"
     if nbytes <= min(caches["l3"], 16 * caches["l2"]):
@@ -173,7 +180,11 @@ def status():
 
 def save(builds, plans, path=None):
     """Write ``plans`` (``backend -> {call class -> plan}``) as wisdom, merged
-    with what the file already holds for this machine; returns the path."""
+    with what the file already holds for this machine; returns the path.
+
+    A plan of None (the default plan won) removes the class's stored plan:
+    each shape of the class then takes its own default plan.
+    """
     path = path or wisdom_path()
     if path is None:
         raise ValueError(f"{WISDOM_ENV}=off: there is no wisdom file to write")
@@ -196,7 +207,12 @@ def save(builds, plans, path=None):
     merged_builds.update(builds)
     key = machine_key(merged_builds)
     for backend, classes in plans.items():
-        merged.setdefault(backend, {}).update(classes)
+        kept = merged.setdefault(backend, {})
+        for call, plan in classes.items():
+            if plan is None:
+                kept.pop(call, None)    # the default plan won: nothing stored
+            else:
+                kept[call] = plan
     os.makedirs(os.path.dirname(path), exist_ok=True)
     temporary = f"{path}.{os.getpid()}.tmp"
     with open(temporary, "w", encoding="utf-8") as file:
@@ -230,6 +246,10 @@ def stored_plan(backend, key):
     if measured is not None:
         return measured
     return _state["wisdom"].get(backend, {}).get(key)
+
+
+# call -> call class, for lookup (a call class is computed once per call shape)
+_keys = {}
 
 
 def builds():
@@ -272,14 +292,17 @@ def lookup(backend, build, shape, dtype_name, pass_name, itemsize):
     if not (_state["forced"] or _state["measured"] or backend in _state["wisdom"]
             or _state["tuning"] == "measure"):
         return None
-    key = call_class(shape, dtype_name, pass_name, itemsize)
+    call = (tuple(shape), dtype_name, pass_name, itemsize)
+    key = _keys.get(call)
+    if key is None:
+        key = _keys[call] = call_class(shape, dtype_name, pass_name, itemsize)
     plan = stored_plan(backend, key)
     if plan is None and _state["tuning"] == "measure" and not _state["forced"]:
         from . import tune
 
         plan = tune.measure(backend, key, shape, dtype_name, pass_name)
         remember(backend, key, plan)
-    return plan
+    return plan or None          # {}: measured, and the default won
 
 
 def remember(backend, key, plan):

@@ -106,12 +106,13 @@ def _winner(candidates, log_ratios, count):
 
 def measure(backend, key, shape, dtype, pass_name):
     """The fastest candidate plan of one call class, timed now on ``shape``
-    (``set_tuning("measure")``; :data:`QUICK_ROUNDS` rounds)."""
+    (``set_tuning("measure")``; :data:`QUICK_ROUNDS` rounds); ``{}`` when the
+    default plan is the fastest."""
     module = registry.get_backend(backend)
     candidates, medians = _time_candidates(backend, module, key, shape, dtype, pass_name,
                                            QUICK_ROUNDS)
     best, _ = _winner(candidates, [math.log(m / medians[0]) for m in medians], 1)
-    return candidates[best]
+    return candidates[best] if best else {}
 
 
 def tune(backends=None, shapes=None, dtypes=None, quick=False, progress=True, save=True):
@@ -166,7 +167,10 @@ def tune(backends=None, shapes=None, dtypes=None, quick=False, progress=True, sa
                 results.setdefault(name, {})[key] = {
                     "plan": candidates[best], "default": best == 0, "speedup": speedup,
                     "shapes": ["x".join(map(str, s)) for s, _, _ in members]}
-                winners.setdefault(name, {})[key] = candidates[best]
+                # the default won: store nothing, so that each shape of the
+                # class keeps its own default plan (the timed shape's is
+                # not the others')
+                winners.setdefault(name, {})[key] = candidates[best] if best else None
     finally:
         bar.close()
     path = None
