@@ -302,18 +302,7 @@ NOT_CONTRACT = {"numpy": "float32 statistics are not accumulated in float64"}
 # (backend, test, storage) -> why it fails the contract today. The suite runs
 # them as strict expected failures: a fix makes them pass, which fails the run
 # until the entry is removed here.
-_TINY = "test_relu_mask_is_forward_out_positive_for_tiny_outputs"
-_HALF_MASK = ("the backward masks by y > 0 in the compute dtype, but a positive y up to half "
-              "the smallest 16-bit subnormal is stored as 0: the mask is not the forward's "
-              "out > 0")
-KNOWN_FAILURES = {
-    ("cuda", _TINY, "float32"): ("the backward masks by the float64 y > 0, but a y up to "
-                                 "2**-150 is stored as a float32 0: the mask is not the "
-                                 "forward's out > 0"),
-    **{(name, _TINY, storage): _HALF_MASK
-       for name in ("cython", "cuda") for storage in ("float16", "bfloat16")},
-}
-
+KNOWN_FAILURES = {}
 
 
 # ---------------------------------------------------------------------------

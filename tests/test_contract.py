@@ -648,25 +648,28 @@ def test_fused_relu_equals_separate_passes(case, storage):
 
 
 @property_of("exact")
+@pytest.mark.parametrize("shape", [(2, 1, 4), (4, 2, 1)], ids=["segments", "rows"])
 @pytest.mark.parametrize("storage", ["float32", "float16", "bfloat16"])
-def test_relu_mask_is_forward_out_positive_for_tiny_outputs(case, storage):
+def test_relu_mask_is_forward_out_positive_for_tiny_outputs(case, storage, shape):
     """The backward's mask is the forward's stored ``out > 0``, also where
     the rounding into the storage dtype decides it: ``y = (x - 4.5) * invstd
     * gamma`` with ``gamma`` the smallest subnormal of the storage dtype and
     ``invstd`` 1/4, 1/2, 1, so that some small positive y are stored as 0
     (below half the smallest subnormal, or that half: a tie to even) and
     others as the smallest subnormal. With ``dy = 1``, every backward
-    kernel's ``sum(dy)`` counts the elements its mask keeps."""
+    kernel's ``sum(dy)`` counts the elements its mask keeps. Two layouts: one
+    channel of contiguous segments, and two channels of single values (rows)."""
     dtype = storage_dtype(storage)
     spec, kernels = case.spec, case.module
-    x = np.array([1.0, 2.0, 3.0, 4.5, 5.5, 6.0, 7.0, 8.0]).astype(dtype).reshape(2, 1, 4)
+    x = np.array([1.0, 2.0, 3.0, 4.5, 5.5, 6.0, 7.0, 8.0]).astype(dtype).reshape(shape)
     dy = np.ones_like(x)
     d_x, d_dy = spec.put(x), spec.put(dy)
     smallest = float(spacing(0.0, dtype))
-    d_mean, d_gamma, d_beta = map(spec.put, (np.array([4.5]), np.array([smallest]),
-                                             np.array([0.0])))
+    channels = shape[1]
+    d_mean, d_gamma, d_beta = map(spec.put, (np.full(channels, 4.5),
+                                             np.full(channels, smallest), np.zeros(channels)))
     for invstd in (0.25, 0.5, 1.0):
-        d_invstd = spec.put(np.array([invstd]))
+        d_invstd = spec.put(np.full(channels, invstd))
         out = spec.empty(x.shape, dtype)
         kernels.normalize(d_x, d_mean, d_invstd, d_gamma, d_beta, out, relu=True)
         kept = np.count_nonzero(spec.get(out).astype(np.float64) > 0)
@@ -675,13 +678,13 @@ def test_relu_mask_is_forward_out_positive_for_tiny_outputs(case, storage):
             dx = spec.empty(x.shape, dtype)
             sums = getattr(kernels, kernel)(d_dy, d_x, d_mean, d_invstd, d_gamma, dx,
                                             beta=d_beta, relu=True)
-            counts[kernel] = spec.get(sums[0])[0]
+            counts[kernel] = spec.get(sums[0]).sum()
         sums = kernels.backward_reduce(d_dy, d_x, d_mean, d_invstd, d_gamma, d_beta, relu=True)
-        counts["backward_reduce"] = spec.get(sums[0])[0]
+        counts["backward_reduce"] = spec.get(sums[0]).sum()
         dx = spec.empty(x.shape, dtype)
         _, dbeta = kernels.backward_staged(d_dy, d_x, d_mean, d_invstd, d_gamma, EPS, dx,
                                            beta=d_beta, relu=True)
-        counts["backward_staged"] = spec.get(dbeta)[0]
+        counts["backward_staged"] = spec.get(dbeta).sum()
         assert all(count == kept for count in counts.values()), (
             f"invstd {invstd}: out > 0 in {kept} elements, the masks keep {counts}")
 

@@ -29,7 +29,7 @@ import os
 import numpy as np
 
 from .. import machine as _machine
-from . import _fork, _staged
+from . import _fork, _host, _staged
 
 ON_DEVICE = False
 
@@ -213,10 +213,12 @@ class _StagedOps(_staged.HostChannels):
     (float32 or float64) with one parallel pass; sums accumulate in float64.
     """
 
-    def __init__(self, dtype, shape):
+    def __init__(self, dtype, shape, storage):
         self.dtype = dtype
         self.shape = shape
         self.zeros = np.zeros(shape[1])
+        # the mask keeps u where v > floor: where the forward stored out > 0
+        self.floors = np.full(shape[1], _host.relu_floor(storage))
 
     def _new(self, op, u, v, p=None):
         out = np.empty(self.shape, dtype=self.dtype)
@@ -230,7 +232,7 @@ class _StagedOps(_staged.HostChannels):
         return y
 
     def mask_positive(self, u, v):
-        return self._new("mask", u, v)
+        return self._new("mask", u, v, self.floors)
 
     def subtract(self, u, p):
         return self._new("subtract", u, u, p)
@@ -292,11 +294,12 @@ def _backward_staged(dy, x, mean, invstd, gamma, eps, out, beta=None, relu=False
     -------
     dgamma, dbeta : ndarray, float64, shape (C,)
     """
+    storage = x.dtype
     is16 = x.dtype.itemsize == 2
     _staged.require_memory(x.size, 4 if is16 else x.itemsize, relu, copies=3 if is16 else 0)
     if is16:
         x, dy = _ext.to_float32(x), _ext.to_float32(dy)
-    return _staged.backward(_StagedOps(x.dtype, x.shape), dy, x, mean, invstd, gamma, beta,
+    return _staged.backward(_StagedOps(x.dtype, x.shape, storage), dy, x, mean, invstd, gamma, beta,
                             relu, out, x.shape[0] * x.shape[2])
 
 

@@ -12,7 +12,7 @@
 from .blocks cimport CACHE_LINE, CHUNK, COL_BLOCK, PREFETCH_BYTES, ROWS_AHEAD
 from .cpu cimport fastbn_prefetch_write
 from .formulas cimport dx_f32, dx_f64, mask_dy, relu_value, split, y_f32, y_f64
-from .half cimport load, storage, store
+from .half cimport load, storage, store, stored_as_zero
 from .sums cimport prefetch_rows
 
 
@@ -26,15 +26,15 @@ cdef enum:
     OP_TWO_MUL = 5     # out = 2 * a * b
     OP_ADD = 6         # out = a + b
     OP_ADD_P = 7       # out = a + p0
-    OP_MASK = 8        # out = a where b > 0, else 0
+    OP_MASK = 8        # out = a where b > p0 (the ReLU's floor), else 0
 
 
 cdef inline void segment_f32(int op, const float* a, const float* b, float* out,
                              Py_ssize_t n, double p0, double p1, double p2, double p3,
-                             bint relu, double ys, double yb) noexcept nogil:
+                             bint relu, double ys, double yb, float floor) noexcept nogil:
     # OP_NORMALIZE / OP_BACKWARD with one channel's coefficients, in float32.
-    # relu: OP_NORMALIZE gives max(y, 0); OP_BACKWARD masks dy by the
-    # forward's y(x) > 0, scale ys and offset yb.
+    # relu: OP_NORMALIZE gives max(y, 0); OP_BACKWARD masks dy where the
+    # forward's y(x) (scale ys, offset yb) > floor, the storage's stored_as_zero.
     cdef Py_ssize_t i
     cdef float mean_hi, mean_lo, k2_hi, k2_lo
     cdef float k1 = <float>p1
@@ -53,8 +53,8 @@ cdef inline void segment_f32(int op, const float* a, const float* b, float* out,
                 out[i] = y_f32(a[i], mean_hi, mean_lo, k1, k2_hi)
     elif relu:
         for i in range(n):
-            out[i] = dx_f32(mask_dy(a[i], y_f32(b[i], mean_hi, mean_lo, y_scale, y_offset)),
-                            b[i], mean_hi, mean_lo, k1, k2_hi, k2_lo, k3)
+            out[i] = dx_f32(mask_dy(a[i], y_f32(b[i], mean_hi, mean_lo, y_scale, y_offset),
+                                    floor), b[i], mean_hi, mean_lo, k1, k2_hi, k2_lo, k3)
     else:
         for i in range(n):
             out[i] = dx_f32(a[i], b[i], mean_hi, mean_lo, k1, k2_hi, k2_lo, k3)
@@ -74,7 +74,7 @@ cdef inline void segment_f64(int op, const double* a, const double* b, double* o
                 out[i] = y_f64(a[i], p0, p1, p2)
     elif relu:
         for i in range(n):
-            out[i] = dx_f64(mask_dy(a[i], y_f64(b[i], p0, ys, yb)), b[i], p0, p1, p2, p3)
+            out[i] = dx_f64(mask_dy(a[i], y_f64(b[i], p0, ys, yb), 0.0), b[i], p0, p1, p2, p3)
     else:
         for i in range(n):
             out[i] = dx_f64(a[i], b[i], p0, p1, p2, p3)
@@ -102,7 +102,8 @@ cdef inline void apply_segment(int op, const storage* a, const storage* b, stora
         if storage is double:
             segment_f64(op, a, b, out, n, p0[0], p1[0], p2[0], p3[0], relu, y_scale, y_offset)
         elif storage is float:
-            segment_f32(op, a, b, out, n, p0[0], p1[0], p2[0], p3[0], relu, y_scale, y_offset)
+            segment_f32(op, a, b, out, n, p0[0], p1[0], p2[0], p3[0], relu, y_scale, y_offset,
+                        0)
         else:
             s = 0
             while s < n:
@@ -113,7 +114,7 @@ cdef inline void apply_segment(int op, const storage* a, const storage* b, stora
                 if op == OP_BACKWARD:
                     load(b + s, buf_b, m)
                 segment_f32(op, buf_a, buf_b, buf_out, m, p0[0], p1[0], p2[0], p3[0], relu,
-                            y_scale, y_offset)
+                            y_scale, y_offset, stored_as_zero(out))
                 store(buf_out, out + s, m)
                 s += m
         return
@@ -151,8 +152,13 @@ cdef inline void apply_segment(int op, const storage* a, const storage* b, stora
         for i in range(n):
             out[i] = a[i] + b[i]
     elif op == OP_MASK:
-        for i in range(n):
-            out[i] = mask_dy(a[i], b[i])
+        if per_element:
+            for i in range(n):
+                out[i] = mask_dy(a[i], b[i], <storage>p0[i])
+        else:
+            q0 = p0[0]
+            for i in range(n):
+                out[i] = mask_dy(a[i], b[i], <storage>q0)
     elif op == OP_ADD_P:
         if per_element:
             for i in range(n):
@@ -219,6 +225,7 @@ cdef inline void rows_apply(int op, const storage* a, const storage* b, storage*
     cdef const float* fa
     cdef const float* fb
     cdef float* fo
+    cdef float floor = stored_as_zero(out)
     if op != OP_NORMALIZE and op != OP_BACKWARD:
         for r in range(r0, r1):
             apply_segment(op, a + r * C + c0, b + r * C + c0, out + r * C + c0, n,
@@ -260,7 +267,7 @@ cdef inline void rows_apply(int op, const storage* a, const storage* b, storage*
                         outr[j] = y_f64(ar[j], q0[j], q1[j], q2[j])
             elif relu:
                 for j in range(n):
-                    outr[j] = dx_f64(mask_dy(ar[j], y_f64(br[j], q0[j], y1[j], y2[j])),
+                    outr[j] = dx_f64(mask_dy(ar[j], y_f64(br[j], q0[j], y1[j], y2[j]), 0.0),
                                      br[j], q0[j], q1[j], q2[j], q3[j])
             else:
                 for j in range(n):
@@ -289,7 +296,7 @@ cdef inline void rows_apply(int op, const storage* a, const storage* b, storage*
             elif relu:
                 for j in range(n):
                     fo[j] = dx_f32(mask_dy(fa[j], y_f32(fb[j], mean_hi[j], mean_lo[j], y_k1[j],
-                                                        y_k2[j])),
+                                                        y_k2[j]), floor),
                                    fb[j], mean_hi[j], mean_lo[j], k1[j], k2_hi[j], k2_lo[j],
                                    k3[j])
             else:

@@ -40,9 +40,13 @@ cdef inline floating relu_value(floating y) noexcept nogil:
     return 0 if y < 0 else y
 
 
-cdef inline floating mask_dy(floating dy, floating y) noexcept nogil:
-    # The ReLU's backward: dy where the forward's y > 0, else 0.
-    return dy if y > 0 else 0
+cdef inline floating mask_dy(floating dy, floating y, floating floor) noexcept nogil:
+    # The ReLU's backward: dy where the forward's stored max(y, 0) > 0, else 0.
+    # floor is the largest y the store rounds to 0 (half.stored_as_zero): 0
+    # when y is computed in the storage dtype, 2**-25 for float16 data and
+    # 2**-134 for bfloat16 (y in float32), so a tiny y the forward stored as
+    # 0 is masked too.
+    return dy if y > floor else 0
 
 
 cdef inline float dx_f32(float dy, float x, float mean_hi, float mean_lo, float k_scale,

@@ -8,6 +8,8 @@
 # float32 in blocks that stay in L1 (exactly), computed on as float32 data
 # are, and results are rounded to nearest even once into 16-bit outputs.
 
+from libc.math cimport ldexpf
+
 cdef extern from "_cython/half.h":
     ctypedef struct f16_t "fastbn_f16":
         unsigned short bits
@@ -70,3 +72,14 @@ cdef inline double value_at(const storage* p, Py_ssize_t i) noexcept nogil:
         return fastbn_bf16_to_f32(p[i].bits)
     else:
         return <double>p[i]
+
+
+cdef inline float stored_as_zero(const storage* p) noexcept nogil:
+    # The largest float32 value that rounds to 0 in this storage (round to
+    # nearest even: half its smallest subnormal); p only selects the type.
+    # float32 and float64 data store what was computed: 0.
+    if storage is f16_t:
+        return ldexpf(1.0, -25)
+    elif storage is bf16_t:
+        return ldexpf(1.0, -134)
+    return 0

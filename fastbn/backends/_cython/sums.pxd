@@ -11,23 +11,24 @@
 from .blocks cimport CACHE_LINE, COL_BLOCK, LANES, PREFETCH_BYTES
 from .cpu cimport fastbn_prefetch, fastbn_prefetch_write
 from .formulas cimport mask_dy, split, y_f32, y_f64
-from .half cimport bf16_t, f16_t, floating, load, storage
+from .half cimport bf16_t, f16_t, floating, load, storage, stored_as_zero
 
 
 cdef inline void mask_block_f32(float* dst, const float* dy, const float* x, Py_ssize_t n,
-                                float mean_hi, float mean_lo, float scale,
-                                float offset) noexcept nogil:
-    # The fused ReLU's dy, one channel, float32 (dst may be dy).
+                                float mean_hi, float mean_lo, float scale, float offset,
+                                float floor) noexcept nogil:
+    # The fused ReLU's dy, one channel, float32 (dst may be dy); floor: the
+    # storage's stored_as_zero.
     cdef Py_ssize_t i
     for i in range(n):
-        dst[i] = mask_dy(dy[i], y_f32(x[i], mean_hi, mean_lo, scale, offset))
+        dst[i] = mask_dy(dy[i], y_f32(x[i], mean_hi, mean_lo, scale, offset), floor)
 
 
 cdef inline void mask_block_f64(double* dst, const double* dy, const double* x, Py_ssize_t n,
                                 double mean, double scale, double offset) noexcept nogil:
     cdef Py_ssize_t i
     for i in range(n):
-        dst[i] = mask_dy(dy[i], y_f64(x[i], mean, scale, offset))
+        dst[i] = mask_dy(dy[i], y_f64(x[i], mean, scale, offset), 0.0)
 
 
 # ---------------------------------------------------------------------------
@@ -177,7 +178,8 @@ cdef inline void segment_sums(const storage* a, const storage* b, Py_ssize_t n,
             if relu == NULL:
                 lanes(a + start, b + start, m, ka, kb, acc_u, acc_uv)
             else:
-                mask_block_f32(buf_a, a + start, b + start, m, mean_hi, mean_lo, scale, offset)
+                mask_block_f32(buf_a, a + start, b + start, m, mean_hi, mean_lo, scale, offset,
+                               0)
                 lanes(<const float*>buf_a, b + start, m, ka, kb, acc_u, acc_uv)
         else:
             load(a + start, buf_a, m)
@@ -186,7 +188,8 @@ cdef inline void segment_sums(const storage* a, const storage* b, Py_ssize_t n,
             else:
                 load(b + start, buf_b, m)
                 if relu != NULL:
-                    mask_block_f32(buf_a, buf_a, buf_b, m, mean_hi, mean_lo, scale, offset)
+                    mask_block_f32(buf_a, buf_a, buf_b, m, mean_hi, mean_lo, scale, offset,
+                                   stored_as_zero(a))
                 lanes_f32(buf_a, buf_b, m, ka, kb, acc_u, acc_uv, False)
         start += m
 
@@ -366,6 +369,7 @@ cdef inline void rows_sums(const storage* a, const storage* b, Py_ssize_t C,
     cdef float offset[COL_BLOCK]
     cdef float* fa_i
     cdef float* fb_i
+    cdef float floor = stored_as_zero(a)
     for j in range(n):
         acc_u[j] = 0.0
         acc_uv[j] = 0.0
@@ -412,7 +416,7 @@ cdef inline void rows_sums(const storage* a, const storage* b, Py_ssize_t C,
                     for j in range(n):
                         db[i * COL_BLOCK + j] = b0[j]
                         da[i * COL_BLOCK + j] = mask_dy(
-                            a0[j], y_f64(b0[j], kb[c0 + j], ys[c0 + j], yb[c0 + j]))
+                            a0[j], y_f64(b0[j], kb[c0 + j], ys[c0 + j], yb[c0 + j]), 0.0)
                 else:
                     fa_i = fa + i * COL_BLOCK
                     fb_i = fb + i * COL_BLOCK
@@ -422,7 +426,7 @@ cdef inline void rows_sums(const storage* a, const storage* b, Py_ssize_t C,
                     if relu:
                         for j in range(n):
                             fa_i[j] = mask_dy(fa_i[j], y_f32(fb_i[j], mean_hi[j], mean_lo[j],
-                                                             scale[j], offset[j]))
+                                                             scale[j], offset[j]), floor)
             if storage is double:
                 if nr == 4:
                     sums_4rows(<const double*>da, <const double*>db, COL_BLOCK, n, shift_a,

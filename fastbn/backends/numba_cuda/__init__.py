@@ -585,8 +585,10 @@ class _StagedOps:
 
     def normalize(self, x, mean, invstd, gamma, beta):
         # y of the inputs, by the contract's normalize (the forward's
-        # arithmetic, from gamma * invstd: coef holds the two apart)
-        y = cuda.device_array(self.shape, dtype=self.dtype)
+        # arithmetic, from gamma * invstd: coef holds the two apart), stored
+        # as the forward stores it (x's dtype), so that the mask's y > 0 is
+        # the forward's out > 0 also where the store rounds a tiny y to 0
+        y = cuda.device_array(self.shape, dtype=self.x3.dtype)
         normalize(self.x3, self.mean, self.invstd, self.gamma, self.beta, y)
         return _flat(y)
 
@@ -640,7 +642,8 @@ def backward_staged(dy, x, mean, invstd, gamma, eps, out, beta=None, relu=False)
     the compute dtype (``x.dtype``; float32 for 16-bit ``x``); the
     reductions accumulate in float64; ``dx`` is rounded once into ``out``.
     With ``relu`` the graph has one more node on top, walked back first:
-    ``y`` rebuilt full size, then ``dy = where(y > 0, dy, 0)`` full size.
+    ``y`` rebuilt full size in ``x``'s dtype, as the forward stores it, then
+    ``dy = where(y > 0, dy, 0)`` full size.
     ``eps`` is part of the contract's signature; ``invstd`` already
     includes it.
 

@@ -25,6 +25,7 @@ import threading
 
 import numpy as np
 
+from .._host import relu_floor
 from ._device import _SIMULATOR
 
 try:
@@ -494,11 +495,17 @@ def _build_kernels(threads):
         # (dy, dy * (x - mean)); invstd is applied once per channel
         return dy, dy * (x - mean)
 
-    @cuda.jit(device=True)
-    def term_relu(dy, x, mean, scale, shift):
-        # the same with dy masked by y > 0 (fused ReLU)
-        grad = dy if affine(x, mean, scale, shift) > 0.0 else 0.0
-        return grad, grad * (x - mean)
+    # -- the fused ReLU's backward masks: dy where the forward stored out > 0,
+    # that is where y > floor, the largest y the store rounds to 0 (a
+    # compile-time constant per storage dtype of x: _host.relu_floor) -------
+
+    def term_relu_of(floor):
+        @cuda.jit(device=True)
+        def term_relu(dy, x, mean, scale, shift):
+            # the backward's two terms with dy masked
+            grad = dy if affine(x, mean, scale, shift) > floor else 0.0
+            return grad, grad * (x - mean)
+        return term_relu
 
     @cuda.jit(device=True)
     def term_value(u, unused, unused_s0, unused_s1, unused_s2):
@@ -530,22 +537,26 @@ def _build_kernels(threads):
         # gamma * invstd * (dy - sum_dy / M - xhat * sum_dy_xhat / M)
         return k * dy - (x - mean) * centred_scale + offset
 
-    @cuda.jit(device=True)
-    def op_backward_relu(dy, x, mean, k, centred_scale, offset, shift):
-        # the same with dy masked by y > 0, y = affine(x, mean, k, shift)
-        grad = dy if affine(x, mean, k, shift) > 0.0 else 0.0
-        return k * grad - (x - mean) * centred_scale + offset
+    def op_backward_relu_of(floor):
+        @cuda.jit(device=True)
+        def op_backward_relu(dy, x, mean, k, centred_scale, offset, shift):
+            # op_backward with dy masked, y = affine(x, mean, k, shift)
+            grad = dy if affine(x, mean, k, shift) > floor else 0.0
+            return k * grad - (x - mean) * centred_scale + offset
+        return op_backward_relu
 
     @cuda.jit(device=True)
     def op_eval(dy, unused, mean, scale, shift, unused_p3, unused_p4):
         # dx = dy * gamma * invstd
         return dy * scale
 
-    @cuda.jit(device=True)
-    def op_eval_relu(dy, x, mean, scale, shift, unused_p3, unused_p4):
-        # dx = dy * gamma * invstd where y > 0, else 0
-        grad = dy if affine(x, mean, scale, shift) > 0.0 else 0.0
-        return grad * scale
+    def op_eval_relu_of(floor):
+        @cuda.jit(device=True)
+        def op_eval_relu(dy, x, mean, scale, shift, unused_p3, unused_p4):
+            # dx = dy * gamma * invstd where the mask keeps dy, else 0
+            grad = dy if affine(x, mean, scale, shift) > floor else 0.0
+            return grad * scale
+        return op_eval_relu
 
     @cuda.jit(device=True)
     def op_mask_positive(u, v, p0, p1, p2, p3, p4):
@@ -760,27 +771,29 @@ def _build_kernels(threads):
     reductions = {
         "stats": lambda kind: (term_shifted_squares, first_value_of(load[kind])),
         "backward": lambda kind: (term_dy_and_dy_centred, channel_mean),
-        "backward_relu": lambda kind: (term_relu, channel_affine),
+        "backward_relu": lambda kind: (term_relu_of, channel_affine),
         "sum": lambda kind: (term_value, channel_mean),
         "sum_of_product": lambda kind: (term_product, channel_mean),
     }
     operations = {
         "normalize": op_normalize, "normalize_relu": op_normalize_relu,
-        "backward": op_backward, "backward_relu": op_backward_relu,
-        "eval": op_eval, "eval_relu": op_eval_relu, "mask_positive": op_mask_positive,
+        "backward": op_backward, "backward_relu": op_backward_relu_of,
+        "eval": op_eval, "eval_relu": op_eval_relu_of, "mask_positive": op_mask_positive,
         "subtract_p0": op_subtract_p0, "multiply_p1": op_multiply_p1,
         "multiply_p2": op_multiply_p2, "broadcast_p3": op_broadcast_p3,
         "twice_product": op_twice_product, "add": op_add, "add_p4": op_add_p4,
     }
 
-    def build_reduction(name, kind_u, kind_v):
+    def build_reduction(name, kind_u, kind_v, floor):
         term, shift_of = reductions[name](kind_u)
+        if floor is not None:
+            term = term(floor)
         return _build_reduction(term, shift_of, load[kind_u], load[kind_v], block_sum,
                                 column_sum)
 
-    def build_elementwise(name, kind_u, kind_v, kind_out):
-        return _build_elementwise(operations[name], load[kind_u], load[kind_v],
-                                  store[kind_out])
+    def build_elementwise(name, kind_u, kind_v, kind_out, floor):
+        op = operations[name] if floor is None else operations[name](floor)
+        return _build_elementwise(op, load[kind_u], load[kind_v], store[kind_out])
 
     return _Kernels(
         threads, build_reduction, build_elementwise,
@@ -805,6 +818,8 @@ class _Kernels:
     the storage of their arrays and are built on first use:
     ``reduction(name, u, v)`` and ``elementwise(name, u, v, out)`` take the
     flat arrays the kernel will get and return its ``(rows, columns)`` pair.
+    A pass with a ReLU mask (:data:`MASKED`) is built per storage dtype of
+    ``v`` (the forward's ``x``), whose ReLU floor it holds as a constant.
     """
 
     def __init__(self, threads, build_reduction, build_elementwise, **per_channel):
@@ -824,11 +839,24 @@ class _Kernels:
         return kernels
 
     def reduction(self, name, u, v):
-        return self._get(("reduction", name, _kind(u), _kind(v)), self._build_reduction)
+        return self._get(("reduction", name, _kind(u), _kind(v), _mask_floor(name, v)),
+                         self._build_reduction)
 
     def elementwise(self, name, u, v, out):
-        return self._get(("elementwise", name, _kind(u), _kind(v), _kind(out)),
-                         self._build_elementwise)
+        return self._get(("elementwise", name, _kind(u), _kind(v), _kind(out),
+                          _mask_floor(name, v)), self._build_elementwise)
+
+
+# The passes that mask dy by the forward's ReLU, y(v) > floor.
+MASKED = frozenset({"backward_relu", "eval_relu"})
+
+
+def _mask_floor(name, v):
+    """The ReLU floor of pass ``name`` over ``v`` (the forward's ``x``; a
+    flat device array, bfloat16 as uint16), or None for a pass without a mask."""
+    if name not in MASKED:
+        return None
+    return relu_floor("bfloat16" if v.dtype == np.uint16 else v.dtype)
 
 
 def _kind(flat):
