@@ -289,7 +289,7 @@ def lookup(backend, build, shape, dtype_name, pass_name, itemsize):
     """
     if not _state["loaded"] or backend not in _state["builds"]:
         load({**_state["builds"], backend: build})
-    if not (_state["forced"] or _state["measured"] or backend in _state["wisdom"]
+    if not (_state["forced"] or _state["measured"] or _state["wisdom"].get(backend)
             or _state["tuning"] == "measure"):
         return None
     call = (tuple(shape), dtype_name, pass_name, itemsize)

@@ -175,13 +175,11 @@ def tune(backends=None, shapes=None, dtypes=None, quick=False, progress=True, sa
         bar.close()
     path = None
     if save and winners:
-        builds = {name: registry.get_backend(name).plan_build() for name in winners}
+        builds = {name: build for name, build in plans.builds().items() if name in winners}
         path = plans.save(builds, winners)
         plans.load(plans.builds())
     results["_wisdom"] = path
     return results
-
-
 
 
 def planned():

@@ -169,6 +169,8 @@ After editing one, delete ``fastbn/backends/numba_cpu/__pycache__`` (or run
 with another ``NUMBA_CACHE_DIR``).
 """
 
+import functools
+
 import numpy as np
 
 from ... import plans as _plans
@@ -406,14 +408,10 @@ def plan_candidates(shape, itemsize, pass_name):
     return candidates
 
 
-_PLAN_BUILD = []
-
-
+@functools.lru_cache(maxsize=None)
 def plan_build():
     """The build a plan was measured for: numba's version and compile target."""
-    if not _PLAN_BUILD:
-        _PLAN_BUILD.append(f"numba {numba.__version__} {_target_name()}")
-    return _PLAN_BUILD[0]
+    return f"numba {numba.__version__} {_target_name()}"
 
 
 def _valid_plan(plan, pass_name):
