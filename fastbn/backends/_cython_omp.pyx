@@ -113,6 +113,7 @@ OPENMP_ENABLED = bool(FASTBN_OPENMP_ENABLED)
 VECTOR_BYTES = FASTBN_VECTOR_BYTES
 
 # The elementwise ops of _elementwise_py by name (the staged backward's).
+STRATEGIES = {"default": STRATEGY_DEFAULT, "passes": STRATEGY_PASSES, "fused": STRATEGY_FUSED}
 OPS = {"mask": OP_MASK, "subtract": OP_SUB, "multiply": OP_MUL,
        "fill": OP_FILL, "twice_product": OP_TWO_MUL, "add": OP_ADD, "add_p": OP_ADD_P}
 
@@ -195,14 +196,21 @@ cdef int _threads_for(Py_ssize_t size) noexcept nogil:
     return fastbn_max_threads()
 
 
+# The plan's strategy of forward_train / backward_train.
+cdef enum:
+    STRATEGY_DEFAULT = 0     # the heuristics (_use_fused)
+    STRATEGY_PASSES = 1      # a reduction pass, then an elementwise pass
+    STRATEGY_FUSED = 2       # both per channel (block); row blocks of block_bytes
+
+
 cdef Py_ssize_t _row_fuse_blocks(Py_ssize_t A, Py_ssize_t C, Py_ssize_t itemsize,
-                                 Py_ssize_t n_arrays) noexcept nogil:
+                                 Py_ssize_t n_arrays, Py_ssize_t block_bytes) noexcept nogil:
     # Row path: the number of channel blocks for the fused kernels, each
     # block (all A rows of the n_arrays arrays it touches) within
-    # ROW_FUSE_BYTES so that its second read comes from L2; 0 when blocks
-    # would be narrower than ROW_FUSE_MIN_WIDTH channels or fewer than
-    # ROW_FUSE_MIN_BLOCKS (then the two-pass kernels run). Shape only.
-    cdef Py_ssize_t width = ROW_FUSE_BYTES // (n_arrays * A * itemsize)
+    # block_bytes (0: ROW_FUSE_BYTES) so that its second read comes from L2;
+    # 0 when blocks would be narrower than ROW_FUSE_MIN_WIDTH channels or
+    # fewer than ROW_FUSE_MIN_BLOCKS (then the two-pass kernels run).
+    cdef Py_ssize_t width = (block_bytes or ROW_FUSE_BYTES) // (n_arrays * A * itemsize)
     cdef Py_ssize_t n
     if width > COL_BLOCK:
         width = COL_BLOCK
@@ -215,14 +223,30 @@ cdef Py_ssize_t _row_fuse_blocks(Py_ssize_t A, Py_ssize_t C, Py_ssize_t itemsize
 
 
 cdef bint _use_fused(Py_ssize_t A, Py_ssize_t C, Py_ssize_t B, Py_ssize_t itemsize,
-                     Py_ssize_t n_arrays, int nthreads) noexcept nogil:
+                     Py_ssize_t n_arrays, int nthreads, int strategy,
+                     Py_ssize_t block_bytes) noexcept nogil:
     # Whether forward_train (n_arrays = 2: x, out) or backward_train
-    # (n_arrays = 3: dy, x, out) runs its fused kernel. Fused and unfused
-    # kernels sum in the same chunks and order, so their results agree bitwise.
+    # (n_arrays = 3: dy, x, out) runs its fused kernel: as the plan's
+    # strategy says (the row path only where its blocks allow), or by the
+    # heuristics (STRATEGY_DEFAULT). Fused and unfused kernels sum in the
+    # same chunks and order, so their results agree bitwise.
+    if strategy == STRATEGY_PASSES:
+        return False
     if B == 1:
-        return _row_fuse_blocks(A, C, itemsize, n_arrays) > 0
+        return _row_fuse_blocks(A, C, itemsize, n_arrays, block_bytes) > 0
+    if strategy == STRATEGY_FUSED:
+        return True
     return (A * C * B * itemsize >= FUSE_MIN_BYTES
             and (nthreads == 1 or C >= FUSE_CHANNELS_PER_THREAD * nthreads))
+
+
+def default_fused(Py_ssize_t A, Py_ssize_t C, Py_ssize_t B, Py_ssize_t itemsize,
+                  Py_ssize_t n_arrays):
+    """Whether the heuristics fuse a training forward (``n_arrays`` 2) or
+    backward (3) on an ``(A, C, B)`` array of ``itemsize`` bytes per value
+    with the threads a call would use now (the default plan)."""
+    return bool(_use_fused(A, C, B, itemsize, n_arrays, _threads_for(A * C * B),
+                           STRATEGY_DEFAULT, 0))
 
 
 # ---------------------------------------------------------------------------
@@ -285,6 +309,10 @@ cdef struct Call:
     void* running_var
     double momentum
     bint training            # TASK_BACKWARD: simplified backward, else evaluation
+    # TASK_FORWARD_TRAIN and TASK_BACKWARD (training): the plan, STRATEGY_*
+    # and the row path's fused block bytes (0: ROW_FUSE_BYTES)
+    int strategy
+    Py_ssize_t block_bytes
     # TASK_TO_FLOAT32 / TASK_FROM_FLOAT32: the float32 side (A * C * B values)
     float* values
 
@@ -316,7 +344,8 @@ cdef int _forward_train_task(const storage* x, storage* out, const Call* call,
     # invstd, the running statistics, normalize (+ ReLU). -1 when out of memory.
     cdef Py_ssize_t A = call.A, C = call.C, B = call.B
     cdef Py_ssize_t c
-    cdef Py_ssize_t n_cblk = _row_fuse_blocks(A, C, sizeof(storage), 2)   # x, out
+    cdef Py_ssize_t n_cblk = _row_fuse_blocks(A, C, sizeof(storage), 2,   # x, out
+                                              call.block_bytes)
     cdef double M = <double>(A * B)
     cdef double* buf = <double*>malloc((6 * C + partials_size(A, C, B)) * sizeof(double))
     cdef double* shift
@@ -335,7 +364,7 @@ cdef int _forward_train_task(const storage* x, storage* out, const Call* call,
     partials = buf + 6 * C
     for c in range(C):
         shift[c] = value_at(x, c * B)          # x[0, c, 0], the shift of the sums
-    if _use_fused(A, C, B, sizeof(storage), 2, nthreads):
+    if _use_fused(A, C, B, sizeof(storage), 2, nthreads, call.strategy, call.block_bytes):
         if B == 1:
             fused_forward_rows(x, out, A, C, n_cblk, shift, call.eps, call.gamma, call.beta,
                                call.mean, var, scale, offset, partials, sums, nthreads,
@@ -368,7 +397,8 @@ cdef int _backward_task(const storage* dy, const storage* x, storage* out, const
     # kernels with the forward's arithmetic. -1 when out of memory.
     cdef Py_ssize_t A = call.A, C = call.C, B = call.B
     cdef Py_ssize_t c
-    cdef Py_ssize_t n_cblk = _row_fuse_blocks(A, C, sizeof(storage), 3)   # dy, x, out
+    cdef Py_ssize_t n_cblk = _row_fuse_blocks(A, C, sizeof(storage), 3,   # dy, x, out
+                                              call.block_bytes)
     cdef double M = <double>(A * B)
     cdef double* buf = <double*>malloc((8 * C + partials_size(A, C, B)) * sizeof(double))
     cdef const double* mean = call.mean
@@ -398,7 +428,8 @@ cdef int _backward_task(const storage* dy, const storage* x, storage* out, const
         for c in range(C):
             ys[c] = invstd[c] * gamma[c]     # the forward's scale
             yb[c] = call.beta[c]
-    if call.training and _use_fused(A, C, B, sizeof(storage), 3, nthreads):
+    if call.training and _use_fused(A, C, B, sizeof(storage), 3, nthreads, call.strategy,
+                                    call.block_bytes):
         if B == 1:
             fused_backward_rows(dy, x, out, A, C, n_cblk, mean, invstd, gamma, zeros,
                                 call.sum_u, call.sum_uv, k_scale, k_mean_dy, k_xmu, partials,
@@ -730,7 +761,8 @@ def normalize(x, mean, invstd, gamma, beta, out, relu=False):
 
 
 def forward_train(x, gamma, beta, double eps, out, running_mean=None, running_var=None,
-                  double momentum=0.1, relu=False):
+                  double momentum=0.1, relu=False, int strategy=STRATEGY_DEFAULT,
+                  Py_ssize_t block_bytes=0):
     """Training forward: statistics, normalize into ``out``, running statistics.
 
     Fused per channel (block) where the shape allows: a channel is reduced
@@ -748,6 +780,9 @@ def forward_train(x, gamma, beta, double eps, out, running_mean=None, running_va
     momentum : float
     relu : bool
         Fused ReLU: ``out = max(y, 0)`` in the normalize pass.
+    strategy, block_bytes : int
+        The plan (``STRATEGIES``; ``fastbn.backends.cython_omp.default_plan``);
+        0: the heuristics' choice.
 
     Returns
     -------
@@ -755,6 +790,7 @@ def forward_train(x, gamma, beta, double eps, out, running_mean=None, running_va
     """
     cdef Call call
     _start(&call, TASK_FORWARD_TRAIN, x, None, out)
+    call.strategy, call.block_bytes = strategy, block_bytes
     gamma, beta = _channel_vector(gamma), _channel_vector(beta)
     mean, invstd = np.empty(call.C), np.empty(call.C)
     call.gamma, call.beta = _doubles(gamma), _doubles(beta)
@@ -785,9 +821,11 @@ def forward_eval(x, gamma, beta, running_mean, running_var, double eps, out, rel
     return mean, invstd
 
 
-def _backward(dy, x, mean, invstd, gamma, out, bint training, beta, relu):
+def _backward(dy, x, mean, invstd, gamma, out, bint training, beta, relu,
+              int strategy=STRATEGY_DEFAULT, Py_ssize_t block_bytes=0):
     cdef Call call
     _start(&call, TASK_BACKWARD, dy, x, out)
+    call.strategy, call.block_bytes = strategy, block_bytes
     mean, invstd, gamma = map(_channel_vector, (mean, invstd, gamma))
     sum_dy, sum_dy_xhat = np.empty(call.C), np.empty(call.C)
     call.mean, call.invstd, call.gamma = _doubles(mean), _doubles(invstd), _doubles(gamma)
@@ -885,7 +923,8 @@ def backward_elemt(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, out, beta=No
                         k_xmu)
 
 
-def backward_train(dy, x, mean, invstd, gamma, out, beta=None, relu=False):
+def backward_train(dy, x, mean, invstd, gamma, out, beta=None, relu=False,
+                   int strategy=STRATEGY_DEFAULT, Py_ssize_t block_bytes=0):
     """Simplified backward: reduce, then the elementwise pass, into ``out``.
 
     Fused per channel (block) where the shape allows: a channel's reduce
@@ -900,10 +939,12 @@ def backward_train(dy, x, mean, invstd, gamma, out, beta=None, relu=False):
     mean, invstd, gamma : ndarray, float64, shape (C,)
     beta : ndarray, float64, shape (C,), or None (read only with ``relu``)
     relu : bool
+    strategy, block_bytes : int
+        The plan, as in :func:`forward_train`.
 
     Returns
     -------
     sum_dy, sum_dy_xhat : ndarray, float64, shape (C,)
         ``dbeta`` and ``dgamma``.
     """
-    return _backward(dy, x, mean, invstd, gamma, out, True, beta, relu)
+    return _backward(dy, x, mean, invstd, gamma, out, True, beta, relu, strategy, block_bytes)

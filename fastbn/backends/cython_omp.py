@@ -29,6 +29,7 @@ import os
 import numpy as np
 
 from .. import machine as _machine
+from .. import plans as _plans
 from . import _fork, _host, _staged
 
 ON_DEVICE = False
@@ -299,19 +300,120 @@ def _backward_staged(dy, x, mean, invstd, gamma, eps, out, beta=None, relu=False
     _staged.require_memory(x.size, 4 if is16 else x.itemsize, relu, copies=3 if is16 else 0)
     if is16:
         x, dy = _ext.to_float32(x), _ext.to_float32(dy)
-    return _staged.backward(_StagedOps(x.dtype, x.shape, storage), dy, x, mean, invstd, gamma, beta,
-                            relu, out, x.shape[0] * x.shape[2])
+    ops = _StagedOps(x.dtype, x.shape, storage)
+    return _staged.backward(ops, dy, x, mean, invstd, gamma, beta, relu, out,
+                            x.shape[0] * x.shape[2])
+
+
+# ---------------------------------------------------------------------------
+# Plans (fastbn.plans): the choices of forward_train and backward_train
+# ---------------------------------------------------------------------------
+
+# The arrays a training pass streams: forward x, out; backward dy, x, out.
+_PASS_ARRAYS = {"forward": 2, "backward": 3}
+
+
+def default_plan(shape, itemsize, pass_name):
+    """The plan the extension's heuristics choose for a call.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        ``(A, C, B)``.
+    itemsize : int
+    pass_name : {"forward", "eval", "backward"}
+
+    Returns
+    -------
+    dict
+        ``strategy``: ``"fused"`` (a channel, or a block of channels on the
+        row path ``B == 1``, reduced and then normalized while it is in
+        cache) or ``"passes"`` (a parallel reduction, then a parallel
+        elementwise pass). ``block_bytes``: the row path's fused block (all
+        rows of every array it touches). ``eval`` has no choice: one
+        elementwise pass.
+    """
+    if pass_name == "eval":
+        return {"strategy": "passes"}
+    A, C, B = shape
+    if not _ext.default_fused(A, C, B, itemsize, _PASS_ARRAYS[pass_name]):
+        return {"strategy": "passes"}
+    if B == 1:
+        return {"strategy": "fused", "block_bytes": _ext.cache_tuning()["row_fuse_bytes"]}
+    return {"strategy": "fused"}
+
+
+def plan_candidates(shape, itemsize, pass_name):
+    """The plans ``fastbn tune`` times for a call, the default first: both
+    strategies, and on the row path fused blocks of 1/2 to 8 times the
+    default's bytes. Every candidate computes the same sums in the same
+    chunks (see ``_use_fused``), so all of them give the same bits."""
+    candidates = [default_plan(shape, itemsize, pass_name)]
+    if pass_name == "eval":
+        return candidates
+    options = [{"strategy": "passes"}]
+    if shape[2] == 1:
+        block = _ext.cache_tuning()["row_fuse_bytes"]
+        options += [{"strategy": "fused", "block_bytes": int(block * scale)}
+                    for scale in (0.5, 1, 2, 4, 8)]
+    else:
+        options.append({"strategy": "fused"})
+    return candidates + [plan for plan in options if plan not in candidates]
+
+
+def plan_build():
+    """The build a plan was measured for: the extension variant loaded."""
+    return f"cython {VARIANT}"
+
+
+def _stored_plan(x, pass_name):
+    """The stored plan of a call on x (forced, measured in this process, or
+    wisdom), or None."""
+    plan = _plans.lookup("cython", plan_build(), x.shape, x.dtype.name, pass_name, x.itemsize)
+    if plan is None or plan.get("strategy") not in ("passes", "fused"):
+        return None
+    block = plan.get("block_bytes", 0)
+    return plan if isinstance(block, int) and block >= 0 else None
+
+
+def _plan(x, pass_name):
+    """The plan of a call on x: the stored one, else the default."""
+    return _stored_plan(x, pass_name) or default_plan(x.shape, x.itemsize, pass_name)
+
+
+def _plan_args(x, pass_name):
+    """``(strategy, block_bytes)`` for the extension: the stored plan's, or
+    ``(0, 0)`` (the heuristics, which :func:`default_plan` describes)."""
+    plan = _stored_plan(x, pass_name)
+    if plan is None:
+        return 0, 0
+    return _ext.STRATEGIES[plan["strategy"]], plan.get("block_bytes", 0)
+
+
+def _forward_train(x, gamma, beta, eps, out, running_mean=None, running_var=None,
+                   momentum=0.1, relu=False):
+    """The extension's ``forward_train`` with this call's plan."""
+    strategy, block_bytes = _plan_args(x, "forward")
+    return _ext.forward_train(x, gamma, beta, eps, out, running_mean, running_var, momentum,
+                              relu, strategy, block_bytes)
+
+
+def _backward_train(dy, x, mean, invstd, gamma, out, beta=None, relu=False):
+    """The extension's ``backward_train`` with this call's plan."""
+    strategy, block_bytes = _plan_args(x, "backward")
+    return _ext.backward_train(dy, x, mean, invstd, gamma, out, beta, relu, strategy,
+                               block_bytes)
 
 
 if _ext is not None:
-    forward_train = _ext.forward_train
+    forward_train = _forward_train
     forward_eval = _ext.forward_eval
     backward_eval = _ext.backward_eval
     stats = _ext.stats
     normalize = _ext.normalize
     backward_reduce = _ext.backward_reduce
     backward_elemt = _ext.backward_elemt
-    backward_train = _ext.backward_train
+    backward_train = _backward_train
     backward_staged = _backward_staged
 else:
     forward_train = forward_eval = backward_eval = stats = normalize = _missing
