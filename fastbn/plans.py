@@ -37,6 +37,8 @@ from . import machine
 WISDOM_ENV = "FASTBN_WISDOM"
 WISDOM_FORMAT = 1
 PASSES = ("forward", "eval", "backward")
+# The full-size arrays each pass streams: x and out; dy, x and out.
+PASS_ARRAYS = {"forward": 2, "eval": 2, "backward": 3}
 # Rows (the B axis of the (A, C, B) view) shorter than this are a layout class
 # of their own: their loops are short and their best split differs.
 SHORT_ROW = 64

@@ -309,10 +309,6 @@ def _backward_staged(dy, x, mean, invstd, gamma, eps, out, beta=None, relu=False
 # Plans (fastbn.plans): the choices of forward_train and backward_train
 # ---------------------------------------------------------------------------
 
-# The arrays a training pass streams: forward x, out; backward dy, x, out.
-_PASS_ARRAYS = {"forward": 2, "backward": 3}
-
-
 def default_plan(shape, itemsize, pass_name):
     """The plan the extension's heuristics choose for a call.
 
@@ -336,7 +332,7 @@ def default_plan(shape, itemsize, pass_name):
     if pass_name == "eval":
         return {"strategy": "passes"}
     A, C, B = shape
-    if not _ext.default_fused(A, C, B, itemsize, _PASS_ARRAYS[pass_name]):
+    if not _ext.default_fused(A, C, B, itemsize, _plans.PASS_ARRAYS[pass_name]):
         return {"strategy": "passes"}
     if B == 1:
         return {"strategy": "fused", "block_bytes": _ext.cache_tuning()["row_fuse_bytes"]}

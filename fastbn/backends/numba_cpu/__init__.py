@@ -345,8 +345,6 @@ def _guard_for(x):
 # plan is the heuristics above; wisdom or set_tuning("measure") replace it.
 # ---------------------------------------------------------------------------
 
-# The arrays of x's size each pass reads or writes (its working set).
-_PASS_ARRAYS = {"forward": 2, "eval": 2, "backward": 3}
 _LOOPS = ("rows", "columns")
 
 
@@ -376,7 +374,7 @@ def default_plan(shape, itemsize, pass_name):
     apply = "rows" if _uses_rows(shape) else "columns"
     if pass_name == "eval":
         return {"strategy": "passes", "apply": apply}
-    if _fuses(shape, itemsize, _PASS_ARRAYS[pass_name]):
+    if _fuses(shape, itemsize, _plans.PASS_ARRAYS[pass_name]):
         return {"strategy": "fused", "slab_bytes": FUSED_SLAB_BYTES}
     if _fuses_cols(shape):
         return {"strategy": "fused", "slab_bytes": FUSED_COLS_BYTES}
