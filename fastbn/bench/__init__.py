@@ -3,6 +3,7 @@
 * :mod:`fastbn.bench.timing`: interleaved rounds, statistics, load, copy limit;
 * :mod:`fastbn.bench.kernels`: the data and kernels every benchmark times
   (also the asv suite in ``benchmarks/`` and pytest-benchmark);
+* :mod:`fastbn.bench.peer`: PyTorch's kernels, timed in a process of their own;
 * :mod:`fastbn.bench.report`: the Markdown page and its JSON;
 * :mod:`fastbn.bench.suites`: one module per ``fastbn bench --suite NAME``.
 """

@@ -154,11 +154,10 @@ def format_shape(shape):
 
 
 def _torch_installed():
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    # Found, not imported: the suites time PyTorch in a peer process.
+    import importlib.util
+
+    return importlib.util.find_spec("torch") is not None
 
 
 def default_backends():
@@ -617,3 +616,25 @@ def threads_in_use(backend):
         return int(torch.get_num_threads())
     import fastbn
     return fastbn.backend_info().get(backend, {}).get("threads")
+
+
+def fastbn_thread_count(backends, requested=None):
+    """The thread count PyTorch's peer gets: ``requested``, else the most
+    threads a fastbn backend of ``backends`` uses now (None without one).
+
+    Parameters
+    ----------
+    backends : list of str
+        Backend names; ``"torch"`` is ignored.
+    requested : int, optional
+        ``--threads``.
+
+    Returns
+    -------
+    int or None
+    """
+    if requested:
+        return requested
+    counts = [threads_in_use(b) for b in backends if b != "torch"]
+    counts = [c for c in counts if c]
+    return max(counts) if counts else None

@@ -2,8 +2,9 @@
 
 A page begins with the command that made it, the date, the processor
 (:func:`fastbn.machine.summary`), the core count, the load average before
-and after, and the versions; then which bars are met, the tables, and the
-warnings of the timing core.
+and after, the versions and the source of fastbn's kernel plans (default
+or wisdom, :func:`plan_source`); then which bars are met, the tables, and
+the warnings of the timing core.
 """
 import datetime
 import json
@@ -26,6 +27,35 @@ def versions():
         except metadata.PackageNotFoundError:
             pass
     return found
+
+
+def plan_source():
+    """Where fastbn's kernel plans come from in this process, in one line.
+
+    Reads :func:`fastbn.plans.status` (loading the wisdom file first if no
+    planned kernel has run yet), e.g. ``"default (FASTBN_WISDOM=off)"`` or
+    ``"wisdom from /home/me/.cache/fastbn/wisdom.json (stored call classes:
+    numba 12)"``.
+
+    Returns
+    -------
+    str
+    """
+    from .. import plans
+
+    found = plans.status()
+    if not found["in_use"] and found["reason"] == "not loaded yet":
+        plans.load(plans.builds())
+        found = plans.status()
+    reason = found["reason"].removesuffix(": default plans")
+    if found["in_use"]:
+        classes = ", ".join(f"{b} {n}" for b, n in found["classes"].items())
+        text = f"{reason} (stored call classes: {classes})"
+    else:
+        text = f"default ({reason})"
+    if found["tuning"] != "off":
+        text += f"; tuning mode {found['tuning']}"
+    return text
 
 
 def cell(value, digits=2, suffix=""):
@@ -57,6 +87,7 @@ class Report:
         self.load_before = machine.load_average()
         self.load_after = None
         self.seconds = None
+        self.plans = None     # plan_source(), read at the end (the kernels load wisdom)
         self.facts = []       # "- name: value" lines under the header
         self.bars = []        # (description, met, detail)
         self.sections = []    # (heading, text, columns, rows)
@@ -88,6 +119,7 @@ class Report:
         """Record the load average and the wall time at the end."""
         self.load_after = machine.load_average()
         self.seconds = time.time() - self.started
+        self.plans = plan_source()
         return self
 
     def to_markdown(self):
@@ -100,6 +132,8 @@ class Report:
                  f"- cores: {self.machine['cores']}; load average (1 min) before / after: "
                  f"{loads}",
                  f"- versions: {version_text}"]
+        if self.plans:
+            lines.append(f"- plans: {self.plans}")
         lines += [f"- {fact}" for fact in self.facts]
         if self.bars:
             lines += ["", "## Bars", ""]
@@ -129,7 +163,7 @@ class Report:
             "title": self.title, "command": self.command, "date": self.date,
             "seconds": self.seconds, "machine": self.machine, "versions": self.versions,
             "load_before": self.load_before, "load_after": self.load_after,
-            "bars": [{"bar": b, "met": m, "detail": d} for b, m, d in self.bars],
+            "plans": self.plans, "bars": [{"bar": b, "met": m, "detail": d} for b, m, d in self.bars],
             "tables": {h: [dict(zip(c, r)) for r in rows] for h, _, c, rows in self.sections},
             "warnings": self.warnings, "data": self.data}, indent=1, default=str)
 

@@ -10,8 +10,10 @@ exceeds :data:`UNSTABLE` more rounds are timed (up to ``max_rounds``); a
 figure still above it is flagged. The copy limit (``np.copyto`` of the same
 bytes) is one more kernel of the same rounds. Before each sample the core
 can sleep (``settle_seconds``), so that the spinning threads of one OpenMP
-runtime do not slow the next kernel. The 1-minute load average is read
-before and after.
+runtime do not slow the next kernel (the suites time PyTorch, whose own
+runtime a sleep did not tame, in a process of its own: see
+:mod:`fastbn.bench.peer`; :func:`merged` puts the two groups in one
+table). The 1-minute load average is read before and after.
 
 Variants: ``synchronize`` (a device: called after each sample, inside the
 timed interval, e.g. ``cuda.synchronize``) and ``barrier`` (MPI: called
@@ -86,6 +88,19 @@ class KernelTiming:
                 "samples": len(self.samples), "calls": self.calls,
                 "unstable": self.unstable, "error": self.error}
 
+    def to_message(self):
+        """The raw figures as a JSON-ready dict (what a peer process sends back)."""
+        return {"samples": list(self.samples), "calls": self.calls, "error": self.error}
+
+    @classmethod
+    def from_message(cls, name, message):
+        """The inverse of :meth:`to_message`."""
+        timing = cls(name)
+        timing.samples = [float(s) for s in message["samples"]]
+        timing.calls = int(message["calls"])
+        timing.error = message["error"]
+        return timing
+
 
 class Timings(dict):
     """``name -> KernelTiming`` of one group, with the load around it.
@@ -126,6 +141,54 @@ class Timings(dict):
         if note:
             notes.append(prefix + note)
         return notes
+
+    def to_message(self):
+        """Every kernel's samples and the group's facts as a JSON-ready dict."""
+        return {"kernels": {name: t.to_message() for name, t in self.items()},
+                "rounds": self.rounds, "load_before": self.load_before,
+                "load_after": self.load_after, "seconds": self.seconds}
+
+    @classmethod
+    def from_message(cls, message):
+        """The inverse of :meth:`to_message`."""
+        result = cls((name, KernelTiming.from_message(name, kernel))
+                     for name, kernel in message["kernels"].items())
+        result.rounds = message["rounds"]
+        result.load_before = message["load_before"]
+        result.load_after = message["load_after"]
+        result.seconds = message["seconds"]
+        return result
+
+
+def merged(*groups):
+    """One :class:`Timings` holding the kernels of ``groups``, timed one after another.
+
+    Used to put the groups of two processes (fastbn's, then PyTorch's peer)
+    in one table: ``rounds`` is the most rounds of a group, the load the
+    highest read before and after, ``seconds`` the sum.
+
+    Parameters
+    ----------
+    *groups : Timings
+        Their kernel names must differ.
+
+    Returns
+    -------
+    Timings
+    """
+    result = Timings()
+    for group in groups:
+        clash = set(result) & set(group)
+        if clash:
+            raise ValueError(f"kernels timed twice: {sorted(clash)}")
+        result.update(group)
+        result.rounds = max(result.rounds, group.rounds)
+        result.seconds += group.seconds
+        for attribute in ("load_before", "load_after"):
+            values = [v for v in (getattr(result, attribute), getattr(group, attribute))
+                      if v is not None]
+            setattr(result, attribute, max(values) if values else None)
+    return result
 
 
 def load_warning(before, after, cores=None):

@@ -1,18 +1,21 @@
 """The default suite (``fastbn bench``): every CPU backend against PyTorch CPU.
 
 Per shape and dtype, one group of interleaved rounds holds the copy and,
-for every backend, the training forward, the simplified backward and (not
-PyTorch) the staged backward. Figures are medians of the rounds: times in
-ms, staged / simplified, PyTorch's time / the backend's (``vs torch``,
-above 1: faster), and the fraction of the copy limit (``roof``; forward 2,
-simplified backward 3 item sizes per element at the bandwidth of
-``np.copyto`` of the same array in the same rounds).
+for every fastbn backend, the training forward, the simplified and the
+staged backward; then PyTorch's peer process (:mod:`fastbn.bench.peer`)
+times PyTorch's forward and simplified backward on the same data, in rounds
+of their own, at the same thread count. Figures are medians of the rounds:
+times in ms, staged / simplified, PyTorch's time / the backend's (``vs
+torch``, above 1: faster), and the fraction of the copy limit (``roof``;
+forward 2, simplified backward 3 item sizes per element at the bandwidth of
+``np.copyto`` of the same array in fastbn's rounds).
 """
 import math
 
 from .. import timing
-from ..kernels import (DtypeUnavailable, Kernels, Threads, default_backends, format_shape, make_data,
-                       threads_in_use, why_unsupported)
+from ..kernels import (DtypeUnavailable, Kernels, Threads, default_backends, fastbn_thread_count,
+                       format_shape, make_data, threads_in_use, why_unsupported)
+from ..peer import METHOD, Peer
 from ..report import Report, cell
 from . import progress
 
@@ -27,8 +30,23 @@ COLUMNS = ["backend", "dtype", "shape", "fwd ms", "bwd ms", "staged ms", "staged
 
 
 def time_backends(backends, shape, dtype, rounds, kinds=("forward", "simplified", "staged"),
-                  min_seconds=timing.MIN_SECONDS):
-    """Time ``kinds`` of every backend on one shape and dtype, interleaved.
+                  min_seconds=timing.MIN_SECONDS, peer=None):
+    """Time ``kinds`` of every backend on one shape and dtype.
+
+    fastbn's backends and the copy are timed here, interleaved; then, if
+    ``"torch"`` is among ``backends``, ``peer`` times PyTorch's kernels (not
+    the staged backward) in its own process, with the same rounds.
+
+    Parameters
+    ----------
+    backends : list of str
+    shape : tuple of int
+    dtype : str
+    rounds : int
+    kinds : tuple of str, optional
+    min_seconds : float, optional
+    peer : fastbn.bench.peer.Peer, optional
+        Needed for ``"torch"``; without one, a peer is started for this call.
 
     Returns
     -------
@@ -43,19 +61,42 @@ def time_backends(backends, shape, dtype, rounds, kinds=("forward", "simplified"
     except DtypeUnavailable as exc:
         return timing.interleaved({}, rounds), {backend: str(exc) for backend in backends}
     for backend in backends:
+        if backend == "torch":
+            continue
         reason = why_unsupported(backend, dtype)
         if reason:
             skipped[backend] = reason
             continue
         case = Kernels(backend, data)
         for kind in kinds:
-            if kind == "staged" and backend == "torch":
-                continue
             kernels[f"{backend} {kind}"] = getattr(case, kind)
+    # The settle stays: numba's OpenMP layer and the cython backend's libgomp
+    # are two runtimes in this process too.
     timings = timing.interleaved(kernels, rounds, copy_of=data["x"],
                                  budget_seconds=BUDGET_SECONDS, min_seconds=min_seconds,
                                  settle_seconds=timing.SETTLE_SECONDS)
-    return timings, skipped
+    if "torch" not in backends:
+        return timings, skipped
+    wanted = {f"torch {kind}": {"kind": kind, "dtype": dtype} for kind in kinds
+              if kind != "staged"}
+    if peer is None:
+        with Peer(fastbn_thread_count(backends)) as own_peer:
+            theirs, not_run = own_peer.time(shape, wanted, rounds, min_seconds=min_seconds,
+                                            budget_seconds=BUDGET_SECONDS)
+    else:
+        theirs, not_run = peer.time(shape, wanted, rounds, min_seconds=min_seconds,
+                                    budget_seconds=BUDGET_SECONDS)
+    if not_run:
+        skipped["torch"] = next(iter(not_run.values()))
+    return timing.merged(timings, theirs), skipped
+
+
+def peer_facts(peer):
+    """The page's line on how PyTorch was timed (its version, its threads)."""
+    version = peer.torch_version or "not started"
+    return (f"PyTorch: {METHOD} (torch {version}, {peer.threads_used or peer.threads} "
+            "threads): per shape and dtype fastbn's group of rounds, then PyTorch's in a "
+            "fresh process; ratios are of the two groups' medians")
 
 
 def median_ms(timings, name):
@@ -119,19 +160,24 @@ def run(options):
     threads = options.threads[0] if options.threads else None
     report = Report("CPU backends vs PyTorch CPU and the copy limit", options.command)
     rows, figures = [], []
-    with Threads(threads, "torch" in backends):
-        report.add_fact("threads: " + ", ".join(f"{b} {threads_in_use(b)}" for b in backends)
-                        + "; `np.copyto` one thread")
+    ours = [b for b in backends if b != "torch"]
+    with Threads(threads, use_torch=False), Peer(fastbn_thread_count(ours, threads)) as peer:
         for dtype in dtypes:
             for shape in shapes:
                 progress(options, f"default {format_shape(shape)} {dtype}")
-                timings, skipped = time_backends(backends, shape, dtype, rounds)
+                timings, skipped = time_backends(backends, shape, dtype, rounds, peer=peer)
                 group_rows, group_figures = rows_of(timings, backends, shape, dtype, skipped)
                 rows += group_rows
                 figures += group_figures
                 label = f"{format_shape(shape)} {dtype}"
                 report.add_warnings(timings.warnings(label))
                 report.add_warnings(f"{label}: {b} skipped: {r}" for b, r in skipped.items())
+        report.add_fact("threads: " + ", ".join(f"{b} {threads_in_use(b)}" for b in ours)
+                        + ("" if "torch" not in backends else
+                           f", torch {peer.threads_used or peer.threads}")
+                        + "; `np.copyto` one thread")
+        if "torch" in backends:
+            report.add_fact(peer_facts(peer))
     report.add_fact(f"timing: {rounds} interleaved rounds per shape and dtype (more while a "
                     "figure is unstable); every figure is the median of the rounds; `spread` "
                     "is the largest (median - best) / best of the row's kernels, `!` above "
@@ -140,7 +186,7 @@ def run(options):
                      "Times in ms. *vs torch*: PyTorch's time / the backend's (above 1: "
                      "faster). *roof*: fraction of the copy limit (forward 2, simplified "
                      "backward 3 item sizes per element at the bandwidth of `np.copyto` on "
-                     "the same array, in the same rounds).")
+                     "the same array, in fastbn's rounds).")
     add_bars(report, figures, shapes)
     report.data["rows"] = figures
     return report

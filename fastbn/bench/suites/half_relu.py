@@ -12,11 +12,17 @@ interleaved rounds with the copy of its dtype:
    two separate passes (fastbn, then a NumPy ReLU), and PyTorch's
    ``batch_norm`` + ``relu_``.
 
+PyTorch's kernels are timed in its peer process (:mod:`fastbn.bench.peer`):
+its storage group there, and in part 2, after each dtype's group of fastbn
+kernels, PyTorch's ``batch_norm`` + ``relu_`` with the same rounds.
+
 Bars: float16 >= 1.6x the backend's float32 and >= 0.7 of the copy limit;
 fused >= 1.6x the separate passes and >= 1.5x PyTorch.
 """
 from .. import timing
-from ..kernels import DtypeUnavailable, Kernels, format_shape, make_data, why_unsupported
+from ..kernels import (DtypeUnavailable, Kernels, fastbn_thread_count, format_shape, make_data,
+                       why_unsupported)
+from ..peer import METHOD, Peer
 from ..report import Report, cell
 from . import progress
 
@@ -37,26 +43,53 @@ def _ms(t):
 
 
 def _installed(backends):
-    return [b for b in backends if why_unsupported(b, "float32") is None]
+    """The fastbn backends that run float32 here, and ``"torch"`` if named (its
+    peer says what it cannot run)."""
+    return [b for b in backends if b == "torch" or why_unsupported(b, "float32") is None]
 
 
-def storage_part(report, data, backends, dtypes, rounds, options):
+def _torch_storage_group(peer, shape, data, dtypes, rounds):
+    """PyTorch's storage group, timed by its peer: (timings, dtype -> reason)."""
+    wanted = {}
+    for dtype in dtypes:
+        if data.get(dtype) is None:
+            continue
+        wanted[f"{dtype} copy"] = {"kind": "copy", "dtype": dtype}
+        wanted[f"{dtype} forward"] = {"kind": "forward", "dtype": dtype}
+        wanted[f"{dtype} backward"] = {"kind": "simplified", "dtype": dtype}
+    got, not_run = peer.time(shape, wanted, rounds, budget_seconds=BUDGET_SECONDS)
+    reasons = {dtype: not_run[f"{dtype} forward"] for dtype in dtypes
+               if f"{dtype} forward" in not_run}
+    # A dtype without both kernels has no row.
+    for dtype in reasons:
+        for kind in ("copy", "forward", "backward"):
+            got.pop(f"{dtype} {kind}", None)
+    return got, reasons
+
+
+def storage_part(report, data, backends, dtypes, rounds, options, peer):
     """Part 1: one group per backend, its dtypes and their copies."""
     rows, copies = [], {}
+    shape = next((d["x"].shape for d in data.values() if d is not None), None)
     for backend in backends:
-        kernels = {}
-        for dtype in dtypes:
-            reason = why_unsupported(backend, dtype)
-            if reason or data.get(dtype) is None:
-                rows.append([backend, dtype] + ["n/a"] * 9)
-                report.add_warnings([f"{backend} {dtype} skipped: {reason}"])
-                continue
-            case = Kernels(backend, data[dtype])
-            kernels[f"{dtype} copy"] = timing.copy_kernel(data[dtype]["x"])
-            kernels[f"{dtype} forward"] = case.forward
-            kernels[f"{dtype} backward"] = case.simplified
         progress(options, f"half-relu storage {backend}")
-        got = timing.interleaved(kernels, rounds, budget_seconds=BUDGET_SECONDS)
+        if backend == "torch":
+            got, reasons = _torch_storage_group(peer, shape, data, dtypes, rounds)
+        else:
+            kernels, reasons = {}, {}
+            for dtype in dtypes:
+                reason = why_unsupported(backend, dtype)
+                if reason or data.get(dtype) is None:
+                    reasons[dtype] = reason
+                    continue
+                case = Kernels(backend, data[dtype])
+                kernels[f"{dtype} copy"] = timing.copy_kernel(data[dtype]["x"])
+                kernels[f"{dtype} forward"] = case.forward
+                kernels[f"{dtype} backward"] = case.simplified
+            got = timing.interleaved(kernels, rounds, budget_seconds=BUDGET_SECONDS)
+        for dtype, reason in reasons.items():
+            rows.append([backend, dtype] + ["n/a"] * 9)
+            report.add_warnings([f"{backend} {dtype} skipped: {reason}"])
         report.add_warnings(got.warnings(f"storage {backend}"))
         for dtype in dtypes:
             if f"{dtype} forward" not in got:
@@ -100,13 +133,12 @@ def storage_part(report, data, backends, dtypes, rounds, options):
         for d, s in copies.items()))
 
 
-def relu_part(report, data, backends, dtypes, rounds, options, with_torch):
-    """Part 2: one group per dtype: fused, separate and PyTorch's batch_norm + relu_."""
+def relu_part(report, data, backends, dtypes, rounds, options, peer):
+    """Part 2: one group per dtype: fused and separate here, then PyTorch's
+    ``batch_norm`` + ``relu_`` in its peer (when ``peer`` is given)."""
     rows = []
     kinds = [(b, "fused", "relu") for b in backends] + [(b, "separate", "relu_separate")
                                                          for b in backends]
-    if with_torch:
-        kinds.append(("torch", "torch", "relu"))
     for dtype in dtypes:
         if data.get(dtype) is None:
             continue
@@ -123,6 +155,17 @@ def relu_part(report, data, backends, dtypes, rounds, options, with_torch):
         got = timing.interleaved(kernels, rounds, copy_of=data[dtype]["x"],
                                  budget_seconds=BUDGET_SECONDS,
                                  settle_seconds=timing.SETTLE_SECONDS)
+        if peer is not None:
+            wanted = {f"torch torch {kind}": {"kind": pass_name, "dtype": dtype,
+                                              "activation": "relu"}
+                      for kind, pass_name in (("forward", "forward"),
+                                              ("backward", "simplified"))}
+            theirs, not_run = peer.time(data[dtype]["x"].shape, wanted, rounds,
+                                        budget_seconds=BUDGET_SECONDS)
+            if not_run:
+                report.add_warnings([f"torch {dtype} torch skipped: "
+                                     f"{next(iter(not_run.values()))}"])
+            got = timing.merged(got, theirs)
         report.add_warnings(got.warnings(f"relu {dtype}"))
         copy = got[timing.COPY].median
         for backend in backends:
@@ -181,8 +224,15 @@ def run(options):
         except DtypeUnavailable as exc:
             data[dtype] = None
             report.add_warnings([f"{dtype} skipped: {exc}"])
-    storage_part(report, data, storage_backends, dtypes, rounds, options)
-    relu_part(report, data, relu_backends, dtypes, rounds, options,
-              with_torch="torch" in storage_backends)
+    with_torch = "torch" in storage_backends
+    with Peer(fastbn_thread_count(storage_backends)) as peer:
+        storage_part(report, data, storage_backends, dtypes, rounds, options, peer)
+        relu_part(report, data, relu_backends, dtypes, rounds, options,
+                  peer if with_torch else None)
+        if with_torch:
+            report.add_fact(f"PyTorch: {METHOD} (torch {peer.torch_version or 'not started'}, "
+                            f"{peer.threads_used or peer.threads} threads; a fresh process "
+                            "per group): its storage group there; in the ReLU part, after "
+                            "each dtype's group of fastbn's rounds")
     report.title += f" at {format_shape(shape)}"
     return report

@@ -3,19 +3,22 @@
 Per-call overhead on ``(8, 16)`` and ``(8, 16, 4, 4)`` float32 (us per
 call), and the in-cache shapes against PyTorch in float32 and float64.
 Every fastbn call goes through the public API with running statistics and
-``out=``. The kernels of one shape and dtype (PyTorch's and each backend's
-forward and simplified backward) are timed in interleaved rounds of about
-5 ms each; figures are medians of the rounds.
+``out=``. The kernels of one shape and dtype (each backend's forward and
+simplified backward) are timed in interleaved rounds of about 5 ms each,
+then PyTorch's in its peer process with the same rounds (see
+:func:`fastbn.bench.suites.default.time_backends`); figures are medians of
+the rounds.
 
 Bars (on the medians): training forward <= 25 us and simplified backward
 <= 20 us on ``(8, 16)``, numba and cython; in-cache ``vs torch`` >= 1.2,
 forward and backward, every cell.
 """
 from .. import timing
-from ..kernels import Threads, default_backends, format_shape, threads_in_use
+from ..kernels import Threads, default_backends, fastbn_thread_count, format_shape, threads_in_use
+from ..peer import Peer
 from ..report import Report, cell
 from . import progress
-from .default import median_ms, time_backends
+from .default import median_ms, peer_facts, time_backends
 
 OVERHEAD_SHAPES = [(8, 16), (8, 16, 4, 4)]
 IN_CACHE_SHAPES = [(256, 4096), (128, 512, 7, 7), (64, 256, 14, 14)]
@@ -44,14 +47,18 @@ def run(options):
     min_seconds = options.pick(ROUND_SECONDS, ROUND_SECONDS, 1e-4)
     report = Report("CPU speed on small and in-cache shapes", options.command)
     rows = []
-    with Threads(threads, "torch" in backends):
-        report.add_fact("threads: " + ", ".join(f"{b} {threads_in_use(b)}" for b in backends))
+    ours = [b for b in backends if b != "torch"]
+    with Threads(threads, use_torch=False), Peer(fastbn_thread_count(ours, threads)) as peer:
+        report.add_fact("threads: " + ", ".join(
+            [f"{b} {threads_in_use(b)}" for b in ours]
+            + ([f"torch {peer.threads}"] if "torch" in backends else [])))
         report.add_fact(f"timing: {rounds} interleaved rounds of about {min_seconds * 1e3:g} ms "
                         "per shape and dtype; cells are medians of the rounds (best in "
                         "parentheses)")
         for shape in overhead_shapes:
             progress(options, f"small overhead {format_shape(shape)}")
-            got, skipped = time_backends(backends, shape, "float32", rounds, KINDS, min_seconds)
+            got, skipped = time_backends(backends, shape, "float32", rounds, KINDS, min_seconds,
+                                         peer)
             report.add_warnings(got.warnings(format_shape(shape)))
             for kind, bar in (("forward", FORWARD_BAR_US), ("simplified", BACKWARD_BAR_US)):
                 cells = [str(shape), kind]
@@ -70,7 +77,7 @@ def run(options):
             for shape in in_cache_shapes:
                 progress(options, f"small in-cache {format_shape(shape)} {dtype}")
                 got, skipped = time_backends(backends, shape, dtype, rounds, KINDS,
-                                             min_seconds)
+                                             min_seconds, peer)
                 report.add_warnings(got.warnings(f"{format_shape(shape)} {dtype}"))
                 for backend in backends:
                     if backend == "torch" or backend in skipped:
@@ -86,6 +93,8 @@ def run(options):
                             report.add_bar(f"{backend} {dtype} {shape} {kind} >= {TORCH_BAR}x "
                                            "PyTorch", ratio >= TORCH_BAR, f"{ratio:.2f}x")
                     rows.append(cells)
+        if "torch" in backends:
+            report.add_fact(peer_facts(peer))
     report.add_table("In-cache shapes against PyTorch", [
         "backend", "dtype", "shape", "fwd ms", "torch fwd ms", "fwd vs torch", "bwd ms",
         "torch bwd ms", "bwd vs torch"], rows,

@@ -3,10 +3,13 @@
 For each thread count (default: 1 and every count up to the cores, in
 powers of two), the forward and the simplified backward of every backend
 and of PyTorch, interleaved per shape with the copy, at that many threads
-(numba, OpenMP through threadpoolctl, torch). Figures are medians of the
-rounds; the scaling is the time at the first count / the time at the others.
+(numba, OpenMP through threadpoolctl; torch in its peer process, see
+:func:`fastbn.bench.suites.default.time_backends`). Figures are medians of
+the rounds; the scaling is the time at the first count / the time at the
+others.
 """
 from ..kernels import Threads, default_backends, format_shape, threads_in_use
+from ..peer import METHOD, Peer
 from ..report import Report, cell
 from ... import machine
 from . import progress
@@ -40,19 +43,28 @@ def run(options):
     rounds = options.rounds or options.pick(7, 5, 2)
     report = Report("Thread scaling of the CPU backends and PyTorch", options.command)
     medians = {}
-    for count in counts:
-        with Threads(count, "torch" in backends):
-            report.add_fact(f"at {count}: " + ", ".join(f"{b} {threads_in_use(b)}"
-                                                        for b in backends))
-            for dtype in dtypes:
-                for shape in shapes:
-                    progress(options, f"threads {count} {format_shape(shape)} {dtype}")
-                    got, _ = time_backends(backends, shape, dtype, rounds, KINDS)
-                    report.add_warnings(got.warnings(f"{count} threads {format_shape(shape)}"))
-                    for backend in backends:
-                        for kind in KINDS:
-                            medians[backend, dtype, shape, kind, count] = median_ms(
-                                got, f"{backend} {kind}")
+    ours = [b for b in backends if b != "torch"]
+    with Peer() as peer:
+        for count in counts:
+            peer.threads = count
+            with Threads(count, use_torch=False):
+                for dtype in dtypes:
+                    for shape in shapes:
+                        progress(options, f"threads {count} {format_shape(shape)} {dtype}")
+                        got, _ = time_backends(backends, shape, dtype, rounds, KINDS, peer=peer)
+                        report.add_warnings(got.warnings(f"{count} threads "
+                                                         f"{format_shape(shape)}"))
+                        for backend in backends:
+                            for kind in KINDS:
+                                medians[backend, dtype, shape, kind, count] = median_ms(
+                                    got, f"{backend} {kind}")
+                report.add_fact(f"at {count}: " + ", ".join(
+                    [f"{b} {threads_in_use(b)}" for b in ours]
+                    + ([f"torch {peer.threads_used}"] if "torch" in backends else [])))
+        if "torch" in backends:
+            report.add_fact(f"PyTorch: {METHOD} (torch {peer.torch_version or 'not started'}): "
+                            "per thread count, shape and dtype fastbn's group of rounds, then "
+                            "PyTorch's in a fresh process")
     first = counts[0]
     columns = ["backend", "dtype", "shape"]
     columns += [f"{k} ms @{c}" for c in counts for k in ("fwd", "bwd")]
