@@ -32,6 +32,8 @@ import contextlib
 import json
 import os
 
+import numpy as np
+
 from . import machine
 
 WISDOM_ENV = "FASTBN_WISDOM"
@@ -45,7 +47,21 @@ SHORT_ROW = 64
 TUNING_MODES = ("off", "measure")
 
 _state = {"loaded": False, "builds": {}, "wisdom": {}, "source": None,
-          "reason": "not loaded yet", "measured": {}, "forced": {}, "tuning": "off"}
+          "reason": "not loaded yet", "measured": {}, "forced": {}, "tuning": "off",
+          "generation": 0}
+
+
+def _changed():
+    """Count a change of the stored plans or of the tuning mode: a backend
+    that keeps its calls' plans (see :func:`generation`) makes them again."""
+    _state["generation"] += 1
+
+
+def generation():
+    """A number that changes whenever the plan a call gets may change (wisdom
+    loaded or forgotten, a plan forced or measured, the tuning mode set).
+    Backends keep the plans of their calls' shapes while it stays the same."""
+    return _state["generation"]
 
 
 def layout_class(shape):
@@ -133,6 +149,7 @@ def load(builds):
         plans are kept when the file's key names the same build.
     """
     _state.update(loaded=True, builds=dict(builds), wisdom={}, source=None)
+    _changed()
     path = wisdom_path()
     if path is None:
         _state["reason"] = f"{WISDOM_ENV}=off: default plans"
@@ -162,6 +179,7 @@ def load(builds):
         return
     _state["wisdom"] = {name: classes for name, classes in stored.get("plans", {}).items()
                         if name in builds}
+    _changed()
     _state["reason"] = f"wisdom from {path}"
 
 
@@ -231,6 +249,7 @@ def set_tuning(mode):
     if mode not in TUNING_MODES:
         raise ValueError(f"tuning mode must be one of {TUNING_MODES}, got {mode!r}")
     _state["tuning"] = mode
+    _changed()
 
 
 def tuning_mode():
@@ -267,7 +286,7 @@ def builds():
     return found
 
 
-def lookup(backend, build, shape, dtype_name, pass_name, itemsize):
+def lookup(backend, build, shape, dtype, pass_name):
     """The plan a kernel call uses, or None for the backend's default plan.
 
     The backends call this on every call of a planned kernel, so it returns
@@ -284,25 +303,27 @@ def lookup(backend, build, shape, dtype_name, pass_name, itemsize):
         The backend's ``plan_build()``.
     shape : tuple of int
         ``(A, C, B)``.
-    dtype_name : str
-        The storage dtype's name (``"float32"``, ``"bfloat16"``, ...).
+    dtype : numpy.dtype or str
+        The storage dtype (``"float32"``, bfloat16, ...). Its name is read
+        only on a call class's first call: ``dtype.name`` is a Python
+        property, slow on a hot path.
     pass_name : {"forward", "eval", "backward"}
-    itemsize : int
     """
     if not _state["loaded"] or backend not in _state["builds"]:
         load({**_state["builds"], backend: build})
     if not (_state["forced"] or _state["measured"] or _state["wisdom"].get(backend)
             or _state["tuning"] == "measure"):
         return None
-    call = (tuple(shape), dtype_name, pass_name, itemsize)
+    call = (tuple(shape), dtype, pass_name)
     key = _keys.get(call)
     if key is None:
-        key = _keys[call] = call_class(shape, dtype_name, pass_name, itemsize)
+        dtype = np.dtype(dtype)
+        key = _keys[call] = call_class(shape, dtype.name, pass_name, dtype.itemsize)
     plan = stored_plan(backend, key)
     if plan is None and _state["tuning"] == "measure" and not _state["forced"]:
         from . import tune
 
-        plan = tune.measure(backend, key, shape, dtype_name, pass_name)
+        plan = tune.measure(backend, key, shape, np.dtype(dtype).name, pass_name)
         remember(backend, key, plan)
     return plan or None          # {}: measured, and the default won
 
@@ -310,6 +331,7 @@ def lookup(backend, build, shape, dtype_name, pass_name, itemsize):
 def remember(backend, key, plan):
     """Keep a plan measured in this process (``set_tuning("measure")``)."""
     _state["measured"][(backend, key)] = dict(plan)
+    _changed()
 
 
 @contextlib.contextmanager
@@ -318,6 +340,7 @@ def forced(backend, key, plan):
     (how ``fastbn tune`` and the tests run a candidate)."""
     previous = _state["forced"].get((backend, key))
     _state["forced"][(backend, key)] = plan
+    _changed()
     try:
         yield
     finally:
@@ -325,9 +348,11 @@ def forced(backend, key, plan):
             del _state["forced"][(backend, key)]
         else:
             _state["forced"][(backend, key)] = previous
+        _changed()
 
 
 def forget():
     """Drop the plans measured in this process and any wisdom loaded (tests)."""
     _state.update(loaded=False, builds={}, wisdom={}, source=None, reason="not loaded yet",
                   measured={})
+    _changed()

@@ -62,6 +62,17 @@ def test_settle_sleeps_before_each_sample_outside_the_timed_interval(monkeypatch
     assert sleeps == []
 
 
+def test_warm_up_calls_each_kernel_once_untimed_before_its_sample(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(timing.time, "sleep", lambda seconds: None)
+    # warm-up, calibration, then per round: an untimed call (100 s) and the sample (1 s)
+    kernels = {n: clock.kernel(n, [1.0, 1.0] + [100.0, 1.0] * 2) for n in "ab"}
+    got = timing.interleaved(kernels, rounds=2, max_rounds=2, min_seconds=0,
+                             **timing.same_start(), clock=clock)
+    assert clock.calls[4:] == list("aabb" "bbaa")
+    assert all(t.samples == [1.0, 1.0] for t in got.values())
+
+
 def test_statistics_on_a_fake_clock():
     clock = FakeClock()
     # warm-up, calibration, then samples 1, 3, 2, 10, 2 (seconds)

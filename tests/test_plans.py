@@ -201,7 +201,7 @@ def test_wisdom_and_measured_plans_reach_the_kernels(backend, tmp_path, monkeypa
                  if plan != default)
     # no wisdom: the default plan, and no stored plan
     monkeypatch.setenv(plans.WISDOM_ENV, "off")
-    assert plans.lookup(backend, kernels.plan_build(), shape, "float32", "backward", 4) is None
+    assert plans.lookup(backend, kernels.plan_build(), shape, "float32", "backward") is None
     assert kernels._plan(x, "backward") == default
     # wisdom for this machine and build: its plan
     path = tmp_path / "wisdom.json"

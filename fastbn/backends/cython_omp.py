@@ -365,7 +365,7 @@ def plan_build():
 def _stored_plan(x, pass_name):
     """The stored plan of a call on x (forced, measured in this process, or
     wisdom), or None."""
-    plan = _plans.lookup("cython", plan_build(), x.shape, x.dtype.name, pass_name, x.itemsize)
+    plan = _plans.lookup("cython", plan_build(), x.shape, x.dtype, pass_name)
     if plan is None or plan.get("strategy") not in ("passes", "fused"):
         return None
     block = plan.get("block_bytes", 0)

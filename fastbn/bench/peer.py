@@ -129,8 +129,10 @@ class Peer:
             the same as in the suites; ``"copy"`` is ``np.copyto`` of ``x``.
         rounds : int, optional
         **options
-            ``min_seconds``, ``max_rounds``, ``budget_seconds``, passed on to
-            :func:`fastbn.bench.timing.interleaved`.
+            ``min_seconds``, ``max_rounds``, ``budget_seconds``,
+            ``settle_seconds``, ``warm_up``, passed on to
+            :func:`fastbn.bench.timing.interleaved` (a suite passes
+            :func:`fastbn.bench.timing.same_start` to both groups).
 
         Returns
         -------

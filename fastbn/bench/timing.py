@@ -13,7 +13,9 @@ can sleep (``settle_seconds``), so that the spinning threads of one OpenMP
 runtime do not slow the next kernel (the suites time PyTorch, whose own
 runtime a sleep did not tame, in a process of its own: see
 :mod:`fastbn.bench.peer`; :func:`merged` puts the two groups in one
-table). The 1-minute load average is read before and after.
+table), then call the kernel once untimed (``warm_up``), so that the
+sample times it at its own steady speed; :func:`same_start` gives both
+options to the two groups a suite compares. The 1-minute load average is read before and after.
 
 Variants: ``synchronize`` (a device: called after each sample, inside the
 timed interval, e.g. ``cuda.synchronize``) and ``barrier`` (MPI: called
@@ -201,6 +203,15 @@ def load_warning(before, after, cores=None):
             "CPU time, figures may be slow (ratios within a round still hold)")
 
 
+def same_start():
+    """The options of :func:`interleaved` that start every sample alike: the
+    other kernels' pools asleep (:data:`SETTLE_SECONDS`), then one untimed
+    call of the kernel (``warm_up``), so that a sample times the kernel at
+    its own steady speed, whatever ran before it. A suite passes them to
+    both groups it compares, fastbn's and PyTorch's peer's."""
+    return {"settle_seconds": SETTLE_SECONDS, "warm_up": True}
+
+
 def copy_kernel(array):
     """``np.copyto`` of ``array`` into a filled buffer: the bandwidth reference.
 
@@ -251,7 +262,7 @@ def _describe_error(exc):
 
 def interleaved(kernels, rounds=ROUNDS, *, copy_of=None, max_rounds=None,
                 min_seconds=MIN_SECONDS, calls=None, budget_seconds=None,
-                synchronize=None, barrier=None, settle_seconds=0.0,
+                synchronize=None, barrier=None, settle_seconds=0.0, warm_up=False,
                 clock=time.perf_counter):
     """Time ``kernels`` in interleaved rounds.
 
@@ -281,6 +292,10 @@ def interleaved(kernels, rounds=ROUNDS, *, copy_of=None, max_rounds=None,
         runtime (PyTorch's own OpenMP, fastbn's) stop spinning and leave the
         cores to the next kernel. :data:`SETTLE_SECONDS` is long enough for
         libgomp's default spin.
+    warm_up : bool, optional
+        Before each sample (after the settle, outside the timed interval),
+        call the kernel once: its threads wake up and its data comes back
+        into cache, whatever ran before it (see :func:`same_start`).
     clock : callable, optional
         Seconds (tests pass a fake one).
 
@@ -330,6 +345,9 @@ def interleaved(kernels, rounds=ROUNDS, *, copy_of=None, max_rounds=None,
                 if barrier:
                     barrier()
                 try:
+                    if warm_up:
+                        kernels[name]()
+                        sync()
                     start = clock()
                     for _ in range(timing.calls):
                         kernels[name]()

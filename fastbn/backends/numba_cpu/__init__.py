@@ -182,7 +182,7 @@ from ._config import (CACHES, COLUMN_BLOCK, COLUMN_ITEMS, ELEMENT_ROWS, FUSED_CO
                       FUSED_SLAB_BYTES, MIN_ITEM_ELEMENTS, PREFETCH_ROWS_AHEAD,
                       REDUCE_ROWS_MIN_B, ROWS_MIN_B, SERIAL_BELOW, SUM_BLOCK, TARGET_ITEMS,
                       VECTOR_BYTES, _IMPORT_ERROR, _NO_LOCK, _guard, _layer_initialized,
-                      _predicted_layer, _target_name, numba)
+                      _predicted_layer, _target_name, _thread_count, numba)
 
 ON_DEVICE = False
 
@@ -287,13 +287,19 @@ def _fuses_cols(shape):
 
 def _fused_cols_width(x, width_bytes=None):
     """Channels per work item of the fused (N, D) kernels: about ``width_bytes``
-    (default FUSED_COLS_BYTES) of x, at least COLUMN_BLOCK, and at least two
-    items per thread. Each channel is summed alone over all rows, so the
-    width changes speed, never results."""
+    (default FUSED_COLS_BYTES) of x, at least COLUMN_BLOCK (a call then cuts
+    it to two items per thread: :func:`_per_thread_width`). Each channel is
+    summed alone over all rows, so the width changes speed, never results."""
     A, C, B = x.shape
     by_cache = (width_bytes or FUSED_COLS_BYTES) // (A * x.itemsize)
-    by_threads = -(-C // (2 * numba.get_num_threads()))
-    return max(COLUMN_BLOCK, min(by_cache, by_threads) // 16 * 16)
+    return max(COLUMN_BLOCK, by_cache // 16 * 16)
+
+
+def _per_thread_width(width, C):
+    """A fused (N, D) width cut so that each thread has at least two work
+    items, never under COLUMN_BLOCK (within :func:`_guard`)."""
+    by_threads = -(-C // (2 * _thread_count()))
+    return max(COLUMN_BLOCK, min(width, by_threads // 16 * 16))
 
 
 def _fuses(shape, itemsize, n_arrays):
@@ -325,12 +331,12 @@ def _row_blocks(A, J):
     return max(1, min(A, wanted, by_size))
 
 
-def _fused_kernel(x, plan, rows_kernel, columns_kernel):
-    """The fused kernel of a ``"fused"`` plan and its channels per work item:
-    the (N, D) column-block kernel when ``B == 1``, else the rows kernel."""
+def _fused_width(x, plan):
+    """Channels per work item of a ``"fused"`` plan's kernel: the (N, D)
+    column-block kernel's width when ``B == 1``, else the rows kernel's block."""
     if x.shape[2] == 1:
-        return columns_kernel, _fused_cols_width(x, plan["slab_bytes"])
-    return rows_kernel, _fused_block(x.shape, x.itemsize, plan["slab_bytes"])
+        return _fused_cols_width(x, plan["slab_bytes"])
+    return _fused_block(x.shape, x.itemsize, plan["slab_bytes"])
 
 
 def _guard_for(x):
@@ -386,9 +392,10 @@ def plan_candidates(shape, itemsize, pass_name):
     """The plans ``fastbn tune`` times for a call, the default first.
 
     Every loop shape of each pass, the fused kernel with half, the same and
-    twice the default slab, and the serial kernels for arrays within a few
-    times the serial threshold. Any candidate computes the contract's result
-    (only the order of summation differs).
+    twice the default slab (and four times on ``(N, D)`` arrays, whose
+    column blocks read a short piece of every row), and the serial kernels
+    for arrays within a few times the serial threshold. Any candidate
+    computes the contract's result (only the order of summation differs).
     """
     candidates = [default_plan(shape, itemsize, pass_name)]
     if pass_name == "eval":
@@ -396,8 +403,12 @@ def plan_candidates(shape, itemsize, pass_name):
     else:
         options = [{"strategy": "passes", "reduce": reduce, "apply": apply}
                    for reduce in _LOOPS for apply in _LOOPS]
-        slab = FUSED_COLS_BYTES if shape[2] == 1 else FUSED_SLAB_BYTES
-        options += [{"strategy": "fused", "slab_bytes": size} for size in (slab // 2, slab, 2 * slab)]
+        if shape[2] == 1:
+            sizes = (FUSED_COLS_BYTES // 2, FUSED_COLS_BYTES, 2 * FUSED_COLS_BYTES,
+                     4 * FUSED_COLS_BYTES)
+        else:
+            sizes = (FUSED_SLAB_BYTES // 2, FUSED_SLAB_BYTES, 2 * FUSED_SLAB_BYTES)
+        options += [{"strategy": "fused", "slab_bytes": size} for size in sizes]
     if shape[0] * shape[1] * shape[2] < 8 * SERIAL_BELOW:
         options.append({"strategy": "serial"})
     for plan in options:
@@ -425,10 +436,39 @@ def _valid_plan(plan, pass_name):
 def _plan(x, pass_name):
     """The plan of a call on x (its storage dtype, before :func:`_storage`): a
     stored one (forced, measured in this process, or wisdom), else the default."""
-    plan = _plans.lookup("numba", plan_build(), x.shape, x.dtype.name, pass_name, x.itemsize)
+    plan = _plans.lookup("numba", plan_build(), x.shape, x.dtype, pass_name)
     if plan is None or not _valid_plan(plan, pass_name):
         return default_plan(x.shape, x.itemsize, pass_name)
     return plan
+
+
+# A call's plan and fused block, kept per call shape: making them is Python
+# on the shape, tens of microseconds when the previous call's kernel has
+# evicted the interpreter's code and data from the caches; a hit costs a
+# few. Kept while fastbn.plans.generation() and the settings stay the same.
+_DECISIONS = {}
+
+
+def _settings():
+    """The module settings that the default plan and the blocks read."""
+    return (SERIAL_BELOW, ROWS_MIN_B, REDUCE_ROWS_MIN_B, FUSED_MIN_B, FUSED_MIN_BYTES,
+            FUSED_MIN_CHANNELS, FUSED_COLS, FUSED_SLAB_BYTES, FUSED_COLS_BYTES, COLUMN_BLOCK)
+
+
+def _decide(x, pass_name):
+    """``(plan, block)`` of a call on x (its storage dtype): :func:`_plan`,
+    and for a ``"fused"`` plan its kernel's channels per work item."""
+    key = (x.shape, x.dtype, pass_name, _settings())
+    generation = _plans.generation()
+    kept = _DECISIONS.get(key)
+    if kept is not None and kept[0] == generation:
+        return kept[1], kept[2]
+    plan = _plan(x, pass_name)
+    block = _fused_width(x, plan) if plan["strategy"] == "fused" else 0
+    if len(_DECISIONS) >= 4096:
+        _DECISIONS.clear()
+    _DECISIONS[key] = (_plans.generation(), plan, block)
+    return plan, block
 
 
 # ---------------------------------------------------------------------------
@@ -625,7 +665,7 @@ def forward_train(x, gamma, beta, eps, out, running_mean=None, running_var=None,
     -------
     mean, invstd : ndarray, (C,), float64
     """
-    plan = _plan(x, "forward")
+    plan, block = _decide(x, "forward")
     x = _storage(x)
     out = _storage(out)
     A, C, B = x.shape
@@ -644,8 +684,11 @@ def forward_train(x, gamma, beta, eps, out, running_mean=None, running_var=None,
         scale = np.empty(C)
         with _guard():
             if strategy == "fused":
-                fused, block = _fused_kernel(x, plan, forward_rows_fused, forward_columns_fused)
-                fused(x, gamma, beta, eps, lo, block, out, mean, var)
+                if B == 1:
+                    forward_columns_fused(x, gamma, beta, eps, lo, _per_thread_width(block, C),
+                                          out, mean, var)
+                else:
+                    forward_rows_fused(x, gamma, beta, eps, lo, block, out, mean, var)
             else:
                 _statistics(x, mean, var, plan["reduce"])
             finish_stats(mean, var, A * B, eps, gamma, invstd, scale, rm, rv, momentum, update)
@@ -665,7 +708,7 @@ def forward_eval(x, gamma, beta, running_mean, running_var, eps, out, relu=False
     mean, invstd : ndarray, (C,), float64
         ``running_mean`` and ``1 / sqrt(running_var + eps)``.
     """
-    plan = _plan(x, "eval")
+    plan, _ = _decide(x, "eval")
     x = _storage(x)
     out = _storage(out)
     C = x.shape[1]
@@ -769,7 +812,7 @@ def backward_train(dy, x, mean, invstd, gamma, out, beta=None, relu=False):
     sum_dy, sum_dy_xhat : ndarray, (C,), float64
         ``dbeta`` and ``dgamma``.
     """
-    plan = _plan(x, "backward")
+    plan, block = _decide(x, "backward")
     dy, x, out = _storage(dy), _storage(x), _storage(out)
     gq, gr, floor = _gate_params(x, invstd, gamma, beta, relu)
     C = x.shape[1]
@@ -781,7 +824,10 @@ def backward_train(dy, x, mean, invstd, gamma, out, beta=None, relu=False):
         return sum_dy, sum_dy_xhat
     with _guard():
         if plan["strategy"] == "fused":
-            fused, block = _fused_kernel(x, plan, backward_rows_fused, backward_columns_fused)
+            if x.shape[2] == 1:
+                fused, block = backward_columns_fused, _per_thread_width(block, C)
+            else:
+                fused = backward_rows_fused
             fused(dy, x, mean, invstd, gamma, gq, gr, floor, block, out, sum_dy, sum_dy_xhat)
         else:
             sum_dy, sum_dy_xhat = _backward_sums(dy, x, mean, invstd, gq, gr, floor,

@@ -71,10 +71,11 @@ def time_backends(backends, shape, dtype, rounds, kinds=("forward", "simplified"
         for kind in kinds:
             kernels[f"{backend} {kind}"] = getattr(case, kind)
     # The settle stays: numba's OpenMP layer and the cython backend's libgomp
-    # are two runtimes in this process too.
+    # are two runtimes in this process too. PyTorch's peer starts its samples
+    # the same way (same_start).
     timings = timing.interleaved(kernels, rounds, copy_of=data["x"],
                                  budget_seconds=BUDGET_SECONDS, min_seconds=min_seconds,
-                                 settle_seconds=timing.SETTLE_SECONDS)
+                                 **timing.same_start())
     if "torch" not in backends:
         return timings, skipped
     wanted = {f"torch {kind}": {"kind": kind, "dtype": dtype} for kind in kinds
@@ -82,10 +83,11 @@ def time_backends(backends, shape, dtype, rounds, kinds=("forward", "simplified"
     if peer is None:
         with Peer(fastbn_thread_count(backends)) as own_peer:
             theirs, not_run = own_peer.time(shape, wanted, rounds, min_seconds=min_seconds,
-                                            budget_seconds=BUDGET_SECONDS)
+                                            budget_seconds=BUDGET_SECONDS,
+                                            **timing.same_start())
     else:
         theirs, not_run = peer.time(shape, wanted, rounds, min_seconds=min_seconds,
-                                    budget_seconds=BUDGET_SECONDS)
+                                    budget_seconds=BUDGET_SECONDS, **timing.same_start())
     if not_run:
         skipped["torch"] = next(iter(not_run.values()))
     return timing.merged(timings, theirs), skipped
@@ -179,7 +181,9 @@ def run(options):
         if "torch" in backends:
             report.add_fact(peer_facts(peer))
     report.add_fact(f"timing: {rounds} interleaved rounds per shape and dtype (more while a "
-                    "figure is unstable); every figure is the median of the rounds; `spread` "
+                    "figure is unstable); every sample, fastbn's and PyTorch's, starts after "
+                    f"a {timing.SETTLE_SECONDS * 1e3:.0f} ms sleep and one untimed call; every "
+                    "figure is the median of the rounds; `spread` "
                     "is the largest (median - best) / best of the row's kernels, `!` above "
                     f"{timing.UNSTABLE:.0%}")
     report.add_table("Times and ratios", COLUMNS, rows,

@@ -153,15 +153,14 @@ def relu_part(report, data, backends, dtypes, rounds, options, peer):
             kernels[f"{backend} {kind} backward"] = case.simplified
         progress(options, f"half-relu relu {dtype}")
         got = timing.interleaved(kernels, rounds, copy_of=data[dtype]["x"],
-                                 budget_seconds=BUDGET_SECONDS,
-                                 settle_seconds=timing.SETTLE_SECONDS)
+                                 budget_seconds=BUDGET_SECONDS, **timing.same_start())
         if peer is not None:
             wanted = {f"torch torch {kind}": {"kind": pass_name, "dtype": dtype,
                                               "activation": "relu"}
                       for kind, pass_name in (("forward", "forward"),
                                               ("backward", "simplified"))}
             theirs, not_run = peer.time(data[dtype]["x"].shape, wanted, rounds,
-                                        budget_seconds=BUDGET_SECONDS)
+                                        budget_seconds=BUDGET_SECONDS, **timing.same_start())
             if not_run:
                 report.add_warnings([f"torch {dtype} torch skipped: "
                                      f"{next(iter(not_run.values()))}"])
@@ -216,7 +215,9 @@ def run(options):
     report = Report("16-bit storage and the fused batch norm + ReLU", options.command)
     report.add_fact(f"shape {shape} (channel axis 1), training mode, public API with `out=`; "
                     f"up to {rounds} interleaved rounds per group, a slow group stops after 3 "
-                    f"once it has run {BUDGET_SECONDS:g} s")
+                    f"once it has run {BUDGET_SECONDS:g} s; in the ReLU groups, fastbn's and "
+                    f"PyTorch's, every sample starts after a "
+                    f"{timing.SETTLE_SECONDS * 1e3:.0f} ms sleep and one untimed call")
     data = {}
     for dtype in dtypes:
         try:
