@@ -76,12 +76,12 @@ class _Bar:
 
 def _time_candidates(backend, module, key, shape, dtype, pass_name, rounds):
     """Median seconds of each candidate plan on one shape, timed side by side."""
-    data = kernels.make_data(shape, dtype, seed=0)
-    case = kernels.Kernels(backend, data)
-    run = getattr(case, _PASS_KERNEL[pass_name])
-    candidates = module.plan_candidates(_canonical(shape), data["x"].itemsize, pass_name)
+    itemsize = kernels.numpy_dtype(dtype).itemsize
+    candidates = module.plan_candidates(_canonical(shape), itemsize, pass_name)
     if len(candidates) == 1:
         return candidates, [1.0]            # nothing to choose (cython's eval)
+    case = kernels.Kernels(backend, kernels.make_data(shape, dtype, seed=0))
+    run = getattr(case, _PASS_KERNEL[pass_name])
 
     def forced(plan):
         def call():
@@ -90,8 +90,7 @@ def _time_candidates(backend, module, key, shape, dtype, pass_name, rounds):
         return call
 
     timings = timing.interleaved({str(i): forced(plan) for i, plan in enumerate(candidates)},
-                                 rounds, max_rounds=rounds,
-                                 settle_seconds=timing.SETTLE_SECONDS)
+                                 rounds, max_rounds=rounds, **timing.same_start())
     return candidates, [timings[str(i)].median for i in range(len(candidates))]
 
 

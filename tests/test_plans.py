@@ -227,6 +227,31 @@ def test_wisdom_and_measured_plans_reach_the_kernels(backend, tmp_path, monkeypa
     np.testing.assert_array_equal(out, 0.0)      # a constant channel: y = beta
 
 
+def test_numba_kept_plans_follow_every_change(monkeypatch):
+    """numba keeps each call shape's plan (_decide); a forced plan, wisdom
+    loaded or forgotten and a changed module setting all reach the next call."""
+    if "numba" not in PLANNED:
+        pytest.skip("numba is not available")
+    nb = registry.get_backend("numba")
+    monkeypatch.setenv(plans.WISDOM_ENV, "off")
+    x = np.ones((64, 48, 512), np.float32)
+    default = nb.default_plan(x.shape, 4, "forward")
+    assert nb._decide(x, "forward")[0] == default
+    assert nb._decide(x, "forward")[0] == default          # kept
+    other = next(plan for plan in nb.plan_candidates(x.shape, 4, "forward")
+                 if plan != default)
+    key = plans.call_class(x.shape, "float32", "forward", 4)
+    with plans.forced("numba", key, other):
+        assert nb._decide(x, "forward")[0] == other
+    assert nb._decide(x, "forward")[0] == default
+    # a module setting changed after the call (as the tests' modes do)
+    serial_below = nb.SERIAL_BELOW
+    monkeypatch.setattr(nb, "SERIAL_BELOW", 2**62)
+    assert nb._decide(x, "forward")[0] == {"strategy": "serial"}
+    monkeypatch.setattr(nb, "SERIAL_BELOW", serial_below)
+    assert nb._decide(x, "forward")[0] == default
+
+
 @pytest.mark.parametrize("backend", PLANNED)
 def test_tune_keeps_the_default_unless_another_plan_is_faster(backend, tmp_path, monkeypatch):
     monkeypatch.setenv(plans.WISDOM_ENV, str(tmp_path / "wisdom.json"))

@@ -359,7 +359,10 @@ def plan_candidates(shape, itemsize, pass_name):
 
 def plan_build():
     """The build a plan was measured for: the extension variant loaded."""
-    return f"cython {VARIANT}"
+    return _PLAN_BUILD
+
+
+_PLAN_BUILD = f"cython {VARIANT}"
 
 
 def _stored_plan(x, pass_name):

@@ -499,11 +499,22 @@ def _build_kernels(threads):
     # that is where y > floor, the largest y the store rounds to 0 (a
     # compile-time constant per storage dtype of x: _host.relu_floor) -------
 
+    def masked_of(floor):
+        @cuda.jit(device=True)
+        def masked(dy, x, mean, scale, shift):
+            # dy where y = affine(x, ...) > floor, else 0
+            if affine(x, mean, scale, shift) > floor:
+                return dy
+            return 0.0
+        return masked
+
     def term_relu_of(floor):
+        masked = masked_of(floor)
+
         @cuda.jit(device=True)
         def term_relu(dy, x, mean, scale, shift):
             # the backward's two terms with dy masked
-            grad = dy if affine(x, mean, scale, shift) > floor else 0.0
+            grad = masked(dy, x, mean, scale, shift)
             return grad, grad * (x - mean)
         return term_relu
 
@@ -538,10 +549,12 @@ def _build_kernels(threads):
         return k * dy - (x - mean) * centred_scale + offset
 
     def op_backward_relu_of(floor):
+        masked = masked_of(floor)
+
         @cuda.jit(device=True)
         def op_backward_relu(dy, x, mean, k, centred_scale, offset, shift):
             # op_backward with dy masked, y = affine(x, mean, k, shift)
-            grad = dy if affine(x, mean, k, shift) > floor else 0.0
+            grad = masked(dy, x, mean, k, shift)
             return k * grad - (x - mean) * centred_scale + offset
         return op_backward_relu
 
@@ -551,11 +564,12 @@ def _build_kernels(threads):
         return dy * scale
 
     def op_eval_relu_of(floor):
+        masked = masked_of(floor)
+
         @cuda.jit(device=True)
         def op_eval_relu(dy, x, mean, scale, shift, unused_p3, unused_p4):
             # dx = dy * gamma * invstd where the mask keeps dy, else 0
-            grad = dy if affine(x, mean, scale, shift) > floor else 0.0
-            return grad * scale
+            return masked(dy, x, mean, scale, shift) * scale
         return op_eval_relu
 
     @cuda.jit(device=True)
