@@ -104,17 +104,19 @@ def _check_out(out, shape, dtype, module, inputs):
         out = module.to_device(out)
         contiguous = out.is_c_contiguous()
     elif isinstance(out, np.ndarray):
-        contiguous = out.flags.c_contiguous and out.flags.writeable
+        flags = out.flags
+        contiguous = flags.c_contiguous and flags.writeable
     else:
         raise ValueError(f"out must be an array, got {type(out).__name__}")
-    if tuple(out.shape) != tuple(shape) or np.dtype(out.dtype) != np.dtype(dtype):
+    if tuple(out.shape) != tuple(shape) or np.dtype(out.dtype) != dtype:
         raise ValueError(f"out must have shape {tuple(shape)} and dtype {np.dtype(dtype)}, "
                          f"got shape {tuple(out.shape)} and dtype {np.dtype(out.dtype)}")
     if not contiguous:
         raise ValueError("out must be a writable C-contiguous array")
-    if isinstance(out, np.ndarray) and any(
-            isinstance(a, np.ndarray) and np.may_share_memory(out, a) for a in inputs):
-        raise ValueError("out must not overlap the inputs")
+    if isinstance(out, np.ndarray):
+        for array in inputs:
+            if isinstance(array, np.ndarray) and np.may_share_memory(out, array):
+                raise ValueError("out must not overlap the inputs")
     return out
 
 

@@ -84,7 +84,9 @@ def channel_param(value, channels, dtype, name, fill):
     check_channel_metadata(array, channels, name, "biuf")
     # One copy when the values already have the parameter dtype (always a
     # new array: the cache keeps it).
-    return array.astype(dtype, copy=False).astype(np.float64)
+    if array.dtype != dtype:
+        array = array.astype(dtype)
+    return array.astype(np.float64)
 
 
 def check_host(value, name):

@@ -679,21 +679,22 @@ def forward_train(x, gamma, beta, eps, out, running_mean=None, running_var=None,
     if strategy == "serial":
         _small.forward_train(x, gamma, beta, eps, lo, out, mean, invstd, rm, rv, momentum,
                               update)
+    elif strategy == "fused":
+        # the statistics' finish (invstd, the running statistics) runs in the kernel
+        with _guard():
+            if B == 1:
+                forward_columns_fused(x, gamma, beta, eps, lo, _per_thread_width(block, C), out,
+                                      mean, invstd, rm, rv, momentum, update)
+            else:
+                forward_rows_fused(x, gamma, beta, eps, lo, block, out, mean, invstd, rm, rv,
+                                   momentum, update)
     else:
         var = np.empty(C)
         scale = np.empty(C)
         with _guard():
-            if strategy == "fused":
-                if B == 1:
-                    forward_columns_fused(x, gamma, beta, eps, lo, _per_thread_width(block, C),
-                                          out, mean, var)
-                else:
-                    forward_rows_fused(x, gamma, beta, eps, lo, block, out, mean, var)
-            else:
-                _statistics(x, mean, var, plan["reduce"])
+            _statistics(x, mean, var, plan["reduce"])
             finish_stats(mean, var, A * B, eps, gamma, invstd, scale, rm, rv, momentum, update)
-            if strategy != "fused":
-                _apply(AFFINE, x, x, (mean, scale, beta), lo, out, plan["apply"])
+            _apply(AFFINE, x, x, (mean, scale, beta), lo, out, plan["apply"])
     if update:
         _host.write_back(running_mean, running_var, rm, rv)
     return mean, invstd

@@ -65,7 +65,7 @@ from numba.extending import register_jitable
 from . import _ops
 from ._config import (COLUMN_BLOCK, ELEMENT_ROWS, JIT, JITABLE, PJIT, PREFETCH_ROWS_AHEAD,
                       SUM_BLOCK)
-from ._ops import channel_shift, dx_coefficients, mean_var
+from ._ops import channel_shift, dx_coefficients, finish_channel, mean_var
 from ._loadstore import _cz, _ld, _prefetch_seg, _st
 
 Elementwise = collections.namedtuple(
@@ -463,10 +463,11 @@ def fused(layout, shifted_sums, normalize, product_sums, combine):
 
     Returns
     -------
-    forward(x, gamma, beta, eps, lo, block, out, mean, var)
+    forward(x, gamma, beta, eps, lo, block, out, mean, invstd, rm, rv, momentum, update)
         Work item = ``block`` consecutive channels: their shifted sums, then
         ``out = max((x - mean) * (invstd * gamma) + beta, lo)`` on them;
-        writes ``mean`` and ``var``.
+        writes ``mean`` and ``invstd`` and (``update``) the running
+        statistics ``rm`` and ``rv``, as ``finish_stats`` does.
     backward(dy, x, mean, invstd, gamma, gq, gr, floor, block, out, sum_dy, sum_dy_xhat)
         Work item = ``block`` consecutive channels: ``sum(dy)`` and ``sum(dy *
         (x - mean))`` (``dy`` masked by the ReLU when ``floor`` is not None),
@@ -474,7 +475,7 @@ def fused(layout, shifted_sums, normalize, product_sums, combine):
     """
 
     @_kernel(f"fused_{layout}.forward", PJIT)
-    def forward(x, gamma, beta, eps, lo, block, out, mean, var):
+    def forward(x, gamma, beta, eps, lo, block, out, mean, invstd, rm, rv, momentum, update):
         A, C, B = x.shape
         shift = channel_shift(x)
         scale = np.empty(C)
@@ -484,9 +485,9 @@ def fused(layout, shifted_sums, normalize, product_sums, combine):
             s1, s2 = shifted_sums(x, x, shift, shift, shift, None, c_lo, c_hi,
                                   PREFETCH_ROWS_AHEAD)
             for c in range(c_lo, c_hi):
-                mean[c], var[c] = mean_var(shift[c], s1[c - c_lo], s2[c - c_lo], A * B)
-                # gamma * invstd, exactly as finish_stats forms it
-                scale[c] = gamma[c] * (1.0 / np.sqrt(var[c] + eps))
+                mean[c], var = mean_var(shift[c], s1[c - c_lo], s2[c - c_lo], A * B)
+                finish_channel(c, var, A * B, eps, gamma, mean, invstd, scale, rm, rv,
+                               momentum, update)
             normalize(x, x, mean, scale, beta, beta, beta, beta, lo, c_lo, c_hi, out)
 
     @_kernel(f"fused_{layout}.backward", PJIT)

@@ -151,19 +151,25 @@ def dx_coefficients(n, invstd, gamma, sum_dy, sum_dy_xhat):
     return k, kx, k0
 
 
+@register_jitable(**JITABLE)
+def finish_channel(c, var_c, n, eps, gamma, mean, invstd, scale, rm, rv, momentum, update):
+    """Channel ``c`` of :func:`finish_stats` (``var_c`` its variance); the
+    fused forward kernels call it per channel."""
+    invstd[c] = 1.0 / np.sqrt(var_c + eps)
+    scale[c] = gamma[c] * invstd[c]
+    if update:
+        unbias = n / (n - 1.0) if n > 1 else np.inf
+        rm[c] = (1.0 - momentum) * np.float64(rm[c]) + momentum * mean[c]
+        rv[c] = (1.0 - momentum) * np.float64(rv[c]) + momentum * (var_c * unbias)
+
+
 @njit(**JIT)
 def finish_stats(mean, var, n, eps, gamma, invstd, scale, rm, rv, momentum, update):
     """``invstd = 1/sqrt(var + eps)``, ``scale = gamma*invstd``; with ``update``,
     the running statistics in place, PyTorch's way: ``running = (1 - momentum) *
     running + momentum * batch`` with the unbiased variance ``var * n / (n - 1)``."""
-    keep = 1.0 - momentum
-    unbias = n / (n - 1.0) if n > 1 else np.inf
     for c in range(mean.shape[0]):
-        invstd[c] = 1.0 / np.sqrt(var[c] + eps)
-        scale[c] = gamma[c] * invstd[c]
-        if update:
-            rm[c] = keep * np.float64(rm[c]) + momentum * mean[c]
-            rv[c] = keep * np.float64(rv[c]) + momentum * (var[c] * unbias)
+        finish_channel(c, var[c], n, eps, gamma, mean, invstd, scale, rm, rv, momentum, update)
 
 
 @njit(**JIT)
