@@ -5,6 +5,8 @@ Shared by :mod:`fastbn.torch` and its synchronized batch norm
 tensor reaches the kernels. Importing this module imports torch.
 """
 
+import weakref
+
 import numpy as np
 import torch
 
@@ -194,8 +196,10 @@ def new_output(source, permutation):
 
 def host_view(tensor, permutation=None):
     """:func:`array` of a CPU tensor, with no ``detach`` where none is needed."""
-    if tensor.requires_grad or tensor.dtype == torch.bfloat16:
+    if tensor.dtype == torch.bfloat16:
         return tensor_array(tensor, permutation)
+    if tensor.requires_grad:
+        tensor = tensor.detach()
     if permutation is not None:
         tensor = tensor.permute(permutation)
     return tensor.numpy()
@@ -208,19 +212,41 @@ def host_param(tensor, channels, dtype, fill, name):
     checks it (NumPy's conversions: cheaper than PyTorch's on ``C`` values)."""
     if tensor is None:
         return np.full(channels, fill, dtype=np.float64)
-    if tensor.shape != (channels,):
+    if tensor.dtype in CHANNEL_DTYPES:
+        array = channel_view(tensor)
+    else:
+        if tensor.is_complex():
+            raise TypeError(f"{name} must have real numbers, got dtype {tensor.dtype}")
+        array = tensor.detach().to(torch.float32).numpy()
+    if array.shape != (channels,):
         raise ValueError(f"{name} must have shape ({channels},) (one value per channel), "
-                         f"got shape {tuple(tensor.shape)}")
-    if tensor.is_complex():
-        raise TypeError(f"{name} must have real numbers, got dtype {tensor.dtype}")
-    if tensor.requires_grad:
-        tensor = tensor.detach()
-    if tensor.dtype not in CHANNEL_DTYPES:
-        tensor = tensor.to(torch.float32)
-    array = tensor.numpy()
+                         f"got shape {array.shape}")
     if array.dtype != dtype:
         array = array.astype(dtype)
     return array.astype(np.float64)
+
+
+# NumPy views of per-channel CPU tensors, by the tensor's id. A model passes
+# the same weight, bias and running statistics on every call, and a view
+# made anew (detach, Tensor.numpy) costs several microseconds. An entry is
+# (a weak reference to the tensor, the address of the memory it viewed, the
+# view): it is used only for that same live tensor over the same memory, so
+# a reused id, ``tensor.data = ...`` and ``set_`` make a new view.
+_VIEWS = {}
+
+
+def channel_view(tensor):
+    """A NumPy view of a per-channel CPU tensor of a dtype NumPy can view
+    (:data:`CHANNEL_DTYPES`), kept while the tensor and its memory live."""
+    entry = _VIEWS.get(id(tensor))
+    if (entry is not None and entry[0]() is tensor and entry[1] == tensor.data_ptr()
+            and entry[2].shape == tensor.shape):
+        return entry[2]
+    array = tensor.detach().numpy()
+    if len(_VIEWS) >= 1024:
+        _VIEWS.clear()
+    _VIEWS[id(tensor)] = (weakref.ref(tensor), tensor.data_ptr(), array)
+    return array
 
 
 # The permutation back from memory order (channels last) to (N, C, ...).

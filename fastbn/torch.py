@@ -185,8 +185,12 @@ def _select_grads(grads, weight, bias, need_input, need_weight, need_bias):
     """The requested gradients, those of the parameters in their dtypes."""
     grad_input, grad_weight, grad_bias = grads
     return (grad_input if need_input else None,
-            grad_weight.to(weight.dtype) if weight is not None and need_weight else None,
-            grad_bias.to(bias.dtype) if bias is not None and need_bias else None)
+            _in_dtype(grad_weight, weight) if weight is not None and need_weight else None,
+            _in_dtype(grad_bias, bias) if bias is not None and need_bias else None)
+
+
+def _in_dtype(grad, param):
+    return grad if grad.dtype == param.dtype else grad.to(param.dtype)
 
 
 def _differentiable_backward(grad_output, input, weight, bias, mean, invstd, training, eps,
@@ -260,17 +264,18 @@ class _EagerBatchNorm(torch.autograd.Function):
     the autograd wrapper, the functional copies of the running statistics)
     costs several times the kernels on a small tensor. This function calls
     the backend's kernels directly (:func:`_eager_forward`,
-    :func:`_eager_backward`, with the checks :func:`batch_norm` made): the
-    running statistics are updated in place when NumPy can view them, and
-    the cache is kept on the context. The double backward is
-    :func:`_differentiable_backward`, as for the operator.
+    :func:`_eager_backward`, with the checks of the call's
+    :class:`_CallClass`): the running statistics are updated in place when
+    NumPy can view them, and the cache is kept on the context. The double
+    backward is :func:`_differentiable_backward`, as for the operator.
     """
 
     @staticmethod
     def forward(ctx, input, weight, bias, options):
-        output, cache, permutation = _eager_forward(input, weight, bias, *options)
+        call, running_mean, running_var = options
+        output, cache = _eager_forward(call, input, weight, bias, running_mean, running_var)
         ctx.save_for_backward(input, weight, bias)
-        ctx.cache, ctx.permutation = cache, permutation
+        ctx.cache, ctx.call = cache, call
         return output
 
     @staticmethod
@@ -283,79 +288,144 @@ class _EagerBatchNorm(torch.autograd.Function):
                 torch.from_numpy(np.asarray(cache.invstd)), cache.training, cache.eps,
                 cache.activation)
         else:
-            grads = _eager_backward(grad_output, cache, ctx.permutation)
+            grads = _eager_backward(grad_output, cache, ctx.call)
         return (*_select_grads(grads, weight, bias, *ctx.needs_input_grad[:3]), None)
 
 
-def _eager_forward(input, weight, bias, running_mean, running_var, training, momentum, eps,
-                   activation, backend):
-    """``(output, cache, permutation)`` of a forward on CPU tensors, in place where it can.
+class _CallClass:
+    """What an eager call works out once per kind of call.
 
-    :func:`batch_norm` has checked the input's dtype and shape, ``eps``, the
-    one-value-per-channel rule and the running statistics' presence; the
-    per-channel tensors and ``momentum`` are checked here as
-    :func:`fastbn.batchnorm_forward` checks them. An empty batch goes
-    through that function.
+    A kind of call (:func:`_call_key`) is the input's shape, dtype and
+    layout, the mode, ``momentum``, ``eps``, the activation, the backend and
+    which running statistics are given. Making one runs the checks of
+    :func:`batch_norm` and :func:`fastbn.batchnorm_forward` on these values
+    (:func:`_check_call`), so a later call of the same kind skips them; the
+    per-channel tensors are checked on every call.
+
+    Attributes
+    ----------
+    permutation, axis : tuple or None, int
+        The input's memory order (:func:`fastbn._torch_arrays.kernel_layout`)
+        and channel axis in it.
+    channels : int
+    shape3 : tuple of 3 ints, or None
+        The canonical ``(A, C, B)`` view of the memory; None for an empty
+        batch (which goes through :func:`fastbn.batchnorm_forward`).
+    module, backend : module, str
+        The backend and its name.
+    param_dtype : numpy.dtype
+        The weight's and bias' dtype: the input's, float32 for 16-bit input.
+    training, momentum, eps, activation
+        The call's options, checked (``activation``: None or ``"relu"``).
     """
+
+    __slots__ = ("permutation", "axis", "channels", "shape3", "module", "backend",
+                 "param_dtype", "training", "momentum", "eps", "activation")
+
+    def __init__(self, source, permutation, axis, training, momentum, eps, activation, backend):
+        self.permutation, self.axis = permutation, axis
+        self.channels = channels = source.shape[1]
+        size = source.numel()
+        if size == 0:
+            self.shape3 = None
+        elif axis == 1:
+            self.shape3 = (source.shape[0], channels, size // (source.shape[0] * channels))
+        else:
+            self.shape3 = (size // channels, channels, 1)
+        self.module = registry.get_backend(backend)
+        self.backend = backend
+        self.param_dtype = _arrays.PARAM_DTYPES[source.dtype]
+        self.training = training
+        self.momentum = momentum
+        self.eps = eps
+        self.activation = activation
+
+
+# The kinds of eager call seen so far (a model has a few dozen).
+_CALL_CLASSES = {}
+
+
+def _call_class(input, running_mean, running_var, training, momentum, eps, activation,
+                backend):
+    """``(source, call)``: the tensor the kernels read (the input, or its
+    contiguous copy) and the call's :class:`_CallClass`."""
     source, permutation, axis = _arrays.kernel_layout(input)
+    training = bool(training)
+    momentum = validation.check_scalar(momentum, "momentum", 0.0, 1.0)
+    eps = float(eps)
+    backend = backend or registry.default_backend()
+    key = (source.shape, source.dtype, permutation, training, momentum, eps, activation,
+           backend, running_mean is None, running_var is None)
+    call = _CALL_CLASSES.get(key)
+    if call is None:
+        _check_call(input, running_mean, running_var, training, eps, activation)
+        call = _CallClass(source, permutation, axis, training, momentum, eps, activation,
+                          backend)
+        if len(_CALL_CLASSES) >= 1024:
+            _CALL_CLASSES.clear()
+        _CALL_CLASSES[key] = call
+    return source, call
+
+
+def _eager_forward(call, source, weight, bias, running_mean, running_var):
+    """``(output, cache)`` of a forward on CPU tensors, in place where it can.
+
+    ``call`` holds what was checked once for this kind of call; the
+    per-channel tensors are checked here as :func:`fastbn.batchnorm_forward`
+    checks them. An empty batch goes through that function.
+    """
+    permutation = call.permutation
     output, out = _arrays.new_output(source, permutation)
     x = _arrays.host_view(source, permutation)
-    channels = input.shape[1]
+    channels = call.channels
     mean_array, mean_back = _running_array(running_mean, channels, "running_mean")
     var_array, var_back = _running_array(running_var, channels, "running_var")
-    name = backend or registry.default_backend()
-    if axis == 1:
-        shape3 = (x.shape[0], channels, x.size // (x.shape[0] * channels) if x.size else 0)
-    else:
-        shape3 = (x.size // channels, channels, 1)
-    if x.size == 0:
+    training, eps, activation = call.training, call.eps, call.activation
+    if call.shape3 is None:
         _, cache = batchnorm_forward(x, _arrays.channel_array(weight), _arrays.channel_array(bias),
                                      training=training, running_mean=mean_array,
-                                     running_var=var_array, momentum=momentum, eps=eps,
-                                     axis=axis, backend=name, out=out, activation=activation)
-        return output, cache, permutation
-    module = registry.get_backend(name)
-    momentum = validation.check_scalar(momentum, "momentum", 0.0, 1.0)
-    param_dtype = _arrays.PARAM_DTYPES[input.dtype]
-    gamma = _arrays.host_param(weight, channels, param_dtype, 1.0, "gamma")
-    beta = _arrays.host_param(bias, channels, param_dtype, 0.0, "beta")
-    x3, out3 = x.reshape(shape3), out.reshape(shape3)
+                                     running_var=var_array, momentum=call.momentum, eps=eps,
+                                     axis=call.axis, backend=call.backend, out=out,
+                                     activation=activation)
+        return output, cache
+    gamma = _arrays.host_param(weight, channels, call.param_dtype, 1.0, "gamma")
+    beta = _arrays.host_param(bias, channels, call.param_dtype, 0.0, "beta")
+    x3, out3 = x.reshape(call.shape3), out.reshape(call.shape3)
+    module = call.module
     fused = {"relu": True} if activation else {}
     if training:
         mean, invstd = module.forward_train(x3, gamma, beta, eps, out3, mean_array, var_array,
-                                            momentum, **fused)
+                                            call.momentum, **fused)
         if mean_back is not None:
             running_mean.copy_(mean_back)
             running_var.copy_(var_back)
     else:
         mean, invstd = module.forward_eval(x3, gamma, beta, mean_array, var_array, eps, out3,
                                            **fused)
-    cache = BatchNormCache(x, mean, invstd, gamma, eps, axis % x.ndim, training, name,
-                           beta=beta, activation=activation)
-    return output, cache, permutation
+    cache = BatchNormCache(x, mean, invstd, gamma, eps, call.axis % x.ndim, training,
+                           call.backend, beta=beta, activation=activation)
+    return output, cache
 
 
-def _eager_backward(grad_output, cache, permutation):
-    """``(grad_input, grad_weight, grad_bias)`` from the backend's backward kernels."""
+def _eager_backward(grad_output, cache, call):
+    """``(grad_input, grad_weight, grad_bias)`` from the backend's backward kernels,
+    for the forward of ``cache`` and ``call``."""
+    permutation = call.permutation
     grad = _arrays.like_layout(grad_output, permutation)
     grad_input, dx = _arrays.new_output(grad, permutation)
     dy = _arrays.host_view(grad, permutation)
     x = cache.x
-    if dy.dtype != x.dtype or x.size == 0:
+    if dy.dtype != x.dtype or call.shape3 is None:
         _, grad_weight, grad_bias = batchnorm_backward(dy, cache, out=dx)
     else:
-        channels = x.shape[cache.axis]
-        shape3 = ((x.shape[0], channels, x.size // (x.shape[0] * channels)) if cache.axis == 1
-                  else (x.size // channels, channels, 1))
-        module = registry.get_backend(cache.backend)
+        shape3 = call.shape3
         fused = {"beta": cache.beta, "relu": True} if cache.activation else {}
-        kernel = module.backward_train if cache.training else module.backward_eval
+        kernel = call.module.backward_train if cache.training else call.module.backward_eval
         grad_bias, grad_weight = kernel(dy.reshape(shape3), x.reshape(shape3), cache.mean,
                                         cache.invstd, cache.gamma, dx.reshape(shape3), **fused)
         # the float64 sums in the parameters' dtype (NumPy's cast: cheaper than PyTorch's)
-        param_dtype = _arrays.PARAM_DTYPES[grad.dtype]
-        grad_weight = grad_weight.astype(param_dtype, copy=False)
-        grad_bias = grad_bias.astype(param_dtype, copy=False)
+        grad_weight = grad_weight.astype(call.param_dtype, copy=False)
+        grad_bias = grad_bias.astype(call.param_dtype, copy=False)
     return grad_input, torch.from_numpy(grad_weight), torch.from_numpy(grad_bias)
 
 
@@ -367,13 +437,17 @@ def _running_array(tensor, channels, name):
     """
     if tensor is None:
         return None, None
+    if tensor.dtype in _arrays.CHANNEL_DTYPES and tensor.is_contiguous():
+        array = _arrays.channel_view(tensor)
+        if array.shape != (channels,):
+            raise ValueError(f"{name} must have shape ({channels},) (one value per channel), "
+                             f"got shape {array.shape}")
+        return array, None
     if tensor.shape != (channels,):
         raise ValueError(f"{name} must have shape ({channels},) (one value per channel), "
                          f"got shape {tuple(tensor.shape)}")
     if not tensor.is_floating_point():
         raise TypeError(f"{name} must have a floating dtype, got dtype {tensor.dtype}")
-    if tensor.dtype in _arrays.CHANNEL_DTYPES and tensor.is_contiguous():
-        return (tensor.detach() if tensor.requires_grad else tensor).numpy(), None
     copy = tensor.detach().to(torch.float32, memory_format=torch.contiguous_format, copy=True)
     return copy.numpy(), copy
 
@@ -396,10 +470,10 @@ _UNWRAP_IF_DEAD = getattr(getattr(torch._C, "_functorch", None), "unwrap_if_dead
                           lambda tensor: tensor)
 
 
-def _apply_eager(input, weight, bias, options):
+def _apply_eager(input, weight, bias, call, running_mean, running_var):
     unwrap = _UNWRAP_IF_DEAD
     return _EAGER_APPLY(unwrap(input), None if weight is None else unwrap(weight),
-                        None if bias is None else unwrap(bias), options)
+                        None if bias is None else unwrap(bias), (call, running_mean, running_var))
 
 
 def _needs_grad(input, weight, bias):
@@ -412,12 +486,31 @@ def _use_operator(input):
     """True where a call must go through the registered operator: anything
     but a plain CPU tensor in eager mode (``torch.compile`` tracing, fake and
     meta tensors, ``torch.func`` transforms, CUDA tensors)."""
-    return (type(input) is not torch.Tensor or input.device.type != "cpu"
-            or _COMPILING() or _TRANSFORMS_ACTIVE())
+    return (type(input) is not torch.Tensor or not input.is_cpu or _COMPILING()
+            or _TRANSFORMS_ACTIVE())
 
 
 _COMPILING = torch.compiler.is_compiling   # torch >= 2.3
 _TRANSFORMS_ACTIVE = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+
+
+def _check_call(input, running_mean, running_var, training, eps, activation):
+    """:func:`batch_norm`'s checks of the input and the options (``eps`` a float)."""
+    _arrays.check_tensor(input)
+    if input.dim() < 2:
+        raise ValueError(f"input must have at least 2 dimensions (N, C, ...), "
+                         f"got shape {tuple(input.shape)}")
+    if training and not eps > 0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if not eps >= 0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    if training and input.numel() == input.shape[1]:
+        raise ValueError("Expected more than 1 value per channel when training, "
+                         f"got input size {tuple(input.shape)}")
+    if not training and (running_mean is None or running_var is None):
+        raise ValueError("batch_norm needs running_mean and running_var when training is False")
+    if activation not in (None, "relu"):
+        raise ValueError(f"activation must be None or 'relu', got {activation!r}")
 
 
 # --------------------------------------------------------------------------
@@ -478,28 +571,14 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     the call goes through the registered operator ``fastbn::batch_norm``.
     Both run the same kernels.
     """
-    _arrays.check_tensor(input)
-    if input.dim() < 2:
-        raise ValueError(f"input must have at least 2 dimensions (N, C, ...), "
-                         f"got shape {tuple(input.shape)}")
-    eps = float(eps)
-    if training and not eps > 0:
-        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-    if not eps >= 0:
-        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
-    if training and input.numel() == input.shape[1]:
-        raise ValueError("Expected more than 1 value per channel when training, "
-                         f"got input size {tuple(input.shape)}")
-    if not training and (running_mean is None or running_var is None):
-        raise ValueError("batch_norm needs running_mean and running_var when training is False")
-    if activation not in (None, "relu"):
-        raise ValueError(f"activation must be None or 'relu', got {activation!r}")
     if not _use_operator(input):
-        options = (running_mean, running_var, bool(training), momentum, eps, activation,
-                   backend)
-        if _needs_grad(input, weight, bias):
-            return _apply_eager(input, weight, bias, options)
-        return _eager_forward(input, weight, bias, *options)[0]
+        source, call = _call_class(input, running_mean, running_var, training, momentum, eps,
+                                   activation, backend)
+        if _needs_grad(source, weight, bias):
+            return _apply_eager(source, weight, bias, call, running_mean, running_var)
+        return _eager_forward(call, source, weight, bias, running_mean, running_var)[0]
+    eps = float(eps)
+    _check_call(input, running_mean, running_var, training, eps, activation)
     output, _, _, new_mean, new_var = _batch_norm_op(
         input, running_mean, running_var, weight, bias, bool(training), float(momentum), eps,
         activation or "", backend or "")

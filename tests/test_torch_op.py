@@ -169,6 +169,51 @@ def test_errors():
         fastbn.torch.BatchNorm2d(3, backend="nope")
 
 
+def test_eager_calls_follow_their_tensors(backend):
+    """The eager path keeps NumPy views of the per-channel tensors and the
+    checks of each kind of call. Every call must still read the tensors'
+    current values and memory: in-place updates, new memory (``.data =``),
+    a wrong shape, and bad options after good ones of the same shape."""
+    if backend == "cuda":
+        pytest.skip("CPU backends")
+    x, running_mean, running_var, weight, bias = _inputs()
+    weight.requires_grad_()
+    reference_stats = [running_mean.clone(), running_var.clone()]
+
+    def check():
+        out = fastbn.torch.batch_norm(x, running_mean, running_var, weight, bias,
+                                      training=True, backend=backend)
+        expected = torch.nn.functional.batch_norm(x, *reference_stats, weight.detach(), bias,
+                                                  training=True)
+        # float64 throughout: a few roundings per element
+        torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(running_mean, reference_stats[0], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(running_var, reference_stats[1], rtol=1e-12, atol=1e-12)
+
+    check()
+    with torch.no_grad():
+        weight.mul_(2.0)
+        bias.add_(1.0)
+    check()
+    old_mean = running_mean.data
+    kept = old_mean.clone()
+    running_mean.data = torch.randn(3, dtype=torch.float64)
+    reference_stats[0] = running_mean.clone()
+    weight.data = torch.full((3,), 0.25, dtype=torch.float64)
+    check()
+    assert torch.equal(old_mean, kept)   # the replaced memory is no longer written
+    weight.data = torch.ones(4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="gamma must have shape"):
+        fastbn.torch.batch_norm(x, running_mean, running_var, weight, bias, training=True,
+                                backend=backend)
+    with pytest.raises(ValueError, match="momentum"):
+        fastbn.torch.batch_norm(x, running_mean, running_var, training=True, momentum=2.0,
+                                backend=backend)
+    with pytest.raises(ValueError, match="eps must be positive during training"):
+        fastbn.torch.batch_norm(x, running_mean, running_var, training=True, eps=0.0,
+                                backend=backend)
+
+
 def _small_cnn():
     return torch.nn.Sequential(
         torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
