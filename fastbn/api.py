@@ -196,6 +196,74 @@ class _Device:
             host[...] = self.module.to_host(device).reshape(host.shape)
 
 
+class _ForwardCall:
+    """A forward call's checked options and the facts of its input's metadata:
+    the backend (``name``, ``module``), the channel ``axis``, the canonical
+    view's ``A, C, B``, ``x``'s ``dtype`` and the parameters' ``param_dtype``,
+    ``training``, ``eps``, ``momentum``, ``relu``."""
+
+    __slots__ = ("name", "module", "axis", "A", "C", "B", "dtype", "param_dtype", "training",
+                 "eps", "momentum", "relu")
+
+
+# The checked kinds of host forward call (see _forward_call); a program
+# makes a few dozen.
+_FORWARD_CALLS = {}
+
+
+def _forward_call(x, axis, training, eps, momentum, activation, backend, running_mean,
+                  running_var):
+    """``(call, x_array)``: the :class:`_ForwardCall` of a call, with every
+    check of its options and of ``x``'s shape and dtype done, and ``x`` as
+    the backend takes it (a NumPy or device array).
+
+    A NumPy ``x`` with options of the plain Python types makes a kind of
+    call: ``x``'s shape and dtype, the options, the backend and whether
+    running statistics are given. Its checks run on its first call only,
+    and later calls of that kind reuse the result. Python work costs most
+    right after a kernel has run (its data has evicted the interpreter's
+    from the caches), so this is what keeps a call on an in-cache array near
+    its kernel's time. The per-channel arrays and ``out`` are checked on
+    every call.
+    """
+    key = None
+    if (type(x) is np.ndarray and type(axis) is int and type(training) is bool
+            and type(eps) is float and type(momentum) is float
+            and (activation is None or type(activation) is str)
+            and (backend is None or type(backend) is str)):
+        name = registry.default_backend() if backend is None else backend
+        key = (x.shape, x.dtype, axis, training, eps, momentum, activation, name,
+               running_mean is None, running_var is None)
+        call = _FORWARD_CALLS.get(key)
+        if call is not None:
+            return call, x
+    name, module = _resolve_backend(backend, x)
+    x_array = _as_array(x, module, "x")
+    axis, A, C, B = _check_input(x_array, axis)
+    relu = _check_activation(activation) == "relu"
+    training = bool(training)
+    eps = check_eps(eps, training)
+    momentum = check_scalar(momentum, "momentum", 0.0, 1.0)
+    if training and A * B == 1:
+        raise ValueError("Expected more than 1 value per channel when training, "
+                         f"got input of shape {tuple(x_array.shape)}")
+    if training:
+        if (running_mean is None) != (running_var is None):
+            raise ValueError("give both running_mean and running_var, or neither")
+    elif running_mean is None or running_var is None:
+        raise ValueError("training=False needs running_mean and running_var")
+    call = _ForwardCall()
+    call.name, call.module, call.axis, call.A, call.C, call.B = name, module, axis, A, C, B
+    call.dtype = np.dtype(x_array.dtype)
+    call.param_dtype = parameter_dtype(call.dtype)
+    call.training, call.eps, call.momentum, call.relu = training, eps, momentum, relu
+    if key is not None:
+        if len(_FORWARD_CALLS) >= 1024:
+            _FORWARD_CALLS.clear()
+        _FORWARD_CALLS[key] = call
+    return call, x_array
+
+
 # --------------------------------------------------------------------------
 # Public functions
 # --------------------------------------------------------------------------
@@ -266,23 +334,12 @@ def batchnorm_forward(x, gamma=None, beta=None, *, training=True,
     RuntimeError
         The backend is known but cannot run here.
     """
-    name, module = _resolve_backend(backend, x)
+    call, x_array = _forward_call(x, axis, training, eps, momentum, activation, backend,
+                                  running_mean, running_var)
+    name, module, axis, A, C, B, dtype = (call.name, call.module, call.axis, call.A, call.C,
+                                          call.B, call.dtype)
+    training, eps, momentum, relu = call.training, call.eps, call.momentum, call.relu
     on_device = module.ON_DEVICE
-    x_array = _as_array(x, module, "x")
-    axis, A, C, B = _check_input(x_array, axis)
-    dtype = np.dtype(x_array.dtype)
-    relu = _check_activation(activation) == "relu"
-    training = bool(training)
-    eps = check_eps(eps, training)
-    momentum = check_scalar(momentum, "momentum", 0.0, 1.0)
-    if training and A * B == 1:
-        raise ValueError("Expected more than 1 value per channel when training, "
-                         f"got input of shape {tuple(x_array.shape)}")
-    if training:
-        if (running_mean is None) != (running_var is None):
-            raise ValueError("give both running_mean and running_var, or neither")
-    elif running_mean is None or running_var is None:
-        raise ValueError("training=False needs running_mean and running_var")
 
     if on_device:
         device = _Device(module)
@@ -295,9 +352,8 @@ def batchnorm_forward(x, gamma=None, beta=None, *, training=True,
         result, buffer = device.output(out, x_array.shape, dtype, _is_host(x))
         out3 = buffer.reshape(A, C, B)
     else:
-        param_dtype = parameter_dtype(dtype)
-        gamma_arg = channel_param(gamma, C, param_dtype, "gamma", 1.0)
-        beta_arg = channel_param(beta, C, param_dtype, "beta", 0.0)
+        gamma_arg = channel_param(gamma, C, call.param_dtype, "gamma", 1.0)
+        beta_arg = channel_param(beta, C, call.param_dtype, "beta", 0.0)
         if running_mean is not None:
             running_mean = check_running(running_mean, C, "running_mean", training)
             running_var = check_running(running_var, C, "running_var", training)

@@ -102,6 +102,39 @@ def test_set_backend(backend):
     assert _default_backend() == before
 
 
+def test_repeated_calls_of_one_kind_are_checked_like_the_first(backend, rng):
+    """A kind of call (shape, dtype, options, backend) is checked once; what
+    may change between calls of that kind must still be read and checked on
+    every call: the default backend, the per-channel arrays, ``out``."""
+    x = rng.standard_normal((4, 3, 5))
+    gamma, beta = np.full(3, 2.0), np.ones(3)
+    if backend == "cuda":
+        pytest.skip("host arrays on a host backend")
+    with fastbn.use_backend(backend):
+        first = fastbn.batchnorm_forward(x, gamma, beta)
+        assert first[1].backend == backend
+        with fastbn.use_backend("numpy"):
+            assert fastbn.batchnorm_forward(x, gamma, beta)[1].backend == "numpy"
+        again = fastbn.batchnorm_forward(x, gamma, beta)
+        assert again[1].backend == backend
+        np.testing.assert_array_equal(again[0], first[0])   # one plan, one rounding
+        gamma[:] = 3.0   # values are read per call
+        scaled = fastbn.batchnorm_forward(x, gamma, beta)[0]
+        np.testing.assert_allclose(scaled - 1.0, (first[0] - 1.0) * 1.5, rtol=1e-13,
+                                   atol=1e-13)
+        with pytest.raises(ValueError, match="gamma must have shape"):
+            fastbn.batchnorm_forward(x, np.ones(4), beta)
+        with pytest.raises(ValueError, match="out must have shape"):
+            fastbn.batchnorm_forward(x, gamma, beta, out=np.empty((4, 3, 4)))
+        with pytest.raises(ValueError, match="running_mean must have shape"):
+            fastbn.batchnorm_forward(x, gamma, beta, running_mean=np.zeros(2),
+                                     running_var=np.ones(3))
+        with pytest.raises(ValueError, match="momentum"):
+            fastbn.batchnorm_forward(x, gamma, beta, momentum=1.5)
+        with pytest.raises(ValueError, match="eps"):
+            fastbn.batchnorm_forward(x, gamma, beta, eps=0.0)
+
+
 def test_backward_runs_on_cache_backend(backend, rng):
     """The cache remembers its backend; a different default does not change the result."""
     x = make_input(rng, (8, 3, 4))
