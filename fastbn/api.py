@@ -28,7 +28,6 @@ _ACTIVATIONS = (None, "relu")
 # --------------------------------------------------------------------------
 
 
-
 def _is_host(obj):
     """True unless ``obj`` lives on a device (lists and scalars live on the host)."""
     return not is_device_array(obj)
@@ -57,16 +56,10 @@ def _as_array(obj, module, what):
     return np.asarray(obj)
 
 
-
-
-
-
 def _check_activation(activation):
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation must be None or 'relu', got {activation!r}")
     return activation
-
-
 
 
 def _check_input(x, axis, what="x"):
@@ -80,18 +73,6 @@ def _check_input(x, axis, what="x"):
         raise ValueError(f"{what} has no channels: shape {shape}")
     # An empty batch (C > 0, no values per channel) is not an error: PyTorch's rule.
     return axis, math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1:])
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def _check_out(out, shape, dtype, module, inputs):

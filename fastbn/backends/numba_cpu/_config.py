@@ -134,6 +134,8 @@ _ONE_THREAD = _OneThread()
 # would stay held forever there.
 _GUARD = []
 _WORKQUEUE_LOCK = [threading.Lock()]
+# The layer's thread-count function, found by _guard (see _thread_count).
+_THREAD_COUNT = []
 
 
 def _after_fork_in_child():
@@ -188,15 +190,15 @@ def _guard():
     else:
         guard = _NO_LOCK
     _GUARD.append(guard)
+    _THREAD_COUNT[:] = [getattr(_parallel, "_get_num_threads", None) or numba.get_num_threads]
     return guard
 
 
 def _thread_count():
     """``numba.get_num_threads()`` without its locks (about 2 microseconds a
     call): the threading layer's own count for this thread. Only after
-    :func:`_guard` (which starts the layer)."""
-    raw = getattr(_parallel, "_get_num_threads", None)
-    return raw() if raw is not None else numba.get_num_threads()
+    :func:`_guard` (which starts the layer and finds the layer's function)."""
+    return _THREAD_COUNT[0]()
 
 
 def _has_f16c():
