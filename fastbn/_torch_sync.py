@@ -27,9 +27,6 @@ from ._syncstats import elemt_sums, global_statistics, local_moments, update_run
 from . import _torch_arrays as _arrays
 from .torch import batch_norm
 
-_SYNC_DTYPES = (torch.float32, torch.float64)
-
-
 class _SyncBatchNormFunction(torch.autograd.Function):
     """Forward and backward of one rank's slice; ``options`` holds
     ``(running_mean, running_var, momentum, eps, group, world_size, backend)``."""
@@ -60,8 +57,9 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                 running_var.detach().to(torch.float64).numpy(), mean, m2, count, momentum)
             running_mean.copy_(torch.from_numpy(new_mean))
             running_var.copy_(torch.from_numpy(new_var))
-        gamma = _arrays.host_param(weight, channels, x.dtype, 1.0, "weight")
-        beta = _arrays.host_param(bias, channels, x.dtype, 0.0, "bias")
+        param_dtype = _arrays.PARAM_DTYPES[input.dtype]
+        gamma = _arrays.host_param(weight, channels, param_dtype, 1.0, "weight")
+        beta = _arrays.host_param(bias, channels, param_dtype, 0.0, "bias")
         output, out = _arrays.new_output(source, permutation)
         if x3.size:
             module.normalize(x3, mean, invstd, gamma, beta, out.reshape(shape3))
@@ -122,7 +120,9 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
     (count, mean and centred sum of squares per channel, merged exactly in
     rank order), the backward one ``all_reduce`` of ``2C``.
 
-    float32 and float64 CPU tensors are synchronized; evaluation mode, and
+    float16, bfloat16, float32 and float64 CPU tensors are synchronized
+    (16-bit ones with fastbn's 16-bit storage: float32 arithmetic, float64
+    sums, the weight and bias used as float32 values); evaluation mode, and
     a process group of one, run :func:`fastbn.torch.batch_norm` with no
     communication. CUDA tensors defer to PyTorch's implementation
     (``torch.nn.SyncBatchNorm.forward``, NCCL).
@@ -155,9 +155,7 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
         if world_size == 1:
             return batch_norm(input, running_mean, running_var, self.weight, self.bias,
                               batch_stats, momentum, self.eps, backend=self.backend)
-        if input.dtype not in _SYNC_DTYPES:
-            raise TypeError(f"SyncBatchNorm synchronizes float32 and float64 CPU tensors, got "
-                            f"dtype {input.dtype}")
+        _arrays.check_tensor(input)
         return _SyncBatchNormFunction.apply(
             input, self.weight, self.bias,
             (running_mean, running_var, momentum, float(self.eps), group, world_size,

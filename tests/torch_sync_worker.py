@@ -152,10 +152,12 @@ def _batch(sizes, sample_shape, dtype, generator):
 
 def matches_one_batch_norm(rank, world, backends):
     """Every layout, dtype, backend and split: each rank's results are its
-    slice of one float64 batch norm over the gathered batch."""
+    slice of one float64 batch norm over the gathered batch. 16-bit inputs
+    (a module of 16-bit parameters and buffers) run fastbn's 16-bit storage:
+    their bounds are those of a few roundings to 16 bits."""
     eps = 1e-5
     for backend in backends:
-        for dtype in (torch.float64, torch.float32):
+        for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
             for sizes in SIZES[world]:
                 for index, (sample_shape, memory_format) in enumerate(LAYOUTS):
                     label = (f"rank {rank}/{world} {backend} {dtype} sizes {sizes} "
