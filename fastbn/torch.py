@@ -295,7 +295,7 @@ class _EagerBatchNorm(torch.autograd.Function):
 class _CallClass:
     """What an eager call works out once per kind of call.
 
-    A kind of call (:func:`_call_key`) is the input's shape, dtype and
+    A kind of call (:func:`_call_class`) is the input's shape, dtype and
     layout, the mode, ``momentum``, ``eps``, the activation, the backend and
     which running statistics are given. Making one runs the checks of
     :func:`batch_norm` and :func:`fastbn.batchnorm_forward` on these values
@@ -353,6 +353,10 @@ def _call_class(input, running_mean, running_var, training, momentum, eps, activ
     training = bool(training)
     momentum = validation.check_scalar(momentum, "momentum", 0.0, 1.0)
     eps = float(eps)
+    if activation not in (None, "relu"):   # before it goes into a key
+        _check_call(input, running_mean, running_var, training, eps, activation)
+    if backend is not None and type(backend) is not str:
+        validation.check_backend_name(backend)   # raises: not a name
     backend = backend or registry.default_backend()
     key = (source.shape, source.dtype, permutation, training, momentum, eps, activation,
            backend, running_mean is None, running_var is None)
