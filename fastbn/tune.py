@@ -79,7 +79,7 @@ def _time_candidates(backend, module, key, shape, dtype, pass_name, rounds):
     itemsize = kernels.numpy_dtype(dtype).itemsize
     candidates = module.plan_candidates(_canonical(shape), itemsize, pass_name)
     if len(candidates) == 1:
-        return candidates, [1.0]            # nothing to choose (cython's eval)
+        return candidates, [1.0]            # nothing to choose
     case = kernels.Kernels(backend, kernels.make_data(shape, dtype, seed=0))
     run = getattr(case, _PASS_KERNEL[pass_name])
 

@@ -370,6 +370,44 @@ def test_half_and_relu_results_do_not_depend_on_threads_or_fusion(name, dtype):
 
 
 @needs_extension
+@pytest.mark.parametrize("dtype", [np.float32, np.float64] + _half_dtypes())
+@pytest.mark.parametrize("shape", [SHAPES["rows_B1_fused"], SHAPES["channels_fused"],
+                                   SHAPES["channels_split"], (3, 5, 1037)],
+                         ids=["rows_B1_fused", "channels_fused", "channels_split",
+                              "unaligned_rows"])
+def test_streaming_and_plain_stores_write_the_same_bits(shape, dtype):
+    # A plan's stores change how the output is written, never what: every
+    # elementwise pass (training and evaluation forward, simplified
+    # backward, with and without the fused ReLU) writes the same bits with
+    # streaming stores (through an L1 buffer, rows of 1037 values starting
+    # anywhere in a cache line) as with plain ones, and the same sums.
+    ext = cython_omp._ext
+    dtype = _as_dtype(dtype)
+    x, dy, gamma, beta = _half_case(shape, dtype, seed=7)
+    rm, rv = np.zeros(shape[1], np.float32), np.ones(shape[1], np.float32)
+    results = {}
+    for stores in ("cached", "streaming"):
+        code = ext.STORES[stores]
+        got = []
+        for relu in (False, True):
+            for strategy in ("passes", "fused"):
+                y = np.empty_like(x)
+                stats = ext.forward_train(x, gamma, beta, EPS, y, None, None, 0.1, relu,
+                                          ext.STRATEGIES[strategy], 0, code)
+                dx = np.empty_like(x)
+                sums = ext.backward_train(dy, x, *stats, gamma, dx, beta, relu,
+                                          ext.STRATEGIES[strategy], 0, code)
+                got += [y, *stats, dx, *sums]
+            y_eval = np.empty_like(x)
+            ext.forward_eval(x, gamma, beta, rm, rv, EPS, y_eval, relu, code)
+            got.append(y_eval)
+        results[stores] = got
+    for plain, streamed in zip(results["cached"], results["streaming"]):
+        assert plain.dtype == streamed.dtype
+        assert np.array_equal(plain.view(np.uint8), streamed.view(np.uint8))
+
+
+@needs_extension
 @pytest.mark.parametrize("name", ["rows_B1_fused", "channels_fused", "channels_small_B"])
 def test_float16_portable_path_gives_the_same_bits(name, f16_path):
     # Both conversion paths are exact / round to nearest even: same results.

@@ -59,6 +59,13 @@ Two loop shapes
   ROW_FUSE_BYTES (L2), forward_train / backward_train are fused per block:
   reduce the block, then its elementwise pass reads it again from L2.
 
+On the channel path, outputs of at least STREAM_MIN_BYTES (beyond the
+last-level cache) with rows of at least STREAM_MIN_ROW_BYTES are written
+with streaming (non-temporal) stores: a plain store first reads the line it
+writes, and an output that cannot stay in cache evicts the inputs the fused
+kernels read again. (Short rows would write partial cache lines, which
+streaming stores make slow.) The stored values are the same either way.
+
 float32 elementwise passes (normalize, simplified backward) run in float32
 arithmetic, 16 lanes per AVX-512 op, with the means split as
 ``mean = hi + lo`` (two float32): ``(x - hi) - lo`` is the centred value to
@@ -112,8 +119,10 @@ OPENMP_ENABLED = bool(FASTBN_OPENMP_ENABLED)
 # The widest float vectors the compiler was allowed to use (-march=native or not).
 VECTOR_BYTES = FASTBN_VECTOR_BYTES
 
-# The elementwise ops of _elementwise_py by name (the staged backward's).
+# A plan's strategy and stores by name (fastbn.backends.cython_omp's plans).
 STRATEGIES = {"default": STRATEGY_DEFAULT, "passes": STRATEGY_PASSES, "fused": STRATEGY_FUSED}
+STORES = {"default": STORES_DEFAULT, "cached": STORES_CACHED, "streaming": STORES_STREAMING}
+# The elementwise ops of _elementwise_py by name (the staged backward's).
 OPS = {"mask": OP_MASK, "subtract": OP_SUB, "multiply": OP_MUL,
        "fill": OP_FILL, "twice_product": OP_TWO_MUL, "add": OP_ADD, "add_p": OP_ADD_P}
 
@@ -135,9 +144,14 @@ cdef Py_ssize_t FUSE_MIN_BYTES = 16 * 1024 * 1024
 cdef Py_ssize_t ROW_FUSE_BYTES = 1024 * 1024
 cdef Py_ssize_t ROW_FUSE_MIN_WIDTH = 64
 cdef Py_ssize_t ROW_FUSE_MIN_BLOCKS = 4
+# Channel path: outputs of at least this many bytes, in rows of at least
+# STREAM_MIN_ROW_BYTES, are written with streaming stores.
+cdef Py_ssize_t STREAM_MIN_BYTES = 32 * 1024 * 1024
+cdef Py_ssize_t STREAM_MIN_ROW_BYTES = 2048
 
 
-def set_cache_tuning(Py_ssize_t row_fuse_bytes, Py_ssize_t fuse_min_bytes):
+def set_cache_tuning(Py_ssize_t row_fuse_bytes, Py_ssize_t fuse_min_bytes,
+                     Py_ssize_t stream_min_bytes=STREAM_MIN_BYTES):
     """Set the block sizes that follow the caches (once, at import).
 
     :mod:`fastbn.backends.cython_omp` calls it with sizes derived from
@@ -150,17 +164,25 @@ def set_cache_tuning(Py_ssize_t row_fuse_bytes, Py_ssize_t fuse_min_bytes):
         Row path: a fused block of channels (all rows) fits in this many bytes.
     fuse_min_bytes : int
         Channel path: arrays of at least this many bytes run fused.
+    stream_min_bytes : int, optional
+        Channel path: outputs of at least this many bytes (in rows of at
+        least 2 KiB) are written with streaming stores (the default plan;
+        unchanged when not given).
     """
-    global ROW_FUSE_BYTES, FUSE_MIN_BYTES
-    if row_fuse_bytes < 1 or fuse_min_bytes < 0:
-        raise ValueError("row_fuse_bytes must be positive and fuse_min_bytes non-negative")
+    global ROW_FUSE_BYTES, FUSE_MIN_BYTES, STREAM_MIN_BYTES
+    if row_fuse_bytes < 1 or fuse_min_bytes < 0 or stream_min_bytes < 0:
+        raise ValueError("row_fuse_bytes must be positive, fuse_min_bytes and "
+                         "stream_min_bytes non-negative")
     ROW_FUSE_BYTES = row_fuse_bytes
     FUSE_MIN_BYTES = fuse_min_bytes
+    STREAM_MIN_BYTES = stream_min_bytes
 
 
 def cache_tuning():
-    """The block sizes in use: ``{"row_fuse_bytes": ..., "fuse_min_bytes": ...}``."""
-    return {"row_fuse_bytes": ROW_FUSE_BYTES, "fuse_min_bytes": FUSE_MIN_BYTES}
+    """The block sizes in use: ``{"row_fuse_bytes": ..., "fuse_min_bytes": ...,
+    "stream_min_bytes": ...}``."""
+    return {"row_fuse_bytes": ROW_FUSE_BYTES, "fuse_min_bytes": FUSE_MIN_BYTES,
+            "stream_min_bytes": STREAM_MIN_BYTES}
 
 
 # Set in a process forked from one that imported fastbn: libgomp's thread
@@ -203,6 +225,13 @@ cdef enum:
     STRATEGY_FUSED = 2       # both per channel (block); row blocks of block_bytes
 
 
+# The plan's stores: how the elementwise passes write their output.
+cdef enum:
+    STORES_DEFAULT = 0       # streaming from STREAM_MIN_BYTES (_streams)
+    STORES_CACHED = 1        # plain stores
+    STORES_STREAMING = 2     # non-temporal stores through an L1 buffer
+
+
 cdef Py_ssize_t _row_fuse_blocks(Py_ssize_t A, Py_ssize_t C, Py_ssize_t itemsize,
                                  Py_ssize_t n_arrays, Py_ssize_t block_bytes) noexcept nogil:
     # Row path: the number of channel blocks for the fused kernels, each
@@ -238,6 +267,22 @@ cdef bint _use_fused(Py_ssize_t A, Py_ssize_t C, Py_ssize_t B, Py_ssize_t itemsi
         return True
     return (A * C * B * itemsize >= FUSE_MIN_BYTES
             and (nthreads == 1 or C >= FUSE_CHANNELS_PER_THREAD * nthreads))
+
+
+cdef bint _streams(Py_ssize_t A, Py_ssize_t C, Py_ssize_t B, Py_ssize_t itemsize,
+                   int stores) noexcept nogil:
+    # Whether an elementwise pass writing an (A, C, B) output uses streaming
+    # stores: as the plan's stores say, or by size (STORES_DEFAULT).
+    if stores == STORES_DEFAULT:
+        return (B > 1 and B * itemsize >= STREAM_MIN_ROW_BYTES
+                and A * C * B * itemsize >= STREAM_MIN_BYTES)
+    return stores == STORES_STREAMING
+
+
+def default_streaming(Py_ssize_t A, Py_ssize_t C, Py_ssize_t B, Py_ssize_t itemsize):
+    """Whether the heuristics write an ``(A, C, B)`` output of ``itemsize``
+    bytes per value with streaming stores (the default plan)."""
+    return bool(_streams(A, C, B, itemsize, STORES_DEFAULT))
 
 
 def default_fused(Py_ssize_t A, Py_ssize_t C, Py_ssize_t B, Py_ssize_t itemsize,
@@ -313,6 +358,8 @@ cdef struct Call:
     # and the row path's fused block bytes (0: ROW_FUSE_BYTES)
     int strategy
     Py_ssize_t block_bytes
+    # Every task with an elementwise pass: the plan's STORES_*.
+    int stores
     # TASK_TO_FLOAT32 / TASK_FROM_FLOAT32: the float32 side (A * C * B values)
     float* values
 
@@ -347,6 +394,7 @@ cdef int _forward_train_task(const storage* x, storage* out, const Call* call,
     cdef Py_ssize_t n_cblk = _row_fuse_blocks(A, C, sizeof(storage), 2,   # x, out
                                               call.block_bytes)
     cdef double M = <double>(A * B)
+    cdef bint stream = _streams(A, C, B, sizeof(storage), call.stores)
     cdef double* buf = <double*>malloc((6 * C + partials_size(A, C, B)) * sizeof(double))
     cdef double* shift
     cdef double* var
@@ -368,11 +416,11 @@ cdef int _forward_train_task(const storage* x, storage* out, const Call* call,
         if B == 1:
             fused_forward_rows(x, out, A, C, n_cblk, shift, call.eps, call.gamma, call.beta,
                                call.mean, var, scale, offset, partials, sums, nthreads,
-                               call.relu)
+                               call.relu, stream)
         else:
             fused_forward_channels(x, out, A, C, B, shift, call.eps, call.gamma, call.beta,
                                    call.mean, var, scale, offset, partials, nthreads,
-                                   call.relu)
+                                   call.relu, stream)
     else:
         reduce_pass(x, x, A, C, B, shift, shift, sums, sums + C, partials, nthreads, NULL,
                     NULL)
@@ -380,7 +428,7 @@ cdef int _forward_train_task(const storage* x, storage* out, const Call* call,
             forward_coefs(c, sums[c], sums[C + c], shift[c], M, call.eps, call.gamma,
                           call.beta, call.mean, var, scale, offset)
         elementwise_pass(OP_NORMALIZE, x, x, out, A, C, B, call.mean, scale, offset, offset,
-                         nthreads, call.relu, NULL, NULL)
+                         nthreads, call.relu, NULL, NULL, stream)
     for c in range(C):
         call.invstd[c] = 1.0 / sqrt(var[c] + call.eps)
     _update_running(call, M, var)
@@ -400,6 +448,7 @@ cdef int _backward_task(const storage* dy, const storage* x, storage* out, const
     cdef Py_ssize_t n_cblk = _row_fuse_blocks(A, C, sizeof(storage), 3,   # dy, x, out
                                               call.block_bytes)
     cdef double M = <double>(A * B)
+    cdef bint stream = _streams(A, C, B, sizeof(storage), call.stores)
     cdef double* buf = <double*>malloc((8 * C + partials_size(A, C, B)) * sizeof(double))
     cdef const double* mean = call.mean
     cdef const double* invstd = call.invstd
@@ -433,11 +482,11 @@ cdef int _backward_task(const storage* dy, const storage* x, storage* out, const
         if B == 1:
             fused_backward_rows(dy, x, out, A, C, n_cblk, mean, invstd, gamma, zeros,
                                 call.sum_u, call.sum_uv, k_scale, k_mean_dy, k_xmu, partials,
-                                sums, nthreads, ys, yb)
+                                sums, nthreads, ys, yb, stream)
         else:
             fused_backward_channels(dy, x, out, A, C, B, mean, invstd, gamma, zeros,
                                     call.sum_u, call.sum_uv, k_scale, k_mean_dy, k_xmu,
-                                    partials, nthreads, ys, yb)
+                                    partials, nthreads, ys, yb, stream)
     else:
         reduce_pass(dy, x, A, C, B, zeros, mean, sums, sums + C, partials, nthreads, ys, yb)
         for c in range(C):
@@ -445,16 +494,16 @@ cdef int _backward_task(const storage* dy, const storage* x, storage* out, const
                            k_scale, k_mean_dy, k_xmu)
         if call.training:
             elementwise_pass(OP_BACKWARD, dy, x, out, A, C, B, mean, k_scale, k_mean_dy,
-                             k_xmu, nthreads, call.relu, ys, yb)
+                             k_xmu, nthreads, call.relu, ys, yb, stream)
         elif call.relu:
             # dx = masked dy * (gamma * invstd): the backward op with zero
             # mean_dy and k_xmu, which masks dy with the forward's y.
             elementwise_pass(OP_BACKWARD, dy, x, out, A, C, B, mean, k_scale, zeros, zeros,
-                             nthreads, call.relu, ys, yb)
+                             nthreads, call.relu, ys, yb, stream)
         else:
             # dx = (dy - 0) * (gamma * invstd) + 0
             elementwise_pass(OP_NORMALIZE, dy, dy, out, A, C, B, zeros, k_scale, zeros,
-                             zeros, nthreads, False, NULL, NULL)
+                             zeros, nthreads, False, NULL, NULL, stream)
     free(buf)
     return 0
 
@@ -474,7 +523,8 @@ cdef int _run(const storage* a, const storage* b, storage* out,
         free(partials)
     elif call.task == TASK_ELEMENTWISE:
         elementwise_pass(call.op, a, b, out, call.A, call.C, call.B, call.p0, call.p1,
-                         call.p2, call.p3, nthreads, call.relu, call.ys, call.yb)
+                         call.p2, call.p3, nthreads, call.relu, call.ys, call.yb,
+                         _streams(call.A, call.C, call.B, sizeof(storage), call.stores))
     elif call.task == TASK_FORWARD_TRAIN:
         return _forward_train_task(a, out, call, nthreads)
     elif call.task == TASK_BACKWARD:
@@ -596,10 +646,12 @@ def _reduce_py(a, b, ka, kb, ys=None, yb=None):
     return sum_u, sum_uv
 
 
-def _elementwise_py(int op, a, b, out, p0, p1, p2, p3, bint relu=False, ys=None, yb=None):
+def _elementwise_py(int op, a, b, out, p0, p1, p2, p3, bint relu=False, ys=None, yb=None,
+                    int stores=STORES_DEFAULT):
     """Apply elementwise ``op`` (an ``OP_*`` code, see ``OPS``) over the whole array."""
     cdef Call call
     _start(&call, TASK_ELEMENTWISE, a, b, out)
+    call.stores = stores
     if (call.kind == KIND_F16 or call.kind == KIND_BF16) and op != OP_NORMALIZE \
             and op != OP_BACKWARD:
         raise TypeError("the staged backward's ops take float32 or float64 arrays")
@@ -737,7 +789,7 @@ def stats(x):
     return mean, var
 
 
-def normalize(x, mean, invstd, gamma, beta, out, relu=False):
+def normalize(x, mean, invstd, gamma, beta, out, relu=False, int stores=STORES_DEFAULT):
     """``out = (x - mean) * invstd * gamma + beta``, then ``max(out, 0)`` with ``relu``.
 
     float32 and 16-bit data are computed in float32 arithmetic with a split
@@ -748,6 +800,9 @@ def normalize(x, mean, invstd, gamma, beta, out, relu=False):
     x, out : ndarray, shape (A, C, B), one dtype (float32, float64, float16, bfloat16)
     mean, invstd, gamma, beta : ndarray, float64, shape (C,)
     relu : bool
+    stores : int
+        ``STORES``: plain or streaming stores; 0: streaming from
+        ``stream_min_bytes`` (:func:`cache_tuning`). The same values either way.
 
     Returns
     -------
@@ -757,12 +812,13 @@ def normalize(x, mean, invstd, gamma, beta, out, relu=False):
     mean = _channel_vector(mean)
     scale = _channel_vector(invstd) * _channel_vector(gamma)
     beta = _channel_vector(beta)
-    _elementwise_py(OP_NORMALIZE, x, x, out, mean, scale, beta, beta, bool(relu))
+    _elementwise_py(OP_NORMALIZE, x, x, out, mean, scale, beta, beta, bool(relu), None, None,
+                    stores)
 
 
 def forward_train(x, gamma, beta, double eps, out, running_mean=None, running_var=None,
                   double momentum=0.1, relu=False, int strategy=STRATEGY_DEFAULT,
-                  Py_ssize_t block_bytes=0):
+                  Py_ssize_t block_bytes=0, int stores=STORES_DEFAULT):
     """Training forward: statistics, normalize into ``out``, running statistics.
 
     Fused per channel (block) where the shape allows: a channel is reduced
@@ -780,9 +836,9 @@ def forward_train(x, gamma, beta, double eps, out, running_mean=None, running_va
     momentum : float
     relu : bool
         Fused ReLU: ``out = max(y, 0)`` in the normalize pass.
-    strategy, block_bytes : int
-        The plan (``STRATEGIES``; ``fastbn.backends.cython_omp.default_plan``);
-        0: the heuristics' choice.
+    strategy, block_bytes, stores : int
+        The plan (``STRATEGIES``, ``STORES``;
+        ``fastbn.backends.cython_omp.default_plan``); 0: the heuristics' choice.
 
     Returns
     -------
@@ -790,7 +846,7 @@ def forward_train(x, gamma, beta, double eps, out, running_mean=None, running_va
     """
     cdef Call call
     _start(&call, TASK_FORWARD_TRAIN, x, None, out)
-    call.strategy, call.block_bytes = strategy, block_bytes
+    call.strategy, call.block_bytes, call.stores = strategy, block_bytes, stores
     gamma, beta = _channel_vector(gamma), _channel_vector(beta)
     mean, invstd = np.empty(call.C), np.empty(call.C)
     call.gamma, call.beta = _doubles(gamma), _doubles(beta)
@@ -806,8 +862,10 @@ def forward_train(x, gamma, beta, double eps, out, running_mean=None, running_va
     return mean, invstd
 
 
-def forward_eval(x, gamma, beta, running_mean, running_var, double eps, out, relu=False):
-    """Evaluation forward: normalize with the running statistics (+ fused ReLU).
+def forward_eval(x, gamma, beta, running_mean, running_var, double eps, out, relu=False,
+                 int stores=STORES_DEFAULT):
+    """Evaluation forward: normalize with the running statistics (+ fused ReLU);
+    ``stores``: the plan's (``STORES``; 0: the heuristics' choice).
 
     Returns
     -------
@@ -817,15 +875,16 @@ def forward_eval(x, gamma, beta, running_mean, running_var, double eps, out, rel
     rm, rv = readable_running(running_mean, running_var)
     mean = np.array(rm, dtype=np.float64)
     invstd = 1.0 / np.sqrt(_channel_vector(rv) + eps)
-    normalize(x, mean, invstd, gamma, beta, out, relu)
+    normalize(x, mean, invstd, gamma, beta, out, relu, stores)
     return mean, invstd
 
 
 def _backward(dy, x, mean, invstd, gamma, out, bint training, beta, relu,
-              int strategy=STRATEGY_DEFAULT, Py_ssize_t block_bytes=0):
+              int strategy=STRATEGY_DEFAULT, Py_ssize_t block_bytes=0,
+              int stores=STORES_DEFAULT):
     cdef Call call
     _start(&call, TASK_BACKWARD, dy, x, out)
-    call.strategy, call.block_bytes = strategy, block_bytes
+    call.strategy, call.block_bytes, call.stores = strategy, block_bytes, stores
     mean, invstd, gamma = map(_channel_vector, (mean, invstd, gamma))
     sum_dy, sum_dy_xhat = np.empty(call.C), np.empty(call.C)
     call.mean, call.invstd, call.gamma = _doubles(mean), _doubles(invstd), _doubles(gamma)
@@ -924,7 +983,8 @@ def backward_elemt(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, out, beta=No
 
 
 def backward_train(dy, x, mean, invstd, gamma, out, beta=None, relu=False,
-                   int strategy=STRATEGY_DEFAULT, Py_ssize_t block_bytes=0):
+                   int strategy=STRATEGY_DEFAULT, Py_ssize_t block_bytes=0,
+                   int stores=STORES_DEFAULT):
     """Simplified backward: reduce, then the elementwise pass, into ``out``.
 
     Fused per channel (block) where the shape allows: a channel's reduce
@@ -939,7 +999,7 @@ def backward_train(dy, x, mean, invstd, gamma, out, beta=None, relu=False,
     mean, invstd, gamma : ndarray, float64, shape (C,)
     beta : ndarray, float64, shape (C,), or None (read only with ``relu``)
     relu : bool
-    strategy, block_bytes : int
+    strategy, block_bytes, stores : int
         The plan, as in :func:`forward_train`.
 
     Returns
@@ -947,4 +1007,5 @@ def backward_train(dy, x, mean, invstd, gamma, out, beta=None, relu=False,
     sum_dy, sum_dy_xhat : ndarray, float64, shape (C,)
         ``dbeta`` and ``dgamma``.
     """
-    return _backward(dy, x, mean, invstd, gamma, out, True, beta, relu, strategy, block_bytes)
+    return _backward(dy, x, mean, invstd, gamma, out, True, beta, relu, strategy, block_bytes,
+                     stores)

@@ -40,10 +40,14 @@ ON_DEVICE = False
 # path fuses arrays of at least half the last-level share that
 # numba_cpu.FUSED_MIN_BYTES counts on (all of L3, or 16 L2s where it is
 # shared by more cores than that). Smaller arrays stay in the last-level
-# cache between two plain passes, which are then faster.
+# cache between two plain passes, which are then faster. Outputs of at least
+# the last-level share (in long rows) are written with streaming stores:
+# they cannot stay in cache, and a plain store would first read each line it
+# writes.
 CACHES = _machine.cache_sizes()
 ROW_FUSE_BYTES = CACHES["l2"] // 2
 FUSE_MIN_BYTES = min(CACHES["l3"], 16 * CACHES["l2"]) // 2
+STREAM_MIN_BYTES = min(CACHES["l3"], 16 * CACHES["l2"])
 
 
 LEVEL_ENV = "FASTBN_CPU_LEVEL"
@@ -154,7 +158,7 @@ except Exception as exc:  # not built, a level this CPU lacks, or a broken build
         _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 else:
     _IMPORT_ERROR = ""
-    _ext.set_cache_tuning(ROW_FUSE_BYTES, FUSE_MIN_BYTES)
+    _ext.set_cache_tuning(ROW_FUSE_BYTES, FUSE_MIN_BYTES, STREAM_MIN_BYTES)
     # A forked child runs the kernels on one thread (see fastbn.backends._fork),
     # also when this module is first imported there.
     os.register_at_fork(after_in_child=_ext.use_one_thread_after_fork)
@@ -325,36 +329,47 @@ def default_plan(shape, itemsize, pass_name):
         ``strategy``: ``"fused"`` (a channel, or a block of channels on the
         row path ``B == 1``, reduced and then normalized while it is in
         cache) or ``"passes"`` (a parallel reduction, then a parallel
-        elementwise pass). ``block_bytes``: the row path's fused block (all
-        rows of every array it touches). ``eval`` has no choice: one
-        elementwise pass.
+        elementwise pass); ``eval`` is one elementwise pass. ``block_bytes``:
+        the row path's fused block (all rows of every array it touches).
+        ``stores``: ``"streaming"`` (non-temporal stores, for outputs
+        beyond the last-level cache in rows of at least 2 KiB) or
+        ``"cached"`` (plain stores).
     """
-    if pass_name == "eval":
-        return {"strategy": "passes"}
     A, C, B = shape
+    stores = "streaming" if _ext.default_streaming(A, C, B, itemsize) else "cached"
+    if pass_name == "eval":
+        return {"strategy": "passes", "stores": stores}
     if not _ext.default_fused(A, C, B, itemsize, _plans.PASS_ARRAYS[pass_name]):
-        return {"strategy": "passes"}
+        return {"strategy": "passes", "stores": stores}
     if B == 1:
-        return {"strategy": "fused", "block_bytes": _ext.cache_tuning()["row_fuse_bytes"]}
-    return {"strategy": "fused"}
+        return {"strategy": "fused", "block_bytes": _ext.cache_tuning()["row_fuse_bytes"],
+                "stores": stores}
+    return {"strategy": "fused", "stores": stores}
 
 
 def plan_candidates(shape, itemsize, pass_name):
     """The plans ``fastbn tune`` times for a call, the default first: both
-    strategies, and on the row path fused blocks of 1/2 to 8 times the
-    default's bytes. Every candidate computes the same sums in the same
-    chunks (see ``_use_fused``), so all of them give the same bits."""
+    strategies (on the row path, fused blocks of 1/2 to 8 times the
+    default's bytes), each with plain and with streaming stores. Every
+    candidate computes the same sums in the same chunks (see
+    ``_use_fused``) and stores the same values, so all of them give the
+    same bits."""
     candidates = [default_plan(shape, itemsize, pass_name)]
     if pass_name == "eval":
-        return candidates
-    options = [{"strategy": "passes"}]
-    if shape[2] == 1:
+        options = [{"strategy": "passes"}]
+    elif shape[2] == 1:
         block = _ext.cache_tuning()["row_fuse_bytes"]
-        options += [{"strategy": "fused", "block_bytes": int(block * scale)}
-                    for scale in (0.5, 1, 2, 4, 8)]
+        options = [{"strategy": "passes"}] + [
+            {"strategy": "fused", "block_bytes": int(block * scale)}
+            for scale in (0.5, 1, 2, 4, 8)]
     else:
-        options.append({"strategy": "fused"})
-    return candidates + [plan for plan in options if plan not in candidates]
+        options = [{"strategy": "passes"}, {"strategy": "fused"}]
+    for option in options:
+        for stores in ("cached", "streaming"):
+            plan = {**option, "stores": stores}
+            if plan not in candidates:
+                candidates.append(plan)
+    return candidates
 
 
 def plan_build():
@@ -369,7 +384,8 @@ def _stored_plan(x, pass_name):
     """The stored plan of a call on x (forced, measured in this process, or
     wisdom), or None."""
     plan = _plans.lookup("cython", plan_build(), x.shape, x.dtype, pass_name)
-    if plan is None or plan.get("strategy") not in ("passes", "fused"):
+    if (plan is None or plan.get("strategy") not in ("passes", "fused")
+            or plan.get("stores", "default") not in _ext.STORES):
         return None
     block = plan.get("block_bytes", 0)
     return plan if isinstance(block, int) and block >= 0 else None
@@ -381,32 +397,41 @@ def _plan(x, pass_name):
 
 
 def _plan_args(x, pass_name):
-    """``(strategy, block_bytes)`` for the extension: the stored plan's, or
-    ``(0, 0)`` (the heuristics, which :func:`default_plan` describes)."""
+    """``(strategy, block_bytes, stores)`` for the extension: the stored
+    plan's, or ``(0, 0, 0)`` (the heuristics, which :func:`default_plan`
+    describes)."""
     plan = _stored_plan(x, pass_name)
     if plan is None:
-        return 0, 0
-    return _ext.STRATEGIES[plan["strategy"]], plan.get("block_bytes", 0)
+        return 0, 0, 0
+    return (_ext.STRATEGIES[plan["strategy"]], plan.get("block_bytes", 0),
+            _ext.STORES[plan.get("stores", "default")])
 
 
 def _forward_train(x, gamma, beta, eps, out, running_mean=None, running_var=None,
                    momentum=0.1, relu=False):
     """The extension's ``forward_train`` with this call's plan."""
-    strategy, block_bytes = _plan_args(x, "forward")
+    strategy, block_bytes, stores = _plan_args(x, "forward")
     return _ext.forward_train(x, gamma, beta, eps, out, running_mean, running_var, momentum,
-                              relu, strategy, block_bytes)
+                              relu, strategy, block_bytes, stores)
+
+
+def _forward_eval(x, gamma, beta, running_mean, running_var, eps, out, relu=False):
+    """The extension's ``forward_eval`` with this call's plan."""
+    stores = _plan_args(x, "eval")[2]
+    return _ext.forward_eval(x, gamma, beta, running_mean, running_var, eps, out, relu,
+                             stores)
 
 
 def _backward_train(dy, x, mean, invstd, gamma, out, beta=None, relu=False):
     """The extension's ``backward_train`` with this call's plan."""
-    strategy, block_bytes = _plan_args(x, "backward")
+    strategy, block_bytes, stores = _plan_args(x, "backward")
     return _ext.backward_train(dy, x, mean, invstd, gamma, out, beta, relu, strategy,
-                               block_bytes)
+                               block_bytes, stores)
 
 
 if _ext is not None:
     forward_train = _forward_train
-    forward_eval = _ext.forward_eval
+    forward_eval = _forward_eval
     backward_eval = _ext.backward_eval
     stats = _ext.stats
     normalize = _ext.normalize

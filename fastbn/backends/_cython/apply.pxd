@@ -10,7 +10,7 @@
 # once into the 16-bit output.
 
 from .blocks cimport CACHE_LINE, CHUNK, COL_BLOCK, PREFETCH_BYTES, ROWS_AHEAD
-from .cpu cimport fastbn_prefetch_write
+from .cpu cimport fastbn_prefetch_write, fastbn_stream
 from .formulas cimport dx_f32, dx_f64, mask_dy, relu_value, split, y_f32, y_f64
 from .half cimport load, storage, store, stored_as_zero
 from .sums cimport prefetch_rows
@@ -169,6 +169,44 @@ cdef inline void apply_segment(int op, const storage* a, const storage* b, stora
                 out[i] = <storage>(<double>a[i] + q0)
 
 
+cdef inline void stream_segment(int op, const storage* a, const storage* b, storage* out,
+                                Py_ssize_t n, const double* p0, const double* p1,
+                                const double* p2, const double* p3, bint relu,
+                                const double* ys, const double* yb) noexcept nogil:
+    # apply_segment's OP_NORMALIZE / OP_BACKWARD (the same values), written
+    # with streaming stores: each block of results goes through an L1 buffer.
+    cdef Py_ssize_t s, m
+    cdef double y_scale = ys[0] if relu and op == OP_BACKWARD else 0.0
+    cdef double y_offset = yb[0] if relu and op == OP_BACKWARD else 0.0
+    cdef float buf_a[CHUNK]
+    cdef float buf_b[CHUNK]
+    cdef float buf_out[CHUNK]
+    cdef double buf_f64[CHUNK]
+    cdef storage buf_stored[CHUNK]
+    s = 0
+    while s < n:
+        m = n - s
+        if m > CHUNK:
+            m = CHUNK
+        if storage is double:
+            segment_f64(op, a + s, b + s, buf_f64, m, p0[0], p1[0], p2[0], p3[0], relu,
+                        y_scale, y_offset)
+            fastbn_stream(out + s, buf_f64, m * sizeof(double))
+        elif storage is float:
+            segment_f32(op, a + s, b + s, buf_out, m, p0[0], p1[0], p2[0], p3[0], relu,
+                        y_scale, y_offset, 0)
+            fastbn_stream(out + s, buf_out, m * sizeof(float))
+        else:
+            load(a + s, buf_a, m)
+            if op == OP_BACKWARD:
+                load(b + s, buf_b, m)
+            segment_f32(op, buf_a, buf_b, buf_out, m, p0[0], p1[0], p2[0], p3[0], relu,
+                        y_scale, y_offset, stored_as_zero(out))
+            store(buf_out, buf_stored, m)
+            fastbn_stream(out + s, buf_stored, m * sizeof(storage))
+        s += m
+
+
 cdef inline void prefetch_row_for_write(storage* out, Py_ssize_t row, Py_ssize_t A,
                                         Py_ssize_t C, Py_ssize_t B, Py_ssize_t c) noexcept nogil:
     # Channel path: the output segments of a channel are C * B apart;
@@ -191,7 +229,7 @@ cdef inline void rows_apply(int op, const storage* a, const storage* b, storage*
                             Py_ssize_t c1, const double* p0, const double* p1,
                             const double* p2, const double* p3,
                             bint prefetch, bint relu, const double* ys,
-                            const double* yb) noexcept nogil:
+                            const double* yb, bint stream) noexcept nogil:
     # Row path: `op` on rows r0..r1-1, channels c0..c1-1 (c1 - c0 <= COL_BLOCK).
     # prefetch: software-prefetch the rows ROWS_AHEAD ahead (off in the fused
     # kernels, whose second pass reads the block from L2).
@@ -199,7 +237,8 @@ cdef inline void rows_apply(int op, const storage* a, const storage* b, storage*
     # arrays first (they stay in L1 and cannot alias `out`), then each row is
     # one vectorized loop: in float64 for float64 data, in float32 with split
     # means for float32 and 16-bit data (16-bit rows converted to float32
-    # buffers and back). relu: as in segment_f32.
+    # buffers and back). relu: as in segment_f32. stream: each row's results
+    # go through an L1 buffer and are written with streaming stores.
     cdef double q0[COL_BLOCK]
     cdef double q1[COL_BLOCK]
     cdef double q2[COL_BLOCK]
@@ -217,6 +256,9 @@ cdef inline void rows_apply(int op, const storage* a, const storage* b, storage*
     cdef float buf_a[COL_BLOCK]
     cdef float buf_b[COL_BLOCK]
     cdef float buf_out[COL_BLOCK]
+    cdef double buf_f64[COL_BLOCK]
+    cdef storage buf_stored[COL_BLOCK]
+    cdef double* out64
     cdef Py_ssize_t n = c1 - c0
     cdef Py_ssize_t r, j
     cdef const storage* ar
@@ -258,25 +300,32 @@ cdef inline void rows_apply(int op, const storage* a, const storage* b, storage*
                 prefetch_rows(br + ROWS_AHEAD * C, 0, 0, 1, n * sizeof(storage), False)
             prefetch_rows(outr + ROWS_AHEAD * C, 0, 0, 1, n * sizeof(storage), True)
         if storage is double:
+            out64 = outr
+            if stream:
+                out64 = buf_f64
             if op == OP_NORMALIZE:
                 if relu:
                     for j in range(n):
-                        outr[j] = relu_value(y_f64(ar[j], q0[j], q1[j], q2[j]))
+                        out64[j] = relu_value(y_f64(ar[j], q0[j], q1[j], q2[j]))
                 else:
                     for j in range(n):
-                        outr[j] = y_f64(ar[j], q0[j], q1[j], q2[j])
+                        out64[j] = y_f64(ar[j], q0[j], q1[j], q2[j])
             elif relu:
                 for j in range(n):
-                    outr[j] = dx_f64(mask_dy(ar[j], y_f64(br[j], q0[j], y1[j], y2[j]), 0.0),
-                                     br[j], q0[j], q1[j], q2[j], q3[j])
+                    out64[j] = dx_f64(mask_dy(ar[j], y_f64(br[j], q0[j], y1[j], y2[j]), 0.0),
+                                   br[j], q0[j], q1[j], q2[j], q3[j])
             else:
                 for j in range(n):
-                    outr[j] = dx_f64(ar[j], br[j], q0[j], q1[j], q2[j], q3[j])
+                    out64[j] = dx_f64(ar[j], br[j], q0[j], q1[j], q2[j], q3[j])
+            if stream:
+                fastbn_stream(outr, buf_f64, n * sizeof(double))
         else:
             if storage is float:
                 fa = ar
                 fb = br
                 fo = outr
+                if stream:
+                    fo = buf_out
             else:
                 load(ar, buf_a, n)
                 if op == OP_BACKWARD:
@@ -303,5 +352,11 @@ cdef inline void rows_apply(int op, const storage* a, const storage* b, storage*
                 for j in range(n):
                     fo[j] = dx_f32(fa[j], fb[j], mean_hi[j], mean_lo[j], k1[j], k2_hi[j],
                                    k2_lo[j], k3[j])
-            if not (storage is float):
+            if storage is float:
+                if stream:
+                    fastbn_stream(outr, buf_out, n * sizeof(float))
+            elif stream:
+                store(buf_out, buf_stored, n)
+                fastbn_stream(outr, buf_stored, n * sizeof(storage))
+            else:
                 store(buf_out, outr, n)

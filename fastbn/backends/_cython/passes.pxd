@@ -14,7 +14,8 @@
 from cython.parallel cimport prange
 
 from .apply cimport (OP_BACKWARD, OP_NORMALIZE, apply_segment, prefetch_row_for_write,
-                     rows_apply)
+                     rows_apply, stream_segment)
+from .cpu cimport fastbn_stream_fence
 from .blocks cimport (ELEM_BLOCK, ROWS_AHEAD, chunk_bound, chunks_per_channel, col_blocks,
                       row_chunks)
 from .formulas cimport backward_coefs, forward_coefs, merge
@@ -65,12 +66,13 @@ cdef inline void elementwise_pass(int op, const storage* a, const storage* b, st
                                   Py_ssize_t A, Py_ssize_t C, Py_ssize_t B,
                                   const double* p0, const double* p1, const double* p2,
                                   const double* p3, int nthreads, bint relu,
-                                  const double* ys, const double* yb) noexcept nogil:
+                                  const double* ys, const double* yb,
+                                  bint stream) noexcept nogil:
     # `op` on the whole array. Channel path: rows are (a, c) segments of B
     # values; work items group short rows or split long ones so each holds
     # about ELEM_BLOCK values. Row path: work items are blocks of rows times
     # blocks of at most COL_BLOCK channels. relu, ys, yb: the fused ReLU
-    # (see apply_segment).
+    # (see apply_segment). stream: streaming stores (see apply_segment).
     cdef Py_ssize_t n_rows, rows_per_item, n_blk, n_items, n_cblk
     cdef Py_ssize_t item, g, blk, row, r0, r1, s0, s1, c
     if B == 1:
@@ -87,7 +89,9 @@ cdef inline void elementwise_pass(int op, const storage* a, const storage* b, st
             if r1 > A:
                 r1 = A
             rows_apply(op, a, b, out, C, r0, r1, blk * C // n_cblk, (blk + 1) * C // n_cblk,
-                       p0, p1, p2, p3, True, relu, ys, yb)
+                       p0, p1, p2, p3, True, relu, ys, yb, stream)
+            if stream:
+                fastbn_stream_fence()
         return
     n_rows = A * C
     rows_per_item = ELEM_BLOCK // B
@@ -108,9 +112,16 @@ cdef inline void elementwise_pass(int op, const storage* a, const storage* b, st
         s1 = (blk + 1) * B // n_blk
         for row in range(r0, r1):
             c = row % C
-            apply_segment(op, a + row * B + s0, b + row * B + s0, out + row * B + s0, s1 - s0,
-                          p0 + c, p1 + c, p2 + c, p3 + c, False, relu,
-                          ys + c if ys != NULL else NULL, yb + c if yb != NULL else NULL)
+            if stream and (op == OP_NORMALIZE or op == OP_BACKWARD):
+                stream_segment(op, a + row * B + s0, b + row * B + s0, out + row * B + s0,
+                               s1 - s0, p0 + c, p1 + c, p2 + c, p3 + c, relu,
+                               ys + c if ys != NULL else NULL, yb + c if yb != NULL else NULL)
+            else:
+                apply_segment(op, a + row * B + s0, b + row * B + s0, out + row * B + s0,
+                              s1 - s0, p0 + c, p1 + c, p2 + c, p3 + c, False, relu,
+                              ys + c if ys != NULL else NULL, yb + c if yb != NULL else NULL)
+        if stream:
+            fastbn_stream_fence()
 
 
 cdef inline void rows_block_sums(const storage* a, const storage* b, Py_ssize_t A,
@@ -135,7 +146,7 @@ cdef inline void fused_forward_rows(const storage* x, storage* out, Py_ssize_t A
                                     double eps, const double* gamma, const double* beta,
                                     double* mean, double* var, double* scale,
                                     double* offset, double* partials, double* sums,
-                                    int nthreads, bint relu) noexcept nogil:
+                                    int nthreads, bint relu, bint stream) noexcept nogil:
     # Row path, one of n_cblk blocks of channels per work item: statistics
     # over all rows of the block, then normalize the block while it is still
     # in L2 (n_cblk is chosen so that a block fits there).
@@ -149,7 +160,9 @@ cdef inline void fused_forward_rows(const storage* x, storage* out, Py_ssize_t A
             forward_coefs(c, sums[c], sums[C + c], shift[c], <double>A, eps, gamma, beta,
                           mean, var, scale, offset)
         rows_apply(OP_NORMALIZE, x, x, out, C, 0, A, c0, c1, mean, scale, offset, offset,
-                   False, relu, NULL, NULL)
+                   False, relu, NULL, NULL, stream)
+        if stream:
+            fastbn_stream_fence()
 
 
 cdef inline void fused_backward_rows(const storage* dy, const storage* x, storage* out,
@@ -159,7 +172,7 @@ cdef inline void fused_backward_rows(const storage* dy, const storage* x, storag
                                      double* sum_dy, double* sum_dy_xhat, double* k_scale,
                                      double* k_mean_dy, double* k_xmu, double* partials,
                                      double* sums, int nthreads, const double* ys,
-                                     const double* yb) noexcept nogil:
+                                     const double* yb, bint stream) noexcept nogil:
     # Row path, one block of channels per work item: reduce over all rows of
     # the block, then the elementwise pass while dy and x are still in L2.
     cdef Py_ssize_t j, c, c0, c1
@@ -171,7 +184,9 @@ cdef inline void fused_backward_rows(const storage* dy, const storage* x, storag
             backward_coefs(c, sums[c], sums[C + c], <double>A, invstd, gamma, sum_dy,
                            sum_dy_xhat, k_scale, k_mean_dy, k_xmu)
         rows_apply(OP_BACKWARD, dy, x, out, C, 0, A, c0, c1, mean, k_scale, k_mean_dy,
-                   k_xmu, False, ys != NULL, ys, yb)
+                   k_xmu, False, ys != NULL, ys, yb, stream)
+        if stream:
+            fastbn_stream_fence()
 
 
 cdef inline void fused_forward_channels(const storage* x, storage* out, Py_ssize_t A,
@@ -179,9 +194,9 @@ cdef inline void fused_forward_channels(const storage* x, storage* out, Py_ssize
                                         double eps, const double* gamma, const double* beta,
                                         double* mean, double* var, double* scale,
                                         double* offset, double* partials,
-                                        int nthreads, bint relu) noexcept nogil:
+                                        int nthreads, bint relu, bint stream) noexcept nogil:
     # Channel path, one channel per thread: statistics, then normalize the
-    # same channel while it is still in cache.
+    # same channel while it is still in cache. stream: streaming stores.
     cdef Py_ssize_t M = A * B
     cdef Py_ssize_t n_chunk = chunks_per_channel(M)
     cdef Py_ssize_t c, k, row
@@ -198,8 +213,15 @@ cdef inline void fused_forward_channels(const storage* x, storage* out, Py_ssize
         # (64, 256, 56, 56), 2 threads, the float32 forward is ~10% faster
         # without it (float16 ~4%).
         for row in range(A):
-            apply_segment(OP_NORMALIZE, x + (row * C + c) * B, x, out + (row * C + c) * B, B,
-                          mean + c, scale + c, offset + c, offset + c, False, relu, NULL, NULL)
+            if stream:
+                stream_segment(OP_NORMALIZE, x + (row * C + c) * B, x, out + (row * C + c) * B,
+                               B, mean + c, scale + c, offset + c, offset + c, relu, NULL, NULL)
+            else:
+                apply_segment(OP_NORMALIZE, x + (row * C + c) * B, x, out + (row * C + c) * B,
+                              B, mean + c, scale + c, offset + c, offset + c, False, relu, NULL,
+                              NULL)
+        if stream:
+            fastbn_stream_fence()
 
 
 cdef inline void fused_backward_channels(const storage* dy, const storage* x, storage* out,
@@ -209,9 +231,10 @@ cdef inline void fused_backward_channels(const storage* dy, const storage* x, st
                                          double* sum_dy, double* sum_dy_xhat,
                                          double* k_scale, double* k_mean_dy, double* k_xmu,
                                          double* partials, int nthreads, const double* ys,
-                                         const double* yb) noexcept nogil:
+                                         const double* yb, bint stream) noexcept nogil:
     # Channel path, one channel per thread: reduce, then the elementwise
-    # pass on the same channel while dy and x are still in cache.
+    # pass on the same channel while dy and x are still in cache. stream:
+    # streaming stores (and no write prefetch of the output).
     cdef Py_ssize_t M = A * B
     cdef Py_ssize_t n_chunk = chunks_per_channel(M)
     cdef Py_ssize_t c, k, row
@@ -226,11 +249,19 @@ cdef inline void fused_backward_channels(const storage* dy, const storage* x, st
                        <double>M, invstd, gamma, sum_dy, sum_dy_xhat,
                        k_scale, k_mean_dy, k_xmu)
         for row in range(A):
-            prefetch_row_for_write(out, row, A, C, B, c)
-            apply_segment(OP_BACKWARD, dy + (row * C + c) * B, x + (row * C + c) * B,
-                          out + (row * C + c) * B, B, mean + c, k_scale + c, k_mean_dy + c,
-                          k_xmu + c, False, ys != NULL, ys + c if ys != NULL else NULL,
-                          yb + c if yb != NULL else NULL)
+            if stream:
+                stream_segment(OP_BACKWARD, dy + (row * C + c) * B, x + (row * C + c) * B,
+                               out + (row * C + c) * B, B, mean + c, k_scale + c,
+                               k_mean_dy + c, k_xmu + c, ys != NULL,
+                               ys + c if ys != NULL else NULL, yb + c if yb != NULL else NULL)
+            else:
+                prefetch_row_for_write(out, row, A, C, B, c)
+                apply_segment(OP_BACKWARD, dy + (row * C + c) * B, x + (row * C + c) * B,
+                              out + (row * C + c) * B, B, mean + c, k_scale + c, k_mean_dy + c,
+                              k_xmu + c, False, ys != NULL, ys + c if ys != NULL else NULL,
+                              yb + c if yb != NULL else NULL)
+        if stream:
+            fastbn_stream_fence()
 
 
 cdef inline void convert_pass(const storage* src, storage* dst, float* values, Py_ssize_t n,

@@ -14,6 +14,16 @@ from .formulas cimport mask_dy, split, y_f32, y_f64
 from .half cimport bf16_t, f16_t, floating, load, storage, stored_as_zero
 
 
+cdef extern from "_cython/lanes.h":
+    # float64 lanes of float32 data, in registers (see lanes.h): over n
+    # values, lane i % F32_LANES adds u = a - ka and u * v, v = b - kb, in
+    # float64; then acc_u[j] += lane j, acc_uv[j] likewise.
+    enum: F32_LANES "FASTBN_F32_LANES"
+    void sums_f32 "fastbn_sums_f32"(const float* a, const float* b, Py_ssize_t n,
+                                    double ka, double kb, double* acc_u,
+                                    double* acc_uv) noexcept nogil
+
+
 cdef inline void mask_block_f32(float* dst, const float* dy, const float* x, Py_ssize_t n,
                                 float mean_hi, float mean_lo, float scale, float offset,
                                 float floor) noexcept nogil:
@@ -146,7 +156,10 @@ cdef inline void segment_sums(const storage* a, const storage* b, Py_ssize_t n,
     # a (= dy) is then masked by y(b) > 0 (b = x, kb = the mean). 16-bit
     # data (and masked data) go through float32 (float64) buffers in L1;
     # 16-bit data are summed in float32 blocks merged in float64
-    # (lanes_f32): float32 accuracy, half the float64 work.
+    # (lanes_f32): float32 accuracy, half the float64 work. float32 data
+    # (unmasked) are summed in float64 by sums_f32 into the first F32_LANES
+    # lanes, which it keeps in registers: it reads a and b in order, at the
+    # speed of memory.
     cdef Py_ssize_t start, m, line
     cdef Py_ssize_t per_line = CACHE_LINE // <Py_ssize_t>sizeof(storage)
     cdef float buf_a[4 * LANES]
@@ -164,7 +177,9 @@ cdef inline void segment_sums(const storage* a, const storage* b, Py_ssize_t n,
             m = 4 * LANES
         elif m > LANES:
             m = LANES
-        if ahead_a != NULL:
+        if ahead_a != NULL and not (storage is float):
+            # (float32 data read in order by sums_f32 are prefetched well by
+            # the hardware; measured 10-20% faster without these)
             for line in range((m + per_line - 1) // per_line):
                 fastbn_prefetch(ahead_a + start + line * per_line)
                 fastbn_prefetch(ahead_b + start + line * per_line)
@@ -176,7 +191,7 @@ cdef inline void segment_sums(const storage* a, const storage* b, Py_ssize_t n,
                 lanes(<const double*>buf_d, b + start, m, ka, kb, acc_u, acc_uv)
         elif storage is float:
             if relu == NULL:
-                lanes(a + start, b + start, m, ka, kb, acc_u, acc_uv)
+                sums_f32(a + start, b + start, m, ka, kb, acc_u, acc_uv)
             else:
                 mask_block_f32(buf_a, a + start, b + start, m, mean_hi, mean_lo, scale, offset,
                                0)
