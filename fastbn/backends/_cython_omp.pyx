@@ -59,12 +59,14 @@ Two loop shapes
   ROW_FUSE_BYTES (L2), forward_train / backward_train are fused per block:
   reduce the block, then its elementwise pass reads it again from L2.
 
-On the channel path, outputs of at least STREAM_MIN_BYTES (beyond the
-last-level cache) with rows of at least STREAM_MIN_ROW_BYTES are written
-with streaming (non-temporal) stores: a plain store first reads the line it
-writes, and an output that cannot stay in cache evicts the inputs the fused
-kernels read again. (Short rows would write partial cache lines, which
-streaming stores make slow.) The stored values are the same either way.
+On the channel path, float32 and float64 outputs of at least
+STREAM_MIN_BYTES (beyond the last-level cache) with rows of at least
+STREAM_MIN_ROW_BYTES are written with streaming (non-temporal) stores: a
+plain store first reads the line it writes, and an output that cannot stay
+in cache evicts the inputs the fused kernels read again. (Short rows would
+write partial cache lines, which streaming stores make slow; 16-bit passes
+are bound by their conversions, and measured no faster.) The stored values
+are the same either way.
 
 float32 elementwise passes (normalize, simplified backward) run in float32
 arithmetic, 16 lanes per AVX-512 op, with the means split as
@@ -144,8 +146,8 @@ cdef Py_ssize_t FUSE_MIN_BYTES = 16 * 1024 * 1024
 cdef Py_ssize_t ROW_FUSE_BYTES = 1024 * 1024
 cdef Py_ssize_t ROW_FUSE_MIN_WIDTH = 64
 cdef Py_ssize_t ROW_FUSE_MIN_BLOCKS = 4
-# Channel path: outputs of at least this many bytes, in rows of at least
-# STREAM_MIN_ROW_BYTES, are written with streaming stores.
+# Channel path: float32 and float64 outputs of at least this many bytes, in
+# rows of at least STREAM_MIN_ROW_BYTES, are written with streaming stores.
 cdef Py_ssize_t STREAM_MIN_BYTES = 32 * 1024 * 1024
 cdef Py_ssize_t STREAM_MIN_ROW_BYTES = 2048
 
@@ -165,9 +167,9 @@ def set_cache_tuning(Py_ssize_t row_fuse_bytes, Py_ssize_t fuse_min_bytes,
     fuse_min_bytes : int
         Channel path: arrays of at least this many bytes run fused.
     stream_min_bytes : int, optional
-        Channel path: outputs of at least this many bytes (in rows of at
-        least 2 KiB) are written with streaming stores (the default plan;
-        unchanged when not given).
+        Channel path: float32 and float64 outputs of at least this many
+        bytes (in rows of at least 2 KiB) are written with streaming stores
+        (the default plan; unchanged when not given).
     """
     global ROW_FUSE_BYTES, FUSE_MIN_BYTES, STREAM_MIN_BYTES
     if row_fuse_bytes < 1 or fuse_min_bytes < 0 or stream_min_bytes < 0:
@@ -274,7 +276,7 @@ cdef bint _streams(Py_ssize_t A, Py_ssize_t C, Py_ssize_t B, Py_ssize_t itemsize
     # Whether an elementwise pass writing an (A, C, B) output uses streaming
     # stores: as the plan's stores say, or by size (STORES_DEFAULT).
     if stores == STORES_DEFAULT:
-        return (B > 1 and B * itemsize >= STREAM_MIN_ROW_BYTES
+        return (B > 1 and itemsize >= 4 and B * itemsize >= STREAM_MIN_ROW_BYTES
                 and A * C * B * itemsize >= STREAM_MIN_BYTES)
     return stores == STORES_STREAMING
 

@@ -331,9 +331,9 @@ def default_plan(shape, itemsize, pass_name):
         cache) or ``"passes"`` (a parallel reduction, then a parallel
         elementwise pass); ``eval`` is one elementwise pass. ``block_bytes``:
         the row path's fused block (all rows of every array it touches).
-        ``stores``: ``"streaming"`` (non-temporal stores, for outputs
-        beyond the last-level cache in rows of at least 2 KiB) or
-        ``"cached"`` (plain stores).
+        ``stores``: ``"streaming"`` (non-temporal stores, for float32 and
+        float64 outputs beyond the last-level cache in rows of at least
+        2 KiB) or ``"cached"`` (plain stores).
     """
     A, C, B = shape
     stores = "streaming" if _ext.default_streaming(A, C, B, itemsize) else "cached"

@@ -19,6 +19,25 @@
 
 #define FASTBN_F32_LANES 8
 
+/* Values i0..n-1 into lanes 0, 1, ... (the tail after the last whole group
+   of lanes, or all of them), then lane j into acc_u[j] and acc_uv[j]. */
+static inline void fastbn_lanes_finish(const float *a, const float *b, ptrdiff_t i0,
+                                       ptrdiff_t n, double ka, double kb,
+                                       double *lane_u, double *lane_uv,
+                                       double *acc_u, double *acc_uv) {
+    ptrdiff_t i;
+    for (i = i0; i < n; i++) {
+        double u = (double)a[i] - ka;
+        double v = (double)b[i] - kb;
+        lane_u[(i - i0) % FASTBN_F32_LANES] += u;
+        lane_uv[(i - i0) % FASTBN_F32_LANES] += u * v;
+    }
+    for (i = 0; i < FASTBN_F32_LANES; i++) {
+        acc_u[i] += lane_u[i];
+        acc_uv[i] += lane_uv[i];
+    }
+}
+
 #if defined(__AVX__)
 #include <immintrin.h>
 
@@ -27,7 +46,7 @@ static inline void fastbn_sums_f32(const float *a, const float *b, ptrdiff_t n,
     __m256d su0 = _mm256_setzero_pd(), su1 = su0, suv0 = su0, suv1 = su0;
     __m256d ka4 = _mm256_set1_pd(ka), kb4 = _mm256_set1_pd(kb);
     double lane_u[FASTBN_F32_LANES], lane_uv[FASTBN_F32_LANES];
-    ptrdiff_t i = 0, j;
+    ptrdiff_t i = 0;
     for (; i + FASTBN_F32_LANES <= n; i += FASTBN_F32_LANES) {
         __m256d u0 = _mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(a + i)), ka4);
         __m256d u1 = _mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(a + i + 4)), ka4);
@@ -42,16 +61,7 @@ static inline void fastbn_sums_f32(const float *a, const float *b, ptrdiff_t n,
     _mm256_storeu_pd(lane_u + 4, su1);
     _mm256_storeu_pd(lane_uv, suv0);
     _mm256_storeu_pd(lane_uv + 4, suv1);
-    for (j = 0; i + j < n; j++) {
-        double u = (double)a[i + j] - ka;
-        double v = (double)b[i + j] - kb;
-        lane_u[j] += u;
-        lane_uv[j] += u * v;
-    }
-    for (j = 0; j < FASTBN_F32_LANES; j++) {
-        acc_u[j] += lane_u[j];
-        acc_uv[j] += lane_uv[j];
-    }
+    fastbn_lanes_finish(a, b, i, n, ka, kb, lane_u, lane_uv, acc_u, acc_uv);
 }
 #elif defined(__SSE2__)
 #include <emmintrin.h>
@@ -71,7 +81,7 @@ static inline void fastbn_sums_f32(const float *a, const float *b, ptrdiff_t n,
     __m128d suv0 = su0, suv1 = su0, suv2 = su0, suv3 = su0;
     __m128d ka2 = _mm_set1_pd(ka), kb2 = _mm_set1_pd(kb);
     double lane_u[FASTBN_F32_LANES], lane_uv[FASTBN_F32_LANES];
-    ptrdiff_t i = 0, j;
+    ptrdiff_t i = 0;
     for (; i + FASTBN_F32_LANES <= n; i += FASTBN_F32_LANES) {
         __m128 a0 = _mm_loadu_ps(a + i), a1 = _mm_loadu_ps(a + i + 4);
         __m128 b0 = _mm_loadu_ps(b + i), b1 = _mm_loadu_ps(b + i + 4);
@@ -88,33 +98,14 @@ static inline void fastbn_sums_f32(const float *a, const float *b, ptrdiff_t n,
     _mm_storeu_pd(lane_uv + 2, suv1);
     _mm_storeu_pd(lane_uv + 4, suv2);
     _mm_storeu_pd(lane_uv + 6, suv3);
-    for (j = 0; i + j < n; j++) {
-        double u = (double)a[i + j] - ka;
-        double v = (double)b[i + j] - kb;
-        lane_u[j] += u;
-        lane_uv[j] += u * v;
-    }
-    for (j = 0; j < FASTBN_F32_LANES; j++) {
-        acc_u[j] += lane_u[j];
-        acc_uv[j] += lane_uv[j];
-    }
+    fastbn_lanes_finish(a, b, i, n, ka, kb, lane_u, lane_uv, acc_u, acc_uv);
 }
 #undef FASTBN_LANE_PAIR
 #else
 static inline void fastbn_sums_f32(const float *a, const float *b, ptrdiff_t n,
                                    double ka, double kb, double *acc_u, double *acc_uv) {
     double lane_u[FASTBN_F32_LANES] = {0}, lane_uv[FASTBN_F32_LANES] = {0};
-    ptrdiff_t i;
-    for (i = 0; i < n; i++) {
-        double u = (double)a[i] - ka;
-        double v = (double)b[i] - kb;
-        lane_u[i % FASTBN_F32_LANES] += u;
-        lane_uv[i % FASTBN_F32_LANES] += u * v;
-    }
-    for (i = 0; i < FASTBN_F32_LANES; i++) {
-        acc_u[i] += lane_u[i];
-        acc_uv[i] += lane_uv[i];
-    }
+    fastbn_lanes_finish(a, b, 0, n, ka, kb, lane_u, lane_uv, acc_u, acc_uv);
 }
 #endif
 

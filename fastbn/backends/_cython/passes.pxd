@@ -72,7 +72,8 @@ cdef inline void elementwise_pass(int op, const storage* a, const storage* b, st
     # values; work items group short rows or split long ones so each holds
     # about ELEM_BLOCK values. Row path: work items are blocks of rows times
     # blocks of at most COL_BLOCK channels. relu, ys, yb: the fused ReLU
-    # (see apply_segment). stream: streaming stores (see apply_segment).
+    # (see apply_segment). stream: OP_NORMALIZE and OP_BACKWARD write with
+    # streaming stores (stream_segment, rows_apply).
     cdef Py_ssize_t n_rows, rows_per_item, n_blk, n_items, n_cblk
     cdef Py_ssize_t item, g, blk, row, r0, r1, s0, s1, c
     if B == 1:

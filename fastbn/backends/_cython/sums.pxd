@@ -158,8 +158,7 @@ cdef inline void segment_sums(const storage* a, const storage* b, Py_ssize_t n,
     # 16-bit data are summed in float32 blocks merged in float64
     # (lanes_f32): float32 accuracy, half the float64 work. float32 data
     # (unmasked) are summed in float64 by sums_f32 into the first F32_LANES
-    # lanes, which it keeps in registers: it reads a and b in order, at the
-    # speed of memory.
+    # lanes, which it keeps in registers while it reads a and b in order.
     cdef Py_ssize_t start, m, line
     cdef Py_ssize_t per_line = CACHE_LINE // <Py_ssize_t>sizeof(storage)
     cdef float buf_a[4 * LANES]
