@@ -395,3 +395,47 @@ def test_kernels_load_from_the_disk_cache_in_a_new_process(tmp_path):
     assert first["hits"] == 0 and first["misses"] > 0
     assert second["misses"] == 0, second["missed"]
     assert second["hits"] > 0
+
+
+# Runs the `rows` kernels of the ops named in argv[2], in that order, on one
+# case, and saves each kernel's output to argv[1] (.npz).
+_OPS_SCRIPT = r"""
+import sys
+import numpy as np
+from fastbn.backends.numba_cpu import _loops
+
+rng = np.random.default_rng(0)
+u, v = rng.standard_normal((2, 3, 4, 50)).astype(np.float32)
+params = list(rng.standard_normal((6, 4)))
+outputs = {}
+for name in sys.argv[2].split(","):
+    out = np.empty_like(u)
+    getattr(_loops, name).rows(u, v, *params, None, out)
+    outputs[name] = out
+np.savez(sys.argv[1], **outputs)
+"""
+
+
+def test_kernels_compiled_by_different_processes_load_side_by_side(tmp_path):
+    """Two processes share one disk cache, and each compiles a different
+    op's kernel first (so that numba numbers their pieces alike). A third
+    loads both from the cache: each must still run its own op. The pieces
+    the factories make carry the op's name in their symbols; without it, the
+    third process ran the first op's body in both kernels."""
+    import os
+    import subprocess
+    import sys
+    # one hash seed: the three processes then number what they compile alike
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"), PYTHONHASHSEED="0")
+
+    def run(path, names):
+        proc = subprocess.run([sys.executable, "-c", _OPS_SCRIPT, str(path), names], env=env,
+                              capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return np.load(path)
+
+    alone = {name: run(tmp_path / f"{name}.npz", name)[name] for name in ("AFFINE", "COMBINE")}
+    together = run(tmp_path / "both.npz", "AFFINE,COMBINE")
+    assert not np.array_equal(alone["AFFINE"], alone["COMBINE"])
+    for name, out in alone.items():
+        np.testing.assert_array_equal(together[name], out, err_msg=name)

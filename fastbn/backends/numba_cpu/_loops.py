@@ -53,7 +53,9 @@ the globals it names. None of them may name an ``@njit`` dispatcher: a
 dispatcher pickles with a new random id in every process, and a kernel
 whose key held one would never hit the cache. Each kernel a factory makes
 is named after its op (``affine.rows``, ``shifted.columns``, ...), which
-gives it cache files of its own.
+gives it cache files of its own, and so is each piece it calls
+(``affine.segment``, ...), which gives the piece a machine-code symbol of
+its own (:func:`_piece`).
 """
 
 import collections
@@ -119,6 +121,21 @@ def _kernel(name, options):
     return decorate
 
 
+def _piece(name):
+    """``register_jitable(**JITABLE)``, the function first renamed ``name``.
+
+    A piece's machine-code symbol is its qualified name, the argument types
+    and a number counted up per process. Unrenamed, the ``segment`` of
+    ``affine`` and the ``segment`` of ``combine`` would both be
+    ``elementwise.<locals>.segment``: two processes that each compiled one
+    of them first gave both the same symbol, and a third process that loaded
+    both kernels from the cache ran one op's body in the other's kernel."""
+    def decorate(function):
+        function.__qualname__ = name
+        return register_jitable(**JITABLE)(function)
+    return decorate
+
+
 # ---------------------------------------------------------------------------
 # Elementwise passes: out = op(u, v, p0, ..., p5, bound)
 # ---------------------------------------------------------------------------
@@ -147,13 +164,13 @@ def elementwise(op, n_read, gate=None):
     """
     (r0, g0), (r1, g1), (r2, g2), (r3, g3), (r4, g4), (r5, g5) = _reads(n_read, gate)
 
-    @register_jitable(**JITABLE)
+    @_piece(f"{op.__name__}.segment")
     def segment(u, v, p0, p1, p2, p3, p4, p5, bound, out):
         # contiguous 1-D segments, scalar parameters
         for j in range(out.shape[0]):
             _st(out, j, op(_ld(u[j]), _ld(v[j]), p0, p1, p2, p3, p4, p5, bound))
 
-    @register_jitable(**JITABLE)
+    @_piece(f"{op.__name__}.block")
     def block(u, v, p0, p1, p2, p3, p4, p5, bound, a_lo, a_hi, j_lo, j_hi, out):
         # rows [a_lo, a_hi) and columns [j_lo, j_hi) of (A, J) arrays, (J,)
         # parameters read from L1 for every row; two rows per pass share them
@@ -185,7 +202,7 @@ def elementwise(op, n_read, gate=None):
                 _st(o0, j, op(_ld(u0[j]), _ld(v0[j]), q0[j], q1[j], q2[j], q3[j], q4[j], q5[j],
                               bound))
 
-    @register_jitable(**JITABLE)
+    @_piece(f"{op.__name__}.channels")
     def channels(u, v, p0, p1, p2, p3, p4, p5, bound, c_lo, c_hi, out):
         # channels [c_lo, c_hi) of (A, C, B) arrays, rows visited a-major
         for a in range(out.shape[0]):
@@ -193,7 +210,7 @@ def elementwise(op, n_read, gate=None):
                 segment(u[a, c, :], v[a, c, :], p0[c], p1[c], p2[c], p3[c], p4[c], p5[c], bound,
                         out[a, c, :])
 
-    @register_jitable(**JITABLE)
+    @_piece(f"{op.__name__}.column_channels")
     def column_channels(u, v, p0, p1, p2, p3, p4, p5, bound, c_lo, c_hi, out):
         # channels [c_lo, c_hi) of (A, C, 1) arrays: all rows of those columns
         A, C, B = out.shape
@@ -269,7 +286,7 @@ def reduction(term, n_read, gate=None):
     """
     (r0, g0), (r1, g1), (r2, g2) = _reads(n_read, gate)[:3]
 
-    @register_jitable(**JITABLE)
+    @_piece(f"{term.__name__}.block_sums")
     def block_sums(u, v, p0, p1, p2, bound):
         # at most SUM_BLOCK elements, summed in the compute type
         s1 = _cz(u)
@@ -280,7 +297,7 @@ def reduction(term, n_read, gate=None):
             s2 += t2
         return s1, s2
 
-    @register_jitable(**JITABLE)
+    @_piece(f"{term.__name__}.segment")
     def segment(u, v, p0, p1, p2, bound):
         # a contiguous 1-D segment: blocks of SUM_BLOCK merged in float64
         s1 = 0.0
@@ -293,7 +310,7 @@ def reduction(term, n_read, gate=None):
             s2 += r2
         return s1, s2
 
-    @register_jitable(**JITABLE)
+    @_piece(f"{term.__name__}.partials")
     def partials(u, v, p0, p1, p2, bound, a_lo, a_hi, j_lo, j_hi, part1, part2):
         # part1[j - j_lo] += t1, part2[j - j_lo] += t2 over rows [a_lo, a_hi) of
         # the columns [j_lo, j_hi) of (A, J) arrays, (J,) parameters; four rows
@@ -328,7 +345,7 @@ def reduction(term, n_read, gate=None):
                 part1[j] += x0
                 part2[j] += y0
 
-    @register_jitable(**JITABLE)
+    @_piece(f"{term.__name__}.channels")
     def channels(u, v, p0, p1, p2, bound, c_lo, c_hi, ahead):
         # channels [c_lo, c_hi) of (A, C, B) arrays, rows visited a-major; each
         # channel's sums in the order of `rows` with one chunk. ahead > 0:
@@ -347,7 +364,7 @@ def reduction(term, n_read, gate=None):
                 s2[c - c_lo] += r2
         return s1, s2
 
-    @register_jitable(**JITABLE)
+    @_piece(f"{term.__name__}.column_channels")
     def column_channels(u, v, p0, p1, p2, bound, c_lo, c_hi, ahead):
         # channels [c_lo, c_hi) of (A, C, 1) arrays: all rows of those columns,
         # in the order of `columns` with one row block (no prefetch)
