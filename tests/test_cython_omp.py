@@ -408,6 +408,41 @@ def test_streaming_and_plain_stores_write_the_same_bits(shape, dtype):
 
 
 @needs_extension
+@pytest.mark.parametrize("dtype", [np.float32, np.float64] + _half_dtypes())
+def test_fused_row_blocks_of_any_width_give_the_bits_of_the_two_passes(dtype):
+    # A plan's block_bytes sets the channels of a fused (N, D) block, from
+    # ROW_FUSE_MIN_WIDTH up to ROW_BLOCK (1024), wider than the heuristics'
+    # COL_BLOCK (256): each width sums the same row chunks in the same order
+    # as the two-pass kernels, so every output and sum is the same bits
+    # (with and without the fused ReLU, plain and streaming stores).
+    ext = cython_omp._ext
+    dtype = _as_dtype(dtype)
+    A, C = 6, 4 * 1024 + 3
+    x, dy, gamma, beta = _half_case((A, C, 1), dtype, seed=11)
+    itemsize = x.dtype.itemsize
+
+    def run(strategy, forward_bytes, backward_bytes, stores, relu):
+        y = np.empty_like(x)
+        stats = ext.forward_train(x, gamma, beta, EPS, y, None, None, 0.1, relu,
+                                  ext.STRATEGIES[strategy], forward_bytes, ext.STORES[stores])
+        dx = np.empty_like(x)
+        sums = ext.backward_train(dy, x, *stats, gamma, dx, beta, relu,
+                                  ext.STRATEGIES[strategy], backward_bytes, ext.STORES[stores])
+        return [y, *stats, dx, *sums]
+
+    for relu in (False, True):
+        passes = run("passes", 0, 0, "cached", relu)
+        for width in (64, 300, 1024):
+            for stores in ("cached", "streaming"):
+                fused = run("fused", width * 2 * A * itemsize, width * 3 * A * itemsize, stores,
+                            relu)
+                for want, got in zip(passes, fused):
+                    assert got.dtype == want.dtype
+                    assert np.array_equal(got.view(np.uint8), want.view(np.uint8)), (
+                        f"width {width}, {stores}, relu={relu}")
+
+
+@needs_extension
 @pytest.mark.parametrize("name", ["rows_B1_fused", "channels_fused", "channels_small_B"])
 def test_float16_portable_path_gives_the_same_bits(name, f16_path):
     # Both conversion paths are exact / round to nearest even: same results.

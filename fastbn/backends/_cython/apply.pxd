@@ -9,7 +9,7 @@
 # 16-bit data go through float32 buffers in L1 and each result is rounded
 # once into the 16-bit output.
 
-from .blocks cimport CACHE_LINE, CHUNK, COL_BLOCK, PREFETCH_BYTES, ROWS_AHEAD
+from .blocks cimport CACHE_LINE, CHUNK, COL_BLOCK, PREFETCH_BYTES, ROW_BLOCK, ROWS_AHEAD
 from .cpu cimport fastbn_prefetch_write, fastbn_stream
 from .formulas cimport dx_f32, dx_f64, mask_dy, relu_value, split, y_f32, y_f64
 from .half cimport load, storage, store, stored_as_zero
@@ -230,7 +230,7 @@ cdef inline void rows_apply(int op, const storage* a, const storage* b, storage*
                             const double* p2, const double* p3,
                             bint prefetch, bint relu, const double* ys,
                             const double* yb, bint stream) noexcept nogil:
-    # Row path: `op` on rows r0..r1-1, channels c0..c1-1 (c1 - c0 <= COL_BLOCK).
+    # Row path: `op` on rows r0..r1-1, channels c0..c1-1 (c1 - c0 <= ROW_BLOCK).
     # prefetch: software-prefetch the rows ROWS_AHEAD ahead (off in the fused
     # kernels, whose second pass reads the block from L2).
     # OP_NORMALIZE / OP_BACKWARD: the block's coefficients are copied to local
@@ -239,25 +239,25 @@ cdef inline void rows_apply(int op, const storage* a, const storage* b, storage*
     # means for float32 and 16-bit data (16-bit rows converted to float32
     # buffers and back). relu: as in segment_f32. stream: each row's results
     # go through an L1 buffer and are written with streaming stores.
-    cdef double q0[COL_BLOCK]
-    cdef double q1[COL_BLOCK]
-    cdef double q2[COL_BLOCK]
-    cdef double q3[COL_BLOCK]
-    cdef double y1[COL_BLOCK]
-    cdef double y2[COL_BLOCK]
-    cdef float mean_hi[COL_BLOCK]
-    cdef float mean_lo[COL_BLOCK]
-    cdef float k1[COL_BLOCK]
-    cdef float k2_hi[COL_BLOCK]
-    cdef float k2_lo[COL_BLOCK]
-    cdef float k3[COL_BLOCK]
-    cdef float y_k1[COL_BLOCK]
-    cdef float y_k2[COL_BLOCK]
-    cdef float buf_a[COL_BLOCK]
-    cdef float buf_b[COL_BLOCK]
-    cdef float buf_out[COL_BLOCK]
-    cdef double buf_f64[COL_BLOCK]
-    cdef storage buf_stored[COL_BLOCK]
+    cdef double q0[ROW_BLOCK]
+    cdef double q1[ROW_BLOCK]
+    cdef double q2[ROW_BLOCK]
+    cdef double q3[ROW_BLOCK]
+    cdef double y1[ROW_BLOCK]
+    cdef double y2[ROW_BLOCK]
+    cdef float mean_hi[ROW_BLOCK]
+    cdef float mean_lo[ROW_BLOCK]
+    cdef float k1[ROW_BLOCK]
+    cdef float k2_hi[ROW_BLOCK]
+    cdef float k2_lo[ROW_BLOCK]
+    cdef float k3[ROW_BLOCK]
+    cdef float y_k1[ROW_BLOCK]
+    cdef float y_k2[ROW_BLOCK]
+    cdef float buf_a[ROW_BLOCK]
+    cdef float buf_b[ROW_BLOCK]
+    cdef float buf_out[ROW_BLOCK]
+    cdef double buf_f64[ROW_BLOCK]
+    cdef storage buf_stored[ROW_BLOCK]
     cdef double* out64
     cdef Py_ssize_t n = c1 - c0
     cdef Py_ssize_t r, j

@@ -12,6 +12,9 @@ cdef enum:
     CACHE_LINE = 64
     # Row path: columns are reduced in blocks of at most this many channels.
     COL_BLOCK = 256
+    # Row path: a fused work item (rows_sums, rows_apply) spans at most this
+    # many channels (a plan's block_bytes; the heuristics keep to COL_BLOCK).
+    ROW_BLOCK = 1024
     # Row path: prefetch this many rows ahead.
     ROWS_AHEAD = 8
     # Channel path: prefetch the rows about this many bytes ahead.

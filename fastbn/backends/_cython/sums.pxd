@@ -8,7 +8,7 @@
 # the forward's own arithmetic (formulas.pxd). Summation orders depend on
 # the sizes only.
 
-from .blocks cimport CACHE_LINE, COL_BLOCK, LANES, PREFETCH_BYTES
+from .blocks cimport CACHE_LINE, COL_BLOCK, LANES, PREFETCH_BYTES, ROW_BLOCK
 from .cpu cimport fastbn_prefetch, fastbn_prefetch_write
 from .formulas cimport mask_dy, split, y_f32, y_f64
 from .half cimport bf16_t, f16_t, floating, load, storage, stored_as_zero
@@ -356,16 +356,16 @@ cdef inline void rows_sums(const storage* a, const storage* b, Py_ssize_t C,
                            const double* ka, const double* kb, Py_ssize_t rows_ahead,
                            double* pu, double* puv, const double* ys,
                            const double* yb) noexcept nogil:
-    # Rows r0..r1-1 (C values apart) and columns c0..c1-1 (c1 - c0 <= COL_BLOCK):
+    # Rows r0..r1-1 (C values apart) and columns c0..c1-1 (c1 - c0 <= ROW_BLOCK):
     # pu[c] = sum_r u, puv[c] = sum_r u * v with u = a[r, c] - ka[c], v = b[r, c] - kb[c],
     # rows added in order, four at a time from r0. Accumulators and shifts
     # are local arrays (they do not alias a or b), so the loops over columns
     # vectorize. 16-bit data and the fused ReLU go through row buffers in L1,
     # summed in the same order.
-    cdef double acc_u[COL_BLOCK]
-    cdef double acc_uv[COL_BLOCK]
-    cdef double shift_a[COL_BLOCK]
-    cdef double shift_b[COL_BLOCK]
+    cdef double acc_u[ROW_BLOCK]
+    cdef double acc_uv[ROW_BLOCK]
+    cdef double shift_a[ROW_BLOCK]
+    cdef double shift_b[ROW_BLOCK]
     cdef Py_ssize_t n = c1 - c0
     cdef Py_ssize_t r, j, i, nr
     cdef const storage* a0
@@ -373,14 +373,14 @@ cdef inline void rows_sums(const storage* a, const storage* b, Py_ssize_t C,
     cdef bint same = a == b and ka == kb
     cdef bint relu = ys != NULL
     # buffers: 4 rows of a (masked) and b, as float32 or float64
-    cdef float fa[4 * COL_BLOCK]
-    cdef float fb[4 * COL_BLOCK]
-    cdef double da[4 * COL_BLOCK]
-    cdef double db[4 * COL_BLOCK]
-    cdef float mean_hi[COL_BLOCK]
-    cdef float mean_lo[COL_BLOCK]
-    cdef float scale[COL_BLOCK]
-    cdef float offset[COL_BLOCK]
+    cdef float fa[4 * ROW_BLOCK]
+    cdef float fb[4 * ROW_BLOCK]
+    cdef double da[4 * ROW_BLOCK]
+    cdef double db[4 * ROW_BLOCK]
+    cdef float mean_hi[ROW_BLOCK]
+    cdef float mean_lo[ROW_BLOCK]
+    cdef float scale[ROW_BLOCK]
+    cdef float offset[ROW_BLOCK]
     cdef float* fa_i
     cdef float* fb_i
     cdef float floor = stored_as_zero(a)
@@ -428,12 +428,12 @@ cdef inline void rows_sums(const storage* a, const storage* b, Py_ssize_t C,
                 b0 = b + (r + i) * C + c0
                 if storage is double:
                     for j in range(n):
-                        db[i * COL_BLOCK + j] = b0[j]
-                        da[i * COL_BLOCK + j] = mask_dy(
+                        db[i * ROW_BLOCK + j] = b0[j]
+                        da[i * ROW_BLOCK + j] = mask_dy(
                             a0[j], y_f64(b0[j], kb[c0 + j], ys[c0 + j], yb[c0 + j]), 0.0)
                 else:
-                    fa_i = fa + i * COL_BLOCK
-                    fb_i = fb + i * COL_BLOCK
+                    fa_i = fa + i * ROW_BLOCK
+                    fb_i = fb + i * ROW_BLOCK
                     load(a0, fa_i, n)
                     if not same:
                         load(b0, fb_i, n)
@@ -443,12 +443,12 @@ cdef inline void rows_sums(const storage* a, const storage* b, Py_ssize_t C,
                                                              scale[j], offset[j]), floor)
             if storage is double:
                 if nr == 4:
-                    sums_4rows(<const double*>da, <const double*>db, COL_BLOCK, n, shift_a,
+                    sums_4rows(<const double*>da, <const double*>db, ROW_BLOCK, n, shift_a,
                                shift_b, acc_u, acc_uv, False)
                 else:
                     for i in range(nr):
-                        sums_1row(<const double*>(da + i * COL_BLOCK),
-                                  <const double*>(db + i * COL_BLOCK), n, shift_a, shift_b,
+                        sums_1row(<const double*>(da + i * ROW_BLOCK),
+                                  <const double*>(db + i * ROW_BLOCK), n, shift_a, shift_b,
                                   acc_u, acc_uv)
             else:
                 if same:
@@ -456,12 +456,12 @@ cdef inline void rows_sums(const storage* a, const storage* b, Py_ssize_t C,
                 else:
                     fb_i = fb
                 if nr == 4:
-                    sums_4rows(<const float*>fa, <const float*>fb_i, COL_BLOCK, n, shift_a,
+                    sums_4rows(<const float*>fa, <const float*>fb_i, ROW_BLOCK, n, shift_a,
                                shift_b, acc_u, acc_uv, same)
                 else:
                     for i in range(nr):
-                        sums_1row(<const float*>(fa + i * COL_BLOCK),
-                                  <const float*>(fb_i + i * COL_BLOCK), n, shift_a, shift_b,
+                        sums_1row(<const float*>(fa + i * ROW_BLOCK),
+                                  <const float*>(fb_i + i * ROW_BLOCK), n, shift_a, shift_b,
                                   acc_u, acc_uv)
             r += nr
     for j in range(n):
