@@ -369,6 +369,20 @@ def test_half_and_relu_results_do_not_depend_on_threads_or_fusion(name, dtype):
     assert np.array_equal(sums_r[0], results[1][4]) and np.array_equal(sums_r[1], results[1][5])
 
 
+def _train_outputs(x, dy, gamma, beta, relu, strategy, forward_bytes, backward_bytes,
+                   stores):
+    """The extension's training forward and backward under one plan (strategy,
+    block bytes of each, stores): ``[y, mean, invstd, dx, sum_dy, sum_dy_xhat]``."""
+    ext = cython_omp._ext
+    y = np.empty_like(x)
+    stats = ext.forward_train(x, gamma, beta, EPS, y, None, None, 0.1, relu,
+                              ext.STRATEGIES[strategy], forward_bytes, ext.STORES[stores])
+    dx = np.empty_like(x)
+    sums = ext.backward_train(dy, x, *stats, gamma, dx, beta, relu, ext.STRATEGIES[strategy],
+                              backward_bytes, ext.STORES[stores])
+    return [y, *stats, dx, *sums]
+
+
 @needs_extension
 @pytest.mark.parametrize("dtype", [np.float32, np.float64] + _half_dtypes())
 @pytest.mark.parametrize("shape", [SHAPES["rows_B1_fused"], SHAPES["channels_fused"],
@@ -387,19 +401,12 @@ def test_streaming_and_plain_stores_write_the_same_bits(shape, dtype):
     rm, rv = np.zeros(shape[1], np.float32), np.ones(shape[1], np.float32)
     results = {}
     for stores in ("cached", "streaming"):
-        code = ext.STORES[stores]
         got = []
         for relu in (False, True):
             for strategy in ("passes", "fused"):
-                y = np.empty_like(x)
-                stats = ext.forward_train(x, gamma, beta, EPS, y, None, None, 0.1, relu,
-                                          ext.STRATEGIES[strategy], 0, code)
-                dx = np.empty_like(x)
-                sums = ext.backward_train(dy, x, *stats, gamma, dx, beta, relu,
-                                          ext.STRATEGIES[strategy], 0, code)
-                got += [y, *stats, dx, *sums]
+                got += _train_outputs(x, dy, gamma, beta, relu, strategy, 0, 0, stores)
             y_eval = np.empty_like(x)
-            ext.forward_eval(x, gamma, beta, rm, rv, EPS, y_eval, relu, code)
+            ext.forward_eval(x, gamma, beta, rm, rv, EPS, y_eval, relu, ext.STORES[stores])
             got.append(y_eval)
         results[stores] = got
     for plain, streamed in zip(results["cached"], results["streaming"]):
@@ -415,27 +422,17 @@ def test_fused_row_blocks_of_any_width_give_the_bits_of_the_two_passes(dtype):
     # COL_BLOCK (256): each width sums the same row chunks in the same order
     # as the two-pass kernels, so every output and sum is the same bits
     # (with and without the fused ReLU, plain and streaming stores).
-    ext = cython_omp._ext
     dtype = _as_dtype(dtype)
     A, C = 6, 4 * 1024 + 3
     x, dy, gamma, beta = _half_case((A, C, 1), dtype, seed=11)
     itemsize = x.dtype.itemsize
-
-    def run(strategy, forward_bytes, backward_bytes, stores, relu):
-        y = np.empty_like(x)
-        stats = ext.forward_train(x, gamma, beta, EPS, y, None, None, 0.1, relu,
-                                  ext.STRATEGIES[strategy], forward_bytes, ext.STORES[stores])
-        dx = np.empty_like(x)
-        sums = ext.backward_train(dy, x, *stats, gamma, dx, beta, relu,
-                                  ext.STRATEGIES[strategy], backward_bytes, ext.STORES[stores])
-        return [y, *stats, dx, *sums]
-
     for relu in (False, True):
-        passes = run("passes", 0, 0, "cached", relu)
+        passes = _train_outputs(x, dy, gamma, beta, relu, "passes", 0, 0, "cached")
         for width in (64, 300, 1024):
             for stores in ("cached", "streaming"):
-                fused = run("fused", width * 2 * A * itemsize, width * 3 * A * itemsize, stores,
-                            relu)
+                fused = _train_outputs(x, dy, gamma, beta, relu, "fused",
+                                       width * 2 * A * itemsize, width * 3 * A * itemsize,
+                                       stores)
                 for want, got in zip(passes, fused):
                     assert got.dtype == want.dtype
                     assert np.array_equal(got.view(np.uint8), want.view(np.uint8)), (

@@ -351,10 +351,9 @@ def plan_candidates(shape, itemsize, pass_name):
     """The plans ``fastbn tune`` times for a call, the default first: both
     strategies (on the row path, fused blocks of 1/2 to 8 times the
     default's bytes, up to 1024 channels wide), each with plain and with
-    streaming stores. Every
-    candidate computes the same sums in the same chunks (see
-    ``_use_fused``) and stores the same values, so all of them give the
-    same bits."""
+    streaming stores. Every candidate computes the same sums in the same
+    chunks (see ``_use_fused``) and stores the same values, so all of them
+    give the same bits."""
     candidates = [default_plan(shape, itemsize, pass_name)]
     if pass_name == "eval":
         options = [{"strategy": "passes"}]

@@ -207,6 +207,19 @@ cdef inline void stream_segment(int op, const storage* a, const storage* b, stor
         s += m
 
 
+cdef inline void write_segment(int op, const storage* a, const storage* b, storage* out,
+                               Py_ssize_t n, const double* p0, const double* p1,
+                               const double* p2, const double* p3, bint relu,
+                               const double* ys, const double* yb,
+                               bint stream) noexcept nogil:
+    # One segment of channel p*[0] (scalar parameters): stream_segment where
+    # stream is set and op is OP_NORMALIZE or OP_BACKWARD, else apply_segment.
+    if stream and (op == OP_NORMALIZE or op == OP_BACKWARD):
+        stream_segment(op, a, b, out, n, p0, p1, p2, p3, relu, ys, yb)
+    else:
+        apply_segment(op, a, b, out, n, p0, p1, p2, p3, False, relu, ys, yb)
+
+
 cdef inline void prefetch_row_for_write(storage* out, Py_ssize_t row, Py_ssize_t A,
                                         Py_ssize_t C, Py_ssize_t B, Py_ssize_t c) noexcept nogil:
     # Channel path: the output segments of a channel are C * B apart;

@@ -13,8 +13,7 @@
 
 from cython.parallel cimport prange
 
-from .apply cimport (OP_BACKWARD, OP_NORMALIZE, apply_segment, prefetch_row_for_write,
-                     rows_apply, stream_segment)
+from .apply cimport OP_BACKWARD, OP_NORMALIZE, prefetch_row_for_write, rows_apply, write_segment
 from .cpu cimport fastbn_stream_fence
 from .blocks cimport (ELEM_BLOCK, ROWS_AHEAD, chunk_bound, chunks_per_channel, col_blocks,
                       row_chunks)
@@ -73,7 +72,7 @@ cdef inline void elementwise_pass(int op, const storage* a, const storage* b, st
     # about ELEM_BLOCK values. Row path: work items are blocks of rows times
     # blocks of at most COL_BLOCK channels. relu, ys, yb: the fused ReLU
     # (see apply_segment). stream: OP_NORMALIZE and OP_BACKWARD write with
-    # streaming stores (stream_segment, rows_apply).
+    # streaming stores (write_segment, rows_apply).
     cdef Py_ssize_t n_rows, rows_per_item, n_blk, n_items, n_cblk
     cdef Py_ssize_t item, g, blk, row, r0, r1, s0, s1, c
     if B == 1:
@@ -113,14 +112,9 @@ cdef inline void elementwise_pass(int op, const storage* a, const storage* b, st
         s1 = (blk + 1) * B // n_blk
         for row in range(r0, r1):
             c = row % C
-            if stream and (op == OP_NORMALIZE or op == OP_BACKWARD):
-                stream_segment(op, a + row * B + s0, b + row * B + s0, out + row * B + s0,
-                               s1 - s0, p0 + c, p1 + c, p2 + c, p3 + c, relu,
-                               ys + c if ys != NULL else NULL, yb + c if yb != NULL else NULL)
-            else:
-                apply_segment(op, a + row * B + s0, b + row * B + s0, out + row * B + s0,
-                              s1 - s0, p0 + c, p1 + c, p2 + c, p3 + c, False, relu,
-                              ys + c if ys != NULL else NULL, yb + c if yb != NULL else NULL)
+            write_segment(op, a + row * B + s0, b + row * B + s0, out + row * B + s0, s1 - s0,
+                          p0 + c, p1 + c, p2 + c, p3 + c, relu,
+                          ys + c if ys != NULL else NULL, yb + c if yb != NULL else NULL, stream)
         if stream:
             fastbn_stream_fence()
 
@@ -214,13 +208,8 @@ cdef inline void fused_forward_channels(const storage* x, storage* out, Py_ssize
         # (64, 256, 56, 56), 2 threads, the float32 forward is ~10% faster
         # without it (float16 ~4%).
         for row in range(A):
-            if stream:
-                stream_segment(OP_NORMALIZE, x + (row * C + c) * B, x, out + (row * C + c) * B,
-                               B, mean + c, scale + c, offset + c, offset + c, relu, NULL, NULL)
-            else:
-                apply_segment(OP_NORMALIZE, x + (row * C + c) * B, x, out + (row * C + c) * B,
-                              B, mean + c, scale + c, offset + c, offset + c, False, relu, NULL,
-                              NULL)
+            write_segment(OP_NORMALIZE, x + (row * C + c) * B, x, out + (row * C + c) * B, B,
+                          mean + c, scale + c, offset + c, offset + c, relu, NULL, NULL, stream)
         if stream:
             fastbn_stream_fence()
 
@@ -250,17 +239,12 @@ cdef inline void fused_backward_channels(const storage* dy, const storage* x, st
                        <double>M, invstd, gamma, sum_dy, sum_dy_xhat,
                        k_scale, k_mean_dy, k_xmu)
         for row in range(A):
-            if stream:
-                stream_segment(OP_BACKWARD, dy + (row * C + c) * B, x + (row * C + c) * B,
-                               out + (row * C + c) * B, B, mean + c, k_scale + c,
-                               k_mean_dy + c, k_xmu + c, ys != NULL,
-                               ys + c if ys != NULL else NULL, yb + c if yb != NULL else NULL)
-            else:
+            if not stream:
                 prefetch_row_for_write(out, row, A, C, B, c)
-                apply_segment(OP_BACKWARD, dy + (row * C + c) * B, x + (row * C + c) * B,
-                              out + (row * C + c) * B, B, mean + c, k_scale + c, k_mean_dy + c,
-                              k_xmu + c, False, ys != NULL, ys + c if ys != NULL else NULL,
-                              yb + c if yb != NULL else NULL)
+            write_segment(OP_BACKWARD, dy + (row * C + c) * B, x + (row * C + c) * B,
+                          out + (row * C + c) * B, B, mean + c, k_scale + c, k_mean_dy + c,
+                          k_xmu + c, ys != NULL, ys + c if ys != NULL else NULL,
+                          yb + c if yb != NULL else NULL, stream)
         if stream:
             fastbn_stream_fence()
 

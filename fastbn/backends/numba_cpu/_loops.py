@@ -115,10 +115,7 @@ def _kernel(name, options):
     kernel's cache files after it, so that the kernels a factory makes for
     each op get files of their own (numba's cache index is not safe for two
     processes compiling different kernels into one file at once)."""
-    def decorate(function):
-        function.__qualname__ = name
-        return njit(**options)(function)
-    return decorate
+    return _renamed(name, njit(**options))
 
 
 def _piece(name):
@@ -130,9 +127,14 @@ def _piece(name):
     ``elementwise.<locals>.segment``: two processes that each compiled one
     of them first gave both the same symbol, and a third process that loaded
     both kernels from the cache ran one op's body in the other's kernel."""
+    return _renamed(name, register_jitable(**JITABLE))
+
+
+def _renamed(name, decorator):
+    """``decorator``, the function first renamed ``name`` (its ``__qualname__``)."""
     def decorate(function):
         function.__qualname__ = name
-        return register_jitable(**JITABLE)(function)
+        return decorator(function)
     return decorate
 
 
