@@ -1,6 +1,7 @@
 """PyTorch's peer process (fastbn.bench.peer): it answers with samples, the suites
 that compare with PyTorch never import it, and the page names how PyTorch and
 fastbn's plans were timed. No assertion depends on the machine's speed."""
+import ctypes
 import json
 import os
 import subprocess
@@ -114,11 +115,48 @@ def test_the_default_suite_times_torch_in_its_peer_only(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     text = page.read_text()
-    assert f"- PyTorch: {peer.METHOD} (torch " in text
+    assert f"- PyTorch: {peer.METHOD}, " in text and "(torch " in text
     assert "- plans: default (FASTBN_WISDOM=off)" in text
     rows = report.parse_tables(text)["Times and ratios"]
     assert [r["backend"] for r in rows] == ["numpy", "torch"]
     assert float(rows[1]["fwd ms"]) > 0 and float(rows[0]["fwd vs torch"]) > 0
+
+
+STEADY_HEAP_SCRIPT = """
+import ctypes, resource, sys
+import numpy as np
+from fastbn.bench import peer
+if sys.argv[1] == "steady":
+    print(peer.steady_heap(64 << 20), file=sys.stderr)
+block = 4 << 20                     # as PyTorch's output at (256, 4096) float32
+held = np.ones(block // 8)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):                 # a new output each call, the previous one freed
+    new = np.empty(block // 8)
+    new.fill(1.0)
+    held = new
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def _glibc():
+    try:
+        ctypes.CDLL(None).gnu_get_libc_version
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _glibc(), reason="steady_heap sets glibc's malloc")
+def test_the_peers_heap_serves_new_outputs_from_touched_pages():
+    # 20 new 4 MiB arrays (1024 pages each): each would fault its pages in
+    # if the heap gave them back to the system or grew into fresh ones.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", STEADY_HEAP_SCRIPT, "steady"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "never trimmed" in done.stderr
+    assert int(done.stdout) < 1024     # less than one array's pages over 20 arrays
 
 
 def test_a_peer_that_cannot_start_says_why(tmp_path, monkeypatch):

@@ -12,11 +12,18 @@ thread count, and merge the two groups' samples into one table. The peer
 never runs a fastbn kernel; by default each group gets a fresh one, so that
 PyTorch's figure is that of its op timed alone in a fresh process.
 
+Before it times a request, the peer brings glibc's malloc to the state of
+a long-lived training process (:func:`steady_heap`). Without that, each of
+PyTorch's new outputs of a few MiB could land on pages the heap had just
+given back to the system, and its figures moved by up to 2.5x with the
+page faults that the heap's history happened to leave.
+
 Protocol: one JSON object per line. The peer first writes ``{"ready": true,
 "torch": version}`` (or ``{"error": ...}``); then, for each request line
 (:meth:`Peer.time` writes them), it writes one answer line; it exits at the
 end of its input.
 """
+import ctypes
 import json
 import os
 import site
@@ -29,6 +36,70 @@ from .kernels import DtypeUnavailable, Kernels, make_data, why_unsupported
 
 METHOD = "PyTorch timed in its own process, alternating with fastbn's rounds"
 KINDS = ("forward", "simplified", "copy")
+
+# glibc's mallopt parameters, and the largest value its adaptive mmap
+# threshold reaches on 64-bit systems (DEFAULT_MMAP_THRESHOLD_MAX).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_LARGEST_ADAPTIVE_THRESHOLD = 32 << 20
+# The heap touched before a request is timed, in arrays of its shape: room
+# for each output PyTorch allocates while the previous one is still held,
+# and for the holes they leave (an aligned block does not fit the hole of
+# one of its size). With 6, the backward at (32, 64, 56, 56) float64 still
+# grew the heap into fresh pages every few calls; with 12, never. At least HEAP_MIN_BYTES, at most
+# an eighth of the physical memory.
+HEAP_ARRAYS = 12
+HEAP_MIN_BYTES = 32 << 20
+
+
+def steady_heap(pool_bytes):
+    """Bring glibc's malloc to the steady state of a long-lived process.
+
+    PyTorch allocates each output afresh. In a fresh process that times one
+    op, glibc keeps its 128 KiB starting thresholds, gives freed blocks back
+    to the system and grows its heap into untouched pages, so that a new
+    output of a few MiB costs a page fault per 4 KiB, more or less often as
+    the heap's history goes (PyTorch's backward at (256, 4096) float32 took
+    0.57-1.7 ms in such processes, 0.64-0.73 ms without the faults). In a
+    training process, the thresholds have adapted to its largest blocks
+    and earlier steps have touched the pages its heap keeps. That state is
+    set up here at once: the heap is never trimmed, blocks up to 32 MiB come
+    from it (larger ones too while its free top has room), and
+    ``pool_bytes`` of its top are touched and freed before any timing.
+
+    Parameters
+    ----------
+    pool_bytes : int
+        Heap to touch (at most an eighth of the physical memory).
+
+    Returns
+    -------
+    str
+        What was done, for the page.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        version = libc.gnu_get_libc_version
+    except (OSError, AttributeError):
+        return "malloc as the process starts (the C library is not glibc)"
+    version.restype = ctypes.c_char_p
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    libc.mallopt(_M_MMAP_THRESHOLD, _LARGEST_ADAPTIVE_THRESHOLD)
+    libc.mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1)
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    pool_bytes = min(pool_bytes, memory // 8)
+    # Blocks under the threshold, so that they come from the heap's top.
+    block = _LARGEST_ADAPTIVE_THRESHOLD // 2
+    pool = [libc.malloc(block) for _ in range(-(-pool_bytes // block))]
+    for address in pool:
+        if address:
+            ctypes.memset(address, 0, block)
+    for address in pool:
+        libc.free(address)
+    return (f"glibc {version().decode()} malloc as in a long-lived process (a heap "
+            f"never trimmed, {HEAP_ARRAYS} arrays of it touched before timing)")
 
 
 class PeerError(RuntimeError):
@@ -55,6 +126,9 @@ class Peer:
     ----------
     torch_version : str or None
         ``torch.__version__`` in the peer, once started.
+    heap : str or None
+        What the peer did to its malloc (:func:`steady_heap`), once it
+        answered.
     threads_used : int or None
         ``torch.get_num_threads()`` at the latest request.
     """
@@ -63,6 +137,7 @@ class Peer:
         self.threads = threads
         self.fresh = fresh
         self.torch_version = None
+        self.heap = None
         self.threads_used = None
         self._process = None
         self._failure = None
@@ -102,6 +177,11 @@ class Peer:
         if "error" in greeting:
             self._fail(f"the PyTorch peer process cannot start: {greeting['error']}")
         self.torch_version = greeting["torch"]
+
+    @property
+    def method(self):
+        """How PyTorch is timed, for the page: :data:`METHOD` and the heap."""
+        return f"{METHOD}, {self.heap or 'malloc as it starts'}"
 
     def _read(self):
         """The next message; a peer that ended fails for good."""
@@ -161,6 +241,7 @@ class Peer:
         if "error" in answer:    # this request failed; the peer may serve the next
             return timing.Timings(), {name: answer["error"] for name in kernels}
         self.threads_used = answer["threads"]
+        self.heap = answer.get("heap")
         return timing.Timings.from_message(answer["timings"]), answer["skipped"]
 
     def close(self):
@@ -208,9 +289,12 @@ def answer(request):
         if key not in cases:
             cases[key] = Kernels("torch", data[dtype], activation=activation)
         kernels[name] = getattr(cases[key], kind)
+    largest = max((array.nbytes for arrays in data.values() for array in arrays.values()),
+                  default=0)
+    heap = steady_heap(max(HEAP_MIN_BYTES, HEAP_ARRAYS * largest))
     got = timing.interleaved(kernels, request["rounds"], **request.get("options", {}))
     return {"timings": got.to_message(), "skipped": skipped,
-            "threads": int(torch.get_num_threads())}
+            "threads": int(torch.get_num_threads()), "heap": heap}
 
 
 def main():

@@ -15,7 +15,7 @@ import math
 from .. import timing
 from ..kernels import (DtypeUnavailable, Kernels, Threads, default_backends, fastbn_thread_count,
                        format_shape, make_data, threads_in_use, why_unsupported)
-from ..peer import METHOD, Peer
+from ..peer import Peer
 from ..report import Report, cell
 from . import progress
 
@@ -96,7 +96,7 @@ def time_backends(backends, shape, dtype, rounds, kinds=("forward", "simplified"
 def peer_facts(peer):
     """The page's line on how PyTorch was timed (its version, its threads)."""
     version = peer.torch_version or "not started"
-    return (f"PyTorch: {METHOD} (torch {version}, {peer.threads_used or peer.threads} "
+    return (f"PyTorch: {peer.method} (torch {version}, {peer.threads_used or peer.threads} "
             "threads): per shape and dtype fastbn's group of rounds, then PyTorch's in a "
             "fresh process; ratios are of the two groups' medians")
 

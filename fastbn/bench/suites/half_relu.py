@@ -22,7 +22,7 @@ fused >= 1.6x the separate passes and >= 1.5x PyTorch.
 from .. import timing
 from ..kernels import (DtypeUnavailable, Kernels, fastbn_thread_count, format_shape, make_data,
                        why_unsupported)
-from ..peer import METHOD, Peer
+from ..peer import Peer
 from ..report import Report, cell
 from . import progress
 
@@ -231,7 +231,7 @@ def run(options):
         relu_part(report, data, relu_backends, dtypes, rounds, options,
                   peer if with_torch else None)
         if with_torch:
-            report.add_fact(f"PyTorch: {METHOD} (torch {peer.torch_version or 'not started'}, "
+            report.add_fact(f"PyTorch: {peer.method} (torch {peer.torch_version or 'not started'}, "
                             f"{peer.threads_used or peer.threads} threads; a fresh process "
                             "per group): its storage group there; in the ReLU part, after "
                             "each dtype's group of fastbn's rounds")

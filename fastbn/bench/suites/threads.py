@@ -9,7 +9,7 @@ the rounds; the scaling is the time at the first count / the time at the
 others.
 """
 from ..kernels import Threads, default_backends, format_shape, threads_in_use
-from ..peer import METHOD, Peer
+from ..peer import Peer
 from ..report import Report, cell
 from ... import machine
 from . import progress
@@ -62,7 +62,7 @@ def run(options):
                     [f"{b} {threads_in_use(b)}" for b in ours]
                     + ([f"torch {peer.threads_used}"] if "torch" in backends else [])))
         if "torch" in backends:
-            report.add_fact(f"PyTorch: {METHOD} (torch {peer.torch_version or 'not started'}): "
+            report.add_fact(f"PyTorch: {peer.method} (torch {peer.torch_version or 'not started'}): "
                             "per thread count, shape and dtype fastbn's group of rounds, then "
                             "PyTorch's in a fresh process")
     first = counts[0]
