@@ -46,8 +46,8 @@ _LARGEST_ADAPTIVE_THRESHOLD = 32 << 20
 # for each output PyTorch allocates while the previous one is still held,
 # and for the holes they leave (an aligned block does not fit the hole of
 # one of its size). With 6, the backward at (32, 64, 56, 56) float64 still
-# grew the heap into fresh pages every few calls; with 12, never. At least HEAP_MIN_BYTES, at most
-# an eighth of the physical memory.
+# grew the heap into fresh pages every few calls; with 12, never. At least
+# HEAP_MIN_BYTES, at most a quarter of the physical memory.
 HEAP_ARRAYS = 12
 HEAP_MIN_BYTES = 32 << 20
 
@@ -70,7 +70,7 @@ def steady_heap(pool_bytes):
     Parameters
     ----------
     pool_bytes : int
-        Heap to touch (at most an eighth of the physical memory).
+        Heap to touch (at most a quarter of the physical memory).
 
     Returns
     -------
@@ -87,9 +87,9 @@ def steady_heap(pool_bytes):
     libc.malloc.argtypes = [ctypes.c_size_t]
     libc.free.argtypes = [ctypes.c_void_p]
     libc.mallopt(_M_MMAP_THRESHOLD, _LARGEST_ADAPTIVE_THRESHOLD)
-    libc.mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1)
+    libc.mallopt(_M_TRIM_THRESHOLD, -1)     # -1: never trim
     memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    pool_bytes = min(pool_bytes, memory // 8)
+    pool_bytes = min(pool_bytes, memory // 4)
     # Blocks under the threshold, so that they come from the heap's top.
     block = _LARGEST_ADAPTIVE_THRESHOLD // 2
     pool = [libc.malloc(block) for _ in range(-(-pool_bytes // block))]
@@ -99,7 +99,8 @@ def steady_heap(pool_bytes):
     for address in pool:
         libc.free(address)
     return (f"glibc {version().decode()} malloc as in a long-lived process (a heap "
-            f"never trimmed, {HEAP_ARRAYS} arrays of it touched before timing)")
+            f"never trimmed, {HEAP_ARRAYS} arrays of it, at most a quarter of the memory, "
+            "touched before timing)")
 
 
 class PeerError(RuntimeError):
