@@ -15,7 +15,6 @@ An empty slice (a rank with no samples) still takes part in both
 collectives. Evaluation mode, and a group of one process, communicate
 nothing: they run :func:`fastbn.torch.batch_norm`.
 """
-import math
 
 import numpy as np
 import torch
@@ -41,7 +40,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         source, permutation, axis = _arrays.kernel_layout(input)
         x = _arrays.host_view(source, permutation)
         axis %= x.ndim
-        shape3 = (math.prod(x.shape[:axis]), x.shape[axis], math.prod(x.shape[axis + 1:]))
+        shape3 = validation.canonical_shape(x.shape, axis)
         channels = shape3[1]
         x3 = x.reshape(shape3)
         local = torch.from_numpy(local_moments(module, x3, channels))

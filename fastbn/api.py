@@ -9,14 +9,13 @@ implementation (:mod:`fastbn.backends._host`), the CUDA backend does it in a
 kernel. For device arrays this module checks metadata only (shape, dtype,
 strides) and never reads a value.
 """
-import math
 
 import numpy as np
 
 from . import registry
 from .cache import BatchNormCache
-from .validation import (channel_axis, channel_param, check_channel_metadata, check_eps,
-                         check_float_dtype, check_running, check_scalar,
+from .validation import (canonical_shape, channel_axis, channel_param, check_channel_metadata,
+                         check_eps, check_float_dtype, check_running, check_scalar,
                          is_device_array, parameter_dtype)
 
 _METHODS = ("simplified", "staged")
@@ -72,7 +71,7 @@ def _check_input(x, axis, what="x"):
     if shape[axis] == 0:
         raise ValueError(f"{what} has no channels: shape {shape}")
     # An empty batch (C > 0, no values per channel) is not an error: PyTorch's rule.
-    return axis, math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1:])
+    return (axis,) + canonical_shape(shape, axis)
 
 
 def _check_out(out, shape, dtype, module, inputs):
@@ -413,7 +412,7 @@ def batchnorm_backward(dout, cache, *, method="simplified", out=None):
                          f"got shape {tuple(dout_array.shape)} and dtype "
                          f"{np.dtype(dout_array.dtype)}")
     axis = cache.axis
-    A, C, B = math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1:])
+    A, C, B = canonical_shape(shape, axis)
 
     if on_device:
         device = _Device(module)

@@ -31,7 +31,6 @@ extra (``pip install "fastbn[mpi]"``: mpi4py over the system's MPI; or
 ``fastbn[mpich]``: mpi4py and the MPICH wheels), and the
 program runs under ``mpiexec -n 4 python train.py``.
 """
-import math
 
 import numpy as np
 
@@ -44,8 +43,8 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
 
 from . import registry
 from ._syncstats import elemt_sums, global_statistics, local_moments, update_running
-from .validation import (channel_axis, channel_param, check_comm, check_eps, check_running,
-                         check_scalar)
+from .validation import (canonical_shape, channel_axis, channel_param, check_comm, check_eps,
+                         check_running, check_scalar)
 
 __all__ = ["sync_batchnorm_forward", "sync_batchnorm_backward", "SyncBatchNormCache"]
 
@@ -154,7 +153,7 @@ def _layout(x, axis):
     channels = shape[axis]
     if channels == 0:
         raise ValueError(f"x has no channels: shape {shape}, axis {axis}")
-    return axis, math.prod(shape[:axis]), channels, math.prod(shape[axis + 1:])
+    return (axis,) + canonical_shape(shape, axis)
 
 
 
@@ -388,7 +387,7 @@ def sync_batchnorm_backward(dout_local, cache, *, method="simplified"):
     comm = cache.comm
     x = np.asarray(cache.x)
     shape, dtype, axis = tuple(x.shape), np.dtype(x.dtype), cache.axis
-    A, C, B = math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1:])
+    A, C, B = canonical_shape(shape, axis)
     error = None
     try:
         if method not in _METHODS:

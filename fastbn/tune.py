@@ -15,6 +15,7 @@ import sys
 import time
 
 from . import plans, registry
+from .validation import canonical_shape
 from .bench import kernels, timing
 from .bench.suites.default import DEFAULT_SHAPES, LARGE_SHAPES
 
@@ -29,7 +30,7 @@ _PASS_KERNEL = {"forward": "forward", "eval": "forward_eval", "backward": "simpl
 
 def _canonical(shape):
     """The ``(A, C, B)`` view of a shape with its channel axis 1."""
-    return (shape[0], shape[1], math.prod(shape[2:]) if len(shape) > 2 else 1)
+    return canonical_shape(shape, 1)
 
 
 def grid(shapes, dtypes, quick):

@@ -53,6 +53,13 @@ def channel_axis(axis, shape, what="input"):
     return int(axis) % ndim
 
 
+def canonical_shape(shape, axis):
+    """The canonical ``(A, C, B)`` view of ``shape`` with its channels on ``axis``:
+    ``A`` the product of the dimensions before the channel axis, ``C`` the
+    channels, ``B`` the product of those after it (1 when there are none)."""
+    return math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1:])
+
+
 def check_scalar(value, name, low, high):
     """``value`` as a float in ``[low, high]`` (NaN and bools are refused)."""
     if type(value) is not float:  # the common case skips the slower ABC checks
