@@ -1,7 +1,6 @@
 """PyTorch's peer process (fastbn.bench.peer): it answers with samples, the suites
 that compare with PyTorch never import it, and the page names how PyTorch and
 fastbn's plans were timed. No assertion depends on the machine's speed."""
-import ctypes
 import json
 import os
 import subprocess
@@ -139,15 +138,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-def _glibc():
-    try:
-        ctypes.CDLL(None).gnu_get_libc_version
-    except (OSError, AttributeError):
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _glibc(), reason="steady_heap sets glibc's malloc")
+@pytest.mark.skipif(peer.glibc() is None, reason="steady_heap sets glibc's malloc")
 def test_the_peers_heap_serves_new_outputs_from_touched_pages():
     # 20 new 4 MiB arrays (1024 pages each): each would fault its pages in
     # if the heap gave them back to the system or grew into fresh ones.

@@ -53,6 +53,16 @@ HEAP_ARRAYS = 12
 HEAP_MIN_BYTES = 32 << 20
 
 
+def glibc():
+    """This process's C library through ctypes when it is glibc, else None."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version
+    except (OSError, AttributeError, TypeError):
+        return None
+    return libc
+
+
 def steady_heap(pool_bytes):
     """Bring glibc's malloc to the steady state of a long-lived process.
 
@@ -62,12 +72,11 @@ def steady_heap(pool_bytes):
     output of a few MiB costs a page fault per 4 KiB, more or less often as
     the heap's history goes (on an AMD EPYC, PyTorch's backward at (256,
     4096) float32 took 0.46-1.81 ms in such processes, 0.41-0.78 ms on a
-    steady heap). In a
-    training process, the thresholds have adapted to its largest blocks
-    and earlier steps have touched the pages its heap keeps. That state is
-    set up here at once: the heap is never trimmed, blocks up to 32 MiB come
-    from it (larger ones too while its free top has room), and
-    ``pool_bytes`` of its top are touched and freed before any timing.
+    steady heap). In a training process, the thresholds have adapted to its
+    largest blocks and earlier steps have touched the pages its heap keeps.
+    That state is set up here at once: the heap is never trimmed, blocks up
+    to 32 MiB come from it (larger ones too while its free top has room),
+    and ``pool_bytes`` of its top are touched and freed before any timing.
 
     Parameters
     ----------
@@ -80,11 +89,10 @@ def steady_heap(pool_bytes):
     str
         What was done, for the page.
     """
-    try:
-        libc = ctypes.CDLL(None)
-        version = libc.gnu_get_libc_version
-    except (OSError, AttributeError, TypeError):
+    libc = glibc()
+    if libc is None:
         return "malloc as the process starts (the C library is not glibc)"
+    version = libc.gnu_get_libc_version
     version.restype = ctypes.c_char_p
     libc.malloc.restype = ctypes.c_void_p
     libc.malloc.argtypes = [ctypes.c_size_t]
