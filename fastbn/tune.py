@@ -3,25 +3,29 @@
 For each backend that has plans (a backend module with ``plan_candidates``,
 see :mod:`fastbn.plans`), each shape and dtype of the grid and each pass,
 the candidates of the call's class are timed side by side with the timing
-core (interleaved rounds, medians, a settle between samples). The default
-plan is always a candidate, and another wins only when its median is
-faster by more than :data:`MARGIN`, so tuning never picks a plan slower than
-the default on the shapes it timed. Shapes of one call class share a plan:
-the winner is the candidate with the smallest product of its time ratios to
-the default over those shapes.
+core (interleaved rounds, medians, a settle between samples). Each shape's
+own default plan is always a candidate. Shapes of one call class share a
+plan (their defaults may differ): the winner is the candidate with the
+smallest product of its time ratios to each shape's default, among those
+no slower than the default on any shape of the class, and only when it is
+faster by more than :data:`MARGIN` on average. So tuning never picks a plan
+slower than the default on the shapes it timed. ``fastbn tune --check``
+times the plans in use against the defaults again, shape by shape.
 """
+import json
 import math
 import sys
 import time
 
 from . import plans, registry
-from .validation import canonical_shape
 from .bench import kernels, timing
 from .bench.suites.default import DEFAULT_SHAPES, LARGE_SHAPES
+from .validation import canonical_shape
 
 GRID_SHAPES = DEFAULT_SHAPES + LARGE_SHAPES
 GRID_DTYPES = ("float32", "float64")
-# A candidate must beat the default plan's median by this fraction to replace it.
+# A candidate must beat the default plans' medians by this fraction (geometric
+# mean over the class's shapes) to replace them.
 MARGIN = 0.03
 ROUNDS = 7
 QUICK_ROUNDS = 3
@@ -33,9 +37,8 @@ def _canonical(shape):
     return canonical_shape(shape, 1)
 
 
-def grid(shapes, dtypes, quick):
-    """``call class -> [(shape, dtype)]`` for one backend; with ``quick``, one
-    shape per class (the first of the grid)."""
+def grid(shapes, dtypes):
+    """``call class -> [(shape, dtype, pass)]``: the calls of the grid, by class."""
     import numpy as np
 
     classes = {}
@@ -44,9 +47,7 @@ def grid(shapes, dtypes, quick):
         for shape in shapes:
             for pass_name in plans.PASSES:
                 key = plans.call_class(_canonical(shape), dtype, pass_name, itemsize)
-                members = classes.setdefault(key, [])
-                if not (quick and members):
-                    members.append((shape, dtype, pass_name))
+                classes.setdefault(key, []).append((shape, dtype, pass_name))
     return classes
 
 
@@ -75,12 +76,8 @@ class _Bar:
             print(file=sys.stderr, flush=True)
 
 
-def _time_candidates(backend, module, key, shape, dtype, pass_name, rounds):
-    """Median seconds of each candidate plan on one shape, timed side by side."""
-    itemsize = kernels.numpy_dtype(dtype).itemsize
-    candidates = module.plan_candidates(_canonical(shape), itemsize, pass_name)
-    if len(candidates) == 1:
-        return candidates, [1.0]            # nothing to choose
+def _time_plans(backend, key, shape, dtype, pass_name, candidates, rounds):
+    """Median seconds of each plan of ``candidates`` on one shape, timed side by side."""
     case = kernels.Kernels(backend, kernels.make_data(shape, dtype, seed=0))
     run = getattr(case, _PASS_KERNEL[pass_name])
 
@@ -92,18 +89,59 @@ def _time_candidates(backend, module, key, shape, dtype, pass_name, rounds):
 
     timings = timing.interleaved({str(i): forced(plan) for i, plan in enumerate(candidates)},
                                  rounds, max_rounds=rounds, **timing.same_start())
-    return candidates, [timings[str(i)].median for i in range(len(candidates))]
+    return [timings[str(i)].median for i in range(len(candidates))]
 
 
-def _winner(candidates, log_ratios, count):
-    """The candidate with the smallest summed log time ratio to the default
-    (the first) over ``count`` shapes, and its speedup; the default unless
-    another is faster by more than :data:`MARGIN`."""
-    best = min(range(len(candidates)), key=lambda i: log_ratios[i])
-    speedup = math.exp(-log_ratios[best] / count)
-    if best != 0 and speedup < 1 + MARGIN:
-        return 0, 1.0                       # within noise: keep the default
-    return best, speedup
+def _time_candidates(backend, module, key, shape, dtype, pass_name, rounds):
+    """The candidate plans of one shape (its default first) and their medians."""
+    itemsize = kernels.numpy_dtype(dtype).itemsize
+    candidates = module.plan_candidates(_canonical(shape), itemsize, pass_name)
+    if len(candidates) == 1:
+        return candidates, [1.0]            # nothing to choose
+    return candidates, _time_plans(backend, key, shape, dtype, pass_name, candidates, rounds)
+
+
+def _plan_id(plan):
+    return json.dumps(plan, sort_keys=True)
+
+
+def choose(timed):
+    """The plan a call class gets from its shapes' timings.
+
+    Parameters
+    ----------
+    timed : list of (list of dict, list of float)
+        Per shape of the class: its candidate plans, its own default first,
+        and their median seconds. Shapes of a class may have different
+        defaults (and so list the same plans in another order).
+
+    Returns
+    -------
+    plan : dict or None
+        The plan timed on every shape, no slower than the default there,
+        with the smallest product of its time ratios to the defaults; None
+        (each shape keeps its own default) unless that product's geometric
+        mean is a speedup of more than :data:`MARGIN`.
+    speedup : float
+        The geometric mean of the default's time over the plan's (1.0 for None).
+    """
+    totals, worst, seen, found = {}, {}, {}, {}
+    for candidates, medians in timed:
+        for plan, median in zip(candidates, medians):
+            ident = _plan_id(plan)
+            ratio = math.log(median / medians[0])
+            totals[ident] = totals.get(ident, 0.0) + ratio
+            worst[ident] = max(worst.get(ident, ratio), ratio)
+            seen[ident] = seen.get(ident, 0) + 1
+            found[ident] = plan
+    eligible = [ident for ident in totals if seen[ident] == len(timed) and worst[ident] <= 0.0]
+    if not eligible:
+        return None, 1.0
+    best = min(eligible, key=totals.get)
+    speedup = math.exp(-totals[best] / len(timed))
+    if speedup < 1 + MARGIN:
+        return None, 1.0                    # within noise: keep the defaults
+    return found[best], speedup
 
 
 def measure(backend, key, shape, dtype, pass_name):
@@ -111,10 +149,9 @@ def measure(backend, key, shape, dtype, pass_name):
     (``set_tuning("measure")``; :data:`QUICK_ROUNDS` rounds); ``{}`` when the
     default plan is the fastest."""
     module = registry.get_backend(backend)
-    candidates, medians = _time_candidates(backend, module, key, shape, dtype, pass_name,
-                                           QUICK_ROUNDS)
-    best, _ = _winner(candidates, [math.log(m / medians[0]) for m in medians], 1)
-    return candidates[best] if best else {}
+    timed = _time_candidates(backend, module, key, shape, dtype, pass_name, QUICK_ROUNDS)
+    plan, _ = choose([timed])
+    return plan or {}
 
 
 def tune(backends=None, shapes=None, dtypes=None, quick=False, progress=True, save=True):
@@ -129,7 +166,7 @@ def tune(backends=None, shapes=None, dtypes=None, quick=False, progress=True, sa
     dtypes : list of str, optional
         Default float32 and float64.
     quick : bool
-        One shape per call class and :data:`QUICK_ROUNDS` rounds.
+        :data:`QUICK_ROUNDS` rounds per shape instead of :data:`ROUNDS`.
     progress : bool
         A progress bar on a terminal (progress lines otherwise).
     save : bool
@@ -139,7 +176,8 @@ def tune(backends=None, shapes=None, dtypes=None, quick=False, progress=True, sa
     -------
     dict
         ``backend -> {call class -> {"plan", "default", "speedup", "shapes"}}``
-        and, under ``"_wisdom"``, the file written (or None).
+        (``plan`` is the winner, or the first shape's default when
+        ``default``) and, under ``"_wisdom"``, the file written (or None).
     """
     names = backends or [name for name in registry.available_backends()
                          if hasattr(registry.get_backend(name), "plan_candidates")]
@@ -151,28 +189,25 @@ def tune(backends=None, shapes=None, dtypes=None, quick=False, progress=True, sa
         module = registry.get_backend(name)
         if not hasattr(module, "plan_candidates"):
             raise ValueError(f"backend {name!r} has no plans to tune")
-        work[name] = (module, grid(shapes, dtypes, quick))
+        work[name] = (module, grid(shapes, dtypes))
     bar = _Bar(sum(len(m) for _, classes in work.values() for m in classes.values()), progress)
     results, winners = {}, {}
     try:
         for name, (module, classes) in work.items():
             for key, members in classes.items():
-                log_ratios = None
+                timed = []
                 for shape, dtype, pass_name in members:
                     bar.step(f"{name} {'x'.join(map(str, shape))} {dtype} {pass_name}")
-                    candidates, medians = _time_candidates(name, module, key, shape, dtype,
-                                                           pass_name, rounds)
-                    ratios = [math.log(m / medians[0]) for m in medians]
-                    log_ratios = ratios if log_ratios is None else [
-                        a + b for a, b in zip(log_ratios, ratios)]
-                best, speedup = _winner(candidates, log_ratios, len(members))
+                    timed.append(_time_candidates(name, module, key, shape, dtype, pass_name,
+                                                  rounds))
+                plan, speedup = choose(timed)
                 results.setdefault(name, {})[key] = {
-                    "plan": candidates[best], "default": best == 0, "speedup": speedup,
+                    "plan": plan or timed[0][0][0], "default": plan is None, "speedup": speedup,
                     "shapes": ["x".join(map(str, s)) for s, _, _ in members]}
                 # the default won: store nothing, so that each shape of the
                 # class keeps its own default plan (the timed shape's is
                 # not the others')
-                winners.setdefault(name, {})[key] = candidates[best] if best else None
+                winners.setdefault(name, {})[key] = plan
     finally:
         bar.close()
     path = None
@@ -182,6 +217,57 @@ def tune(backends=None, shapes=None, dtypes=None, quick=False, progress=True, sa
         plans.load(plans.builds())
     results["_wisdom"] = path
     return results
+
+
+def check(backends=None, shapes=None, dtypes=None, rounds=ROUNDS, progress=True):
+    """Time the plan each call of the grid gets now against its default plan.
+
+    Every call whose plan (from wisdom, or :func:`fastbn.plans.forced`)
+    differs from its shape's default is timed side by side with the default,
+    as :func:`tune` times candidates: ``fastbn tune --check`` shows whether
+    a stored plan made any shape slower than the default plan.
+
+    Parameters
+    ----------
+    backends, shapes, dtypes : optional
+        As for :func:`tune`.
+    rounds : int
+    progress : bool
+
+    Returns
+    -------
+    list of dict
+        One per call whose plan is not its default: ``backend``, ``shape``,
+        ``dtype``, ``pass``, ``class``, ``plan``, ``default`` and
+        ``speedup`` (the default's median over the plan's).
+    """
+    names = backends or [name for name in registry.available_backends()
+                         if hasattr(registry.get_backend(name), "plan_candidates")]
+    plans.load(plans.builds())
+    work = []
+    for name in names:
+        module = registry.get_backend(name)
+        for key, members in grid(list(shapes or GRID_SHAPES), list(dtypes or GRID_DTYPES)).items():
+            for shape, dtype, pass_name in members:
+                stored = plans.stored_plan(name, key)
+                default = module.default_plan(
+                    _canonical(shape), kernels.numpy_dtype(dtype).itemsize, pass_name)
+                if stored is not None and stored != default:
+                    work.append({"backend": name, "shape": shape, "dtype": dtype,
+                                 "pass": pass_name, "class": key, "plan": stored,
+                                 "default": default})
+    bar = _Bar(len(work), progress)
+    try:
+        for row in work:
+            bar.step(f"{row['backend']} {'x'.join(map(str, row['shape']))} {row['dtype']} "
+                     f"{row['pass']}")
+            default_seconds, plan_seconds = _time_plans(
+                row["backend"], row["class"], row["shape"], row["dtype"], row["pass"],
+                [row["default"], row["plan"]], rounds)
+            row["speedup"] = default_seconds / plan_seconds
+    finally:
+        bar.close()
+    return work
 
 
 def planned():
@@ -203,7 +289,7 @@ def planned():
         if not hasattr(module, "plan_candidates"):
             continue
         entries = result[name] = {}
-        for key, members in grid(GRID_SHAPES, GRID_DTYPES, quick=True).items():
+        for key, members in grid(GRID_SHAPES, GRID_DTYPES).items():
             shape, dtype, pass_name = members[0]
             stored = plans.stored_plan(name, key)
             entries[key] = {
@@ -216,23 +302,50 @@ def planned():
 def add_arguments(parser):
     """The options of ``fastbn tune``."""
     parser.add_argument("--quick", action="store_true",
-                        help="one shape per call class, fewer rounds (minutes on 2 cores)")
+                        help=f"{QUICK_ROUNDS} rounds per shape instead of {ROUNDS} (about a minute on 2 cores)")
     parser.add_argument("--backends", metavar="NAMES",
                         help="comma-separated backends (default: every one with plans)")
     parser.add_argument("--shapes", metavar="SHAPES",
                         help='comma-separated shapes, channel axis 1, e.g. "256x4096,32x64x56x56"')
     parser.add_argument("--dtype", metavar="DTYPES", help="comma-separated (default float32,float64)")
+    parser.add_argument("--check", action="store_true",
+                        help="write nothing: time each shape's plan in use against its "
+                             "default plan")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _format_plan(plan):
+    return ", ".join(f"{k}={v}" for k, v in sorted(plan.items()))
+
+
+def _run_check(args, options):
+    rows = check(rounds=QUICK_ROUNDS if args.quick else ROUNDS, **options)
+    print(plans.status()["reason"])
+    if not rows:
+        print("every call of the grid runs its default plan: nothing to check")
+        return 0
+    for row in rows:
+        call = f"{row['backend']} {'x'.join(map(str, row['shape']))} {row['dtype']} {row['pass']}"
+        print(f"  {call:40s} {row['speedup']:5.2f}x the default  {_format_plan(row['plan'])}")
+    slowest = min(rows, key=lambda row: row["speedup"])
+    print(f"slowest against its default: {slowest['speedup']:.2f}x "
+          f"({slowest['backend']} {'x'.join(map(str, slowest['shape']))} {slowest['dtype']} "
+          f"{slowest['pass']})")
+    return 0
+
+
 def run(args):
-    """``fastbn tune``: tune, print the plan each call class got, write the wisdom."""
+    """``fastbn tune``: tune, print the plan each call class got, write the
+    wisdom; with ``--check``, time the plans in use against the defaults."""
     try:
-        results = tune(
-            backends=args.backends.split(",") if args.backends else None,
-            shapes=kernels.parse_shapes(args.shapes) if args.shapes else None,
-            dtypes=kernels.parse_dtypes(args.dtype) if args.dtype else None,
-            quick=args.quick, progress=not args.no_progress)
+        options = {
+            "backends": args.backends.split(",") if args.backends else None,
+            "shapes": kernels.parse_shapes(args.shapes) if args.shapes else None,
+            "dtypes": kernels.parse_dtypes(args.dtype) if args.dtype else None,
+            "progress": not args.no_progress}
+        if args.check:
+            return _run_check(args, options)
+        results = tune(quick=args.quick, **options)
     except (ValueError, RuntimeError) as exc:
         print(f"fastbn tune: {exc}", file=sys.stderr)
         return 2
@@ -241,7 +354,6 @@ def run(args):
         print(f"{name}:")
         for key, found in sorted(classes.items()):
             source = "default" if found["default"] else f"{found['speedup']:.2f}x the default"
-            fields = ", ".join(f"{k}={v}" for k, v in sorted(found["plan"].items()))
-            print(f"  {key:32s} {source:18s} {fields}")
+            print(f"  {key:32s} {source:18s} {_format_plan(found['plan'])}")
     print(f"wisdom: {path}" if path else "wisdom: not written")
     return 0

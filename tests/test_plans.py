@@ -3,6 +3,7 @@ its key; the plans of the backends that have them (every candidate against
 the float64 reference, wisdom and measured plans reaching the kernels), and
 ``fastbn tune``."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -312,3 +313,117 @@ def test_cython_plans_give_the_same_bits(shape, dtype):
             for name, value in got.items():
                 np.testing.assert_array_equal(value, results[0][name],
                                               err_msg=f"{pass_name} {plan}: {name}")
+
+
+# ---------------------------------------------------------------------------
+# How tune chooses, and tune --check
+# ---------------------------------------------------------------------------
+
+P = {"strategy": "passes", "reduce": "rows", "apply": "rows"}
+Q = {"strategy": "fused", "slab_bytes": 4096}
+R = {"strategy": "fused", "slab_bytes": 8192}
+
+
+def test_tune_compares_each_shape_with_its_own_default():
+    # two shapes of one class whose defaults differ (P, then Q), so that each
+    # lists the same plans in another order: R is 0.8 and 0.85 of the defaults
+    timed = [([P, Q, R], [1.0, 0.9, 0.8]), ([Q, R, P], [1.0, 0.85, 1.5])]
+    plan, speedup = tune.choose(timed)
+    assert plan == R
+    assert speedup == pytest.approx((0.8 * 0.85) ** -0.5)
+    # Q is the first shape's 0.9 and the second's default: 1.05x on average
+    plan, speedup = tune.choose([([P, Q], [1.0, 0.9]), ([Q, P], [1.0, 1.5])])
+    assert plan == Q and speedup == pytest.approx(0.9 ** -0.5)
+
+
+def test_tune_never_keeps_a_plan_slower_than_a_default_on_any_shape():
+    # R halves one shape's time but is 5% slower on the other: not kept
+    assert tune.choose([([P, R], [1.0, 0.5]), ([P, R], [1.0, 1.05])]) == (None, 1.0)
+    # within the margin of the default: not kept
+    assert tune.choose([([P, R], [1.0, 1 / (1 + tune.MARGIN / 2)])]) == (None, 1.0)
+    # a plan that one shape did not time is not kept
+    assert tune.choose([([P, R], [1.0, 0.5]), ([P], [1.0])]) == (None, 1.0)
+    plan, speedup = tune.choose([([P, R], [1.0, 0.5])])
+    assert plan == R and speedup == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("backend", PLANNED)
+def test_tune_check_times_the_plans_in_use_against_the_defaults(backend, monkeypatch):
+    monkeypatch.setenv(plans.WISDOM_ENV, "off")
+    shape = (8, 16, 16, 16)
+    kernels = registry.get_backend(backend)
+    assert tune.check(backends=[backend], shapes=[shape], dtypes=["float32"], rounds=1,
+                      progress=False) == []
+    key = plans.call_class((8, 16, 256), "float32", "backward", 4)
+    default = kernels.default_plan((8, 16, 256), 4, "backward")
+    other = next(plan for plan in kernels.plan_candidates((8, 16, 256), 4, "backward")
+                 if plan != default)
+    with plans.forced(backend, key, other):
+        rows = tune.check(backends=[backend], shapes=[shape], dtypes=["float32"], rounds=1,
+                          progress=False)
+    assert [(row["pass"], row["plan"], row["default"]) for row in rows] == [
+        ("backward", other, default)]
+    assert rows[0]["shape"] == shape and rows[0]["class"] == key and rows[0]["speedup"] > 0
+
+
+def test_tune_check_from_the_command_line(capsys, monkeypatch):
+    from fastbn.__main__ import main
+
+    monkeypatch.setenv(plans.WISDOM_ENV, "off")
+    assert main(["tune", "--check", "--quick", "--no-progress", "--shapes", "8x16x16x16",
+                 "--dtype", "float32"]) == 0
+    out = capsys.readouterr().out
+    assert "FASTBN_WISDOM=off" in out and "nothing to check" in out
+
+
+# ---------------------------------------------------------------------------
+# No per-call allocation that faults its pages in
+# ---------------------------------------------------------------------------
+
+FAULTS_SCRIPT = """
+import json, resource, sys
+import numpy as np
+from fastbn import plans, registry
+from fastbn.bench import kernels
+backend, shape = sys.argv[1], (16, 256, 14, 14)
+module = registry.get_backend(backend)
+case = kernels.Kernels(backend, kernels.make_data(shape, "float32", seed=0))
+passes = {"forward": case.forward, "backward": case.simplified, "eval": case.forward_eval}
+found = []
+for pass_name, run in passes.items():
+    key = plans.call_class((16, 256, 196), "float32", pass_name, 4)
+    for plan in module.plan_candidates((16, 256, 196), 4, pass_name):
+        with plans.forced(backend, key, plan):
+            run(); run()
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            for _ in range(5):
+                run()
+            found.append([pass_name, plan,
+                          resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before])
+print(json.dumps(found))
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("resource"), "getrusage"), reason="no getrusage")
+@pytest.mark.parametrize("backend", PLANNED)
+def test_kernels_allocate_nothing_per_call_that_faults(backend):
+    """A fresh process (glibc maps every allocation above 128 KiB afresh) runs
+    every candidate plan: five calls after two fault fewer pages than one
+    per-column parameter row of the columns loop shape has (256 * 196
+    float64: 98 pages). numba's columns kernels used to allocate those rows
+    and their partial sums on every call: 262 faults a call."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, FASTBN_WISDOM="off",
+               PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT, backend], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    found = json.loads(done.stdout)
+    assert len(found) >= 6
+    row_pages = 256 * 196 * 8 // 4096
+    faulted = [(pass_name, plan, faults) for pass_name, plan, faults in found
+               if faults >= row_pages]
+    assert not faulted

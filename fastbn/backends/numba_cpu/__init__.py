@@ -170,6 +170,7 @@ with another ``NUMBA_CACHE_DIR``).
 """
 
 import functools
+import threading
 
 import numpy as np
 
@@ -193,7 +194,7 @@ if numba is not None:
                              _f32_to_half_soft, _half_to_f32_f16c, _half_to_f32_soft)
     from ._loops import (AFFINE, COMBINE, FILL, GATED, PRODUCT, PRODUCTS, SHIFTED,  # noqa: F401
                          _chunk_range, backward_columns_fused, backward_rows_fused,
-                         forward_columns_fused, forward_rows_fused)
+                         forward_columns_fused, forward_rows_fused, work_size)
     from ._ops import (channel_shift, dx_coefficients, eval_coefficients, finish_stats,
                        moments)
 
@@ -519,6 +520,27 @@ def _lo(relu):
 # Passes over the full arrays, in the loop shape of their shape.
 # ---------------------------------------------------------------------------
 
+# Each thread's work array for the columns kernels (their per-column
+# parameters and partial sums), grown to the largest call and kept: a new
+# allocation of more than glibc's mmap threshold (128 KiB until the process
+# frees a larger mapped block) is a fresh mapping, and its pages faulted on
+# every call (about 260 faults, a third of the kernel's time, at float32
+# (64, 256, 14, 14)). Work arrays larger than WORK_KEEP_BYTES are not kept.
+_WORK = threading.local()
+WORK_KEEP_BYTES = 64 * 2**20
+
+
+def _work(n):
+    """A float64 array of at least ``n`` elements for this thread's next kernel."""
+    work = getattr(_WORK, "array", None)
+    if work is not None and work.size >= n:
+        return work
+    work = np.empty(n)
+    if 8 * n <= WORK_KEEP_BYTES:
+        _WORK.array = work
+    return work
+
+
 def _apply(kernels, u, v, params, bound, out, loop=None):
     """``out = op(u, v, *params, bound)``, ``op`` the elementwise op of ``kernels``.
 
@@ -537,10 +559,12 @@ def _apply(kernels, u, v, params, bound, out, loop=None):
     """
     if loop is None:
         loop = "serial" if _serial(out) else "rows" if _uses_rows(out.shape) else "columns"
-    kernel = getattr(kernels, loop)
     # every kernel takes six parameters; the op reads only its own
     padded = tuple(params) + (params[0],) * (6 - len(params))
-    kernel(u, v, *padded, bound, out)
+    if loop == "columns":
+        kernels.columns(u, v, *padded, bound, out, _work(work_size(out.shape)))
+    else:
+        getattr(kernels, loop)(u, v, *padded, bound, out)
 
 
 def _sums(kernels, u, v, params, bound=None, loop=None):
@@ -569,7 +593,9 @@ def _sums(kernels, u, v, params, bound=None, loop=None):
     elif loop == "rows":
         kernels.rows(u, v, p0, p1, p2, bound, _chunks_per_channel(u.shape), sum1, sum2)
     else:
-        kernels.columns(u, v, p0, p1, p2, bound, _row_blocks(A, C * B), sum1, sum2)
+        n_row_blocks = _row_blocks(A, C * B)
+        kernels.columns(u, v, p0, p1, p2, bound, n_row_blocks, sum1, sum2,
+                        _work(work_size(u.shape, n_row_blocks)))
     return sum1, sum2
 
 

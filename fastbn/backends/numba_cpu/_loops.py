@@ -20,8 +20,11 @@ is ``(channel, chunk of the channel)``, ``n_split`` chunks per channel
 (``_chunk_range``), merged in chunk order.
 
 *Columns* (``B`` small): the arrays are viewed as ``(A, J)``, ``J = C*B``,
-with per-column parameters (``_per_column``), so that inner loops run over
-long contiguous rows. Elementwise items are ``(ELEMENT_ROWS rows,
+with per-column parameters (``_read_per_column``), so that inner loops run
+over long contiguous rows. These kernels write their per-column parameters
+and partial sums into a work array that the caller passes in (``work``,
+:func:`work_size`): allocated in the kernel, a few hundred KiB per call
+would be a fresh mapping whose pages fault on every call. Elementwise items are ``(ELEMENT_ROWS rows,
 COLUMN_BLOCK columns)``, two rows per pass sharing the parameter loads.
 Reduction items are ``(block of rows, block of COLUMN_BLOCK columns)``; each
 adds four rows at a time into its own float64 partial-sum row, and the
@@ -85,24 +88,25 @@ def _chunk_range(k, n, n_chunks):
 
 
 @register_jitable(**JITABLE)
-def _per_column(values, B):
-    """Per-channel (C,) -> per-column (C*B,) values (column j is channel j // B)."""
-    if B == 1:
-        return values
-    expanded = np.empty(values.shape[0] * B)
+def _read_per_column(values, B, read, gate, bound, work):
+    """Per-channel (C,) -> per-column (C*B,) values (column j is channel j // B),
+    written into ``work[:C*B]``, when the op reads the parameter: always
+    (``read``), or as a ReLU gate parameter (``gate``) when there is a
+    ``bound``; else ``values`` as they are (never read, not expanded)."""
+    if B == 1 or not (read or (gate and bound is not None)):
+        return values[:]
+    expanded = work[:values.shape[0] * B]
     for c in range(values.shape[0]):
         expanded[c * B:(c + 1) * B] = values[c]
     return expanded
 
 
-@register_jitable(**JITABLE)
-def _read_per_column(values, B, read, gate, bound):
-    """``_per_column(values, B)`` when the op reads the parameter: always
-    (``read``), or as a ReLU gate parameter (``gate``) when there is a
-    ``bound``; else ``values`` as they are (never read, not expanded)."""
-    if read or (gate and bound is not None):
-        return _per_column(values, B)
-    return values
+def work_size(shape, n_row_blocks=0):
+    """Float64 elements of the ``work`` array of a columns kernel on ``(A, C, B)``
+    arrays: six per-column parameter rows for an elementwise kernel
+    (``n_row_blocks=0``), three and the partial-sum rows for a reduction."""
+    J = shape[1] * shape[2]
+    return (6 if n_row_blocks == 0 else 3 + 2 * n_row_blocks) * J
 
 
 def _reads(n_read, gate):
@@ -160,7 +164,8 @@ def elementwise(op, n_read, gate=None):
     Elementwise
         ``rows``, ``columns`` (parallel) and ``serial`` kernels, each
         ``kernel(u, v, p0, p1, p2, p3, p4, p5, bound, out)`` on ``(A, C, B)``
-        arrays with ``(C,)`` float64 parameters; and the pieces of the fused
+        arrays with ``(C,)`` float64 parameters (``columns`` takes a last
+        argument, ``work``: float64, :func:`work_size` elements); and the pieces of the fused
         kernels, ``channels`` and ``column_channels(u, v, p0, ..., p5,
         bound, c_lo, c_hi, out)``: channels ``[c_lo, c_hi)`` only.
     """
@@ -230,7 +235,7 @@ def elementwise(op, n_read, gate=None):
                     out[a, c, :])
 
     @_kernel(f"{op.__name__}.columns", PJIT)
-    def columns(u, v, p0, p1, p2, p3, p4, p5, bound, out):
+    def columns(u, v, p0, p1, p2, p3, p4, p5, bound, out, work):
         """Columns shape: work item = (ELEMENT_ROWS rows, COLUMN_BLOCK columns) of (A, C*B)."""
         A, C, B = out.shape
         J = C * B
@@ -240,12 +245,12 @@ def elementwise(op, n_read, gate=None):
         v2 = v.reshape((A, J))
         out2 = out.reshape((A, J))
         # the per-column parameters, only those the op reads
-        q0 = _read_per_column(p0, B, r0, g0, bound)
-        q1 = _read_per_column(p1, B, r1, g1, bound)
-        q2 = _read_per_column(p2, B, r2, g2, bound)
-        q3 = _read_per_column(p3, B, r3, g3, bound)
-        q4 = _read_per_column(p4, B, r4, g4, bound)
-        q5 = _read_per_column(p5, B, r5, g5, bound)
+        q0 = _read_per_column(p0, B, r0, g0, bound, work[0:J])
+        q1 = _read_per_column(p1, B, r1, g1, bound, work[J:2 * J])
+        q2 = _read_per_column(p2, B, r2, g2, bound, work[2 * J:3 * J])
+        q3 = _read_per_column(p3, B, r3, g3, bound, work[3 * J:4 * J])
+        q4 = _read_per_column(p4, B, r4, g4, bound, work[4 * J:5 * J])
+        q5 = _read_per_column(p5, B, r5, g5, bound, work[5 * J:6 * J])
         for item in prange(n_row_blocks * n_col_blocks):
             k = item // n_col_blocks
             a_lo = k * ELEMENT_ROWS
@@ -279,7 +284,8 @@ def reduction(term, n_read, gate=None):
     -------
     Reduction
         ``rows(u, v, p0, p1, p2, bound, n_split, sum1, sum2)``,
-        ``columns(u, v, p0, p1, p2, bound, n_row_blocks, sum1, sum2)``
+        ``columns(u, v, p0, p1, p2, bound, n_row_blocks, sum1, sum2, work)``
+        (``work``: float64, :func:`work_size` elements)
         (parallel) and ``serial(u, v, p0, p1, p2, bound, sum1, sum2)``, on
         ``(A, C, B)`` arrays with ``(C,)`` float64 parameters, writing the
         float64 ``(C,)`` sums; and the pieces of the fused kernels,
@@ -409,19 +415,22 @@ def reduction(term, n_read, gate=None):
             sum2[c] = s2
 
     @_kernel(f"{term.__name__}.columns", PJIT)
-    def columns(u, v, p0, p1, p2, bound, n_row_blocks, sum1, sum2):
+    def columns(u, v, p0, p1, p2, bound, n_row_blocks, sum1, sum2, work):
         """Columns shape: work item = (block of rows, COLUMN_BLOCK columns) of (A, C*B)."""
         A, C, B = u.shape
         J = C * B
         n_col_blocks = (J + COLUMN_BLOCK - 1) // COLUMN_BLOCK
         u2 = u.reshape((A, J))
         v2 = v.reshape((A, J))
-        # the per-column parameters, only those the term reads
-        q0 = _read_per_column(p0, B, r0, g0, bound)
-        q1 = _read_per_column(p1, B, r1, g1, bound)
-        q2 = _read_per_column(p2, B, r2, g2, bound)
-        part1 = np.zeros((n_row_blocks, J))
-        part2 = np.zeros((n_row_blocks, J))
+        # the per-column parameters, only those the term reads, and the
+        # partial sums of each row block
+        q0 = _read_per_column(p0, B, r0, g0, bound, work[0:J])
+        q1 = _read_per_column(p1, B, r1, g1, bound, work[J:2 * J])
+        q2 = _read_per_column(p2, B, r2, g2, bound, work[2 * J:3 * J])
+        part1 = work[3 * J:(3 + n_row_blocks) * J].reshape((n_row_blocks, J))
+        part2 = work[(3 + n_row_blocks) * J:(3 + 2 * n_row_blocks) * J].reshape((n_row_blocks, J))
+        part1[:] = 0.0
+        part2[:] = 0.0
         for item in prange(n_row_blocks * n_col_blocks):
             k = item // n_col_blocks
             a_lo, a_hi = _chunk_range(k, A, n_row_blocks)
