@@ -8,7 +8,11 @@ own default plan is always a candidate. Shapes of one call class share a
 plan (their defaults may differ): the winner is the candidate with the
 smallest product of its time ratios to each shape's default, among those
 no slower than the default on any shape of the class, and only when it is
-faster by more than :data:`MARGIN` on average. So tuning never picks a plan
+faster by more than :data:`MARGIN` on average. The winner of many
+candidates is the one that noise favoured most, so it is timed again
+against the defaults alone (:data:`CONFIRM_ROUNDS` rounds per shape) and
+kept only if it was faster in all rounds but one on every shape, and by
+more than the margin (:func:`_confirm`). So tuning never picks a plan
 slower than the default on the shapes it timed. ``fastbn tune --check``
 times the plans in use against the defaults again, shape by shape.
 """
@@ -29,6 +33,8 @@ GRID_DTYPES = ("float32", "float64")
 MARGIN = 0.03
 ROUNDS = 7
 QUICK_ROUNDS = 3
+# Rounds of the second timing of a class's winner against its shapes' defaults.
+CONFIRM_ROUNDS = 7
 _PASS_KERNEL = {"forward": "forward", "eval": "forward_eval", "backward": "simplified"}
 
 
@@ -76,8 +82,9 @@ class _Bar:
             print(file=sys.stderr, flush=True)
 
 
-def _time_plans(backend, key, shape, dtype, pass_name, candidates, rounds):
-    """Median seconds of each plan of ``candidates`` on one shape, timed side by side."""
+def _timings(backend, key, shape, dtype, pass_name, candidates, rounds):
+    """The timing core's :class:`~fastbn.bench.timing.Timings` of the plans of
+    ``candidates`` on one shape, side by side (kernel ``str(i)`` is plan i)."""
     case = kernels.Kernels(backend, kernels.make_data(shape, dtype, seed=0))
     run = getattr(case, _PASS_KERNEL[pass_name])
 
@@ -87,9 +94,20 @@ def _time_plans(backend, key, shape, dtype, pass_name, candidates, rounds):
                 run()
         return call
 
-    timings = timing.interleaved({str(i): forced(plan) for i, plan in enumerate(candidates)},
-                                 rounds, max_rounds=rounds, **timing.same_start())
+    return timing.interleaved({str(i): forced(plan) for i, plan in enumerate(candidates)},
+                              rounds, max_rounds=rounds, **timing.same_start())
+
+
+def _time_plans(backend, key, shape, dtype, pass_name, candidates, rounds):
+    """Median seconds of each plan of ``candidates`` on one shape, timed side by side."""
+    timings = _timings(backend, key, shape, dtype, pass_name, candidates, rounds)
     return [timings[str(i)].median for i in range(len(candidates))]
+
+
+def _paired_ratios(backend, key, shape, dtype, pass_name, pair, rounds):
+    """Per round, the second plan's time over the first's (timed in the same round)."""
+    timings = _timings(backend, key, shape, dtype, pass_name, pair, rounds)
+    return [b / a for a, b in zip(timings["0"].samples, timings["1"].samples)]
 
 
 def _time_candidates(backend, module, key, shape, dtype, pass_name, rounds):
@@ -151,7 +169,34 @@ def measure(backend, key, shape, dtype, pass_name):
     module = registry.get_backend(backend)
     timed = _time_candidates(backend, module, key, shape, dtype, pass_name, QUICK_ROUNDS)
     plan, _ = choose([timed])
+    if plan is not None:
+        plan, _ = _confirm(backend, key, [(shape, dtype, pass_name)], [timed], plan)
     return plan or {}
+
+
+def _confirm(backend, key, members, timed, plan, bar=None):
+    """Time ``plan`` again against each member shape's default alone
+    (:data:`CONFIRM_ROUNDS` rounds): ``(plan, speedup)`` when it was faster
+    in all rounds but at most one on every shape, and faster by more than
+    :data:`MARGIN` (the geometric mean over the shapes of its median
+    per-round ratio); else ``(None, 1.0)``. Rounds pair the two plans'
+    samples, so a slow spell of the machine cancels in each ratio."""
+    logs = []
+    for (shape, dtype, pass_name), (candidates, _) in zip(members, timed):
+        if bar is not None:
+            bar.step(f"{backend} {'x'.join(map(str, shape))} {dtype} {pass_name} (again)")
+        if plan == candidates[0]:           # this shape's default: nothing to time
+            logs.append(0.0)
+            continue
+        ratios = sorted(_paired_ratios(backend, key, shape, dtype, pass_name,
+                                       [candidates[0], plan], CONFIRM_ROUNDS))
+        if not ratios or sum(ratio >= 1.0 for ratio in ratios) > 1:
+            return None, 1.0
+        logs.append(math.log(ratios[len(ratios) // 2]))
+    speedup = math.exp(-sum(logs) / len(logs))
+    if speedup < 1 + MARGIN:
+        return None, 1.0
+    return plan, speedup
 
 
 def tune(backends=None, shapes=None, dtypes=None, quick=False, progress=True, save=True):
@@ -201,6 +246,9 @@ def tune(backends=None, shapes=None, dtypes=None, quick=False, progress=True, sa
                     timed.append(_time_candidates(name, module, key, shape, dtype, pass_name,
                                                   rounds))
                 plan, speedup = choose(timed)
+                if plan is not None:
+                    bar.total += len(members)
+                    plan, speedup = _confirm(name, key, members, timed, plan, bar)
                 results.setdefault(name, {})[key] = {
                     "plan": plan or timed[0][0][0], "default": plan is None, "speedup": speedup,
                     "shapes": ["x".join(map(str, s)) for s, _, _ in members]}
@@ -239,7 +287,8 @@ def check(backends=None, shapes=None, dtypes=None, rounds=ROUNDS, progress=True)
     list of dict
         One per call whose plan is not its default: ``backend``, ``shape``,
         ``dtype``, ``pass``, ``class``, ``plan``, ``default`` and
-        ``speedup`` (the default's median over the plan's).
+        ``speedup`` (the default's time over the plan's: the median of the
+        rounds' ratios).
     """
     names = backends or [name for name in registry.available_backends()
                          if hasattr(registry.get_backend(name), "plan_candidates")]
@@ -261,10 +310,10 @@ def check(backends=None, shapes=None, dtypes=None, rounds=ROUNDS, progress=True)
         for row in work:
             bar.step(f"{row['backend']} {'x'.join(map(str, row['shape']))} {row['dtype']} "
                      f"{row['pass']}")
-            default_seconds, plan_seconds = _time_plans(
+            ratios = sorted(_paired_ratios(
                 row["backend"], row["class"], row["shape"], row["dtype"], row["pass"],
-                [row["default"], row["plan"]], rounds)
-            row["speedup"] = default_seconds / plan_seconds
+                [row["default"], row["plan"]], rounds))
+            row["speedup"] = 1.0 / ratios[len(ratios) // 2]
     finally:
         bar.close()
     return work

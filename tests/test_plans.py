@@ -348,6 +348,38 @@ def test_tune_never_keeps_a_plan_slower_than_a_default_on_any_shape():
 
 
 @pytest.mark.parametrize("backend", PLANNED)
+@pytest.mark.parametrize("wins_again", [False, True], ids=["noise", "confirmed"])
+def test_tune_keeps_a_winner_only_if_it_wins_again(backend, wins_again, tmp_path, monkeypatch):
+    # The screening (QUICK_ROUNDS) says every other plan halves the time; the
+    # second timing, the winner against the default alone, says half in
+    # every round (confirmed), or half in all rounds but two (noise).
+    monkeypatch.setenv(plans.WISDOM_ENV, str(tmp_path / "wisdom.json"))
+    timed_again = []
+
+    def fake_time_plans(backend_name, key, shape, dtype, pass_name, candidates, rounds):
+        return [1.0] + [0.5] * (len(candidates) - 1)
+
+    def fake_paired_ratios(backend_name, key, shape, dtype, pass_name, pair, rounds):
+        timed_again.append(key)
+        assert rounds == tune.CONFIRM_ROUNDS and len(pair) == 2 and pair[1] != pair[0]
+        return [0.5] * (rounds - 2) + ([0.5, 0.5] if wins_again else [1.0, 1.1])
+
+    monkeypatch.setattr(tune, "_time_plans", fake_time_plans)
+    monkeypatch.setattr(tune, "_paired_ratios", fake_paired_ratios)
+    results = tune.tune(backends=[backend], shapes=[(8, 16, 16, 16)], dtypes=["float32"],
+                        quick=True, progress=False)
+    results.pop("_wisdom")
+    kernels = registry.get_backend(backend)
+    assert sorted(timed_again) == sorted(results[backend])
+    for key, found in results[backend].items():
+        candidates = kernels.plan_candidates((8, 16, 256), 4, key.rsplit("/", 1)[1])
+        if wins_again:
+            assert found["plan"] == candidates[1] and found["speedup"] == pytest.approx(2.0)
+        else:
+            assert found["default"] and found["plan"] == candidates[0]
+
+
+@pytest.mark.parametrize("backend", PLANNED)
 def test_tune_check_times_the_plans_in_use_against_the_defaults(backend, monkeypatch):
     monkeypatch.setenv(plans.WISDOM_ENV, "off")
     shape = (8, 16, 16, 16)
