@@ -9,8 +9,9 @@ the order of summation, may change the last bits of a result; the same
 plan gives the same bits run to run and for any thread count.
 
 A plan is chosen per *call class*: backend, layout class (``"nd"`` for
-``(N, D)`` arrays, ``"rows"`` for ``(N, C, ...)`` with long rows, ``"short"``
-with rows shorter than :data:`SHORT_ROW`), size class (the bytes of ``x``
+``(N, D)`` arrays, ``"short"`` for ``(N, C, ...)`` with rows shorter than
+:data:`SHORT_ROW`, ``"medium"`` with rows shorter than :data:`LONG_ROW`,
+``"rows"`` with longer rows), size class (the bytes of ``x``
 within ``"l2"``, within the last-level share ``"llc"``, or ``"memory"``
 beyond), dtype, and pass (``"forward"`` training, ``"eval"``, ``"backward"``).
 
@@ -44,6 +45,12 @@ PASS_ARRAYS = {"forward": 2, "eval": 2, "backward": 3}
 # Rows (the B axis of the (A, C, B) view) shorter than this are a layout class
 # of their own: their loops are short and their best split differs.
 SHORT_ROW = 64
+# Rows shorter than this (and not short) are the "medium" class: the default
+# plans change at this length (the backends fuse, and numba reduces by rows,
+# only rows of at least 256 values), so that the shapes of a class mostly
+# share their default plan, and tune can keep another plan for the medium
+# rows (e.g. (N, 256, 14, 14)) without moving the long ones.
+LONG_ROW = 256
 TUNING_MODES = ("off", "measure")
 
 _state = {"loaded": False, "builds": {}, "wisdom": {}, "source": None,
@@ -65,11 +72,13 @@ def generation():
 
 
 def layout_class(shape):
-    """``"nd"``, ``"short"`` or ``"rows"`` for an ``(A, C, B)`` shape."""
+    """``"nd"``, ``"short"``, ``"medium"`` or ``"rows"`` for an ``(A, C, B)`` shape."""
     B = shape[2]
     if B == 1:
         return "nd"
-    return "short" if B < SHORT_ROW else "rows"
+    if B < SHORT_ROW:
+        return "short"
+    return "medium" if B < LONG_ROW else "rows"
 
 
 def _machine_caches():

@@ -29,7 +29,16 @@ def test_call_classes():
     caches = machine.cache_sizes()
     assert plans.layout_class((256, 4096, 1)) == "nd"
     assert plans.layout_class((32, 64, 49)) == "short"
+    assert plans.layout_class((32, 64, 63)) == "short"
+    assert plans.layout_class((32, 64, 64)) == "medium"
+    assert plans.layout_class((64, 256, 196)) == "medium"
+    assert plans.layout_class((32, 64, 255)) == "medium"
+    assert plans.layout_class((32, 64, 256)) == "rows"
     assert plans.layout_class((32, 64, 3136)) == "rows"
+    if "numba" in PLANNED:
+        # the medium class ends where numba's default plans change
+        numba_cpu = registry.get_backend("numba")
+        assert plans.LONG_ROW == numba_cpu.FUSED_MIN_B == numba_cpu.REDUCE_ROWS_MIN_B
     assert plans.size_class(caches["l2"], caches) == "l2"
     assert plans.size_class(caches["l2"] + 1, caches) in ("llc", "memory")
     assert plans.size_class(10 * caches["l3"] + 16 * caches["l2"], caches) == "memory"
