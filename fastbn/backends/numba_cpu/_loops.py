@@ -429,15 +429,16 @@ def reduction(term, n_read, gate=None):
         q2 = _read_per_column(p2, B, r2, g2, bound, work[2 * J:3 * J])
         part1 = work[3 * J:(3 + n_row_blocks) * J].reshape((n_row_blocks, J))
         part2 = work[(3 + n_row_blocks) * J:(3 + 2 * n_row_blocks) * J].reshape((n_row_blocks, J))
-        part1[:] = 0.0
-        part2[:] = 0.0
         for item in prange(n_row_blocks * n_col_blocks):
             k = item // n_col_blocks
             a_lo, a_hi = _chunk_range(k, A, n_row_blocks)
             j_lo = (item - k * n_col_blocks) * COLUMN_BLOCK
             j_hi = min(J, j_lo + COLUMN_BLOCK)
-            partials(u2, v2, q0, q1, q2, bound, a_lo, a_hi, j_lo, j_hi, part1[k, j_lo:j_hi],
-                     part2[k, j_lo:j_hi])
+            row1 = part1[k, j_lo:j_hi]
+            row2 = part2[k, j_lo:j_hi]
+            row1[:] = 0.0           # each item starts its own partial sums
+            row2[:] = 0.0
+            partials(u2, v2, q0, q1, q2, bound, a_lo, a_hi, j_lo, j_hi, row1, row2)
         for c in prange(C):
             s1 = 0.0
             s2 = 0.0
