@@ -456,9 +456,13 @@ def test_kernels_allocate_nothing_per_call_that_faults(backend):
     import subprocess
     import sys
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    import fastbn
+
+    # the fastbn this process imported (installed, with its extension, or a
+    # built source tree), not whatever the folder above the tests holds
+    home = os.path.dirname(os.path.dirname(os.path.abspath(fastbn.__file__)))
     env = dict(os.environ, FASTBN_WISDOM="off",
-               PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+               PYTHONPATH=os.pathsep.join([home, os.environ.get("PYTHONPATH", "")]))
     done = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT, backend], env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
