@@ -447,7 +447,7 @@ print(json.dumps(found))
 
 @pytest.mark.skipif(not hasattr(__import__("resource"), "getrusage"), reason="no getrusage")
 @pytest.mark.parametrize("backend", PLANNED)
-def test_kernels_allocate_nothing_per_call_that_faults(backend):
+def test_kernels_allocate_nothing_per_call_that_faults(backend, tmp_path):
     """A fresh process (glibc maps every allocation above 128 KiB afresh) runs
     every candidate plan: five calls after two fault fewer pages than one
     per-column parameter row of the columns loop shape has (256 * 196
@@ -459,12 +459,13 @@ def test_kernels_allocate_nothing_per_call_that_faults(backend):
     import fastbn
 
     # the fastbn this process imported (installed, with its extension, or a
-    # built source tree), not whatever the folder above the tests holds
+    # built source tree), not the source tree in the working directory
+    # (``python -c`` puts that first on its path)
     home = os.path.dirname(os.path.dirname(os.path.abspath(fastbn.__file__)))
     env = dict(os.environ, FASTBN_WISDOM="off",
                PYTHONPATH=os.pathsep.join([home, os.environ.get("PYTHONPATH", "")]))
     done = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT, backend], env=env,
-                          capture_output=True, text=True, timeout=600)
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     found = json.loads(done.stdout)
     assert len(found) >= 6
