@@ -119,6 +119,23 @@ def _time_candidates(backend, module, key, shape, dtype, pass_name, rounds):
     return candidates, _time_plans(backend, key, shape, dtype, pass_name, candidates, rounds)
 
 
+def _label(backend, shape, dtype, pass_name):
+    """A call as the progress bar shows it: ``numba 64x256x14x14 float64 backward``."""
+    return f"{backend} {'x'.join(map(str, shape))} {dtype} {pass_name}"
+
+
+def _median(ratios):
+    """The middle of the per-round ratios (the upper one of an even count); None if none."""
+    ratios = sorted(ratios)
+    return ratios[len(ratios) // 2] if ratios else None
+
+
+def _planned_backends(backends):
+    """``backends``, or every available backend that has plans."""
+    return backends or [name for name in registry.available_backends()
+                        if hasattr(registry.get_backend(name), "plan_candidates")]
+
+
 def _plan_id(plan):
     return json.dumps(plan, sort_keys=True)
 
@@ -184,15 +201,15 @@ def _confirm(backend, key, members, timed, plan, bar=None):
     logs = []
     for (shape, dtype, pass_name), (candidates, _) in zip(members, timed):
         if bar is not None:
-            bar.step(f"{backend} {'x'.join(map(str, shape))} {dtype} {pass_name} (again)")
+            bar.step(_label(backend, shape, dtype, pass_name) + " (again)")
         if plan == candidates[0]:           # this shape's default: nothing to time
             logs.append(0.0)
             continue
-        ratios = sorted(_paired_ratios(backend, key, shape, dtype, pass_name,
-                                       [candidates[0], plan], CONFIRM_ROUNDS))
+        ratios = _paired_ratios(backend, key, shape, dtype, pass_name,
+                                [candidates[0], plan], CONFIRM_ROUNDS)
         if not ratios or sum(ratio >= 1.0 for ratio in ratios) > 1:
             return None, 1.0
-        logs.append(math.log(ratios[len(ratios) // 2]))
+        logs.append(math.log(_median(ratios)))
     speedup = math.exp(-sum(logs) / len(logs))
     if speedup < 1 + MARGIN:
         return None, 1.0
@@ -224,8 +241,7 @@ def tune(backends=None, shapes=None, dtypes=None, quick=False, progress=True, sa
         (``plan`` is the winner, or the first shape's default when
         ``default``) and, under ``"_wisdom"``, the file written (or None).
     """
-    names = backends or [name for name in registry.available_backends()
-                         if hasattr(registry.get_backend(name), "plan_candidates")]
+    names = _planned_backends(backends)
     shapes = list(shapes or GRID_SHAPES)
     dtypes = list(dtypes or GRID_DTYPES)
     rounds = QUICK_ROUNDS if quick else ROUNDS
@@ -242,7 +258,7 @@ def tune(backends=None, shapes=None, dtypes=None, quick=False, progress=True, sa
             for key, members in classes.items():
                 timed = []
                 for shape, dtype, pass_name in members:
-                    bar.step(f"{name} {'x'.join(map(str, shape))} {dtype} {pass_name}")
+                    bar.step(_label(name, shape, dtype, pass_name))
                     timed.append(_time_candidates(name, module, key, shape, dtype, pass_name,
                                                   rounds))
                 plan, speedup = choose(timed)
@@ -252,9 +268,8 @@ def tune(backends=None, shapes=None, dtypes=None, quick=False, progress=True, sa
                 results.setdefault(name, {})[key] = {
                     "plan": plan or timed[0][0][0], "default": plan is None, "speedup": speedup,
                     "shapes": ["x".join(map(str, s)) for s, _, _ in members]}
-                # the default won: store nothing, so that each shape of the
-                # class keeps its own default plan (the timed shape's is
-                # not the others')
+                # the defaults won: store nothing, so that each shape of the
+                # class keeps its own default plan
                 winners.setdefault(name, {})[key] = plan
     finally:
         bar.close()
@@ -290,13 +305,12 @@ def check(backends=None, shapes=None, dtypes=None, rounds=ROUNDS, progress=True)
         ``speedup`` (the default's time over the plan's: the median of the
         rounds' ratios).
     """
-    names = backends or [name for name in registry.available_backends()
-                         if hasattr(registry.get_backend(name), "plan_candidates")]
     plans.load(plans.builds())
+    classes = grid(list(shapes or GRID_SHAPES), list(dtypes or GRID_DTYPES))
     work = []
-    for name in names:
+    for name in _planned_backends(backends):
         module = registry.get_backend(name)
-        for key, members in grid(list(shapes or GRID_SHAPES), list(dtypes or GRID_DTYPES)).items():
+        for key, members in classes.items():
             for shape, dtype, pass_name in members:
                 stored = plans.stored_plan(name, key)
                 default = module.default_plan(
@@ -308,12 +322,10 @@ def check(backends=None, shapes=None, dtypes=None, rounds=ROUNDS, progress=True)
     bar = _Bar(len(work), progress)
     try:
         for row in work:
-            bar.step(f"{row['backend']} {'x'.join(map(str, row['shape']))} {row['dtype']} "
-                     f"{row['pass']}")
-            ratios = sorted(_paired_ratios(
+            bar.step(_label(row["backend"], row["shape"], row["dtype"], row["pass"]))
+            row["speedup"] = 1.0 / _median(_paired_ratios(
                 row["backend"], row["class"], row["shape"], row["dtype"], row["pass"],
                 [row["default"], row["plan"]], rounds))
-            row["speedup"] = 1.0 / ratios[len(ratios) // 2]
     finally:
         bar.close()
     return work

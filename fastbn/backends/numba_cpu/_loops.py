@@ -24,8 +24,8 @@ with per-column parameters (``_read_per_column``), so that inner loops run
 over long contiguous rows. These kernels write their per-column parameters
 and partial sums into a work array that the caller passes in (``work``,
 :func:`work_size`): allocated in the kernel, a few hundred KiB per call
-would be a fresh mapping whose pages fault on every call. Elementwise items are ``(ELEMENT_ROWS rows,
-COLUMN_BLOCK columns)``, two rows per pass sharing the parameter loads.
+would be a fresh mapping whose pages fault on every call. Elementwise items
+are ``(ELEMENT_ROWS rows, COLUMN_BLOCK columns)``, two rows per pass sharing the parameter loads.
 Reduction items are ``(block of rows, block of COLUMN_BLOCK columns)``; each
 adds four rows at a time into its own float64 partial-sum row, and the
 partial rows are merged in row-block order and folded over each channel's
@@ -165,9 +165,10 @@ def elementwise(op, n_read, gate=None):
         ``rows``, ``columns`` (parallel) and ``serial`` kernels, each
         ``kernel(u, v, p0, p1, p2, p3, p4, p5, bound, out)`` on ``(A, C, B)``
         arrays with ``(C,)`` float64 parameters (``columns`` takes a last
-        argument, ``work``: float64, :func:`work_size` elements); and the pieces of the fused
-        kernels, ``channels`` and ``column_channels(u, v, p0, ..., p5,
-        bound, c_lo, c_hi, out)``: channels ``[c_lo, c_hi)`` only.
+        argument, ``work``: float64, :func:`work_size` elements); and the
+        pieces of the fused kernels, ``channels`` and ``column_channels(u,
+        v, p0, ..., p5, bound, c_lo, c_hi, out)``: channels ``[c_lo, c_hi)``
+        only.
     """
     (r0, g0), (r1, g1), (r2, g2), (r3, g3), (r4, g4), (r5, g5) = _reads(n_read, gate)
 
