@@ -148,6 +148,79 @@ def test_fused_columns_width_changes_no_result(monkeypatch):
         np.testing.assert_array_equal(a, b)
 
 
+def _misaligned(shape, dtype):
+    """An empty C-contiguous array that starts one element past an allocation,
+    so that its rows start at every offset within a cache line."""
+    return np.empty(int(np.prod(shape)) + 1, dtype)[1:].reshape(shape)
+
+
+def _run_plan(pass_name, plan, x, dy, gamma, beta):
+    """A pass of the numba backend under ``plan``: its output and returns."""
+    from fastbn import plans
+
+    key = plans.call_class(x.shape, x.dtype.name, pass_name, x.itemsize)
+    out = _misaligned(x.shape, x.dtype)
+    C = x.shape[1]
+    with plans.forced("numba", key, plan):
+        if pass_name == "forward":
+            returned = nb.forward_train(x, gamma, beta, EPS, out)
+        elif pass_name == "eval":
+            returned = nb.forward_eval(x, gamma, beta, np.zeros(C), np.ones(C), EPS, out)
+        else:
+            returned = nb.backward_train(dy, x, np.full(C, 5.0), np.full(C, 0.3), gamma, out)
+    return [out, *returned]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+def test_streaming_stores_write_what_plain_stores_write(dtype):
+    """Every plan that writes whole rows computes the same values with
+    streaming stores (whole cache lines through a one-line buffer, plain
+    stores at the rows' ends), on rows shorter than a line, of a few lines
+    and of many, starting anywhere in a line. Both compute the same op on
+    the same values; LLVM may contract a multiply-add differently in the two
+    loops (one rounding of the compute type), then one rounding to storage."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    storage = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+    compute_eps = 2.0**-52 if storage.itemsize >= 4 else 2.0**-23
+    storage_eps = {"float16": 2.0**-10, "bfloat16": 2.0**-7, "float32": 2.0**-23,
+                   "float64": 2.0**-52}[dtype]
+    for B in (5, 16, 17, 33, 100, 1100):
+        x0, dy0, gamma, beta = make((3, 5, B), np.float32, seed=B)
+        x, dy = _misaligned(x0.shape, storage), _misaligned(x0.shape, storage)
+        x[...], dy[...] = x0.astype(storage), dy0.astype(storage)
+        for pass_name in ("forward", "eval", "backward"):
+            for plan in nb.plan_candidates(x.shape, x.itemsize, pass_name):
+                if plan.get("stores") != "streaming":
+                    continue
+                got = _run_plan(pass_name, plan, x, dy, gamma, beta)
+                want = _run_plan(pass_name, {**plan, "stores": "cached"}, x, dy, gamma, beta)
+                for a, b in zip(got, want):
+                    a, b = a.astype(np.float64), b.astype(np.float64)
+                    slack = 8 * compute_eps * float(np.max(np.abs(b)))
+                    np.testing.assert_allclose(a, b, rtol=storage_eps, atol=slack,
+                                               err_msg=f"{dtype} B={B} {pass_name} {plan}")
+
+
+def test_streaming_stores_are_the_default_beyond_the_last_level_cache(monkeypatch):
+    """float32 and float64 outputs of at least STREAM_MIN_BYTES, written whole
+    rows at a time, stream by default; smaller ones, 16-bit ones and the
+    columns loop shape do not."""
+    monkeypatch.setattr(nb, "STREAM_MIN_BYTES", 8 * 64 * 2000 * 4)   # rows, float32
+    monkeypatch.setattr(nb, "FUSED_MIN_BYTES", 2**62)
+    rows, columns = (8, 64, 2000), (2000, 64, 8)
+    for pass_name in ("forward", "eval", "backward"):
+        assert nb.default_plan(rows, 4, pass_name)["stores"] == "streaming"
+        assert nb.default_plan(rows, 8, pass_name)["stores"] == "streaming"
+        assert nb.default_plan(rows, 2, pass_name)["stores"] == "cached"
+        assert nb.default_plan((4, 64, 2000), 4, pass_name)["stores"] == "cached"
+        assert "stores" not in nb.default_plan(columns, 4, pass_name)
+        assert any(plan.get("stores") == "streaming"
+                   for plan in nb.plan_candidates(columns, 4, pass_name))   # its rows plans
+    monkeypatch.setattr(nb, "FUSED_MIN_BYTES", 0)
+    assert nb.default_plan(rows, 4, "forward") == {
+        "strategy": "fused", "slab_bytes": nb.FUSED_SLAB_BYTES, "stores": "streaming"}
+
+
 # ---------------------------------------------------------------------------
 # 16-bit storage: conversion helpers, kernels, fused ReLU
 # ---------------------------------------------------------------------------
@@ -410,7 +483,7 @@ params = list(rng.standard_normal((6, 4)))
 outputs = {}
 for name in sys.argv[2].split(","):
     out = np.empty_like(u)
-    getattr(_loops, name).rows(u, v, *params, None, out)
+    getattr(_loops, name).rows(u, v, *params, None, out, False)
     outputs[name] = out
 np.savez(sys.argv[1], **outputs)
 """

@@ -103,6 +103,12 @@ The other kernels always take the default choices.
   reduction has a single row block (``_fuses_cols``, e.g. (256, 4096)) run
   fused per block of columns (``_fused_cols_width``). Other arrays take two
   parallel passes (the second streams from L3).
+* Outputs of at least the last-level share (``STREAM_MIN_BYTES``), float32
+  and float64, written whole rows at a time (the rows loop shape, the fused
+  kernels on ``B > 1``), use streaming stores (``_streams``): each cache
+  line of a row is computed into a one-line buffer and written past the
+  caches, so it is not first read, and the fused kernels' slab stays in L2
+  for its second read.
 
 Variance uses sums shifted by the channel's first element, ``d = x -
 x[0, c, 0]``: ``var = (S2 - S1**2 / M) / M`` with ``S1 = sum(d)``, ``S2 =
@@ -181,8 +187,8 @@ from .. import _fork, _host, _staged
 from ._config import (CACHES, COLUMN_BLOCK, COLUMN_ITEMS, ELEMENT_ROWS, FUSED_COLS,  # noqa: F401
                       FUSED_COLS_BYTES, FUSED_MIN_B, FUSED_MIN_BYTES, FUSED_MIN_CHANNELS,
                       FUSED_SLAB_BYTES, MIN_ITEM_ELEMENTS, PREFETCH_ROWS_AHEAD,
-                      REDUCE_ROWS_MIN_B, ROWS_MIN_B, SERIAL_BELOW, SUM_BLOCK, TARGET_ITEMS,
-                      VECTOR_BYTES, _IMPORT_ERROR, _NO_LOCK, _guard, _layer_initialized,
+                      REDUCE_ROWS_MIN_B, ROWS_MIN_B, SERIAL_BELOW, STREAM_MIN_BYTES, SUM_BLOCK,
+                      TARGET_ITEMS, VECTOR_BYTES, _IMPORT_ERROR, _NO_LOCK, _guard, _layer_initialized,
                       _predicted_layer, _target_name, _thread_count, numba)
 
 ON_DEVICE = False
@@ -206,12 +212,14 @@ def tuning():
     -------
     dict
         ``vector_bytes`` (of the CPU numba compiles for), ``sum_block``,
-        ``fused_slab_bytes``, ``fused_cols_bytes``, ``fused_min_bytes`` and
-        ``caches`` (the sizes they come from, :func:`fastbn.machine.cache_sizes`).
+        ``fused_slab_bytes``, ``fused_cols_bytes``, ``fused_min_bytes``,
+        ``stream_min_bytes`` and ``caches`` (the sizes they come from,
+        :func:`fastbn.machine.cache_sizes`).
     """
     return {"vector_bytes": VECTOR_BYTES, "sum_block": SUM_BLOCK,
             "fused_slab_bytes": FUSED_SLAB_BYTES, "fused_cols_bytes": FUSED_COLS_BYTES,
-            "fused_min_bytes": FUSED_MIN_BYTES, "caches": dict(CACHES)}
+            "fused_min_bytes": FUSED_MIN_BYTES, "stream_min_bytes": STREAM_MIN_BYTES,
+            "caches": dict(CACHES)}
 
 
 def availability():
@@ -312,6 +320,13 @@ def _fuses(shape, itemsize, n_arrays):
             and shape[2] >= FUSED_MIN_B and n_arrays * nbytes >= FUSED_MIN_BYTES)
 
 
+def _streams(shape, itemsize):
+    """Whether a plan that writes whole rows streams its output by default:
+    float32 or float64 outputs of at least STREAM_MIN_BYTES (beyond the
+    last-level share, where a plain store first reads each line it writes)."""
+    return itemsize >= 4 and shape[0] * shape[1] * shape[2] * itemsize >= STREAM_MIN_BYTES
+
+
 def _fused_block(shape, itemsize, slab_bytes=None):
     """Channels per fused work item: a slab of about ``slab_bytes`` (default
     FUSED_SLAB_BYTES, so that both passes over it hit L2), keeping at least
@@ -374,19 +389,35 @@ def default_plan(shape, itemsize, pass_name):
         kernel when ``B == 1``). ``reduce`` and ``apply``: the loop shape,
         ``"rows"`` or ``"columns"``, of the reduction and of the elementwise
         pass (``"passes"``; ``eval`` has no reduction). ``slab_bytes``: the
-        bytes of x per fused work item (``"fused"``).
+        bytes of x per fused work item (``"fused"``). ``stores``, for the
+        plans whose elementwise pass writes whole rows (the rows loop
+        shape, the fused kernels on ``B > 1``): ``"streaming"``
+        (non-temporal stores, for float32 and float64 outputs of at least
+        STREAM_MIN_BYTES) or ``"cached"`` (plain stores).
     """
     if shape[0] * shape[1] * shape[2] < SERIAL_BELOW:
         return {"strategy": "serial"}
     apply = "rows" if _uses_rows(shape) else "columns"
     if pass_name == "eval":
-        return {"strategy": "passes", "apply": apply}
-    if _fuses(shape, itemsize, _plans.PASS_ARRAYS[pass_name]):
-        return {"strategy": "fused", "slab_bytes": FUSED_SLAB_BYTES}
-    if _fuses_cols(shape):
-        return {"strategy": "fused", "slab_bytes": FUSED_COLS_BYTES}
-    return {"strategy": "passes", "reduce": "rows" if _reduces_by_rows(shape) else "columns",
-            "apply": apply}
+        plan = {"strategy": "passes", "apply": apply}
+    elif _fuses(shape, itemsize, _plans.PASS_ARRAYS[pass_name]):
+        plan = {"strategy": "fused", "slab_bytes": FUSED_SLAB_BYTES}
+    elif _fuses_cols(shape):
+        plan = {"strategy": "fused", "slab_bytes": FUSED_COLS_BYTES}
+    else:
+        plan = {"strategy": "passes",
+                "reduce": "rows" if _reduces_by_rows(shape) else "columns", "apply": apply}
+    if _writes_rows(plan, shape):
+        plan["stores"] = "streaming" if _streams(shape, itemsize) else "cached"
+    return plan
+
+
+def _writes_rows(plan, shape):
+    """Whether a plan's elementwise pass writes whole rows (the rows loop
+    shape, or the fused kernels on ``B > 1``): those have a ``stores`` field."""
+    if plan["strategy"] == "fused":
+        return shape[2] > 1
+    return plan["strategy"] == "passes" and plan["apply"] == "rows"
 
 
 def plan_candidates(shape, itemsize, pass_name):
@@ -395,7 +426,8 @@ def plan_candidates(shape, itemsize, pass_name):
     Every loop shape of each pass, the fused kernel with half, the same and
     twice the default slab (and four times on ``(N, D)`` arrays, whose
     column blocks read a short piece of every row), and the serial kernels
-    for arrays within a few times the serial threshold. Any candidate
+    for arrays within a few times the serial threshold; those that write
+    whole rows with plain and with streaming stores. Any candidate
     computes the contract's result (only the order of summation differs).
     """
     candidates = [default_plan(shape, itemsize, pass_name)]
@@ -412,9 +444,12 @@ def plan_candidates(shape, itemsize, pass_name):
         options += [{"strategy": "fused", "slab_bytes": size} for size in sizes]
     if shape[0] * shape[1] * shape[2] < 8 * SERIAL_BELOW:
         options.append({"strategy": "serial"})
-    for plan in options:
-        if plan not in candidates:
-            candidates.append(plan)
+    for option in options:
+        stores = ("cached", "streaming") if _writes_rows(option, shape) else (None,)
+        for store in stores:
+            plan = {**option, "stores": store} if store else option
+            if plan not in candidates:
+                candidates.append(plan)
     return candidates
 
 
@@ -426,6 +461,8 @@ def plan_build():
 
 def _valid_plan(plan, pass_name):
     strategy = plan.get("strategy")
+    if plan.get("stores", "cached") not in ("cached", "streaming"):
+        return False
     if strategy == "serial":
         return True
     if strategy == "fused":
@@ -453,7 +490,8 @@ _DECISIONS = {}
 def _settings():
     """The module settings that the default plan and the blocks read."""
     return (SERIAL_BELOW, ROWS_MIN_B, REDUCE_ROWS_MIN_B, FUSED_MIN_B, FUSED_MIN_BYTES,
-            FUSED_MIN_CHANNELS, FUSED_COLS, FUSED_SLAB_BYTES, FUSED_COLS_BYTES, COLUMN_BLOCK)
+            STREAM_MIN_BYTES, FUSED_MIN_CHANNELS, FUSED_COLS, FUSED_SLAB_BYTES, FUSED_COLS_BYTES,
+            COLUMN_BLOCK)
 
 
 def _decide(x, pass_name):
@@ -541,7 +579,7 @@ def _work(n):
     return work
 
 
-def _apply(kernels, u, v, params, bound, out, loop=None):
+def _apply(kernels, u, v, params, bound, out, loop=None, stream=False):
     """``out = op(u, v, *params, bound)``, ``op`` the elementwise op of ``kernels``.
 
     Parameters
@@ -556,6 +594,8 @@ def _apply(kernels, u, v, params, bound, out, loop=None):
     loop : {"rows", "columns"}, optional
         A plan's loop shape; by default the serial kernel for small arrays,
         else the loop shape of out's shape.
+    stream : bool, optional
+        The rows loop shape writes ``out`` with streaming stores.
     """
     if loop is None:
         loop = "serial" if _serial(out) else "rows" if _uses_rows(out.shape) else "columns"
@@ -563,8 +603,10 @@ def _apply(kernels, u, v, params, bound, out, loop=None):
     padded = tuple(params) + (params[0],) * (6 - len(params))
     if loop == "columns":
         kernels.columns(u, v, *padded, bound, out, _work(work_size(out.shape)))
+    elif loop == "rows":
+        kernels.rows(u, v, *padded, bound, out, stream)
     else:
-        getattr(kernels, loop)(u, v, *padded, bound, out)
+        kernels.serial(u, v, *padded, bound, out)
 
 
 def _sums(kernels, u, v, params, bound=None, loop=None):
@@ -613,11 +655,11 @@ def _backward_sums(dy, x, mean, invstd, gq, gr, floor, loop=None):
 
 
 def _backward_elemt(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, out, gq, gr, floor,
-                    loop=None):
+                    loop=None, stream=False):
     # dx = gamma*invstd*(du - sum_dy/M - (x - mean)*invstd*sum_dy_xhat/M)
     #    = k*du + kx*(x - mean) + k0, du = dy masked by the ReLU
     k, kx, k0 = dx_coefficients(x.shape[0] * x.shape[2], invstd, gamma, sum_dy, sum_dy_xhat)
-    _apply(COMBINE, dy, x, (k, mean, kx, k0, gq, gr), floor, out, loop)
+    _apply(COMBINE, dy, x, (k, mean, kx, k0, gq, gr), floor, out, loop, stream)
 
 
 # ---------------------------------------------------------------------------
@@ -692,6 +734,7 @@ def forward_train(x, gamma, beta, eps, out, running_mean=None, running_var=None,
     mean, invstd : ndarray, (C,), float64
     """
     plan, block = _decide(x, "forward")
+    stream = plan.get("stores") == "streaming"
     x = _storage(x)
     out = _storage(out)
     A, C, B = x.shape
@@ -710,17 +753,17 @@ def forward_train(x, gamma, beta, eps, out, running_mean=None, running_var=None,
         with _guard():
             if B == 1:
                 forward_columns_fused(x, gamma, beta, eps, lo, _per_thread_width(block, C), out,
-                                      mean, invstd, rm, rv, momentum, update)
+                                      mean, invstd, rm, rv, momentum, update, False)
             else:
                 forward_rows_fused(x, gamma, beta, eps, lo, block, out, mean, invstd, rm, rv,
-                                   momentum, update)
+                                   momentum, update, stream)
     else:
         var = np.empty(C)
         scale = np.empty(C)
         with _guard():
             _statistics(x, mean, var, plan["reduce"])
             finish_stats(mean, var, A * B, eps, gamma, invstd, scale, rm, rv, momentum, update)
-            _apply(AFFINE, x, x, (mean, scale, beta), lo, out, plan["apply"])
+            _apply(AFFINE, x, x, (mean, scale, beta), lo, out, plan["apply"], stream)
     if update:
         _host.write_back(running_mean, running_var, rm, rv)
     return mean, invstd
@@ -748,7 +791,8 @@ def forward_eval(x, gamma, beta, running_mean, running_var, eps, out, relu=False
     scale = np.empty(C)
     eval_coefficients(rm, rv, float(eps), gamma, mean, invstd, scale)
     with _guard():
-        _apply(AFFINE, x, x, (mean, scale, beta), _lo(relu), out, plan["apply"])
+        _apply(AFFINE, x, x, (mean, scale, beta), _lo(relu), out, plan["apply"],
+               plan.get("stores") == "streaming")
     return mean, invstd
 
 
@@ -840,6 +884,7 @@ def backward_train(dy, x, mean, invstd, gamma, out, beta=None, relu=False):
         ``dbeta`` and ``dgamma``.
     """
     plan, block = _decide(x, "backward")
+    stream = plan.get("stores") == "streaming"
     dy, x, out = _storage(dy), _storage(x), _storage(out)
     gq, gr, floor = _gate_params(x, invstd, gamma, beta, relu)
     C = x.shape[1]
@@ -855,12 +900,13 @@ def backward_train(dy, x, mean, invstd, gamma, out, beta=None, relu=False):
                 fused, block = backward_columns_fused, _per_thread_width(block, C)
             else:
                 fused = backward_rows_fused
-            fused(dy, x, mean, invstd, gamma, gq, gr, floor, block, out, sum_dy, sum_dy_xhat)
+            fused(dy, x, mean, invstd, gamma, gq, gr, floor, block, out, sum_dy, sum_dy_xhat,
+                  stream)
         else:
             sum_dy, sum_dy_xhat = _backward_sums(dy, x, mean, invstd, gq, gr, floor,
                                                  plan["reduce"])
             _backward_elemt(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, out, gq, gr, floor,
-                            plan["apply"])
+                            plan["apply"], stream)
     return sum_dy, sum_dy_xhat
 
 

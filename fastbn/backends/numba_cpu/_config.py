@@ -53,6 +53,9 @@ FUSED_COLS_BYTES = CACHES["l2"] // 2
 # process can count on: all of it, or 16 L2s' worth where it is shared by
 # more cores (or, on a virtual machine, other guests) than that
 FUSED_MIN_BYTES = min(CACHES["l3"], 16 * CACHES["l2"])
+# the fused rows kernels write outputs at least this large (the same
+# last-level share: they cannot stay in cache) with streaming stores
+STREAM_MIN_BYTES = min(CACHES["l3"], 16 * CACHES["l2"])
 
 _PRIORITY = ["omp", "tbb", "workqueue"]
 

@@ -18,6 +18,8 @@ The overloads have no fastmath flags of their own (``_gate`` excepted), so
 LLVM never reassociates the split centring ``(x - hi) - lo``.
 """
 
+import platform
+
 import numpy as np
 from llvmlite import ir as llvm_ir
 from numba import njit
@@ -310,3 +312,86 @@ def _prefetch_seg(seg):
     step = max(1, 64 // seg.itemsize)
     for j in range(0, seg.shape[0], step):
         _prefetch(seg, j)
+
+
+# Streaming (non-temporal) stores: a kernel computes each cache line of a
+# row into a one-line buffer (in L1) and writes it with a store that
+# bypasses the caches, so that the output does not evict data the kernel
+# reads again (the fused kernels' slab) and no line is read before it is
+# written. Only whole, aligned lines are streamed; the partial lines at a
+# row's ends take plain stores, so that no line is written partly each
+# way. The stores are weakly ordered: a work item ends with _stream_fence.
+LINE_BYTES = 64
+_X86 = platform.machine().lower() in ("x86_64", "amd64")
+
+
+@intrinsic
+def _address(typingctx, arr, index):
+    """The address of ``arr[index]``, as an integer."""
+    if not (isinstance(arr, nbtypes.Array) and arr.ndim == 1
+            and isinstance(index, nbtypes.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        array = context.make_array(signature.args[0])(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, signature.args[0], array,
+                                       [args[1]], wraparound=False)
+        return builder.ptrtoint(ptr, context.get_value_type(nbtypes.intp))
+    return nbtypes.intp(arr, index), codegen
+
+
+@intrinsic
+def _stream_line(typingctx, dst, i, src, k):
+    """Copy one cache line (LINE_BYTES) from ``&src[k]`` to ``&dst[i]`` with
+    non-temporal stores; ``&dst[i]`` must be line-aligned. (One vector
+    store in the IR; LLVM splits it into the target's widest.)"""
+    if not (isinstance(dst, nbtypes.Array) and isinstance(src, nbtypes.Array)
+            and dst.ndim == 1 and src.ndim == 1):
+        return None
+
+    def codegen(context, builder, signature, args):
+        to = context.make_array(signature.args[0])(context, builder, args[0])
+        source = context.make_array(signature.args[2])(context, builder, args[2])
+        to_ptr = cgutils.get_item_pointer(context, builder, signature.args[0], to, [args[1]],
+                                          wraparound=False)
+        from_ptr = cgutils.get_item_pointer(context, builder, signature.args[2], source,
+                                            [args[3]], wraparound=False)
+        line = llvm_ir.VectorType(llvm_ir.IntType(64), LINE_BYTES // 8)
+        value = builder.load(builder.bitcast(from_ptr, line.as_pointer()), align=1, typ=line)
+        store = builder.store(value, builder.bitcast(to_ptr, line.as_pointer()),
+                              align=LINE_BYTES)
+        store.set_metadata("nontemporal",
+                           builder.module.add_metadata([llvm_ir.IntType(32)(1)]))
+        return context.get_dummy_value()
+    return nbtypes.none(dst, i, src, k), codegen
+
+
+@intrinsic
+def _stream_fence(typingctx):
+    """A memory fence: this thread's streaming stores are visible after it
+    (``sfence`` on x86, which does not wait for them to reach memory)."""
+    def codegen(context, builder, signature, args):
+        if _X86:
+            fnty = llvm_ir.FunctionType(llvm_ir.VoidType(), [])
+            builder.call(cgutils.get_or_insert_function(builder.module, fnty,
+                                                        "llvm.x86.sse.sfence"), [])
+        else:
+            builder.fence("seq_cst")
+        return context.get_dummy_value()
+    return nbtypes.none(), codegen
+
+
+@register_jitable(**JITABLE)
+def _to_line(arr):
+    """Elements of ``arr`` (1-D, contiguous) before its first line-aligned one
+    (at most its length)."""
+    return min(arr.shape[0], ((-_address(arr, 0)) % LINE_BYTES) // arr.itemsize)
+
+
+@register_jitable(**JITABLE)
+def _stream_out(line, out, index):
+    """``out[index:index + line.shape[0]] = line`` (one cache line, line-aligned
+    in ``out``) with a streaming store. (The loop shapes call this, not the
+    intrinsic: an intrinsic pickles with a new id in every process, and a
+    kernel whose closure reached one would never hit numba's cache.)"""
+    _stream_line(out, index, line, 0)

@@ -43,6 +43,11 @@ hardware prefetcher stops at each page boundary); on ``(N, D)`` arrays
 (``B == 1``) a block is a set of columns, summed over all rows as in the
 columns shape.
 
+*Streaming stores*: with ``stream``, the rows kernels and the fused rows
+kernels compute each whole cache line of a row into a one-line buffer and
+write it past the caches (:mod:`._loadstore`); the partial lines at a
+row's ends take plain stores. The values are those of plain stores.
+
 The split into work items depends on the shape only, and every item sums in
 a fixed order, so results do not depend on the thread count.
 
@@ -71,7 +76,8 @@ from . import _ops
 from ._config import (COLUMN_BLOCK, ELEMENT_ROWS, JIT, JITABLE, PJIT, PREFETCH_ROWS_AHEAD,
                       SUM_BLOCK)
 from ._ops import channel_shift, dx_coefficients, finish_channel, mean_var
-from ._loadstore import _cz, _ld, _prefetch_seg, _st
+from ._loadstore import (LINE_BYTES, _cz, _ld, _prefetch_seg, _st, _stream_fence, _stream_out,
+                         _to_line)
 
 Elementwise = collections.namedtuple(
     "Elementwise", ["rows", "columns", "serial", "channels", "column_channels"])
@@ -107,6 +113,13 @@ def work_size(shape, n_row_blocks=0):
     (``n_row_blocks=0``), three and the partial-sum rows for a reduction."""
     J = shape[1] * shape[2]
     return (6 if n_row_blocks == 0 else 3 + 2 * n_row_blocks) * J
+
+
+@register_jitable(**JITABLE)
+def _stream_buffer(out, stream):
+    """A work item's one-line buffer for streaming stores (LINE_BYTES of
+    out's dtype), or an empty array for plain stores."""
+    return np.empty(LINE_BYTES // out.itemsize if stream else 0, out.dtype)
 
 
 def _reads(n_read, gate):
@@ -164,11 +177,13 @@ def elementwise(op, n_read, gate=None):
     Elementwise
         ``rows``, ``columns`` (parallel) and ``serial`` kernels, each
         ``kernel(u, v, p0, p1, p2, p3, p4, p5, bound, out)`` on ``(A, C, B)``
-        arrays with ``(C,)`` float64 parameters (``columns`` takes a last
-        argument, ``work``: float64, :func:`work_size` elements); and the
+        arrays with ``(C,)`` float64 parameters (``rows`` takes a last
+        argument, ``stream``: streaming stores; ``columns`` one too,
+        ``work``: float64, :func:`work_size` elements); and the
         pieces of the fused kernels, ``channels`` and ``column_channels(u,
-        v, p0, ..., p5, bound, c_lo, c_hi, out)``: channels ``[c_lo, c_hi)``
-        only.
+        v, p0, ..., p5, bound, c_lo, c_hi, out, line)``: channels ``[c_lo,
+        c_hi)`` only, ``line`` a one-line buffer for streaming stores or an
+        empty array for plain ones (``column_channels`` ignores it).
     """
     (r0, g0), (r1, g1), (r2, g2), (r3, g3), (r4, g4), (r5, g5) = _reads(n_read, gate)
 
@@ -210,30 +225,64 @@ def elementwise(op, n_read, gate=None):
                 _st(o0, j, op(_ld(u0[j]), _ld(v0[j]), q0[j], q1[j], q2[j], q3[j], q4[j], q5[j],
                               bound))
 
+    @_piece(f"{op.__name__}.streamed")
+    def streamed(u, v, p0, p1, p2, p3, p4, p5, bound, out, line):
+        # a contiguous 1-D segment: its whole cache lines computed one at a
+        # time into ``line`` (one line of out's dtype, in L1) and written
+        # with a streaming store, its partial first and last lines with
+        # plain stores
+        n = out.shape[0]
+        per_line = LINE_BYTES // out.itemsize
+        head = _to_line(out)
+        n_lines = (n - head) // per_line
+        segment(u[:head], v[:head], p0, p1, p2, p3, p4, p5, bound, out[:head])
+        u_body = u[head:]
+        v_body = v[head:]
+        out_body = out[head:]
+        for k in range(n_lines):
+            for t in range(per_line):
+                _st(line, t, op(_ld(u_body[k * per_line + t]), _ld(v_body[k * per_line + t]),
+                                p0, p1, p2, p3, p4, p5, bound))
+            _stream_out(line, out_body, k * per_line)
+        tail = head + n_lines * per_line
+        segment(u[tail:], v[tail:], p0, p1, p2, p3, p4, p5, bound, out[tail:])
+
     @_piece(f"{op.__name__}.channels")
-    def channels(u, v, p0, p1, p2, p3, p4, p5, bound, c_lo, c_hi, out):
-        # channels [c_lo, c_hi) of (A, C, B) arrays, rows visited a-major
+    def channels(u, v, p0, p1, p2, p3, p4, p5, bound, c_lo, c_hi, out, line):
+        # channels [c_lo, c_hi) of (A, C, B) arrays, rows visited a-major; line
+        # empty: plain stores, else a one-line buffer for streaming stores
+        # (the caller fences)
         for a in range(out.shape[0]):
             for c in range(c_lo, c_hi):
-                segment(u[a, c, :], v[a, c, :], p0[c], p1[c], p2[c], p3[c], p4[c], p5[c], bound,
-                        out[a, c, :])
+                if line.shape[0] == 0:
+                    segment(u[a, c, :], v[a, c, :], p0[c], p1[c], p2[c], p3[c], p4[c], p5[c],
+                            bound, out[a, c, :])
+                else:
+                    streamed(u[a, c, :], v[a, c, :], p0[c], p1[c], p2[c], p3[c], p4[c], p5[c],
+                             bound, out[a, c, :], line)
 
     @_piece(f"{op.__name__}.column_channels")
-    def column_channels(u, v, p0, p1, p2, p3, p4, p5, bound, c_lo, c_hi, out):
+    def column_channels(u, v, p0, p1, p2, p3, p4, p5, bound, c_lo, c_hi, out, line):
         # channels [c_lo, c_hi) of (A, C, 1) arrays: all rows of those columns
+        # (short pieces of rows: plain stores, line unused)
         A, C, B = out.shape
         block(u.reshape((A, C)), v.reshape((A, C)), p0, p1, p2, p3, p4, p5, bound, 0, A, c_lo,
               c_hi, out.reshape((A, C)))
 
     @_kernel(f"{op.__name__}.rows", PJIT)
-    def rows(u, v, p0, p1, p2, p3, p4, p5, bound, out):
-        """Rows shape: work item = row (a, c)."""
+    def rows(u, v, p0, p1, p2, p3, p4, p5, bound, out, stream):
+        """Rows shape: work item = row (a, c); ``stream``: streaming stores."""
         A, C, B = out.shape
         for item in prange(A * C):
             a = item // C
             c = item - a * C
-            segment(u[a, c, :], v[a, c, :], p0[c], p1[c], p2[c], p3[c], p4[c], p5[c], bound,
-                    out[a, c, :])
+            if stream:
+                streamed(u[a, c, :], v[a, c, :], p0[c], p1[c], p2[c], p3[c], p4[c], p5[c],
+                         bound, out[a, c, :], _stream_buffer(out, True))
+                _stream_fence()
+            else:
+                segment(u[a, c, :], v[a, c, :], p0[c], p1[c], p2[c], p3[c], p4[c], p5[c],
+                        bound, out[a, c, :])
 
     @_kernel(f"{op.__name__}.columns", PJIT)
     def columns(u, v, p0, p1, p2, p3, p4, p5, bound, out, work):
@@ -262,7 +311,8 @@ def elementwise(op, n_read, gate=None):
     @_kernel(f"{op.__name__}.serial", JIT)
     def serial(u, v, p0, p1, p2, p3, p4, p5, bound, out):
         """Serial: every channel, a-major."""
-        channels(u, v, p0, p1, p2, p3, p4, p5, bound, 0, out.shape[1], out)
+        channels(u, v, p0, p1, p2, p3, p4, p5, bound, 0, out.shape[1], out,
+                 np.empty(0, out.dtype))
 
     return Elementwise(rows, columns, serial, channels, column_channels)
 
@@ -493,35 +543,44 @@ def fused(layout, shifted_sums, normalize, product_sums, combine):
 
     Returns
     -------
-    forward(x, gamma, beta, eps, lo, block, out, mean, invstd, rm, rv, momentum, update)
+    forward(x, gamma, beta, eps, lo, block, out, mean, invstd, rm, rv, momentum, update, stream)
         Work item = ``block`` consecutive channels: their shifted sums, then
         ``out = max((x - mean) * (invstd * gamma) + beta, lo)`` on them;
         writes ``mean`` and ``invstd`` and (``update``) the running
         statistics ``rm`` and ``rv``, as ``finish_stats`` does.
-    backward(dy, x, mean, invstd, gamma, gq, gr, floor, block, out, sum_dy, sum_dy_xhat)
+    backward(dy, x, mean, invstd, gamma, gq, gr, floor, block, out, sum_dy, sum_dy_xhat, stream)
         Work item = ``block`` consecutive channels: ``sum(dy)`` and ``sum(dy *
         (x - mean))`` (``dy`` masked by the ReLU when ``floor`` is not None),
         then ``dx = k*dy + kx*(x - mean) + k0`` on them.
+
+    With ``stream`` (rows layout), ``out`` is written with streaming stores
+    (see :mod:`._loadstore`): it does not evict the slab whose second read
+    follows, and no line of it is read before it is written.
     """
 
     @_kernel(f"fused_{layout}.forward", PJIT)
-    def forward(x, gamma, beta, eps, lo, block, out, mean, invstd, rm, rv, momentum, update):
+    def forward(x, gamma, beta, eps, lo, block, out, mean, invstd, rm, rv, momentum, update,
+                stream):
         A, C, B = x.shape
         shift = channel_shift(x)
         scale = np.empty(C)
         for item in prange((C + block - 1) // block):
             c_lo = item * block
             c_hi = min(C, c_lo + block)
+            line = _stream_buffer(out, stream)
             s1, s2 = shifted_sums(x, x, shift, shift, shift, None, c_lo, c_hi,
                                   PREFETCH_ROWS_AHEAD)
             for c in range(c_lo, c_hi):
                 mean[c], var = mean_var(shift[c], s1[c - c_lo], s2[c - c_lo], A * B)
                 finish_channel(c, var, A * B, eps, gamma, mean, invstd, scale, rm, rv,
                                momentum, update)
-            normalize(x, x, mean, scale, beta, beta, beta, beta, lo, c_lo, c_hi, out)
+            normalize(x, x, mean, scale, beta, beta, beta, beta, lo, c_lo, c_hi, out, line)
+            if stream:
+                _stream_fence()
 
     @_kernel(f"fused_{layout}.backward", PJIT)
-    def backward(dy, x, mean, invstd, gamma, gq, gr, floor, block, out, sum_dy, sum_dy_xhat):
+    def backward(dy, x, mean, invstd, gamma, gq, gr, floor, block, out, sum_dy, sum_dy_xhat,
+                 stream):
         A, C, B = x.shape
         k = np.empty(C)
         kx = np.empty(C)
@@ -529,13 +588,16 @@ def fused(layout, shifted_sums, normalize, product_sums, combine):
         for item in prange((C + block - 1) // block):
             c_lo = item * block
             c_hi = min(C, c_lo + block)
+            line = _stream_buffer(out, stream)
             s1, s2 = product_sums(dy, x, mean, gq, gr, floor, c_lo, c_hi, 0)
             for c in range(c_lo, c_hi):
                 sum_dy[c] = s1[c - c_lo]
                 sum_dy_xhat[c] = s2[c - c_lo] * invstd[c]
                 k[c], kx[c], k0[c] = dx_coefficients(A * B, invstd[c], gamma[c], sum_dy[c],
                                                      sum_dy_xhat[c])
-            combine(dy, x, k, mean, kx, k0, gq, gr, floor, c_lo, c_hi, out)
+            combine(dy, x, k, mean, kx, k0, gq, gr, floor, c_lo, c_hi, out, line)
+            if stream:
+                _stream_fence()
 
     return forward, backward
 
