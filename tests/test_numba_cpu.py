@@ -203,8 +203,9 @@ def test_streaming_stores_write_what_plain_stores_write(dtype):
 
 def test_streaming_stores_are_the_default_beyond_the_last_level_cache(monkeypatch):
     """float32 and float64 outputs of at least STREAM_MIN_BYTES, written whole
-    rows at a time, stream by default; smaller ones, 16-bit ones and the
-    columns loop shape do not."""
+    rows of at least STREAM_MIN_ROW_BYTES at a time, stream by default;
+    smaller ones, shorter rows, 16-bit ones and the columns loop shape do
+    not."""
     monkeypatch.setattr(nb, "STREAM_MIN_BYTES", 8 * 64 * 2000 * 4)   # rows, float32
     monkeypatch.setattr(nb, "FUSED_MIN_BYTES", 2**62)
     rows, columns = (8, 64, 2000), (2000, 64, 8)
@@ -213,6 +214,7 @@ def test_streaming_stores_are_the_default_beyond_the_last_level_cache(monkeypatc
         assert nb.default_plan(rows, 8, pass_name)["stores"] == "streaming"
         assert nb.default_plan(rows, 2, pass_name)["stores"] == "cached"
         assert nb.default_plan((4, 64, 2000), 4, pass_name)["stores"] == "cached"
+        assert nb.default_plan((32, 64, 500), 4, pass_name)["stores"] == "cached"   # 2000 B rows
         assert "stores" not in nb.default_plan(columns, 4, pass_name)
         assert any(plan.get("stores") == "streaming"
                    for plan in nb.plan_candidates(columns, 4, pass_name))   # its rows plans

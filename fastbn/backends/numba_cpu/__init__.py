@@ -105,7 +105,8 @@ The other kernels always take the default choices.
   parallel passes (the second streams from L3).
 * Outputs of at least the last-level share (``STREAM_MIN_BYTES``), float32
   and float64, written whole rows at a time (the rows loop shape, the fused
-  kernels on ``B > 1``), use streaming stores (``_streams``): each cache
+  kernels on ``B > 1``) in rows of at least ``STREAM_MIN_ROW_BYTES``, use
+  streaming stores (``_streams``): each cache
   line of a row is computed into a one-line buffer and written past the
   caches, so it is not first read, and the fused kernels' slab stays in L2
   for its second read.
@@ -187,9 +188,10 @@ from .. import _fork, _host, _staged
 from ._config import (CACHES, COLUMN_BLOCK, COLUMN_ITEMS, ELEMENT_ROWS, FUSED_COLS,  # noqa: F401
                       FUSED_COLS_BYTES, FUSED_MIN_B, FUSED_MIN_BYTES, FUSED_MIN_CHANNELS,
                       FUSED_SLAB_BYTES, MIN_ITEM_ELEMENTS, PREFETCH_ROWS_AHEAD,
-                      REDUCE_ROWS_MIN_B, ROWS_MIN_B, SERIAL_BELOW, STREAM_MIN_BYTES, SUM_BLOCK,
-                      TARGET_ITEMS, VECTOR_BYTES, _IMPORT_ERROR, _NO_LOCK, _guard, _layer_initialized,
-                      _predicted_layer, _target_name, _thread_count, numba)
+                      REDUCE_ROWS_MIN_B, ROWS_MIN_B, SERIAL_BELOW, STREAM_MIN_BYTES,
+                      STREAM_MIN_ROW_BYTES, SUM_BLOCK, TARGET_ITEMS, VECTOR_BYTES,
+                      _IMPORT_ERROR, _NO_LOCK, _guard, _layer_initialized, _predicted_layer,
+                      _target_name, _thread_count, numba)
 
 ON_DEVICE = False
 
@@ -323,8 +325,12 @@ def _fuses(shape, itemsize, n_arrays):
 def _streams(shape, itemsize):
     """Whether a plan that writes whole rows streams its output by default:
     float32 or float64 outputs of at least STREAM_MIN_BYTES (beyond the
-    last-level share, where a plain store first reads each line it writes)."""
-    return itemsize >= 4 and shape[0] * shape[1] * shape[2] * itemsize >= STREAM_MIN_BYTES
+    last-level share, where a plain store first reads each line it writes)
+    in rows of at least STREAM_MIN_ROW_BYTES (shorter rows are mostly
+    partial lines and per-row work: float64 rows of 49 values ran at
+    0.4-0.5x the plain stores)."""
+    return (itemsize >= 4 and shape[2] * itemsize >= STREAM_MIN_ROW_BYTES
+            and shape[0] * shape[1] * shape[2] * itemsize >= STREAM_MIN_BYTES)
 
 
 def _fused_block(shape, itemsize, slab_bytes=None):
@@ -393,7 +399,8 @@ def default_plan(shape, itemsize, pass_name):
         plans whose elementwise pass writes whole rows (the rows loop
         shape, the fused kernels on ``B > 1``): ``"streaming"``
         (non-temporal stores, for float32 and float64 outputs of at least
-        STREAM_MIN_BYTES) or ``"cached"`` (plain stores).
+        STREAM_MIN_BYTES in rows of at least STREAM_MIN_ROW_BYTES) or
+        ``"cached"`` (plain stores).
     """
     if shape[0] * shape[1] * shape[2] < SERIAL_BELOW:
         return {"strategy": "serial"}
@@ -490,7 +497,7 @@ _DECISIONS = {}
 def _settings():
     """The module settings that the default plan and the blocks read."""
     return (SERIAL_BELOW, ROWS_MIN_B, REDUCE_ROWS_MIN_B, FUSED_MIN_B, FUSED_MIN_BYTES,
-            STREAM_MIN_BYTES, FUSED_MIN_CHANNELS, FUSED_COLS, FUSED_SLAB_BYTES, FUSED_COLS_BYTES,
+            STREAM_MIN_BYTES, STREAM_MIN_ROW_BYTES, FUSED_MIN_CHANNELS, FUSED_COLS, FUSED_SLAB_BYTES, FUSED_COLS_BYTES,
             COLUMN_BLOCK)
 
 

@@ -39,6 +39,7 @@ FUSED_MIN_B = 256           # rows at least this long for the fused channel-by-c
 FUSED_COLS = True           # (N, D) with one row block: fused per block of channels
 SERIAL_BELOW = 32768        # arrays with fewer elements run serial kernels (no parallel region)
 PREFETCH_ROWS_AHEAD = 2     # the fused forward prefetches the row it will read this many rows later
+STREAM_ITEM_BYTES = 65536   # rows kernels with streaming stores: bytes of out per work item
 
 # From the machine (see tuning()): the cache sizes of fastbn.machine and the
 # vector width of the CPU numba compiles for.
@@ -53,9 +54,11 @@ FUSED_COLS_BYTES = CACHES["l2"] // 2
 # process can count on: all of it, or 16 L2s' worth where it is shared by
 # more cores (or, on a virtual machine, other guests) than that
 FUSED_MIN_BYTES = min(CACHES["l3"], 16 * CACHES["l2"])
-# the fused rows kernels write outputs at least this large (the same
-# last-level share: they cannot stay in cache) with streaming stores
+# plans that write whole rows use streaming stores for outputs at least
+# this large (the same last-level share: they cannot stay in cache) in rows
+# of at least STREAM_MIN_ROW_BYTES (as cython's default)
 STREAM_MIN_BYTES = min(CACHES["l3"], 16 * CACHES["l2"])
+STREAM_MIN_ROW_BYTES = 2048
 
 _PRIORITY = ["omp", "tbb", "workqueue"]
 

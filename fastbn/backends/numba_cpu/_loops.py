@@ -74,7 +74,7 @@ from numba.extending import register_jitable
 
 from . import _ops
 from ._config import (COLUMN_BLOCK, ELEMENT_ROWS, JIT, JITABLE, PJIT, PREFETCH_ROWS_AHEAD,
-                      SUM_BLOCK)
+                      STREAM_ITEM_BYTES, SUM_BLOCK)
 from ._ops import channel_shift, dx_coefficients, finish_channel, mean_var
 from ._loadstore import (LINE_BYTES, _cz, _ld, _prefetch_seg, _st, _stream_fence, _stream_out,
                          _to_line)
@@ -271,18 +271,26 @@ def elementwise(op, n_read, gate=None):
 
     @_kernel(f"{op.__name__}.rows", PJIT)
     def rows(u, v, p0, p1, p2, p3, p4, p5, bound, out, stream):
-        """Rows shape: work item = row (a, c); ``stream``: streaming stores."""
+        """Rows shape: work item = row (a, c); with ``stream`` (streaming
+        stores), a group of about STREAM_ITEM_BYTES of rows ``(a, c)``,
+        a-major, so that one line buffer and one fence serve many rows."""
         A, C, B = out.shape
-        for item in prange(A * C):
-            a = item // C
-            c = item - a * C
-            if stream:
-                streamed(u[a, c, :], v[a, c, :], p0[c], p1[c], p2[c], p3[c], p4[c], p5[c],
-                         bound, out[a, c, :], _stream_buffer(out, True))
-                _stream_fence()
-            else:
+        if not stream:
+            for item in prange(A * C):
+                a = item // C
+                c = item - a * C
                 segment(u[a, c, :], v[a, c, :], p0[c], p1[c], p2[c], p3[c], p4[c], p5[c],
                         bound, out[a, c, :])
+            return
+        group = max(1, STREAM_ITEM_BYTES // (B * out.itemsize))
+        for item in prange((A * C + group - 1) // group):
+            line = _stream_buffer(out, True)
+            for row in range(item * group, min(A * C, (item + 1) * group)):
+                a = row // C
+                c = row - a * C
+                streamed(u[a, c, :], v[a, c, :], p0[c], p1[c], p2[c], p3[c], p4[c], p5[c],
+                         bound, out[a, c, :], line)
+            _stream_fence()
 
     @_kernel(f"{op.__name__}.columns", PJIT)
     def columns(u, v, p0, p1, p2, p3, p4, p5, bound, out, work):
