@@ -285,17 +285,27 @@ def _relu_impl(y, lo):
 _PTR_SUFFIX = "p0" if str(llvm_ir.IntType(8).as_pointer()) == "ptr" else "p0i8"
 
 
+def _array_and_index(arr, index):
+    """Whether an intrinsic's arguments are a 1-D array and an integer index."""
+    return (isinstance(arr, nbtypes.Array) and arr.ndim == 1
+            and isinstance(index, nbtypes.Integer))
+
+
+def _element_pointer(context, builder, array_type, array, index):
+    """In generated code: the pointer to ``array[index]`` of a 1-D array."""
+    struct = context.make_array(array_type)(context, builder, array)
+    return cgutils.get_item_pointer(context, builder, array_type, struct, [index],
+                                    wraparound=False)
+
+
 @intrinsic
 def _prefetch(typingctx, arr, index):
     """llvm.prefetch (read, keep in all cache levels) of &arr[index]."""
-    if not (isinstance(arr, nbtypes.Array) and arr.ndim == 1
-            and isinstance(index, nbtypes.Integer)):
+    if not _array_and_index(arr, index):
         return None
 
     def codegen(context, builder, signature, args):
-        array = context.make_array(signature.args[0])(context, builder, args[0])
-        ptr = cgutils.get_item_pointer(context, builder, signature.args[0], array,
-                                       [args[1]], wraparound=False)
+        ptr = _element_pointer(context, builder, signature.args[0], args[0], args[1])
         i8p = llvm_ir.IntType(8).as_pointer()
         i32 = llvm_ir.IntType(32)
         fnty = llvm_ir.FunctionType(llvm_ir.VoidType(), [i8p, i32, i32, i32])
@@ -328,14 +338,11 @@ _X86 = platform.machine().lower() in ("x86_64", "amd64")
 @intrinsic
 def _address(typingctx, arr, index):
     """The address of ``arr[index]``, as an integer."""
-    if not (isinstance(arr, nbtypes.Array) and arr.ndim == 1
-            and isinstance(index, nbtypes.Integer)):
+    if not _array_and_index(arr, index):
         return None
 
     def codegen(context, builder, signature, args):
-        array = context.make_array(signature.args[0])(context, builder, args[0])
-        ptr = cgutils.get_item_pointer(context, builder, signature.args[0], array,
-                                       [args[1]], wraparound=False)
+        ptr = _element_pointer(context, builder, signature.args[0], args[0], args[1])
         return builder.ptrtoint(ptr, context.get_value_type(nbtypes.intp))
     return nbtypes.intp(arr, index), codegen
 
@@ -345,17 +352,12 @@ def _stream_line(typingctx, dst, i, src, k):
     """Copy one cache line (LINE_BYTES) from ``&src[k]`` to ``&dst[i]`` with
     non-temporal stores; ``&dst[i]`` must be line-aligned. (One vector
     store in the IR; LLVM splits it into the target's widest.)"""
-    if not (isinstance(dst, nbtypes.Array) and isinstance(src, nbtypes.Array)
-            and dst.ndim == 1 and src.ndim == 1):
+    if not (_array_and_index(dst, i) and _array_and_index(src, k)):
         return None
 
     def codegen(context, builder, signature, args):
-        to = context.make_array(signature.args[0])(context, builder, args[0])
-        source = context.make_array(signature.args[2])(context, builder, args[2])
-        to_ptr = cgutils.get_item_pointer(context, builder, signature.args[0], to, [args[1]],
-                                          wraparound=False)
-        from_ptr = cgutils.get_item_pointer(context, builder, signature.args[2], source,
-                                            [args[3]], wraparound=False)
+        to_ptr = _element_pointer(context, builder, signature.args[0], args[0], args[1])
+        from_ptr = _element_pointer(context, builder, signature.args[2], args[2], args[3])
         line = llvm_ir.VectorType(llvm_ir.IntType(64), LINE_BYTES // 8)
         value = builder.load(builder.bitcast(from_ptr, line.as_pointer()), align=1, typ=line)
         store = builder.store(value, builder.bitcast(to_ptr, line.as_pointer()),
