@@ -106,10 +106,9 @@ The other kernels always take the default choices.
 * Outputs of at least the last-level share (``STREAM_MIN_BYTES``), float32
   and float64, written whole rows at a time (the rows loop shape, the fused
   kernels on ``B > 1``) in rows of at least ``STREAM_MIN_ROW_BYTES``, use
-  streaming stores (``_streams``): each cache
-  line of a row is computed into a one-line buffer and written past the
-  caches, so it is not first read, and the fused kernels' slab stays in L2
-  for its second read.
+  streaming stores (``_streams``): each cache line of a row is computed
+  into a one-line buffer and written past the caches, so it is not first
+  read, and the fused kernels' slab stays in L2 for its second read.
 
 Variance uses sums shifted by the channel's first element, ``d = x -
 x[0, c, 0]``: ``var = (S2 - S1**2 / M) / M`` with ``S1 = sum(d)``, ``S2 =
@@ -497,8 +496,8 @@ _DECISIONS = {}
 def _settings():
     """The module settings that the default plan and the blocks read."""
     return (SERIAL_BELOW, ROWS_MIN_B, REDUCE_ROWS_MIN_B, FUSED_MIN_B, FUSED_MIN_BYTES,
-            STREAM_MIN_BYTES, STREAM_MIN_ROW_BYTES, FUSED_MIN_CHANNELS, FUSED_COLS, FUSED_SLAB_BYTES, FUSED_COLS_BYTES,
-            COLUMN_BLOCK)
+            STREAM_MIN_BYTES, STREAM_MIN_ROW_BYTES, FUSED_MIN_CHANNELS, FUSED_COLS,
+            FUSED_SLAB_BYTES, FUSED_COLS_BYTES, COLUMN_BLOCK)
 
 
 def _decide(x, pass_name):

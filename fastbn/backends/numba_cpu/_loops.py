@@ -46,7 +46,7 @@ columns shape.
 *Streaming stores*: with ``stream``, the rows kernels and the fused rows
 kernels compute each whole cache line of a row into a one-line buffer and
 write it past the caches (:mod:`._loadstore`); the partial lines at a
-row's ends take plain stores. The values are those of plain stores.
+row's ends take plain stores. The op is the same, in a loop of its own.
 
 The split into work items depends on the shape only, and every item sums in
 a fixed order, so results do not depend on the thread count.
