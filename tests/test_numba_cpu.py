@@ -485,7 +485,7 @@ params = list(rng.standard_normal((6, 4)))
 outputs = {}
 for name in sys.argv[2].split(","):
     out = np.empty_like(u)
-    getattr(_loops, name).rows(u, v, *params, None, out, False)
+    getattr(_loops, name).rows(u, v, *params, None, out)
     outputs[name] = out
 np.savez(sys.argv[1], **outputs)
 """

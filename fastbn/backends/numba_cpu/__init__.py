@@ -609,10 +609,10 @@ def _apply(kernels, u, v, params, bound, out, loop=None, stream=False):
     padded = tuple(params) + (params[0],) * (6 - len(params))
     if loop == "columns":
         kernels.columns(u, v, *padded, bound, out, _work(work_size(out.shape)))
-    elif loop == "rows":
-        kernels.rows(u, v, *padded, bound, out, stream)
+    elif loop == "rows" and stream:
+        kernels.rows_streamed(u, v, *padded, bound, out)
     else:
-        kernels.serial(u, v, *padded, bound, out)
+        getattr(kernels, loop)(u, v, *padded, bound, out)
 
 
 def _sums(kernels, u, v, params, bound=None, loop=None):

@@ -43,8 +43,8 @@ hardware prefetcher stops at each page boundary); on ``(N, D)`` arrays
 (``B == 1``) a block is a set of columns, summed over all rows as in the
 columns shape.
 
-*Streaming stores*: with ``stream``, the rows kernels and the fused rows
-kernels compute each whole cache line of a row into a one-line buffer and
+*Streaming stores*: the ``rows_streamed`` kernels, and the fused rows kernels
+with ``stream``, compute each whole cache line of a row into a one-line buffer and
 write it past the caches (:mod:`._loadstore`); the partial lines at a
 row's ends take plain stores. The op is the same, in a loop of its own.
 
@@ -80,7 +80,7 @@ from ._loadstore import (LINE_BYTES, _cz, _ld, _prefetch_seg, _st, _stream_fence
                          _to_line)
 
 Elementwise = collections.namedtuple(
-    "Elementwise", ["rows", "columns", "serial", "channels", "column_channels"])
+    "Elementwise", ["rows", "rows_streamed", "columns", "serial", "channels", "column_channels"])
 Reduction = collections.namedtuple(
     "Reduction", ["rows", "columns", "serial", "channels", "column_channels"])
 
@@ -175,11 +175,11 @@ def elementwise(op, n_read, gate=None):
     Returns
     -------
     Elementwise
-        ``rows``, ``columns`` (parallel) and ``serial`` kernels, each
-        ``kernel(u, v, p0, p1, p2, p3, p4, p5, bound, out)`` on ``(A, C, B)``
-        arrays with ``(C,)`` float64 parameters (``rows`` takes a last
-        argument, ``stream``: streaming stores; ``columns`` one too,
-        ``work``: float64, :func:`work_size` elements); and the
+        ``rows``, ``rows_streamed`` (streaming stores), ``columns``
+        (parallel) and ``serial`` kernels, each ``kernel(u, v, p0, p1, p2,
+        p3, p4, p5, bound, out)`` on ``(A, C, B)`` arrays with ``(C,)``
+        float64 parameters (``columns`` takes a last argument, ``work``:
+        float64, :func:`work_size` elements); and the
         pieces of the fused kernels, ``channels`` and ``column_channels(u,
         v, p0, ..., p5, bound, c_lo, c_hi, out, line)``: channels ``[c_lo,
         c_hi)`` only, ``line`` a one-line buffer for streaming stores or an
@@ -270,18 +270,21 @@ def elementwise(op, n_read, gate=None):
               c_hi, out.reshape((A, C)))
 
     @_kernel(f"{op.__name__}.rows", PJIT)
-    def rows(u, v, p0, p1, p2, p3, p4, p5, bound, out, stream):
-        """Rows shape: work item = row (a, c); with ``stream`` (streaming
-        stores), a group of about STREAM_ITEM_BYTES of rows ``(a, c)``,
-        a-major, so that one line buffer and one fence serve many rows."""
+    def rows(u, v, p0, p1, p2, p3, p4, p5, bound, out):
+        """Rows shape: work item = row (a, c)."""
         A, C, B = out.shape
-        if not stream:
-            for item in prange(A * C):
-                a = item // C
-                c = item - a * C
-                segment(u[a, c, :], v[a, c, :], p0[c], p1[c], p2[c], p3[c], p4[c], p5[c],
-                        bound, out[a, c, :])
-            return
+        for item in prange(A * C):
+            a = item // C
+            c = item - a * C
+            segment(u[a, c, :], v[a, c, :], p0[c], p1[c], p2[c], p3[c], p4[c], p5[c], bound,
+                    out[a, c, :])
+
+    @_kernel(f"{op.__name__}.rows_streamed", PJIT)
+    def rows_streamed(u, v, p0, p1, p2, p3, p4, p5, bound, out):
+        """Rows shape with streaming stores: work item = a group of about
+        STREAM_ITEM_BYTES of rows (a, c), a-major, so that one line buffer
+        and one fence serve many rows."""
+        A, C, B = out.shape
         group = max(1, STREAM_ITEM_BYTES // (B * out.itemsize))
         for item in prange((A * C + group - 1) // group):
             line = _stream_buffer(out, True)
@@ -322,7 +325,7 @@ def elementwise(op, n_read, gate=None):
         channels(u, v, p0, p1, p2, p3, p4, p5, bound, 0, out.shape[1], out,
                  np.empty(0, out.dtype))
 
-    return Elementwise(rows, columns, serial, channels, column_channels)
+    return Elementwise(rows, rows_streamed, columns, serial, channels, column_channels)
 
 
 # ---------------------------------------------------------------------------
