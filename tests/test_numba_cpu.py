@@ -148,18 +148,25 @@ def test_fused_columns_width_changes_no_result(monkeypatch):
         np.testing.assert_array_equal(a, b)
 
 
-def _misaligned(shape, dtype):
-    """An empty C-contiguous array that starts one element past an allocation,
-    so that its rows start at every offset within a cache line."""
-    return np.empty(int(np.prod(shape)) + 1, dtype)[1:].reshape(shape)
+def _misaligned(shape, dtype, offset=None):
+    """An empty C-contiguous array that starts ``offset`` bytes (default: one
+    element) past an allocation, so that its rows start at every offset
+    within a cache line; an offset that is not a multiple of the item size
+    gives an unaligned array (NumPy's flags.aligned False)."""
+    dtype = np.dtype(dtype)
+    offset = dtype.itemsize if offset is None else offset
+    count = int(np.prod(shape))
+    raw = np.empty(count * dtype.itemsize + offset, np.uint8)
+    return np.frombuffer(raw.data, dtype, count, offset).reshape(shape)
 
 
-def _run_plan(pass_name, plan, x, dy, gamma, beta):
-    """A pass of the numba backend under ``plan``: its output and returns."""
+def _run_plan(pass_name, plan, x, dy, gamma, beta, offset=None):
+    """A pass of the numba backend under ``plan``: its output (``offset``
+    bytes into an allocation, see :func:`_misaligned`) and returns."""
     from fastbn import plans
 
     key = plans.call_class(x.shape, x.dtype.name, pass_name, x.itemsize)
-    out = _misaligned(x.shape, x.dtype)
+    out = _misaligned(x.shape, x.dtype, offset)
     C = x.shape[1]
     with plans.forced("numba", key, plan):
         if pass_name == "forward":
@@ -171,13 +178,16 @@ def _run_plan(pass_name, plan, x, dy, gamma, beta):
     return [out, *returned]
 
 
+@pytest.mark.parametrize("offset", [None, 1], ids=["element", "byte"])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
-def test_streaming_stores_write_what_plain_stores_write(dtype):
+def test_streaming_stores_write_what_plain_stores_write(dtype, offset):
     """Every plan that writes whole rows computes the same values with
     streaming stores (whole cache lines through a one-line buffer, plain
     stores at the rows' ends), on rows shorter than a line, of a few lines
-    and of many, starting anywhere in a line. Both compute the same op on
-    the same values; LLVM may contract a multiply-add differently in the two
+    and of many, starting anywhere in a line, and on arrays whose elements
+    are not aligned to their size (one byte into an allocation: nothing is
+    streamed there, and nothing faults). Both compute the same op on the
+    same values; LLVM may contract a multiply-add differently in the two
     loops (one rounding of the compute type), then one rounding to storage."""
     ml_dtypes = pytest.importorskip("ml_dtypes")
     storage = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
@@ -186,14 +196,15 @@ def test_streaming_stores_write_what_plain_stores_write(dtype):
                    "float64": 2.0**-52}[dtype]
     for B in (5, 16, 17, 33, 100, 1100):
         x0, dy0, gamma, beta = make((3, 5, B), np.float32, seed=B)
-        x, dy = _misaligned(x0.shape, storage), _misaligned(x0.shape, storage)
+        x, dy = _misaligned(x0.shape, storage, offset), _misaligned(x0.shape, storage, offset)
         x[...], dy[...] = x0.astype(storage), dy0.astype(storage)
         for pass_name in ("forward", "eval", "backward"):
             for plan in nb.plan_candidates(x.shape, x.itemsize, pass_name):
                 if plan.get("stores") != "streaming":
                     continue
-                got = _run_plan(pass_name, plan, x, dy, gamma, beta)
-                want = _run_plan(pass_name, {**plan, "stores": "cached"}, x, dy, gamma, beta)
+                got = _run_plan(pass_name, plan, x, dy, gamma, beta, offset)
+                want = _run_plan(pass_name, {**plan, "stores": "cached"}, x, dy, gamma, beta,
+                                 offset)
                 for a, b in zip(got, want):
                     a, b = a.astype(np.float64), b.astype(np.float64)
                     slack = 8 * compute_eps * float(np.max(np.abs(b)))

@@ -385,9 +385,14 @@ def _stream_fence(typingctx):
 
 @register_jitable(**JITABLE)
 def _to_line(arr):
-    """Elements of ``arr`` (1-D, contiguous) before its first line-aligned one
-    (at most its length)."""
-    return min(arr.shape[0], ((-_address(arr, 0)) % LINE_BYTES) // arr.itemsize)
+    """Elements of ``arr`` (1-D, contiguous) before its first line-aligned one,
+    at most its length: all of them when its elements are not aligned to
+    their size (a NumPy array may start at any byte), so that nothing of
+    it is streamed."""
+    offset = (-_address(arr, 0)) % LINE_BYTES
+    if offset % arr.itemsize != 0:
+        return arr.shape[0]
+    return min(arr.shape[0], offset // arr.itemsize)
 
 
 @register_jitable(**JITABLE)
