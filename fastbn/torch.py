@@ -54,8 +54,9 @@ stream.
 import numpy as np
 import torch
 
-from . import _torch_arrays as _arrays, registry, validation
+from . import _torch_arrays as _arrays, plans, registry, validation
 from .api import batchnorm_backward, batchnorm_forward
+from .backends._host import relu_floor
 from .cache import BatchNormCache
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "FusedReLU", "SyncBatchNorm",
@@ -266,29 +267,33 @@ class _EagerBatchNorm(torch.autograd.Function):
     the backend's kernels directly (:func:`_eager_forward`,
     :func:`_eager_backward`, with the checks of the call's
     :class:`_CallClass`): the running statistics are updated in place when
-    NumPy can view them, and the cache is kept on the context. The double
-    backward is :func:`_differentiable_backward`, as for the operator.
+    NumPy can view them, and what the backward needs is kept on the
+    context. The double backward is :func:`_differentiable_backward`, as for
+    the operator.
     """
 
     @staticmethod
     def forward(ctx, input, weight, bias, options):
         call, running_mean, running_var = options
-        output, cache = _eager_forward(call, input, weight, bias, running_mean, running_var)
+        output, saved = _eager_forward(call, input, weight, bias, running_mean, running_var,
+                                       True)
         ctx.save_for_backward(input, weight, bias)
-        ctx.cache, ctx.call = cache, call
+        ctx.saved, ctx.call = saved, call
         return output
 
     @staticmethod
     def backward(ctx, grad_output):
         input, weight, bias = ctx.saved_tensors   # also checks for in-place changes
-        cache = ctx.cache
+        saved, call = ctx.saved, ctx.call
         if torch.is_grad_enabled():
-            grads = _differentiable_backward(
-                grad_output, input, weight, bias, torch.from_numpy(np.asarray(cache.mean)),
-                torch.from_numpy(np.asarray(cache.invstd)), cache.training, cache.eps,
-                cache.activation)
+            mean, invstd = _saved_statistics(saved)
+            grads = _differentiable_backward(grad_output, input, weight, bias, mean, invstd,
+                                             call.training, call.eps, call.activation)
+        elif isinstance(saved, tuple):
+            grads = _backward_at(grad_output, input, weight, bias, saved, call,
+                                 ctx.needs_input_grad)
         else:
-            grads = _eager_backward(grad_output, cache, ctx.call)
+            grads = _eager_backward(grad_output, saved, call)
         return (*_select_grads(grads, weight, bias, *ctx.needs_input_grad[:3]), None)
 
 
@@ -307,6 +312,8 @@ class _CallClass:
     permutation, axis : tuple or None, int
         The input's memory order (:func:`fastbn._torch_arrays.kernel_layout`)
         and channel axis in it.
+    memory_format : torch.memory_format
+        The same order as PyTorch names it.
     channels : int
     shape3 : tuple of 3 ints, or None
         The canonical ``(A, C, B)`` view of the memory; None for an empty
@@ -317,13 +324,28 @@ class _CallClass:
         The weight's and bias' dtype: the input's, float32 for 16-bit input.
     training, momentum, eps, activation
         The call's options, checked (``activation``: None or ``"relu"``).
+    at : tuple or None
+        For a backend with address entry points (:func:`_at_kernels`), the
+        scalars that pick their compiled variant and the ReLU mask's floor:
+        ``(storage scalar, parameter scalar, parameter tensor dtype, floor,
+        NumPy dtype of the input)``; None otherwise.
+    statistics : torch.Tensor or None
+        A float64 ``(2, C)`` tensor of the kind that holds a call's ``mean``
+        and ``invstd`` on the address path (``torch.empty_like`` of it is
+        the cheapest allocation).
+    serial, generation : dict, int
+        Per pass, the backend's entry point when it runs the pass serially
+        (else None), as decided under plan generation ``generation``
+        (:func:`fastbn.plans.generation`).
     """
 
     __slots__ = ("permutation", "axis", "channels", "shape3", "module", "backend",
-                 "param_dtype", "training", "momentum", "eps", "activation")
+                 "param_dtype", "training", "momentum", "eps", "activation", "at",
+                 "serial", "generation", "memory_format", "statistics")
 
     def __init__(self, source, permutation, axis, training, momentum, eps, activation, backend):
         self.permutation, self.axis = permutation, axis
+        self.memory_format = _MEMORY_FORMATS[None if permutation is None else len(permutation)]
         self.channels = channels = source.shape[1]
         size = source.numel()
         if size == 0:
@@ -339,7 +361,19 @@ class _CallClass:
         self.momentum = momentum
         self.eps = eps
         self.activation = activation
+        self.at = self.statistics = None
+        if self.shape3 is not None and hasattr(self.module, "serial_entry"):
+            self.statistics = torch.empty((2, channels), dtype=torch.float64)
+            dtype = _arrays.numpy_dtype(source.dtype)
+            self.at = (*self.module.address_scalars(dtype),
+                       _arrays.PARAM_TORCH_DTYPES[source.dtype], relu_floor(dtype), dtype)
+        self.serial = {}
+        self.generation = None
 
+
+# The memory format of the kernels' layout (by the permutation's length).
+_MEMORY_FORMATS = {None: torch.contiguous_format, 4: torch.channels_last,
+                   5: torch.channels_last_3d}
 
 # The kinds of eager call seen so far (a model has a few dozen).
 _CALL_CLASSES = {}
@@ -371,8 +405,125 @@ def _call_class(input, running_mean, running_var, training, momentum, eps, activ
     return source, call
 
 
-def _eager_forward(call, source, weight, bias, running_mean, running_var):
-    """``(output, cache)`` of a forward on CPU tensors, in place where it can.
+def _eager_forward(call, source, weight, bias, running_mean, running_var, backward):
+    """``(output, saved)`` of a forward on CPU tensors.
+
+    Where :func:`_at_kernels` allows, the backend's address entry points
+    run it (:func:`_forward_at`), and ``saved`` is ``(statistics, backward
+    entry point)``; else the kernels run on NumPy views
+    (:func:`_forward_arrays`), and ``saved`` is a
+    :class:`fastbn.cache.BatchNormCache`. ``backward``: whether a backward
+    may follow (its kernel is then chosen now).
+    """
+    kernels = _at_kernels(call, weight, bias, running_mean, running_var, backward)
+    if kernels is not None:
+        return _forward_at(call, kernels, source, weight, bias, running_mean, running_var)
+    return _forward_arrays(call, source, weight, bias, running_mean, running_var)
+
+
+def _at_kernels(call, weight, bias, running_mean, running_var, backward):
+    """``(forward, backward)`` address entry points of a call, or None.
+
+    A call runs on the tensors' addresses when its backend has such entry
+    points (``serial_entry``: the numba backend), its passes run serially
+    under the current plans, and every per-channel tensor given is a
+    contiguous CPU tensor of ``(C,)`` values in the parameters' dtype.
+    Anything else (every error included) takes the NumPy views. Without
+    ``backward`` the second entry point is None.
+    """
+    at = call.at
+    if at is None:
+        return None
+    dtype, shape = at[2], (call.channels,)
+    for tensor in (weight, bias, running_mean, running_var):
+        if tensor is not None and not (tensor.dtype == dtype and tensor.shape == shape
+                                       and tensor.is_cpu and tensor.is_contiguous()):
+            return None
+    generation = plans.generation()
+    if generation != call.generation:   # plans changed: decide again
+        call.serial.clear()
+        call.generation = generation
+    passes = ("forward", "backward") if call.training else ("eval", "backward_eval")
+    forward = _serial_entry(call, passes[0])
+    if forward is None:
+        return None
+    if not backward:
+        return forward, None
+    backward = _serial_entry(call, passes[1])
+    return None if backward is None else (forward, backward)
+
+
+def _serial_entry(call, pass_name):
+    """The backend's ``serial_entry`` for a kind of call, kept on it."""
+    try:
+        return call.serial[pass_name]
+    except KeyError:
+        entry = call.module.serial_entry(call.shape3, call.at[4], pass_name,
+                                         call.activation is not None)
+        call.serial[pass_name] = entry
+        return entry
+
+
+def _forward_at(call, kernels, source, weight, bias, running_mean, running_var):
+    """:func:`_eager_forward` by the backend's address entry points: no NumPy
+    views (what they cost is most of a small call). ``saved`` holds a
+    float64 ``(2, C)`` tensor of ``mean`` and ``invstd``."""
+    output = torch.empty_like(source)
+    stats = torch.empty_like(call.statistics)
+    storage, param = call.at[0], call.at[1]
+    gamma_at = 0 if weight is None else weight.data_ptr()
+    beta_at = 0 if bias is None else bias.data_ptr()
+    forward, backward = kernels
+    if call.training:
+        forward(source.data_ptr(), output.data_ptr(), call.shape3, storage, gamma_at, beta_at,
+                0 if running_mean is None else running_mean.data_ptr(),
+                0 if running_var is None else running_var.data_ptr(), param, stats.data_ptr(),
+                call.eps, call.momentum, call.activation is not None)
+    else:
+        forward(source.data_ptr(), output.data_ptr(), call.shape3, storage, gamma_at, beta_at,
+                running_mean.data_ptr(), running_var.data_ptr(), param, stats.data_ptr(),
+                call.eps, call.activation is not None)
+    return output, (stats, backward)
+
+
+def _backward_at(grad_output, input, weight, bias, saved, call, needs_input_grad):
+    """``(grad_input, grad_weight, grad_bias)`` by the backward entry point
+    that the forward chose (``saved``); the gradients of the weight and bias
+    only where they are wanted (else None)."""
+    if not grad_output.is_contiguous(memory_format=call.memory_format):
+        grad_output = grad_output.contiguous(memory_format=call.memory_format)
+    grad_input = torch.empty_like(input)
+    grad_weight = grad_bias = None
+    gamma_at = beta_at = grad_weight_at = grad_bias_at = 0
+    if weight is not None:
+        gamma_at = weight.data_ptr()
+        if needs_input_grad[1]:
+            grad_weight = torch.empty_like(weight)   # in the parameters' dtype (checked)
+            grad_weight_at = grad_weight.data_ptr()
+    if bias is not None:
+        beta_at = bias.data_ptr()
+        if needs_input_grad[2]:
+            grad_bias = torch.empty_like(bias)
+            grad_bias_at = grad_bias.data_ptr()
+    stats, backward = saved
+    storage, param, _, floor, _ = call.at
+    backward(grad_output.data_ptr(), input.data_ptr(), grad_input.data_ptr(), call.shape3,
+             storage, stats.data_ptr(), gamma_at, beta_at, param, grad_weight_at, grad_bias_at,
+             call.training, call.activation is not None, floor)
+    return grad_input, grad_weight, grad_bias
+
+
+def _saved_statistics(saved):
+    """``(mean, invstd)`` tensors of what a forward kept for its backward."""
+    if isinstance(saved, tuple):
+        return saved[0][0], saved[0][1]
+    return (torch.from_numpy(np.asarray(saved.mean)),
+            torch.from_numpy(np.asarray(saved.invstd)))
+
+
+def _forward_arrays(call, source, weight, bias, running_mean, running_var):
+    """``(output, cache)`` of a forward on CPU tensors through NumPy views, in
+    place where it can.
 
     ``call`` holds what was checked once for this kind of call; the
     per-channel tensors are checked here as :func:`fastbn.batchnorm_forward`
@@ -580,7 +731,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
                                    activation, backend)
         if _needs_grad(source, weight, bias):
             return _apply_eager(source, weight, bias, call, running_mean, running_var)
-        return _eager_forward(call, source, weight, bias, running_mean, running_var)[0]
+        return _eager_forward(call, source, weight, bias, running_mean, running_var, False)[0]
     eps = float(eps)
     _check_call(input, running_mean, running_var, training, eps, activation)
     output, _, _, new_mean, new_var = _batch_norm_op(

@@ -444,6 +444,10 @@ for shape, fuse_rows in cases:
         nb.backward_train(dy, x, mean, invstd, g, out, **fused)
         nb.backward_eval(dy, x, mean, invstd, g, out, **fused)
         nb.backward_staged(dy, x, mean, invstd, g, 1e-5, out, **fused)
+# the address entry points (compiled or loaded by serial_entry)
+for pass_name in ("forward", "eval", "backward", "backward_eval"):
+    for relu in (False, True):
+        assert nb.serial_entry((4, 8, 5), np.dtype(np.float64), pass_name, relu) is not None
 
 found = {}
 for module in (_loadstore, _ops, _loops, _small):

@@ -102,7 +102,8 @@ def test_matches_functional_batch_norm(backend, training, layout):
 def test_cpu_tensors_reach_the_kernels_as_views(monkeypatch):
     """Contiguous and channels-last tensors, float16 and bfloat16 included,
     are passed to the backend's kernel as NumPy views of their own memory,
-    and the output is written in place; a strided tensor is copied once."""
+    and the output is written in place; a strided tensor is copied once.
+    (The address entry points, which small calls may take, are turned off.)"""
     seen = []
     module = fastbn.registry.get_backend(fastbn.registry.default_backend())
     forward = module.forward_train
@@ -113,6 +114,7 @@ def test_cpu_tensors_reach_the_kernels_as_views(monkeypatch):
         return forward(x3, gamma, beta, eps, out3, *args, **kwargs)
 
     monkeypatch.setattr(module, "forward_train", spy)
+    monkeypatch.setattr(fastbn.torch, "_at_kernels", lambda *args: None)
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for channels_last in (False, True):
             x, running_mean, running_var, weight, bias = _inputs(dtype=dtype,
@@ -129,6 +131,134 @@ def test_cpu_tensors_reach_the_kernels_as_views(monkeypatch):
     x = _inputs()[0][:, :, ::2]
     fastbn.torch.batch_norm(x, None, None, training=True)
     assert seen.pop()[0] != x.data_ptr()
+
+
+# --------------------------------------------------------------------------
+# Small calls on the tensors' addresses (backends with serial entry points)
+# --------------------------------------------------------------------------
+
+def _address_backends():
+    return [name for name in CPU_BACKENDS
+            if hasattr(fastbn.registry.get_backend(name), "serial_entry")]
+
+
+def _spy_entries(monkeypatch, module):
+    """Record ``(pass, x address, out address, shape)`` of every call of the
+    entry points that ``module.serial_entry`` hands out from now on."""
+    seen = []
+    serial_entry = module.serial_entry
+
+    def spy_entry(shape, dtype, pass_name, relu):
+        entry = serial_entry(shape, dtype, pass_name, relu)
+        if entry is None:
+            return None
+
+        def spy(*args):
+            x_at, out_at = (args[0], args[1]) if pass_name in ("forward", "eval") else \
+                (args[1], args[2])
+            seen.append((pass_name, x_at, out_at, args[3 if pass_name.startswith("b") else 2]))
+            return entry(*args)
+        return spy
+
+    monkeypatch.setattr(module, "serial_entry", spy_entry)
+    monkeypatch.setattr(fastbn.torch, "_CALL_CLASSES", {})   # decide anew
+    return seen
+
+
+def _step(x, running_mean, running_var, weight, bias, training, activation, backend):
+    """Output, the three gradients and the running statistics of one call."""
+    xs = x.detach().clone().requires_grad_()
+    ws = None if weight is None else weight.detach().clone().requires_grad_()
+    bs = None if bias is None else bias.detach().clone().requires_grad_()
+    stats = [None if t is None else t.clone() for t in (running_mean, running_var)]
+    out = fastbn.torch.batch_norm(xs, *stats, ws, bs, training=training, momentum=0.3,
+                                  eps=1e-4, backend=backend, activation=activation)
+    grad = torch.cos(torch.arange(out.numel(), dtype=torch.float64)).reshape(out.shape)
+    out.backward(grad.to(out.dtype).contiguous(memory_format=torch.channels_last)
+                 if x.dim() == 4 and not x.is_contiguous() else grad.to(out.dtype))
+    return [out, xs.grad, None if ws is None else ws.grad, None if bs is None else bs.grad,
+            *stats]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "nd"])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("activation", [None, "relu"])
+@pytest.mark.parametrize("affine", [True, False])
+def test_small_calls_on_addresses_compute_what_the_views_compute(monkeypatch, dtype, layout,
+                                                                 training, activation, affine):
+    """A small call runs the backend's serial entry points on the tensors'
+    own memory (no NumPy views, the output written in place), and gives
+    what the same kernels give through NumPy views: the output, the three
+    gradients and the running statistics.
+
+    The two paths are separately compiled, so a sum may be taken in
+    another order: the bound is one rounding to the stored dtype plus ``n``
+    float64 roundings (the ``n`` values of a channel) of the largest value.
+    """
+    for backend in _address_backends():
+        module = fastbn.registry.get_backend(backend)
+        shape = (12, 5) if layout == "nd" else (3, 5, 4, 6)
+        x, running_mean, running_var, weight, bias = _inputs(shape, dtype=dtype,
+                                                             channels_last=layout == "channels_last")
+        param_dtype = torch.float32 if x.element_size() == 2 else dtype
+        running_mean, running_var, weight, bias = (
+            t.to(param_dtype) for t in (running_mean, running_var, weight, bias))
+        if not affine:
+            weight = bias = None
+        if training and not affine:
+            running_mean = running_var = None   # also no running statistics
+        seen = _spy_entries(monkeypatch, module)
+        got = _step(x, running_mean, running_var, weight, bias, training, activation, backend)
+        forward_pass, backward_pass = ("forward", "backward") if training else \
+            ("eval", "backward_eval")
+        assert [entry[0] for entry in seen] == [forward_pass, backward_pass]
+        assert seen[0][1] != 0 and seen[0][2] == got[0].data_ptr()   # the output in place
+        assert seen[0][3] == ((x.numel() // 5, 5, 1) if layout != "contiguous"
+                              else (3, 5, 24))
+        monkeypatch.setattr(fastbn.torch, "_at_kernels", lambda *args: None)
+        expected = _step(x, running_mean, running_var, weight, bias, training, activation,
+                         backend)
+        monkeypatch.undo()
+        n = x.numel() // 5
+        for a, b in zip(got, expected):
+            if b is None:
+                assert a is None
+                continue
+            assert a.dtype == b.dtype and a.stride() == b.stride()
+            bound = torch.finfo(a.dtype).eps + n * torch.finfo(torch.float64).eps
+            scale = float(b.detach().double().abs().max())
+            torch.testing.assert_close(a.double(), b.double(), rtol=bound, atol=bound * scale)
+
+
+def test_calls_that_the_address_path_cannot_take_use_the_views(monkeypatch):
+    """Per-channel tensors of another dtype, strided or of the wrong shape,
+    a large input, and a plan that is not serial all take the NumPy views;
+    the wrong shape still raises the views' error."""
+    for backend in _address_backends():
+        module = fastbn.registry.get_backend(backend)
+        seen = _spy_entries(monkeypatch, module)
+        x, running_mean, running_var, weight, bias = _inputs(dtype=torch.float32)
+        fastbn.torch.batch_norm(x, running_mean, running_var, weight, bias, training=True,
+                                backend=backend)
+        assert len(seen) == 1
+        seen.clear()
+        for other in (weight.double(), torch.stack([weight, weight], 1)[:, 0]):
+            fastbn.torch.batch_norm(x, running_mean, running_var, other, bias, training=True,
+                                    backend=backend)
+        with pytest.raises(ValueError, match="one value per channel"):
+            fastbn.torch.batch_norm(x, running_mean, running_var, weight[:2], bias,
+                                    training=True, backend=backend)
+        large = torch.randn(4, 3, 100, 100)
+        fastbn.torch.batch_norm(large, running_mean, running_var, weight, bias, training=True,
+                                backend=backend)
+        key = fastbn.plans.call_class((4, 3, 30), "float32", "forward", 4)
+        with fastbn.plans.forced(backend, key, {"strategy": "passes", "reduce": "rows",
+                                                "apply": "rows"}):
+            fastbn.torch.batch_norm(x, running_mean, running_var, weight, bias, training=True,
+                                    backend=backend)
+        assert seen == []
+        monkeypatch.undo()
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32", "float16", "bfloat16"])

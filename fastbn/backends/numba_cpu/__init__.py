@@ -24,7 +24,10 @@ The package
     fused) written once, as a factory that compiles an op or a term into
     it; ``AFFINE``, ``SHIFTED``, ... are the kernels of this backend.
 ``_small``
-    Each contract kernel in one compiled call, for small arrays.
+    Each contract kernel in one compiled call, for small arrays; also
+    called on memory addresses (``forward_train_at``, ...; see
+    :func:`serial_entry`), where making NumPy views would cost more than
+    the kernel.
 this module
     The contract's kernels: which loop shape a call takes, and the staged
     backward (the walk of :mod:`fastbn.backends._staged` over this
@@ -196,6 +199,7 @@ ON_DEVICE = False
 
 if numba is not None:
     from . import _small
+    from ._small import backward_at, forward_eval_at, forward_train_at  # noqa: F401
     # the 16-bit conversions, reached from here by the tests
     from ._loadstore import (_F16C, _bf16_to_f32, _f32_to_bf16, _f32_to_half_f16c,  # noqa: F401
                              _f32_to_half_soft, _half_to_f32_f16c, _half_to_f32_soft)
@@ -514,6 +518,64 @@ def _decide(x, pass_name):
         _DECISIONS.clear()
     _DECISIONS[key] = (_plans.generation(), plan, block)
     return plan, block
+
+
+def address_scalars(dtype):
+    """``(storage, parameter)``: scalars of the types the address entry points
+    of :mod:`._small` take for an array of ``dtype`` (float16, bfloat16,
+    float32 or float64): its storage type (16-bit values as their bits) and
+    the per-channel values' (float32 for 16-bit storage)."""
+    dtype = np.dtype(dtype)
+    if dtype.itemsize == 2:
+        return (np.uint16(0) if dtype == np.float16 else np.int16(0)), np.float32(0)
+    return dtype.type(0), dtype.type(0)
+
+
+def serial_entry(shape, dtype, pass_name, relu):
+    """The compiled address entry point of a pass that runs serially.
+
+    Parameters
+    ----------
+    shape : tuple of 3 ints
+        ``(A, C, B)``.
+    dtype : numpy dtype
+        The array's (float16, bfloat16, float32 or float64).
+    pass_name : str
+        ``"forward"``, ``"eval"``, ``"backward"`` (their plans decide) or
+        ``"backward_eval"`` (the size does).
+    relu : bool
+
+    Returns
+    -------
+    callable or None
+        None when the call's plan is not the serial one. Otherwise the
+        compiled function of ``forward_train_at``, ``forward_eval_at`` or
+        ``backward_at`` (:mod:`._small`) for these argument types (scalars
+        from :func:`address_scalars`), which computes what the contract's
+        kernel computes. Called directly, it skips the dispatcher's typing
+        of each argument, which is a good part of a small call.
+    """
+    if pass_name == "backward_eval":
+        serial = shape[0] * shape[1] * shape[2] < SERIAL_BELOW
+    else:
+        layout = np.broadcast_to(np.empty((), dtype), shape)   # a plan reads the metadata only
+        serial = _decide(layout, pass_name)[0]["strategy"] == "serial"
+    if not serial:
+        return None
+    storage, param = address_scalars(dtype)
+    shape = tuple(int(n) for n in shape)
+    relu = bool(relu)
+    if pass_name == "forward":
+        kernel = forward_train_at
+        sample = (0, 0, shape, storage, 0, 0, 0, 0, param, 0, 0.0, 0.0, relu)
+    elif pass_name == "eval":
+        kernel = forward_eval_at
+        sample = (0, 0, shape, storage, 0, 0, 0, 0, param, 0, 0.0, relu)
+    else:
+        kernel = backward_at
+        sample = (0, 0, 0, shape, storage, 0, 0, 0, param, 0, 0, pass_name == "backward",
+                  relu, 0.0)
+    return kernel.compile(tuple(numba.typeof(value) for value in sample))
 
 
 # ---------------------------------------------------------------------------

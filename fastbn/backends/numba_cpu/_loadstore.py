@@ -22,7 +22,7 @@ import platform
 
 import numpy as np
 from llvmlite import ir as llvm_ir
-from numba import njit
+from numba import carray, njit
 from numba.core import cgutils
 from numba.core import types as nbtypes
 from numba.extending import intrinsic, overload, register_jitable
@@ -381,6 +381,26 @@ def _stream_fence(typingctx):
             builder.fence("seq_cst")
         return context.get_dummy_value()
     return nbtypes.none(), codegen
+
+
+@intrinsic
+def _pointer(typingctx, address, like):
+    """An integer memory address as a pointer to values of ``like``'s type
+    (a scalar, whose value is not used)."""
+    if not (isinstance(address, nbtypes.Integer) and isinstance(like, nbtypes.Number)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
+    return nbtypes.CPointer(like)(address, like), codegen
+
+
+@register_jitable(**JITABLE)
+def _view_at(address, like, shape):
+    """The C-contiguous array of ``shape`` at a memory address, of ``like``'s
+    type. The caller keeps the memory alive and of that size. (Kernels call
+    this, not the intrinsic: see :func:`_stream_out`.)"""
+    return carray(_pointer(address, like), shape)
 
 
 @register_jitable(**JITABLE)
