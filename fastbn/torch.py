@@ -289,9 +289,9 @@ class _EagerBatchNorm(torch.autograd.Function):
             mean, invstd = _saved_statistics(saved)
             grads = _differentiable_backward(grad_output, input, weight, bias, mean, invstd,
                                              call.training, call.eps, call.activation)
-        elif isinstance(saved, tuple):
-            grads = _backward_at(grad_output, input, weight, bias, saved, call,
-                                 ctx.needs_input_grad)
+        elif isinstance(saved, tuple):   # in the parameters' dtypes, None where not needed
+            return (*_backward_at(grad_output, input, weight, bias, saved, call,
+                                  ctx.needs_input_grad), None)
         else:
             grads = _eager_backward(grad_output, saved, call)
         return (*_select_grads(grads, weight, bias, *ctx.needs_input_grad[:3]), None)
@@ -474,22 +474,23 @@ def _forward_at(call, kernels, source, weight, bias, running_mean, running_var):
     gamma_at = 0 if weight is None else weight.data_ptr()
     beta_at = 0 if bias is None else bias.data_ptr()
     forward, backward = kernels
+    lo = None if call.activation is None else 0.0
     if call.training:
         forward(source.data_ptr(), output.data_ptr(), call.shape3, storage, gamma_at, beta_at,
                 0 if running_mean is None else running_mean.data_ptr(),
                 0 if running_var is None else running_var.data_ptr(), param, stats.data_ptr(),
-                call.eps, call.momentum, call.activation is not None)
+                call.eps, call.momentum, lo)
     else:
         forward(source.data_ptr(), output.data_ptr(), call.shape3, storage, gamma_at, beta_at,
                 running_mean.data_ptr(), running_var.data_ptr(), param, stats.data_ptr(),
-                call.eps, call.activation is not None)
+                call.eps, lo)
     return output, (stats, backward)
 
 
 def _backward_at(grad_output, input, weight, bias, saved, call, needs_input_grad):
     """``(grad_input, grad_weight, grad_bias)`` by the backward entry point
-    that the forward chose (``saved``); the gradients of the weight and bias
-    only where they are wanted (else None)."""
+    that the forward chose (``saved``); each only where it is wanted (else
+    None)."""
     if not grad_output.is_contiguous(memory_format=call.memory_format):
         grad_output = grad_output.contiguous(memory_format=call.memory_format)
     grad_input = torch.empty_like(input)
@@ -509,8 +510,8 @@ def _backward_at(grad_output, input, weight, bias, saved, call, needs_input_grad
     storage, param, _, floor, _ = call.at
     backward(grad_output.data_ptr(), input.data_ptr(), grad_input.data_ptr(), call.shape3,
              storage, stats.data_ptr(), gamma_at, beta_at, param, grad_weight_at, grad_bias_at,
-             call.training, call.activation is not None, floor)
-    return grad_input, grad_weight, grad_bias
+             None if call.activation is None else floor)
+    return grad_input if needs_input_grad[0] else None, grad_weight, grad_bias
 
 
 def _saved_statistics(saved):

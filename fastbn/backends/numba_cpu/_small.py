@@ -87,9 +87,12 @@ def backward_eval(dy, x, mean, invstd, gamma, gq, gr, floor, out, sum_dy, sum_dy
 # each tensor and a dispatch over array arguments cost more than the kernel.
 # ``like`` is a scalar of the storage type (float32, float64; uint16 for
 # float16, int16 for bfloat16) and ``param_like`` one of the per-channel
-# tensors' type (float32 or float64): they choose the compiled variant.
-# Address 0 is a tensor not given: the weight reads as ones, the bias as
-# zeros; without running statistics none are updated.
+# tensors' type (float32 or float64); ``lo`` and ``floor`` are the fused
+# ReLU's, None without it. Their types choose the compiled variant, so that
+# each holds only the code of its own case. Address 0 is a tensor not
+# given: the weight reads as ones, the bias as zeros; without running
+# statistics none are updated. ``stats_at`` is a float64 ``(2, C)`` array of
+# ``mean`` and ``invstd``, which the forwards write and the backwards read.
 
 @register_jitable(**JITABLE)
 def _channel_values(address, like, channels, fill):
@@ -111,14 +114,9 @@ def _store_channels(address, like, values):
 
 @njit(**JIT)
 def forward_train_at(x_at, out_at, shape, like, gamma_at, beta_at, rm_at, rv_at, param_like,
-                     stats_at, eps, momentum, relu):
-    """:func:`forward_train` on addresses; ``mean`` and ``invstd`` go into the
-    rows of the float64 ``(2, C)`` array at ``stats_at``."""
+                     stats_at, eps, momentum, lo):
+    """:func:`forward_train` on addresses."""
     C = shape[1]
-    x = _view_at(x_at, like, shape)
-    out = _view_at(out_at, like, shape)
-    gamma = _channel_values(gamma_at, param_like, C, 1.0)
-    beta = _channel_values(beta_at, param_like, C, 0.0)
     stats = _view_at(stats_at, 0.0, (2, C))
     update = rm_at != 0
     if update:
@@ -127,65 +125,49 @@ def forward_train_at(x_at, out_at, shape, like, gamma_at, beta_at, rm_at, rv_at,
     else:   # stand-ins of the same type, never written
         rm = np.full(C, param_like)
         rv = rm
-    if relu:
-        forward_train(x, gamma, beta, eps, 0.0, out, stats[0], stats[1], rm, rv, momentum,
-                      update)
-    else:
-        forward_train(x, gamma, beta, eps, None, out, stats[0], stats[1], rm, rv, momentum,
-                      update)
+    forward_train(_view_at(x_at, like, shape), _channel_values(gamma_at, param_like, C, 1.0),
+                  _channel_values(beta_at, param_like, C, 0.0), eps, lo,
+                  _view_at(out_at, like, shape), stats[0], stats[1], rm, rv, momentum, update)
 
 
 @njit(**JIT)
 def forward_eval_at(x_at, out_at, shape, like, gamma_at, beta_at, rm_at, rv_at, param_like,
-                    stats_at, eps, relu):
-    """:func:`forward_eval` on addresses (the running statistics are required);
-    ``mean`` and ``invstd`` go where :func:`forward_train_at` puts them."""
+                    stats_at, eps, lo):
+    """:func:`forward_eval` on addresses (the running statistics are required)."""
     C = shape[1]
-    x = _view_at(x_at, like, shape)
-    out = _view_at(out_at, like, shape)
-    gamma = _channel_values(gamma_at, param_like, C, 1.0)
-    beta = _channel_values(beta_at, param_like, C, 0.0)
-    rm = _view_at(rm_at, param_like, (C,))
-    rv = _view_at(rv_at, param_like, (C,))
     stats = _view_at(stats_at, 0.0, (2, C))
-    if relu:
-        forward_eval(x, gamma, beta, rm, rv, eps, 0.0, out, stats[0], stats[1])
-    else:
-        forward_eval(x, gamma, beta, rm, rv, eps, None, out, stats[0], stats[1])
+    forward_eval(_view_at(x_at, like, shape), _channel_values(gamma_at, param_like, C, 1.0),
+                 _channel_values(beta_at, param_like, C, 0.0),
+                 _view_at(rm_at, param_like, (C,)), _view_at(rv_at, param_like, (C,)), eps, lo,
+                 _view_at(out_at, like, shape), stats[0], stats[1])
 
 
-@njit(**JIT)
-def backward_at(dy_at, x_at, dx_at, shape, like, stats_at, gamma_at, beta_at, param_like,
-                grad_weight_at, grad_bias_at, training, relu, floor):
-    """:func:`backward_train` (``training``) or :func:`backward_eval` on
-    addresses, ``stats_at`` as the forward filled it; the two sums are
-    rounded into the gradient tensors of the weight and the bias (address 0:
-    not wanted). With ``relu``, ``dy`` is masked by the recomputed
-    ``y > floor``."""
-    C = shape[1]
-    dy = _view_at(dy_at, like, shape)
-    x = _view_at(x_at, like, shape)
-    dx = _view_at(dx_at, like, shape)
-    stats = _view_at(stats_at, 0.0, (2, C))
-    mean = stats[0]
-    invstd = stats[1]
-    gamma = _channel_values(gamma_at, param_like, C, 1.0)
-    sum_dy = np.empty(C)
-    sum_dy_xhat = np.empty(C)
-    if relu:
-        gq = invstd * gamma
-        gr = _channel_values(beta_at, param_like, C, 0.0)
-        if training:
-            backward_train(dy, x, mean, invstd, gamma, gq, gr, floor, dx, sum_dy, sum_dy_xhat)
+def _backward_at(backward):
+    """The address entry point of a backward driver (:func:`backward_train`
+    or :func:`backward_eval`): the two sums are rounded into the gradient
+    tensors of the weight and the bias (address 0: not wanted). With a
+    ``floor``, ``dy`` is masked by the recomputed ``y > floor``."""
+
+    def backward_at(dy_at, x_at, dx_at, shape, like, stats_at, gamma_at, beta_at, param_like,
+                    grad_weight_at, grad_bias_at, floor):
+        C = shape[1]
+        stats = _view_at(stats_at, 0.0, (2, C))
+        mean = stats[0]
+        invstd = stats[1]
+        gamma = _channel_values(gamma_at, param_like, C, 1.0)
+        sum_dy = np.empty(C)
+        sum_dy_xhat = np.empty(C)
+        if floor is None:
+            gq = gr = np.zeros(C)
         else:
-            backward_eval(dy, x, mean, invstd, gamma, gq, gr, floor, dx, sum_dy, sum_dy_xhat)
-    else:
-        zeros = np.zeros(C)
-        if training:
-            backward_train(dy, x, mean, invstd, gamma, zeros, zeros, None, dx, sum_dy,
-                           sum_dy_xhat)
-        else:
-            backward_eval(dy, x, mean, invstd, gamma, zeros, zeros, None, dx, sum_dy,
-                          sum_dy_xhat)
-    _store_channels(grad_weight_at, param_like, sum_dy_xhat)
-    _store_channels(grad_bias_at, param_like, sum_dy)
+            gq = invstd * gamma
+            gr = _channel_values(beta_at, param_like, C, 0.0)
+        backward(_view_at(dy_at, like, shape), _view_at(x_at, like, shape), mean, invstd, gamma,
+                 gq, gr, floor, _view_at(dx_at, like, shape), sum_dy, sum_dy_xhat)
+        _store_channels(grad_weight_at, param_like, sum_dy_xhat)
+        _store_channels(grad_bias_at, param_like, sum_dy)
+    return njit(**JIT)(backward_at)
+
+
+backward_train_at = _backward_at(backward_train)
+backward_eval_at = _backward_at(backward_eval)
