@@ -467,23 +467,24 @@ def _serial_entry(call, pass_name):
 def _forward_at(call, kernels, source, weight, bias, running_mean, running_var):
     """:func:`_eager_forward` by the backend's address entry points: no NumPy
     views (what they cost is most of a small call). ``saved`` holds a
-    float64 ``(2, C)`` tensor of ``mean`` and ``invstd``."""
+    float64 ``(2, C)`` tensor of ``mean`` and ``invstd`` when a backward may
+    follow (None otherwise: the kernel keeps them in scratch memory)."""
     output = torch.empty_like(source)
-    stats = torch.empty_like(call.statistics)
+    forward, backward = kernels
+    stats = None if backward is None else torch.empty_like(call.statistics)
+    stats_at = 0 if stats is None else stats.data_ptr()
     storage, param = call.at[0], call.at[1]
     gamma_at = 0 if weight is None else weight.data_ptr()
     beta_at = 0 if bias is None else bias.data_ptr()
-    forward, backward = kernels
     lo = None if call.activation is None else 0.0
     if call.training:
         forward(source.data_ptr(), output.data_ptr(), call.shape3, storage, gamma_at, beta_at,
                 0 if running_mean is None else running_mean.data_ptr(),
-                0 if running_var is None else running_var.data_ptr(), param, stats.data_ptr(),
+                0 if running_var is None else running_var.data_ptr(), param, stats_at,
                 call.eps, call.momentum, lo)
     else:
         forward(source.data_ptr(), output.data_ptr(), call.shape3, storage, gamma_at, beta_at,
-                running_mean.data_ptr(), running_var.data_ptr(), param, stats.data_ptr(),
-                call.eps, lo)
+                running_mean.data_ptr(), running_var.data_ptr(), param, stats_at, call.eps, lo)
     return output, (stats, backward)
 
 

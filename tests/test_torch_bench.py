@@ -1,5 +1,6 @@
 """`fastbn bench --suite torch-model` in its tiny profile: it runs, and its
-report holds the three versions of the model with their figures."""
+report holds the per-call table and the three versions of the model with
+their figures."""
 import pytest
 
 from fastbn import machine
@@ -28,4 +29,10 @@ def test_torch_model_suite_tiny(tmp_path, capsys):
     for row in rows:
         assert float(row["train ms median (best)"].split()[0]) > 0
         assert float(row["BN ms in step"]) > 0
+    calls = report.parse_tables(text)["One call on (2, 8, 4, 4) float32 (us)"]
+    assert [row["case"] for row in calls] == ["training forward", "evaluation forward",
+                                              "forward + backward"]
+    for row in calls:
+        assert float(row["torch.nn.functional.batch_norm"]) > 0
+        assert float(row["fastbn.torch.batch_norm"]) > 0
     assert "9 of them fused" in text   # ResNet-18: the stem's and each block's first

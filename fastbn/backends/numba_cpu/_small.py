@@ -92,7 +92,8 @@ def backward_eval(dy, x, mean, invstd, gamma, gq, gr, floor, out, sum_dy, sum_dy
 # each holds only the code of its own case. Address 0 is a tensor not
 # given: the weight reads as ones, the bias as zeros; without running
 # statistics none are updated. ``stats_at`` is a float64 ``(2, C)`` array of
-# ``mean`` and ``invstd``, which the forwards write and the backwards read.
+# ``mean`` and ``invstd``, which the forwards write (unless it is 0) and the
+# backwards read.
 
 @register_jitable(**JITABLE)
 def _channel_values(address, like, channels, fill):
@@ -112,12 +113,21 @@ def _store_channels(address, like, values):
             out[c] = values[c]
 
 
+@register_jitable(**JITABLE)
+def _statistics_at(address, channels):
+    """The ``(2, C)`` float64 array of ``mean`` and ``invstd`` at ``address``;
+    a scratch one where the address is 0 (a forward that no backward follows)."""
+    if address == 0:
+        return np.empty((2, channels))
+    return _view_at(address, 0.0, (2, channels))
+
+
 @njit(**JIT)
 def forward_train_at(x_at, out_at, shape, like, gamma_at, beta_at, rm_at, rv_at, param_like,
                      stats_at, eps, momentum, lo):
     """:func:`forward_train` on addresses."""
     C = shape[1]
-    stats = _view_at(stats_at, 0.0, (2, C))
+    stats = _statistics_at(stats_at, C)
     update = rm_at != 0
     if update:
         rm = _view_at(rm_at, param_like, (C,))
@@ -135,7 +145,7 @@ def forward_eval_at(x_at, out_at, shape, like, gamma_at, beta_at, rm_at, rv_at, 
                     stats_at, eps, lo):
     """:func:`forward_eval` on addresses (the running statistics are required)."""
     C = shape[1]
-    stats = _view_at(stats_at, 0.0, (2, C))
+    stats = _statistics_at(stats_at, C)
     forward_eval(_view_at(x_at, like, shape), _channel_values(gamma_at, param_like, C, 1.0),
                  _channel_values(beta_at, param_like, C, 0.0),
                  _view_at(rm_at, param_like, (C,)), _view_at(rv_at, param_like, (C,)), eps, lo,

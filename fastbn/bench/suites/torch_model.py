@@ -15,11 +15,20 @@ One more training step of each, under ``torch.profiler``, gives the time
 spent in batch norm (the forward op and its backward node, inclusive) and
 its share of that step.
 
+Before the models, a first table gives the cost of one call on a tiny
+tensor (``(2, 8, 4, 4)`` float32): ``torch.nn.functional.batch_norm``
+against :func:`fastbn.torch.batch_norm`, training forward, evaluation
+forward, and training forward + backward (weight and bias requiring
+gradients), timed in the same interleaved rounds.
+
 Bars (ResNet-50, batch 32, 224x224, float32 training step): the converted
 model saves at least the batch-norm time that fastbn saves (no cost added
-elsewhere), and batch norm's own time is at least 2x lower.
+elsewhere), and batch norm's own time is at least 2x lower. Per call:
+fastbn's training forward at most 2x PyTorch's time, forward + backward at
+most 1.2x.
 """
 import copy
+import functools
 import importlib.util
 import os
 import time
@@ -37,6 +46,10 @@ DTYPES = ["float32", "bfloat16"]
 VARIANTS = ["torch", "fastbn", "fastbn+relu"]
 THREADS = 2
 BN_BAR = 2.0
+PER_CALL_SHAPE = (2, 8, 4, 4)
+# The most fastbn's time per call may be, as a multiple of PyTorch's.
+PER_CALL_BARS = {"training forward": 2.0, "forward + backward": 1.2}
+PER_CALL_SECONDS = 0.02
 BUDGET_SECONDS = 240.0
 CLASSES = 1000
 # Profiler events that hold a whole batch-norm call (inclusive times)
@@ -186,6 +199,58 @@ def _profiled_bn(step, variant):
     return seconds, in_bn
 
 
+def _per_call_kernels(torch, backend):
+    """``"<torch|fastbn> <case>" -> callable``: one call of each case on a
+    tiny tensor, with running statistics, weight and bias."""
+    import fastbn.torch as fastbn_torch
+
+    generator = torch.Generator().manual_seed(0)
+    channels = PER_CALL_SHAPE[1]
+    x = torch.randn(PER_CALL_SHAPE, generator=generator)
+    weight = torch.rand(channels, generator=generator) + 0.5
+    bias = torch.randn(channels, generator=generator)
+    grad = torch.randn(PER_CALL_SHAPE, generator=generator)
+
+    def cases(function):
+        stats = (torch.zeros(channels), torch.ones(channels))
+        leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+        return {
+            "training forward": lambda: function(x, *stats, weight, bias, training=True),
+            "evaluation forward": lambda: function(x, *stats, weight, bias, training=False),
+            "forward + backward": lambda: function(leaves[0], *stats, *leaves[1:],
+                                                   training=True).backward(grad)}
+
+    kernels = {}
+    for name, function in (("torch", torch.nn.functional.batch_norm),
+                           ("fastbn", functools.partial(fastbn_torch.batch_norm,
+                                                        backend=backend))):
+        kernels.update({f"{name} {case}": call for case, call in cases(function).items()})
+    return kernels
+
+
+def _per_call(torch, backend, rounds, report):
+    """The per-call table and its bars (see the module docstring)."""
+    got = timing.interleaved(_per_call_kernels(torch, backend), rounds,
+                             min_seconds=PER_CALL_SECONDS)
+    report.add_warnings(got.warnings("per call"))
+    rows = []
+    for case in ("training forward", "evaluation forward", "forward + backward"):
+        ratio = got.ratio(f"fastbn {case}", f"torch {case}", "median")
+        rows.append([case, f"{got[f'torch {case}'].median * 1e6:.1f}",
+                     f"{got[f'fastbn {case}'].median * 1e6:.1f}", cell(ratio, 2, "x")])
+        if case in PER_CALL_BARS:
+            bar = PER_CALL_BARS[case]
+            report.add_bar(f"per call, {case}: fastbn's time <= {bar:g}x PyTorch's",
+                           ratio is not None and ratio <= bar, cell(ratio, 2, "x"))
+    report.add_table(
+        f"One call on {PER_CALL_SHAPE} float32 (us)",
+        ["case", "torch.nn.functional.batch_norm", "fastbn.torch.batch_norm",
+         "fastbn / torch"], rows,
+        f"Medians of {got.rounds} interleaved rounds of about {PER_CALL_SECONDS * 1e3:g} ms "
+        "of back-to-back calls; running statistics, weight and bias given (requiring "
+        "gradients in *forward + backward*).")
+
+
 def _ms(t):
     return "-" if t is None or t.median is None else f"{t.median * 1e3:.0f} ({t.best * 1e3:.0f})"
 
@@ -227,6 +292,8 @@ def run(options):
                     f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}")
     rows = []
     with Threads(threads, use_torch=True):
+        progress(options, "torch-model per call")
+        _per_call(torch, backend, rounds, report)
         for name in models:
             for dtype_name in dtypes:
                 dtype = getattr(torch, dtype_name)
