@@ -36,3 +36,20 @@ def test_torch_model_suite_tiny(tmp_path, capsys):
         assert float(row["torch.nn.functional.batch_norm"]) > 0
         assert float(row["fastbn.torch.batch_norm"]) > 0
     assert "9 of them fused" in text   # ResNet-18: the stem's and each block's first
+
+
+def test_per_call_table_is_timed_without_a_passive_wait_policy(monkeypatch):
+    """Under OMP_WAIT_POLICY=passive PyTorch wakes its sleeping threads on
+    every tiny call; the per-call table is then timed in a child process
+    without that policy, and says so."""
+    from fastbn.bench.suites import torch_model
+
+    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
+    got = report.Report("per call", "test")
+    torch_model._per_call("numpy", 1, 1, got)
+    got.finish()
+    text = got.to_markdown()
+    assert "in a child process without OMP_WAIT_POLICY" in text
+    rows = report.parse_tables(text)["One call on (2, 8, 4, 4) float32 (us)"]
+    assert [row["case"] for row in rows] == list(torch_model.PER_CALL_CASES)
+    assert all(float(row["fastbn.torch.batch_norm"]) > 0 for row in rows)
