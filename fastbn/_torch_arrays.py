@@ -5,6 +5,10 @@ Shared by :mod:`fastbn.torch` and its synchronized batch norm
 tensor reaches the kernels. Importing this module imports torch.
 """
 
+import collections
+import ctypes
+import os
+import threading
 import weakref
 
 import numpy as np
@@ -160,24 +164,23 @@ class CudaOrder:
 def empty_like(source):
     """An uninitialized tensor with ``source``'s shape, dtype, strides and device.
 
-    On the CPU its memory comes from NumPy, which asks the kernel for
-    transparent huge pages for large arrays (``madvise``): the first writes
-    into a fresh 100 MB output then fault 512 times less often than into
-    memory from PyTorch's allocator, and the faults cost more than the batch
-    norm itself (on a 2-core Xeon, allocating and filling (32, 256, 56, 56)
-    float32 takes 21 ms from PyTorch, 7 ms from NumPy, 2 ms in place). The
-    strides are ``torch.empty_like``'s, so the result matches the fake
-    implementation's, and the tensor is no view (autograd lets a model
-    modify it in place). bfloat16, which NumPy cannot hand over, and device
-    tensors come from PyTorch.
+    On the CPU its memory comes from NumPy (:func:`host_memory`), which asks
+    the kernel for transparent huge pages for large arrays (``madvise``):
+    the first writes into a fresh 100 MB output then fault 512 times less
+    often than into memory from PyTorch's allocator, and the faults cost
+    more than the batch norm itself (on a 2-core Xeon, allocating and
+    filling (32, 256, 56, 56) float32 takes 21 ms from PyTorch, 7 ms from
+    NumPy, 2 ms in place). The strides are ``torch.empty_like``'s, so the
+    result matches the fake implementation's, and the tensor is no view
+    (autograd lets a model modify it in place). bfloat16, which NumPy
+    cannot hand over, and device tensors come from PyTorch.
     """
     if source.device.type != "cpu" or source.dtype == torch.bfloat16:
         return torch.empty_like(source)
     strides = torch.empty_like(source, device="meta").stride()
     # NumPy array of memory-order shape, then transposed to the logical order
     order = sorted(range(source.dim()), key=lambda axis: -strides[axis])
-    memory = np.empty([source.shape[axis] for axis in order],
-                      dtype=NUMPY_ITEMS[source.dtype])
+    memory = host_memory([source.shape[axis] for axis in order], NUMPY_ITEMS[source.dtype])
     output = torch.from_numpy(memory.transpose(np.argsort(order)))
     if output.stride() != strides:   # size-1 axes: any stride will do, keep PyTorch's
         return torch.empty_like(source)
@@ -190,19 +193,145 @@ def new_output(source, permutation):
 
     ``source`` is contiguous (``permutation`` None) or channels-last (its
     memory order given by ``permutation``); the result has the same layout,
-    its memory from NumPy (see :func:`empty_like` for why), with no meta
-    tensor or stride sort on the way: what the eager path pays per call.
-    bfloat16, which NumPy cannot hand over, comes from PyTorch.
+    its memory from :func:`host_memory` (see :func:`empty_like` for why),
+    with no meta tensor or stride sort on the way: what the eager path pays
+    per call. bfloat16, which NumPy cannot hand over, comes from PyTorch.
     """
     item = NUMPY_ITEMS.get(source.dtype)
     if item is None:
         output = torch.empty_like(source)
         return output, tensor_array(output, permutation)
     if permutation is None:
-        memory = np.empty(source.shape, dtype=item)
+        memory = host_memory(source.shape, item)
         return torch.from_numpy(memory), memory
-    memory = np.empty([source.shape[axis] for axis in permutation], dtype=item)
+    memory = host_memory([source.shape[axis] for axis in permutation], item)
     return torch.from_numpy(memory).permute(INVERSE[len(permutation)]), memory
+
+
+# --------------------------------------------------------------------------
+# Output memory kept for reuse
+# --------------------------------------------------------------------------
+# A large new array is a fresh mapping: its first writes fault its pages in,
+# and with transparent huge pages requested (NumPy's madvise) a fault may
+# wait while the kernel compacts memory. In a training step, where every
+# layer's output is new, that cost more than the batch norm itself and
+# varied from step to step: in ResNet-50 (batch 32, 224x224, float32) on a
+# 2-core Zen 4, the forwards at (32, 256, 56, 56) took 76-383 ms per step.
+# The same shapes come back every step, so the memory of large outputs that
+# nothing references any more is kept (up to POOL_KEEP_BYTES, the least
+# recently freed dropped first) and handed out again for the same size.
+#
+# A block is a NumPy array that owns the memory; the pool holds it. What is
+# handed out is an array over a ctypes view of the block's memory: every
+# array and tensor made from it (views, transposes, ``torch.from_numpy``)
+# references that ctypes object, so when it is collected nothing can reach
+# the memory any more, and the block returns to the pool.
+
+POOL_MIN_BYTES = 1 << 20   # smaller arrays come from malloc's own free lists
+
+
+def _pool_keep_bytes():
+    """``FASTBN_OUTPUT_POOL`` (bytes; 0 keeps nothing), else an eighth of
+    the physical memory."""
+    setting = os.environ.get("FASTBN_OUTPUT_POOL")
+    if setting is not None:
+        try:
+            return max(int(setting), 0)
+        except ValueError:
+            raise ValueError(f"FASTBN_OUTPUT_POOL must be a number of bytes, got {setting!r}") \
+                from None
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 8
+    except (AttributeError, OSError, ValueError):
+        return 0
+
+
+POOL_KEEP_BYTES = _pool_keep_bytes()
+# Free blocks by size, least recently freed size first, and their total
+# bytes; blocks freed but not yet filed (see _release).
+_FREE = collections.OrderedDict()
+_FREE_BYTES = [0]
+_FREED = collections.deque()
+_POOL_LOCK = threading.Lock()
+
+
+def host_memory(shape, dtype):
+    """An uninitialized C-contiguous NumPy array: from NumPy, or for at least
+    POOL_MIN_BYTES a free block of the same size kept from an earlier
+    output (see above)."""
+    dtype = np.dtype(dtype)
+    nbytes = dtype.itemsize
+    for n in shape:
+        nbytes *= n
+    if nbytes < POOL_MIN_BYTES or POOL_KEEP_BYTES == 0:
+        return np.empty(shape, dtype)
+    with _POOL_LOCK:
+        _file_freed()
+        blocks = _FREE.get(nbytes)
+        block = blocks.pop() if blocks else None
+        if block is not None:
+            _FREE_BYTES[0] -= nbytes
+            if not blocks:
+                del _FREE[nbytes]
+    if block is None:
+        block = np.empty(nbytes, np.uint8)
+    owner = (ctypes.c_char * nbytes).from_address(block.ctypes.data)
+    weakref.finalize(owner, _release, block).atexit = False
+    return np.frombuffer(owner, dtype).reshape(shape)
+
+
+def _release(block):
+    """A block that no array uses any more: filed now, or by the next call
+    that holds the lock. (This runs whenever the last view of an output is
+    collected, in any thread, possibly while this thread holds the lock:
+    it never waits for it.)"""
+    _FREED.append(block)
+    if _POOL_LOCK.acquire(blocking=False):
+        try:
+            _file_freed()
+        finally:
+            _POOL_LOCK.release()
+
+
+def _file_freed():
+    """File the freed blocks (the lock held), dropping the least recently
+    freed ones beyond POOL_KEEP_BYTES."""
+    while _FREED:
+        block = _FREED.popleft()
+        nbytes = block.nbytes
+        if nbytes > POOL_KEEP_BYTES:
+            continue
+        while _FREE and _FREE_BYTES[0] + nbytes > POOL_KEEP_BYTES:
+            size = next(iter(_FREE))
+            blocks = _FREE[size]
+            blocks.pop(0)
+            _FREE_BYTES[0] -= size
+            if not blocks:
+                del _FREE[size]
+        _FREE.setdefault(nbytes, []).append(block)
+        _FREE.move_to_end(nbytes)
+        _FREE_BYTES[0] += nbytes
+
+
+def forget_pool():
+    """Drop every kept block (their memory goes back to the system)."""
+    with _POOL_LOCK:
+        _FREED.clear()
+        _FREE.clear()
+        _FREE_BYTES[0] = 0
+
+
+def _pool_after_fork():
+    # a child must not wait on a lock some parent thread held at the fork,
+    # nor keep copies of the parent's free blocks
+    global _POOL_LOCK
+    _POOL_LOCK = threading.Lock()
+    _FREED.clear()
+    _FREE.clear()
+    _FREE_BYTES[0] = 0
+
+
+os.register_at_fork(after_in_child=_pool_after_fork)
 
 
 def host_view(tensor, permutation=None):

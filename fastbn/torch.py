@@ -38,7 +38,11 @@ through their bits as ``ml_dtypes.bfloat16`` (no copy); both use fastbn's
 strided CPU tensor is copied once into the contiguous layout. Per-channel
 tensors (weight, bias, running statistics) are used in place when they are
 contiguous float16/32/64 CPU tensors, else through a float32 copy of their
-``C`` values (the running statistics are written back).
+``C`` values (the running statistics are written back). Small eager calls
+on the numba backend pass the tensors' memory addresses instead of views
+(see :func:`_at_kernels`). Large CPU outputs take memory kept from earlier
+outputs that nothing references any more (``fastbn/_torch_arrays.py``,
+:func:`fastbn._torch_arrays.host_memory`).
 
 CUDA tensors go to the ``cuda`` backend through ``__cuda_array_interface__``,
 with no copy. That backend launches its kernels on the legacy default
@@ -666,6 +670,8 @@ def _check_call(input, running_mean, running_var, training, eps, activation):
                          f"got input size {tuple(input.shape)}")
     if not training and (running_mean is None or running_var is None):
         raise ValueError("batch_norm needs running_mean and running_var when training is False")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("batch_norm needs both running_mean and running_var, or neither")
     if activation not in (None, "relu"):
         raise ValueError(f"activation must be None or 'relu', got {activation!r}")
 
@@ -710,8 +716,9 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     ------
     ValueError
         As ``torch.nn.functional.batch_norm`` (``eps``, one value per channel
-        in training, missing running statistics in evaluation), plus those
-        of :func:`fastbn.batchnorm_forward`.
+        in training, missing running statistics in evaluation), one running
+        statistic given without the other, plus those of
+        :func:`fastbn.batchnorm_forward`.
     TypeError
         An unsupported dtype.
 

@@ -291,6 +291,9 @@ def test_errors():
         fastbn.torch.batch_norm(x[:1, :, :1, :1], None, None, training=True)
     with pytest.raises(ValueError, match="running_mean and running_var"):
         fastbn.torch.batch_norm(x, None, None, training=False)
+    for stats in ((running_mean, None), (None, running_var)):   # one of the two
+        with pytest.raises(ValueError, match="both running_mean and running_var"):
+            fastbn.torch.batch_norm(x, *stats, training=True)
     with pytest.raises(TypeError, match="int64"):
         fastbn.torch.batch_norm(x.long(), None, None, training=True)
     with pytest.raises(ValueError, match="activation"):
@@ -400,3 +403,88 @@ def test_compile_fullgraph_matches_eager():
                                    atol=1e-10, msg=key)
     assert int(compiled_model[1].num_batches_tracked) == 2
     assert not torch.equal(compiled_model[1].running_mean, torch.zeros(8, dtype=torch.float64))
+
+
+# --------------------------------------------------------------------------
+# Large outputs: memory kept for reuse
+# --------------------------------------------------------------------------
+
+def test_large_outputs_reuse_memory_that_nothing_references(backend, monkeypatch):
+    """The memory of a large output returns to the pool only when no tensor
+    or array views it any more, and a later output of the same size gets
+    it; outputs alive at the same time never share memory."""
+    if backend == "cuda":
+        pytest.skip("CPU backends")
+    monkeypatch.setattr(_torch_arrays, "POOL_KEEP_BYTES", 1 << 30)
+    _torch_arrays.forget_pool()
+    x, _, _, weight, bias = _inputs((8, 16, 48, 48), dtype=torch.float32)   # 1.2 MB
+    reference = torch.nn.functional.batch_norm(x, None, None, weight, bias, training=True)
+
+    def call():
+        return fastbn.torch.batch_norm(x, None, None, weight, bias, training=True,
+                                       backend=backend)
+
+    first, second = call(), call()
+    assert first.data_ptr() != second.data_ptr()
+    address = first.data_ptr()
+    views = [first[1:], first.numpy()[2:], first.permute(0, 2, 3, 1)]
+    del first
+    while views:
+        assert call().data_ptr() != address   # a view still holds the memory
+        views.pop()
+    third = call()
+    assert third.data_ptr() == address      # reused once nothing viewed it
+    kept = second.clone()
+    fourth = call()
+    assert fourth.data_ptr() not in (address, second.data_ptr())
+    # float32 storage of float64 arithmetic: a few roundings per element
+    for output in (second, third, fourth):
+        torch.testing.assert_close(output, reference, rtol=1e-5, atol=1e-5)
+    assert torch.equal(second, kept)
+    _torch_arrays.forget_pool()
+
+
+def test_the_pool_keeps_at_most_its_bytes(monkeypatch):
+    """Blocks beyond POOL_KEEP_BYTES are dropped, the least recently freed
+    first; with 0 nothing is kept."""
+    megabyte = 1 << 20
+    monkeypatch.setattr(_torch_arrays, "POOL_KEEP_BYTES", 3 * megabyte)
+    _torch_arrays.forget_pool()
+    arrays = [_torch_arrays.host_memory((megabyte,), np.uint8) for _ in range(2)]
+    arrays += [_torch_arrays.host_memory((2 * megabyte,), np.uint8)]
+    del arrays[:2]
+    assert _torch_arrays._FREE_BYTES[0] == 2 * megabyte
+    arrays.clear()   # the 2 MB block: one 1 MB block goes
+    assert _torch_arrays._FREE_BYTES[0] == 3 * megabyte
+    assert sorted(_torch_arrays._FREE) == [megabyte, 2 * megabyte]
+    monkeypatch.setattr(_torch_arrays, "POOL_KEEP_BYTES", 0)
+    _torch_arrays.forget_pool()
+    array = _torch_arrays.host_memory((2 * megabyte,), np.uint8)
+    del array
+    assert _torch_arrays._FREE_BYTES[0] == 0
+
+
+def test_the_pool_setting(monkeypatch):
+    monkeypatch.setenv("FASTBN_OUTPUT_POOL", "12345")
+    assert _torch_arrays._pool_keep_bytes() == 12345
+    monkeypatch.setenv("FASTBN_OUTPUT_POOL", "lots")
+    with pytest.raises(ValueError, match="FASTBN_OUTPUT_POOL"):
+        _torch_arrays._pool_keep_bytes()
+    monkeypatch.delenv("FASTBN_OUTPUT_POOL")
+    assert _torch_arrays._pool_keep_bytes() > 0
+
+
+def test_a_forked_child_starts_with_an_empty_pool(monkeypatch):
+    import os
+    monkeypatch.setattr(_torch_arrays, "POOL_KEEP_BYTES", 1 << 30)
+    array = _torch_arrays.host_memory((1 << 20,), np.uint8)
+    del array
+    assert _torch_arrays._FREE_BYTES[0] > 0
+    pid = os.fork()
+    if pid == 0:   # the child: nothing kept, and the lock is free
+        empty = _torch_arrays._FREE_BYTES[0] == 0 and not _torch_arrays._FREE
+        free = _torch_arrays._POOL_LOCK.acquire(timeout=5)
+        os._exit(0 if empty and free else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    _torch_arrays.forget_pool()
