@@ -152,32 +152,47 @@ def forward_eval_at(x_at, out_at, shape, like, gamma_at, beta_at, rm_at, rv_at, 
                  _view_at(out_at, like, shape), stats[0], stats[1])
 
 
-def _backward_at(backward):
-    """The address entry point of a backward driver (:func:`backward_train`
-    or :func:`backward_eval`): the two sums are rounded into the gradient
-    tensors of the weight and the bias (address 0: not wanted). With a
-    ``floor``, ``dy`` is masked by the recomputed ``y > floor``."""
-
-    def backward_at(dy_at, x_at, dx_at, shape, like, stats_at, gamma_at, beta_at, param_like,
-                    grad_weight_at, grad_bias_at, floor):
-        C = shape[1]
-        stats = _view_at(stats_at, 0.0, (2, C))
-        mean = stats[0]
-        invstd = stats[1]
-        gamma = _channel_values(gamma_at, param_like, C, 1.0)
-        sum_dy = np.empty(C)
-        sum_dy_xhat = np.empty(C)
-        if floor is None:
-            gq = gr = np.zeros(C)
-        else:
-            gq = invstd * gamma
-            gr = _channel_values(beta_at, param_like, C, 0.0)
-        backward(_view_at(dy_at, like, shape), _view_at(x_at, like, shape), mean, invstd, gamma,
-                 gq, gr, floor, _view_at(dx_at, like, shape), sum_dy, sum_dy_xhat)
-        _store_channels(grad_weight_at, param_like, sum_dy_xhat)
-        _store_channels(grad_bias_at, param_like, sum_dy)
-    return njit(**JIT)(backward_at)
+@register_jitable(**JITABLE)
+def _backward_arguments(dy_at, x_at, dx_at, shape, like, stats_at, gamma_at, beta_at,
+                        param_like, floor):
+    """The arguments of a backward driver (:func:`backward_train`,
+    :func:`backward_eval`) from addresses; with a ``floor``, ``dy`` is masked
+    by the recomputed ``y > floor``."""
+    C = shape[1]
+    stats = _view_at(stats_at, 0.0, (2, C))
+    invstd = stats[1]
+    gamma = _channel_values(gamma_at, param_like, C, 1.0)
+    if floor is None:
+        gq = gr = np.zeros(C)
+    else:
+        gq = invstd * gamma
+        gr = _channel_values(beta_at, param_like, C, 0.0)
+    return (_view_at(dy_at, like, shape), _view_at(x_at, like, shape), stats[0], invstd, gamma,
+            gq, gr, floor, _view_at(dx_at, like, shape), np.empty(C), np.empty(C))
 
 
-backward_train_at = _backward_at(backward_train)
-backward_eval_at = _backward_at(backward_eval)
+# Two functions, not one closure per driver: numba keys a closure's disk
+# cache on its pickled cells, and a dispatcher pickles differently in every
+# process. Each rounds the two sums into the gradient tensors of the weight
+# and the bias (address 0: not wanted).
+
+@njit(**JIT)
+def backward_train_at(dy_at, x_at, dx_at, shape, like, stats_at, gamma_at, beta_at, param_like,
+                      grad_weight_at, grad_bias_at, floor):
+    """:func:`backward_train` on addresses."""
+    arguments = _backward_arguments(dy_at, x_at, dx_at, shape, like, stats_at, gamma_at,
+                                    beta_at, param_like, floor)
+    backward_train(*arguments)
+    _store_channels(grad_weight_at, param_like, arguments[-1])
+    _store_channels(grad_bias_at, param_like, arguments[-2])
+
+
+@njit(**JIT)
+def backward_eval_at(dy_at, x_at, dx_at, shape, like, stats_at, gamma_at, beta_at, param_like,
+                     grad_weight_at, grad_bias_at, floor):
+    """:func:`backward_eval` on addresses."""
+    arguments = _backward_arguments(dy_at, x_at, dx_at, shape, like, stats_at, gamma_at,
+                                    beta_at, param_like, floor)
+    backward_eval(*arguments)
+    _store_channels(grad_weight_at, param_like, arguments[-1])
+    _store_channels(grad_bias_at, param_like, arguments[-2])
