@@ -515,7 +515,7 @@ def _backward_at(grad_output, input, weight, bias, saved, call, needs_input_grad
     storage, param, _, floor, _ = call.at
     backward(grad_output.data_ptr(), input.data_ptr(), grad_input.data_ptr(), call.shape3,
              storage, stats.data_ptr(), gamma_at, beta_at, param, grad_weight_at, grad_bias_at,
-             None if call.activation is None else floor)
+             call.training, None if call.activation is None else floor)
     return grad_input if needs_input_grad[0] else None, grad_weight, grad_bias
 
 

@@ -199,8 +199,7 @@ ON_DEVICE = False
 
 if numba is not None:
     from . import _small
-    from ._small import (backward_eval_at, backward_train_at, forward_eval_at,  # noqa: F401
-                         forward_train_at)
+    from ._small import backward_at, forward_eval_at, forward_train_at  # noqa: F401
     # the 16-bit conversions, reached from here by the tests
     from ._loadstore import (_F16C, _bf16_to_f32, _f32_to_bf16, _f32_to_half_f16c,  # noqa: F401
                              _f32_to_half_soft, _half_to_f32_f16c, _half_to_f32_soft)
@@ -550,11 +549,11 @@ def serial_entry(shape, dtype, pass_name, relu):
     -------
     callable or None
         None when the call's plan is not the serial one. Otherwise the
-        compiled function of ``forward_train_at``, ``forward_eval_at``,
-        ``backward_train_at`` or ``backward_eval_at`` (:mod:`._small`) for
-        these argument types (scalars from :func:`address_scalars`; the
-        last argument ``lo`` or ``floor`` is None without ReLU, else the
-        forward's 0.0 or the backward's :func:`_relu_floor`), which computes
+        compiled function of ``forward_train_at``, ``forward_eval_at`` or
+        ``backward_at`` (:mod:`._small`) for these argument types (scalars
+        from :func:`address_scalars`; the last argument ``lo`` or ``floor``
+        is None without ReLU, else the forward's 0.0 or the backward's
+        :func:`_relu_floor`), which computes
         what the contract's kernel computes. Called directly, it skips the
         dispatcher's typing of each argument, which is a good part of a
         small call.
@@ -574,8 +573,8 @@ def serial_entry(shape, dtype, pass_name, relu):
         sample = (0, 0, shape, storage, 0, 0, 0, 0, param, 0, 0.0) + (
             (0.0, relu) if pass_name == "forward" else (relu,))
     else:
-        kernel = backward_train_at if pass_name == "backward" else backward_eval_at
-        sample = (0, 0, 0, shape, storage, 0, 0, 0, param, 0, 0, relu)
+        kernel = backward_at
+        sample = (0, 0, 0, shape, storage, 0, 0, 0, param, 0, 0, pass_name == "backward", relu)
     return kernel.compile(tuple(numba.typeof(value) for value in sample))
 
 

@@ -89,7 +89,7 @@ def backward_eval(dy, x, mean, invstd, gamma, gq, gr, floor, out, sum_dy, sum_dy
 # float16, int16 for bfloat16) and ``param_like`` one of the per-channel
 # tensors' type (float32 or float64); ``lo`` and ``floor`` are the fused
 # ReLU's, None without it. Their types choose the compiled variant, so that
-# each holds only the code of its own case. Address 0 is a tensor not
+# each holds only the code of its own ReLU case. Address 0 is a tensor not
 # given: the weight reads as ones, the bias as zeros; without running
 # statistics none are updated. ``stats_at`` is a float64 ``(2, C)`` array of
 # ``mean`` and ``invstd``, which the forwards write (unless it is 0) and the
@@ -171,28 +171,17 @@ def _backward_arguments(dy_at, x_at, dx_at, shape, like, stats_at, gamma_at, bet
             gq, gr, floor, _view_at(dx_at, like, shape), np.empty(C), np.empty(C))
 
 
-# Two functions, not one closure per driver: numba keys a closure's disk
-# cache on its pickled cells, and a dispatcher pickles differently in every
-# process. Each rounds the two sums into the gradient tensors of the weight
-# and the bias (address 0: not wanted).
-
 @njit(**JIT)
-def backward_train_at(dy_at, x_at, dx_at, shape, like, stats_at, gamma_at, beta_at, param_like,
-                      grad_weight_at, grad_bias_at, floor):
-    """:func:`backward_train` on addresses."""
+def backward_at(dy_at, x_at, dx_at, shape, like, stats_at, gamma_at, beta_at, param_like,
+                grad_weight_at, grad_bias_at, training, floor):
+    """:func:`backward_train` (``training``) or :func:`backward_eval` on
+    addresses; the two sums are rounded into the gradient tensors of the
+    weight and the bias (address 0: not wanted)."""
     arguments = _backward_arguments(dy_at, x_at, dx_at, shape, like, stats_at, gamma_at,
                                     beta_at, param_like, floor)
-    backward_train(*arguments)
-    _store_channels(grad_weight_at, param_like, arguments[-1])
-    _store_channels(grad_bias_at, param_like, arguments[-2])
-
-
-@njit(**JIT)
-def backward_eval_at(dy_at, x_at, dx_at, shape, like, stats_at, gamma_at, beta_at, param_like,
-                     grad_weight_at, grad_bias_at, floor):
-    """:func:`backward_eval` on addresses."""
-    arguments = _backward_arguments(dy_at, x_at, dx_at, shape, like, stats_at, gamma_at,
-                                    beta_at, param_like, floor)
-    backward_eval(*arguments)
+    if training:
+        backward_train(*arguments)
+    else:
+        backward_eval(*arguments)
     _store_channels(grad_weight_at, param_like, arguments[-1])
     _store_channels(grad_bias_at, param_like, arguments[-2])
