@@ -24,9 +24,6 @@ NUMPY_ITEMS = {torch.float64: np.float64, torch.float32: np.float32,
 # The dtype of gamma/beta for each input dtype: float32 for 16-bit storage.
 PARAM_DTYPES = {torch.float64: np.dtype(np.float64), torch.float32: np.dtype(np.float32),
                  torch.float16: np.dtype(np.float32), torch.bfloat16: np.dtype(np.float32)}
-# The same as tensor dtypes.
-PARAM_TORCH_DTYPES = {torch.float64: torch.float64, torch.float32: torch.float32,
-                      torch.float16: torch.float32, torch.bfloat16: torch.float32}
 # Per-channel tensors the host functions can use as they are.
 CHANNEL_DTYPES = (torch.float64, torch.float32, torch.float16)
 

@@ -370,7 +370,7 @@ class _CallClass:
             self.statistics = torch.empty((2, channels), dtype=torch.float64)
             dtype = _arrays.numpy_dtype(source.dtype)
             self.at = (*self.module.address_scalars(dtype),
-                       _arrays.PARAM_TORCH_DTYPES[source.dtype], relu_floor(dtype), dtype)
+                       _arrays.param_dtype(source), relu_floor(dtype), dtype)
         self.serial = {}
         self.generation = None
 
